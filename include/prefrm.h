@@ -1,0 +1,596 @@
+/*
+ * prefrm.h - libprefrm: reward models trained from pairwise preferences.
+ *
+ * This header is the specification of the library. Every declaration states
+ * its parameters, return codes, ownership and thread safety.
+ *
+ * Objects (all opaque, all created by a prm_*_new or prm_*_load function and
+ * released by the matching prm_*_free, which accepts NULL):
+ *
+ *   prm_model      architecture + parameters (fp32, one contiguous arena).
+ *                  Read-only during forward/backward: any number of contexts
+ *                  on any number of threads may use one model at once.
+ *   prm_ctx        everything a forward/backward call mutates: activations
+ *                  kept for backward, scratch and the gradient accumulator.
+ *                  One per thread. Sized at creation; no allocation after.
+ *   prm_optimizer  algorithm, hyper-parameters, schedule, moments, step
+ *                  counter. prm_optimizer_step is the only call that writes
+ *                  model parameters (besides creation and loading); do not run
+ *                  it concurrently with any other call on the same model.
+ *
+ * Loss functions (prm_loss_*) are pure functions over score arrays.
+ *
+ * Conventions:
+ *   - Every fallible function returns an int status: PRM_OK (0) or a negative
+ *     prm_status. On failure nothing observable changes: out-pointers of
+ *     constructors are set to NULL, caller buffers may hold partial output
+ *     only where a function says so, handles are left as they were.
+ *   - A human-readable reason for the last failure is kept per handle
+ *     (prm_ctx_errmsg, prm_optimizer_errmsg, prm_model_errmsg) and per thread
+ *     (prm_last_errmsg), so callers without a handle (constructors, loss
+ *     functions) get one too. No global state is shared between threads.
+ *   - Versioned structs (options, batches, statistics) begin with a uint32_t
+ *     version field. Initialise them with the matching prm_*_init function (or
+ *     the PRM_*_INIT macro from C). Fields are only ever appended; the library
+ *     reads and writes only the fields that exist in the version you pass.
+ *   - Inputs are borrowed for the duration of the call only. Outputs go to
+ *     caller-provided buffers whose sizes are passed in.
+ *   - The library never prints, exits, aborts, or changes BLAS thread
+ *     settings.
+ */
+#ifndef PREFRM_H
+#define PREFRM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(PRM_STATIC_DEFINE)
+#define PRM_API
+#elif defined(_WIN32)
+#ifdef PRM_BUILDING_LIBRARY
+#define PRM_API __declspec(dllexport)
+#else
+#define PRM_API __declspec(dllimport)
+#endif
+#elif defined(__GNUC__) && __GNUC__ >= 4
+#define PRM_API __attribute__((visibility("default")))
+#else
+#define PRM_API
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Version                                                                   */
+/* ------------------------------------------------------------------------ */
+
+#define PRM_VERSION_MAJOR 0
+#define PRM_VERSION_MINOR 1
+#define PRM_VERSION_PATCH 0
+/** MAJOR * 10000 + MINOR * 100 + PATCH, e.g. 100 for 0.1.0. */
+#define PRM_VERSION_NUMBER \
+  (PRM_VERSION_MAJOR * 10000 + PRM_VERSION_MINOR * 100 + PRM_VERSION_PATCH)
+#define PRM_VERSION_STRING "0.1.0"
+
+/** Runtime twin of PRM_VERSION_NUMBER: the version of the linked library. */
+PRM_API uint32_t prm_version_number(void);
+/** Runtime twin of PRM_VERSION_STRING. Static storage; never NULL. */
+PRM_API const char *prm_version_string(void);
+
+/* ------------------------------------------------------------------------ */
+/* Status codes. Values are pinned forever; new codes are only appended.    */
+/* ------------------------------------------------------------------------ */
+
+typedef enum prm_status {
+  PRM_OK = 0,
+  PRM_ERR_NULL = -1,          /**< a required pointer argument was NULL */
+  PRM_ERR_INVALID = -2,       /**< an argument value is out of range */
+  PRM_ERR_SIZE = -3,          /**< a count or buffer size does not match */
+  PRM_ERR_NONFINITE = -4,     /**< NaN or Inf in input features or scores */
+  PRM_ERR_VERSION = -5,       /**< a versioned struct has an unknown version */
+  PRM_ERR_NOMEM = -6,         /**< memory allocation failed */
+  PRM_ERR_STATE = -7,         /**< call not allowed in the object's state */
+  PRM_ERR_MISMATCH = -8,      /**< objects that must belong together do not */
+  PRM_ERR_IO = -9,            /**< open/read/write/rename of a file failed */
+  PRM_ERR_FORMAT = -10,       /**< malformed or mismatched checkpoint */
+  PRM_ERR_NONFINITE_GRAD = -11, /**< optimizer step saw NaN/Inf gradients;
+                                     parameters and state left unchanged */
+  PRM_ERR_UNSUPPORTED = -12   /**< valid request this build cannot serve */
+} prm_status;
+
+/**
+ * Name of a status code, e.g. "PRM_ERR_SIZE: size mismatch". Static storage;
+ * never NULL (unknown codes give "unknown status"). Thread-safe.
+ */
+PRM_API const char *prm_status_string(int status);
+
+/**
+ * Detail message of the last failing library call made by the calling
+ * thread ("" if none failed yet). Thread-local storage: valid until the next
+ * failing call on the same thread. Never NULL. Thread-safe.
+ */
+PRM_API const char *prm_last_errmsg(void);
+
+/* ------------------------------------------------------------------------ */
+/* Models                                                                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct prm_model prm_model;
+
+/** Architectures. Values pinned. */
+typedef enum prm_arch {
+  PRM_ARCH_LINEAR = 1, /**< r = w . x over dense features */
+  PRM_ARCH_MLP = 2,    /**< h <- act(W h + b) per hidden layer, r = w . h */
+  PRM_ARCH_GPT2 = 3    /**< GPT-2 transformer over token ids (not yet built) */
+} prm_arch;
+
+/** Activation functions of the mlp architecture. Values pinned. */
+typedef enum prm_activation {
+  PRM_ACT_RELU = 1,
+  PRM_ACT_GELU_TANH = 2, /**< 0.5x(1+tanh(sqrt(2/pi)(x+0.044715x^3))) */
+  PRM_ACT_TANH = 3
+} prm_activation;
+
+#define PRM_MAX_HIDDEN 16 /**< most hidden layers an mlp may have */
+
+#define PRM_MODEL_OPTIONS_VERSION 1
+
+/** Model configuration. Initialise with prm_model_options_init. */
+typedef struct prm_model_options {
+  uint32_t version;     /**< PRM_MODEL_OPTIONS_VERSION */
+  int32_t arch;         /**< prm_arch */
+  uint64_t seed;        /**< initialisation seed (library's own PRNG) */
+  uint64_t input_size;  /**< linear/mlp: features per row (d >= 1) */
+  /* mlp */
+  int32_t activation;   /**< prm_activation (default PRM_ACT_GELU_TANH) */
+  uint32_t n_hidden;    /**< hidden layers, 1..PRM_MAX_HIDDEN */
+  uint64_t hidden[PRM_MAX_HIDDEN]; /**< width of each hidden layer (>= 1) */
+  /* gpt2 (reserved for the transformer architecture) */
+  uint64_t vocab_size;
+  uint64_t n_ctx;
+  uint64_t n_embd;
+  uint64_t n_layer;
+  uint64_t n_head;
+} prm_model_options;
+
+#define PRM_MODEL_OPTIONS_INIT \
+  { PRM_MODEL_OPTIONS_VERSION, PRM_ARCH_LINEAR, 0, 0, PRM_ACT_GELU_TANH, 0, \
+    {0}, 0, 0, 0, 0, 0 }
+
+/**
+ * Fill *opts with defaults (linear, seed 0, gelu-tanh activation, every size
+ * 0) for struct version `version`.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION (unknown version).
+ */
+PRM_API int prm_model_options_init(prm_model_options *opts, uint32_t version);
+
+/**
+ * Create a model with freshly initialised parameters. Initialisation is
+ * deterministic in opts->seed: weights of a layer with fan-in k are uniform in
+ * [-1/sqrt(k), 1/sqrt(k)], mlp biases uniform in [-0.1, 0.1].
+ * @param out   receives the new model (caller owns; free with
+ *              prm_model_free). Set to NULL on failure.
+ * @param opts  configuration (borrowed).
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (bad arch,
+ *         size 0, activation), PRM_ERR_UNSUPPORTED (gpt2 in this version),
+ *         PRM_ERR_NOMEM.
+ * Thread-safe.
+ */
+PRM_API int prm_model_new(prm_model **out, const prm_model_options *opts);
+
+/** Release a model. NULL is a no-op. Contexts and optimizers created for it
+ *  must be freed first (they borrow it). */
+PRM_API void prm_model_free(prm_model *model);
+
+/**
+ * Copy the model's configuration into *opts. opts->version must be set by
+ * the caller (prm_model_options_init); fields beyond it are not written.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION.
+ */
+PRM_API int prm_model_get_options(const prm_model *model,
+                                  prm_model_options *opts);
+
+/** Architecture (prm_arch), or 0 for NULL. */
+PRM_API int32_t prm_model_arch(const prm_model *model);
+/** Features per input row (linear/mlp), or 0 for NULL. */
+PRM_API uint64_t prm_model_input_size(const prm_model *model);
+/** Total number of fp32 parameters, or 0 for NULL. */
+PRM_API uint64_t prm_model_num_params(const prm_model *model);
+
+/**
+ * Flat view of all parameters: one contiguous fp32 array of
+ * prm_model_num_params() elements, tensors laid out in the order given by
+ * prm_model_tensor_info. The pointer stays valid until prm_model_free.
+ * Writing through it is allowed while no other call uses the model (e.g. to
+ * broadcast parameters from another rank); prm_optimizer_step does not keep
+ * copies of parameters, so such writes are seen by the next step.
+ * @param n_params  optional; receives the element count.
+ * @return the array, or NULL when model is NULL.
+ */
+PRM_API float *prm_model_params(prm_model *model, uint64_t *n_params);
+
+/** Number of named tensors in the model (0 for NULL). */
+PRM_API uint32_t prm_model_num_tensors(const prm_model *model);
+
+/**
+ * Describe tensor `index` (0 .. prm_model_num_tensors()-1).
+ * @param name    optional; receives a NUL-terminated name owned by the model
+ *                (e.g. "layers.0.weight"), valid until prm_model_free.
+ * @param offset  optional; element offset of the tensor in the flat arena.
+ * @param ndim    optional; number of dimensions (1 or 2).
+ * @param shape   optional; array of 2 receiving the dimensions (row-major,
+ *                PyTorch layout: nn.Linear weight is [out, in]).
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_INVALID (index out of range).
+ */
+PRM_API int prm_model_tensor_info(const prm_model *model, uint32_t index,
+                                  const char **name, uint64_t *offset,
+                                  uint32_t *ndim, uint64_t shape[2]);
+
+/** Detail of the last failure of a call that took this model as a non-const
+ *  argument. "" if none; never NULL (also for a NULL model). */
+PRM_API const char *prm_model_errmsg(const prm_model *model);
+
+/* ------------------------------------------------------------------------ */
+/* Checkpoints (safetensors, F32)                                            */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * Save the model as a safetensors file. Tensor names follow PyTorch
+ * (`score.weight` [1, d]; `layers.{i}.weight` [out, in], `layers.{i}.bias`);
+ * the configuration goes into `__metadata__` as strings. Atomic: the file is
+ * written to "<path>.tmp.<random>", flushed and renamed over `path`; on failure
+ * `path` is untouched and the temporary file removed.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO, PRM_ERR_NOMEM.
+ * Thread-safe with respect to concurrent forward calls on the model.
+ */
+PRM_API int prm_model_save(const prm_model *model, const char *path);
+
+/**
+ * Serialise the model to a caller buffer (same bytes as prm_model_save).
+ * Call with buf == NULL to learn the size: *size_out receives the exact byte
+ * count. With a buffer, `capacity` must be at least that size.
+ * @return PRM_OK, PRM_ERR_NULL (model or size_out), PRM_ERR_SIZE (capacity
+ *         too small; *size_out still receives the needed size).
+ */
+PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
+                                  size_t capacity, size_t *size_out);
+
+/**
+ * Create a model from a safetensors file written by prm_model_save or by
+ * PyTorch with the same names and `__metadata__` keys. Everything is
+ * validated (header bounds, offsets, overlaps, dtype F32, shapes against the
+ * configuration, missing or unknown tensors, non-finite values).
+ * @param out  receives the model (caller owns), NULL on failure.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO, PRM_ERR_FORMAT, PRM_ERR_NOMEM,
+ *         PRM_ERR_UNSUPPORTED (an architecture this build lacks).
+ */
+PRM_API int prm_model_load(prm_model **out, const char *path);
+
+/** As prm_model_load, from `size` bytes at `buf` (borrowed, not kept). */
+PRM_API int prm_model_load_buffer(prm_model **out, const void *buf,
+                                  size_t size);
+
+/* ------------------------------------------------------------------------ */
+/* Batches                                                                   */
+/* ------------------------------------------------------------------------ */
+
+#define PRM_BATCH_VERSION 1
+
+/**
+ * A batch of n rows (samples). For a pair batch of P pairs, n = 2P and rows
+ * 0..P-1 are the chosen responses, rows P..2P-1 the rejected ones, in
+ * matching order; this is the layout prm_train_step and prm_evaluate expect.
+ * linear/mlp read `features`; token fields are reserved for gpt2.
+ */
+typedef struct prm_batch {
+  uint32_t version;          /**< PRM_BATCH_VERSION */
+  uint64_t n;                /**< rows (samples) */
+  const float *features;     /**< (n, row_stride) row-major, finite */
+  uint64_t n_features;       /**< must equal the model's input size */
+  uint64_t row_stride;       /**< floats between rows; 0 means n_features */
+  const int32_t *tokens;     /**< gpt2: (n, token_stride) token ids */
+  uint64_t token_stride;     /**< gpt2: ints between sequences */
+  const int32_t *lengths;    /**< gpt2: n explicit lengths */
+} prm_batch;
+
+#define PRM_BATCH_INIT { PRM_BATCH_VERSION, 0, NULL, 0, 0, NULL, 0, NULL }
+
+/** Fill *batch with an empty batch of struct version `version`.
+ *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
+PRM_API int prm_batch_init(prm_batch *batch, uint32_t version);
+
+/* ------------------------------------------------------------------------ */
+/* Contexts                                                                  */
+/* ------------------------------------------------------------------------ */
+
+typedef struct prm_ctx prm_ctx;
+
+#define PRM_CTX_OPTIONS_VERSION 1
+
+/** Context configuration. Initialise with prm_ctx_options_init. */
+typedef struct prm_ctx_options {
+  uint32_t version;   /**< PRM_CTX_OPTIONS_VERSION */
+  int32_t inference;  /**< non-zero: scoring only; no activation history and
+                           no gradient memory; backward is refused */
+  uint64_t max_rows;  /**< most rows one forward may take (>= 1; a pair
+                           batch of P pairs needs 2P) */
+  uint64_t max_len;   /**< gpt2: longest sequence (reserved) */
+} prm_ctx_options;
+
+#define PRM_CTX_OPTIONS_INIT { PRM_CTX_OPTIONS_VERSION, 0, 0, 0 }
+
+/** Fill *opts with defaults (training context, sizes 0).
+ *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
+PRM_API int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version);
+
+/**
+ * Create a context for `model`. All memory a forward/backward needs for up to
+ * opts->max_rows rows is allocated here; later calls never allocate. The
+ * model is borrowed: it must outlive the context.
+ * @param out  receives the context (caller owns), NULL on failure.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (max_rows
+ *         0), PRM_ERR_NOMEM.
+ * Thread-safe; many contexts may share one model.
+ */
+PRM_API int prm_ctx_new(prm_ctx **out, const prm_model *model,
+                        const prm_ctx_options *opts);
+
+/** Release a context. NULL is a no-op. */
+PRM_API void prm_ctx_free(prm_ctx *ctx);
+
+/** The model this context was created for (NULL for NULL). */
+PRM_API const prm_model *prm_ctx_model(const prm_ctx *ctx);
+
+/** Detail of the last failing call on this context; "" if none; never NULL. */
+PRM_API const char *prm_ctx_errmsg(const prm_ctx *ctx);
+
+/**
+ * Score a batch: scores[i] = r(row i). A training context also keeps the
+ * activations for one following prm_ctx_backward.
+ * @param scores    caller buffer of n_scores >= batch->n floats.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_SIZE (n_features
+ *         differs from the model, n == 0, n > max_rows, n_scores < n,
+ *         row_stride < n_features), PRM_ERR_NONFINITE (NaN/Inf feature).
+ * The features are copied into the context (training) so the caller may
+ * reuse its buffer before prm_ctx_backward. Invalid input is rejected before
+ * anything is written: a pending forward stays ready for its backward.
+ * A model whose parameters overflow can yield NaN/Inf scores from finite
+ * features; they are returned as they are (PRM_OK) and prm_loss_bt rejects
+ * them.
+ * Thread-safety: one call at a time per context; the model may be shared.
+ */
+PRM_API int prm_ctx_forward(prm_ctx *ctx, const prm_batch *batch,
+                            float *scores, uint64_t n_scores);
+
+/**
+ * Back-propagate d(loss)/d(scores) of the last forward and ADD the parameter
+ * gradients into the context's accumulator (prm_ctx_grads). Several
+ * forward/backward rounds accumulate until prm_ctx_zero_grad or an optimizer
+ * step clears them. Each forward allows one backward.
+ * @param dscores  n finite floats, n equal to the last forward's batch->n.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_STATE (inference context, or no
+ *         forward to back-propagate), PRM_ERR_SIZE, PRM_ERR_NONFINITE.
+ */
+PRM_API int prm_ctx_backward(prm_ctx *ctx, const float *dscores, uint64_t n);
+
+/** Set the gradient accumulator to zero. @return PRM_OK, PRM_ERR_NULL,
+ *  PRM_ERR_STATE (inference context). */
+PRM_API int prm_ctx_zero_grad(prm_ctx *ctx);
+
+/**
+ * Flat view of the gradient accumulator: same layout as prm_model_params
+ * (gradient of parameter j at index j). Valid until prm_ctx_free. The host may
+ * read and write it (e.g. MPI_Allreduce between steps).
+ * @param n  optional; receives the element count (= parameter count).
+ * @return the array, or NULL for NULL or an inference context.
+ */
+PRM_API float *prm_ctx_grads(prm_ctx *ctx, uint64_t *n);
+
+/* ------------------------------------------------------------------------ */
+/* Pairwise losses (pure functions)                                          */
+/* ------------------------------------------------------------------------ */
+
+#define PRM_LOSS_OPTIONS_VERSION 1
+
+/**
+ * Options of the Bradley-Terry loss. Every array has n_pairs elements and may
+ * be NULL ("not given"). See docs/losses.md for the formulas.
+ */
+typedef struct prm_loss_options {
+  uint32_t version;     /**< PRM_LOSS_OPTIONS_VERSION */
+  const float *margin;  /**< m_i: loss uses z_i = r_c - r_r - m_i (finite) */
+  const float *label;   /**< p_i in [0,1]: soft target P(chosen wins) */
+  const float *weight;  /**< w_i >= 0, finite: per-pair weight */
+  double center_coef;   /**< c >= 0: adds c * mean((r_c + r_r)^2) */
+} prm_loss_options;
+
+#define PRM_LOSS_OPTIONS_INIT { PRM_LOSS_OPTIONS_VERSION, NULL, NULL, NULL, 0.0 }
+
+/** Fill *opts with defaults (plain Bradley-Terry).
+ *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
+PRM_API int prm_loss_options_init(prm_loss_options *opts, uint32_t version);
+
+#define PRM_LOSS_STATS_VERSION 1
+
+/** Statistics of a pair batch, filled by the loss functions. */
+typedef struct prm_loss_stats {
+  uint32_t version;     /**< set by the caller: PRM_LOSS_STATS_VERSION */
+  double loss;          /**< the loss value (as returned in *loss) */
+  double accuracy;      /**< fraction of pairs with r_c > r_r; ties count 1/2 */
+  double reward_mean;   /**< mean of all 2n rewards */
+  double reward_std;    /**< population std of all 2n rewards */
+  double margin_mean;   /**< mean of r_c - r_r */
+} prm_loss_stats;
+
+#define PRM_LOSS_STATS_INIT { PRM_LOSS_STATS_VERSION, 0, 0, 0, 0, 0 }
+
+/** Fill *stats with zeros for struct version `version`.
+ *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
+PRM_API int prm_loss_stats_init(prm_loss_stats *stats, uint32_t version);
+
+/**
+ * Bradley-Terry pairwise loss with optional margin, soft label, weight and
+ * reward centring:
+ *   z_i = r_c[i] - r_r[i] - m_i
+ *   l_i = -(p_i log s(z_i) + (1 - p_i) log s(-z_i))     (p_i = 1 if no label)
+ *   loss = (1/n) sum_i w_i l_i + c (1/n) sum_i (r_c[i] + r_r[i])^2
+ * Computed in double with the softplus form; finite for any finite input.
+ * @param r_chosen, r_rejected  n_pairs finite scores each (borrowed).
+ * @param opts        optional (NULL: plain Bradley-Terry).
+ * @param loss        optional; receives the loss.
+ * @param stats       optional; stats->version must be set by the caller.
+ * @param d_chosen, d_rejected  optional (both or neither); receive
+ *                    d(loss)/d(r_c[i]) and d(loss)/d(r_r[i]). They may not
+ *                    alias the inputs.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_SIZE (n_pairs 0), PRM_ERR_NONFINITE
+ *         (NaN/Inf score or option value), PRM_ERR_INVALID (label outside
+ *         [0,1], negative weight or coefficient, only one gradient
+ *         pointer), PRM_ERR_VERSION. Outputs are untouched on failure.
+ * Thread-safe (pure; uses no state besides the thread's error message).
+ */
+PRM_API int prm_loss_bt(const float *r_chosen, const float *r_rejected,
+                        uint64_t n_pairs, const prm_loss_options *opts,
+                        double *loss, prm_loss_stats *stats,
+                        float *d_chosen, float *d_rejected);
+
+/* ------------------------------------------------------------------------ */
+/* Optimizers                                                                */
+/* ------------------------------------------------------------------------ */
+
+typedef struct prm_optimizer prm_optimizer;
+
+/** Optimizer algorithms. Values pinned. */
+typedef enum prm_opt_algo {
+  PRM_OPT_SGD = 1,   /**< SGD with optional (Nesterov) momentum, L2 decay */
+  PRM_OPT_ADAM = 2,  /**< Adam, weight decay added to the gradient (L2) */
+  PRM_OPT_ADAMW = 3  /**< AdamW, decoupled weight decay */
+} prm_opt_algo;
+
+/** Learning-rate schedules. Values pinned. */
+typedef enum prm_schedule {
+  PRM_SCHED_CONSTANT = 1, /**< lr, after optional linear warm-up */
+  PRM_SCHED_LINEAR = 2,   /**< warm-up, then linear decay to min_lr */
+  PRM_SCHED_COSINE = 3    /**< warm-up, then cosine decay to min_lr */
+} prm_schedule;
+
+#define PRM_OPTIMIZER_OPTIONS_VERSION 1
+
+/** Optimizer configuration. Initialise with prm_optimizer_options_init. */
+typedef struct prm_optimizer_options {
+  uint32_t version;       /**< PRM_OPTIMIZER_OPTIONS_VERSION */
+  int32_t algorithm;      /**< prm_opt_algo (default AdamW) */
+  double lr;              /**< peak learning rate (default 1e-3) */
+  double beta1;           /**< Adam(W) (default 0.9) */
+  double beta2;           /**< Adam(W) (default 0.999) */
+  double eps;             /**< Adam(W) (default 1e-8) */
+  double weight_decay;    /**< (default 0) */
+  double momentum;        /**< SGD (default 0) */
+  int32_t nesterov;       /**< SGD: non-zero for Nesterov momentum */
+  int32_t no_decay_1d;    /**< non-zero: 1-D tensors (biases) get no decay */
+  double max_grad_norm;   /**< global L2 clipping; 0 = off (default) */
+  int32_t schedule;       /**< prm_schedule (default constant) */
+  uint32_t accumulation_steps; /**< apply an update every k-th step call
+                                    with the accumulated gradient / k
+                                    (default 1) */
+  uint64_t warmup_steps;  /**< linear warm-up from 0 over this many updates */
+  uint64_t total_steps;   /**< linear/cosine: updates until min_lr */
+  double min_lr;          /**< floor of linear/cosine decay (default 0) */
+} prm_optimizer_options;
+
+#define PRM_OPTIMIZER_OPTIONS_INIT \
+  { PRM_OPTIMIZER_OPTIONS_VERSION, PRM_OPT_ADAMW, 1e-3, 0.9, 0.999, 1e-8, \
+    0.0, 0.0, 0, 0, 0.0, PRM_SCHED_CONSTANT, 1, 0, 0, 0.0 }
+
+/** Fill *opts with the defaults above.
+ *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
+PRM_API int prm_optimizer_options_init(prm_optimizer_options *opts,
+                                       uint32_t version);
+
+/**
+ * Create an optimizer that updates `model` (borrowed: it must outlive the
+ * optimizer). Moments are allocated here.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (unknown
+ *         algorithm or schedule, lr < 0, betas outside [0,1), eps <= 0,
+ *         negative decay/momentum/clip, Nesterov without momentum,
+ *         accumulation_steps 0, linear/cosine without total_steps or with
+ *         warmup_steps > total_steps), PRM_ERR_NOMEM.
+ */
+PRM_API int prm_optimizer_new(prm_optimizer **out, prm_model *model,
+                              const prm_optimizer_options *opts);
+
+/** Release an optimizer. NULL is a no-op. */
+PRM_API void prm_optimizer_free(prm_optimizer *opt);
+
+/**
+ * One optimizer step from the gradients accumulated in `ctx` (a training
+ * context of the same model). With accumulation_steps k, calls 1..k-1 of each
+ * cycle only count; call k applies the update using the accumulated gradient
+ * divided by k. After an applied update the context's gradients are zeroed.
+ * Order of an update: check gradients (any NaN/Inf: return
+ * PRM_ERR_NONFINITE_GRAD, change nothing, gradients kept for inspection),
+ * scale by 1/k, clip to max_grad_norm, compute the scheduled lr, update.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_MISMATCH (ctx of another model),
+ *         PRM_ERR_STATE (inference context), PRM_ERR_NONFINITE_GRAD.
+ * Not thread-safe with other calls that use the model.
+ */
+PRM_API int prm_optimizer_step(prm_optimizer *opt, prm_ctx *ctx);
+
+/** Number of updates applied so far (0 for NULL). */
+PRM_API uint64_t prm_optimizer_num_updates(const prm_optimizer *opt);
+
+/** Learning rate the next update will use (0 for NULL). */
+PRM_API double prm_optimizer_lr(const prm_optimizer *opt);
+
+/** Global L2 norm of the gradient used by the last applied update, before
+ *  clipping (0 before the first update or for NULL). */
+PRM_API double prm_optimizer_last_grad_norm(const prm_optimizer *opt);
+
+/** Detail of the last failing call on this optimizer; never NULL. */
+PRM_API const char *prm_optimizer_errmsg(const prm_optimizer *opt);
+
+/* ------------------------------------------------------------------------ */
+/* One-call training and evaluation                                          */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * Forward a pair batch (batch->n = 2P rows: P chosen then P rejected) as one
+ * batch, compute the Bradley-Terry loss, back-propagate, and call
+ * prm_optimizer_step. Equivalent to prm_ctx_forward + prm_loss_bt +
+ * prm_ctx_backward + prm_optimizer_step.
+ * @param loss_opts  optional (NULL: plain Bradley-Terry).
+ * @param stats      optional; stats->version set by the caller.
+ * The features are not copied: the batch is only read during the call.
+ * @return any status of the four calls above, PRM_ERR_SIZE for an odd or zero
+ *         batch->n, PRM_ERR_MISMATCH when opt and ctx belong to different
+ *         models, PRM_ERR_STATE for an inference context. Failures before the
+ *         backward leave the gradients and the model unchanged; if the
+ *         optimizer step fails (PRM_ERR_NONFINITE_GRAD) the model is
+ *         unchanged and this batch's gradients stay accumulated in ctx (call
+ *         prm_ctx_zero_grad to drop them). Either way a forward pending from
+ *         prm_ctx_forward is dropped.
+ */
+PRM_API int prm_train_step(prm_ctx *ctx, prm_optimizer *opt,
+                           const prm_batch *pairs,
+                           const prm_loss_options *loss_opts,
+                           prm_loss_stats *stats);
+
+/**
+ * Forward a pair batch and compute loss statistics without gradients. Works
+ * on training and inference contexts. On a training context it replaces the
+ * saved activations: a forward pending before evaluate can no longer be
+ * back-propagated (prm_ctx_backward answers PRM_ERR_STATE). Gradients and
+ * the model are untouched.
+ * @return as prm_ctx_forward and prm_loss_bt, PRM_ERR_SIZE for an odd or
+ *         zero batch->n.
+ */
+PRM_API int prm_evaluate(prm_ctx *ctx, const prm_batch *pairs,
+                         const prm_loss_options *loss_opts,
+                         prm_loss_stats *stats);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PREFRM_H */

@@ -1,0 +1,153 @@
+/*
+ * internal.h - private declarations shared by the files of lib/.
+ *
+ * Nothing here is exported: the library is built with -fvisibility=hidden and
+ * a version script, so only the PRM_API functions of prefrm.h are visible.
+ * Internal helpers use the prmi_ prefix.
+ */
+#ifndef PRM_INTERNAL_H
+#define PRM_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "prefrm.h"
+
+#define PRMI_ERRMSG_SIZE 256
+#define PRMI_NAME_SIZE 64
+#define PRMI_MAX_TENSORS (2 * PRM_MAX_HIDDEN + 1)
+
+#if defined(__GNUC__)
+#define PRMI_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define PRMI_PRINTF(a, b)
+#endif
+
+/* ---- errors (error.c) --------------------------------------------------- */
+
+/*
+ * Record a failure: formats the message into the calling thread's last-error
+ * buffer and, when handle_msg is not NULL, into that handle's buffer (size
+ * PRMI_ERRMSG_SIZE). Returns `status` so callers can write
+ *     return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "n=%zu > max", n);
+ */
+int prmi_fail(char *handle_msg, int status, const char *fmt, ...)
+    PRMI_PRINTF(3, 4);
+
+/* Copy the calling thread's last message into a handle's buffer (used when
+ * a handle-less call made on behalf of the handle failed). Returns status. */
+int prmi_adopt_error(char *handle_msg, int status);
+
+/*
+ * Validate the version field of a versioned struct: PRM_ERR_NULL for NULL,
+ * PRM_ERR_VERSION unless 1 <= version <= newest. `what` names the struct in
+ * the message.
+ */
+int prmi_check_version(char *handle_msg, const void *versioned,
+                       uint32_t newest, const char *what);
+
+/* ---- models (model.c) --------------------------------------------------- */
+
+typedef struct prmi_tensor {
+  char name[PRMI_NAME_SIZE];
+  uint64_t offset; /* element offset in the parameter arena */
+  uint32_t ndim;   /* 1 or 2 */
+  uint64_t shape[2];
+  uint64_t numel;
+} prmi_tensor;
+
+/* One dense layer y = x W^T + b inside the arena; W is [out, in] row-major. */
+typedef struct prmi_dense {
+  uint64_t in, out;
+  uint64_t w_off; /* [out, in] */
+  uint64_t b_off; /* [out]; unused (0) for the score head */
+} prmi_dense;
+
+struct prm_model {
+  prm_model_options opts; /* normalised copy, newest struct version */
+  uint64_t n_params;
+  float *params; /* [n_params], 64-byte aligned */
+  uint32_t n_tensors;
+  prmi_tensor tensors[PRMI_MAX_TENSORS];
+  /* mlp: hidden layers 0..n_hidden-1; linear: none */
+  uint32_t n_hidden;
+  prmi_dense hidden[PRM_MAX_HIDDEN];
+  prmi_dense head; /* score.weight [1, in], no bias */
+  uint64_t max_width; /* widest hidden layer (0 for linear) */
+  char errmsg[PRMI_ERRMSG_SIZE];
+};
+
+/*
+ * Validate `opts` (any supported version; fields missing from older versions
+ * take defaults) and build a model with its layout and a zeroed arena.
+ * Parameters are NOT initialised; prm_model_new and the checkpoint loader
+ * fill them. On failure *out is NULL and the thread error is set.
+ */
+int prmi_model_alloc(prm_model **out, const prm_model_options *opts);
+
+/* Canonical lowercase name of an activation ("relu", "gelu", "tanh"), or NULL. */
+const char *prmi_activation_name(int32_t act);
+/* Inverse of prmi_activation_name; 0 when unknown. */
+int32_t prmi_activation_from_name(const char *name);
+
+/* ---- contexts (ctx.c) ---------------------------------------------------- */
+
+struct prm_ctx {
+  const prm_model *model;
+  int inference;
+  uint64_t max_rows;
+  /* Buffers (all NULL in what a mode does not need). Shapes in rows x cols. */
+  float *input;   /* (max_rows, d) copy of the last forward's features;
+                     training + public forward only */
+  const float *x; /* features of the last forward: `input` or borrowed */
+  uint64_t x_stride;
+  float **pre;    /* per hidden layer: (max_rows, h_l) pre-activations */
+  float **act;    /* per hidden layer: (max_rows, h_l) activations */
+  float *scratch_a, *scratch_b; /* (max_rows, max_width) deltas / inference */
+  float *grads;   /* [n_params] gradient accumulator (training only) */
+  float *scores;  /* (max_rows) scores for train_step / evaluate */
+  float *dscores; /* (max_rows) d(loss)/d(score) for train_step */
+  uint64_t last_n;  /* rows of the last successful forward */
+  int have_forward; /* a forward awaits its backward */
+  char errmsg[PRMI_ERRMSG_SIZE];
+};
+
+/*
+ * Forward `batch` through ctx's model. copy_input: keep a private copy of the
+ * features for backward (public prm_ctx_forward); 0: only reference them (the
+ * one-call train step, where the batch outlives the backward).
+ * Validation of batch is done here. Returns a prm_status.
+ */
+int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores,
+                     int copy_input);
+
+/* ---- optimizers (optim.c) ------------------------------------------------ */
+
+/* The model an optimizer updates (never NULL for a valid optimizer). */
+const prm_model *prmi_optimizer_model(const prm_optimizer *opt);
+
+/* ---- BLAS (blas.c) ------------------------------------------------------ */
+
+/* Row-major C (m, n) = alpha * op(A) (m, k) * op(B) (k, n) + beta * C. */
+void prmi_gemm(int trans_a, int trans_b, uint64_t m, uint64_t n, uint64_t k, float alpha,
+               const float *a, uint64_t lda, const float *b, uint64_t ldb, float beta, float *c,
+               uint64_t ldc);
+/* Row-major y = alpha * op(A) x + beta * y, A (m, n). */
+void prmi_gemv(int trans, uint64_t m, uint64_t n, float alpha, const float *a, uint64_t lda,
+               const float *x, float beta, float *y);
+
+/* Largest dimension accepted anywhere (fits a BLAS int with room to spare). */
+#define PRMI_MAX_DIM ((uint64_t)1 << 30)
+
+/* ---- aligned memory (model.c) ------------------------------------------- */
+
+/* 64-byte aligned, zeroed; NULL on overflow or failure. */
+void *prmi_calloc(size_t count, size_t size);
+void prmi_free(void *p);
+
+/* ---- shared numerics (loss.c) ------------------------------------------- */
+
+/* 1 when all n floats are finite. */
+int prmi_all_finite(const float *x, uint64_t n);
+
+#endif /* PRM_INTERNAL_H */
