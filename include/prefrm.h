@@ -252,7 +252,8 @@ PRM_API int prm_model_save(const prm_model *model, const char *path);
  * Call with buf == NULL to learn the size: *size_out receives the exact byte
  * count. With a buffer, `capacity` must be at least that size.
  * @return PRM_OK, PRM_ERR_NULL (model or size_out), PRM_ERR_SIZE (capacity
- *         too small; *size_out still receives the needed size).
+ *         too small; *size_out still receives the needed size),
+ *         PRM_ERR_NOMEM (the file would not fit in size_t; 32-bit hosts).
  */
 PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
                                   size_t capacity, size_t *size_out);
@@ -263,8 +264,11 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
  * validated (header bounds, offsets, overlaps, dtype F32, shapes against the
  * configuration, missing or unknown tensors, non-finite values).
  * @param out  receives the model (caller owns), NULL on failure.
- * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO, PRM_ERR_FORMAT, PRM_ERR_NOMEM,
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO (cannot open or read, or not a
+ *         regular file), PRM_ERR_FORMAT, PRM_ERR_NOMEM,
  *         PRM_ERR_UNSUPPORTED (an architecture this build lacks).
+ * Unknown `__metadata__` keys are ignored, so files written by other tools
+ * (and gradient files of the PyTorch reference) load as well.
  */
 PRM_API int prm_model_load(prm_model **out, const char *path);
 

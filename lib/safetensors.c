@@ -1,0 +1,1157 @@
+/*
+ * safetensors.c - model checkpoints in the safetensors format (F32 only).
+ *
+ * Layout of a file (all integers little-endian):
+ *   u64 N                  length of the JSON header in bytes
+ *   N bytes of JSON        {"__metadata__":{str:str,...},
+ *                           "<name>":{"dtype":"F32","shape":[...],"data_offsets":[b,e]},...}
+ *                          padded with spaces to a multiple of 8 bytes
+ *   data                   raw little-endian fp32; [b, e) is relative to the data start
+ *
+ * Writing is streamed (header, then the arena converted to little-endian in
+ * chunks) and atomic for files. Reading never trusts the file: the JSON header
+ * is parsed by the small strict parser below (bounded, no recursion beyond
+ * JSON_MAX_DEPTH, never reads past the buffer) and every number is checked
+ * before it is used as a size or an offset. See docs/checkpoints.md.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include <errno.h>
+#include <fcntl.h>
+#include <float.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* The format stores IEEE-754 binary32; we move floats as 32-bit patterns. */
+_Static_assert(sizeof(float) == 4 && FLT_MANT_DIG == 24 && FLT_MAX_EXP == 128,
+               "float must be IEEE-754 binary32");
+
+#define ST_HEADER_MAX ((uint64_t)100 * 1000 * 1000) /* same cap as the Rust crate */
+#define ST_MAX_DIMS 8                               /* more dimensions than any tensor we accept */
+#define ST_META_VALUE_MAX 1024
+#define JSON_MAX_DEPTH 64
+#define ST_CHUNK_FLOATS 4096 /* floats converted per write when streaming */
+
+/* ------------------------------------------------------------------------ */
+/* Byte order                                                                */
+/* ------------------------------------------------------------------------ */
+
+static void put_u64_le(unsigned char *d, uint64_t v) {
+  for (int i = 0; i < 8; i++)
+    d[i] = (unsigned char)((v >> (8 * i)) & 0xFFu);
+}
+
+static uint64_t get_u64_le(const unsigned char *s) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++)
+    v |= (uint64_t)s[i] << (8 * i);
+  return v;
+}
+
+/* n floats -> 4n bytes, little-endian, whatever the host order. */
+static void put_f32_le(unsigned char *d, const float *x, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    uint32_t u;
+    memcpy(&u, &x[i], 4);
+    d[4 * i + 0] = (unsigned char)(u & 0xFFu);
+    d[4 * i + 1] = (unsigned char)((u >> 8) & 0xFFu);
+    d[4 * i + 2] = (unsigned char)((u >> 16) & 0xFFu);
+    d[4 * i + 3] = (unsigned char)((u >> 24) & 0xFFu);
+  }
+}
+
+static void get_f32_le(float *x, const unsigned char *s, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    uint32_t u = (uint32_t)s[4 * i] | (uint32_t)s[4 * i + 1] << 8 | (uint32_t)s[4 * i + 2] << 16 |
+                 (uint32_t)s[4 * i + 3] << 24;
+    memcpy(&x[i], &u, 4);
+  }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Writing the header                                                        */
+/* ------------------------------------------------------------------------ */
+
+/* Output sink that counts always and stores only while it fits (dst NULL:
+ * count only). One code path gives both the size and the bytes. */
+typedef struct st_sink {
+  char *dst;
+  size_t cap;
+  size_t len;
+} st_sink;
+
+static void sink_put(st_sink *s, const char *p, size_t n) {
+  if (s->dst != NULL && s->len <= s->cap && n <= s->cap - s->len) memcpy(s->dst + s->len, p, n);
+  s->len += n;
+}
+
+static void sink_str(st_sink *s, const char *p) { sink_put(s, p, strlen(p)); }
+
+static void sink_u64(st_sink *s, uint64_t v) {
+  char tmp[24];
+  size_t n = 0;
+  do {
+    tmp[sizeof tmp - 1 - n] = (char)('0' + (int)(v % 10));
+    v /= 10;
+    n++;
+  } while (v != 0);
+  sink_put(s, tmp + sizeof tmp - n, n);
+}
+
+/* A JSON string literal; escapes what JSON requires (names are ASCII anyway). */
+static void sink_jstr(st_sink *s, const char *p) {
+  static const char hex[] = "0123456789abcdef";
+  sink_put(s, "\"", 1);
+  for (; *p != '\0'; p++) {
+    unsigned char c = (unsigned char)*p;
+    if (c == '"' || c == '\\') {
+      char e[2] = {'\\', (char)c};
+      sink_put(s, e, 2);
+    } else if (c < 0x20) {
+      char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+      sink_put(s, e, 6);
+    } else {
+      sink_put(s, (const char *)&c, 1);
+    }
+  }
+  sink_put(s, "\"", 1);
+}
+
+/* "key":"value" with a leading comma unless first. */
+static void sink_meta(st_sink *s, const char *key, int first) {
+  if (!first) sink_put(s, ",", 1);
+  sink_jstr(s, key);
+  sink_put(s, ":", 1);
+}
+
+/* The JSON header, padded with spaces to a multiple of 8. Returns its length. */
+static size_t write_header(const prm_model *m, char *dst, size_t cap) {
+  st_sink s = {dst, cap, 0};
+  const prm_model_options *o = &m->opts;
+  sink_str(&s, "{\"__metadata__\":{");
+  sink_meta(&s, "model", 1);
+  sink_jstr(&s, o->arch == PRM_ARCH_MLP ? "mlp" : "linear");
+  sink_meta(&s, "d", 0);
+  sink_put(&s, "\"", 1);
+  sink_u64(&s, o->input_size);
+  sink_put(&s, "\"", 1);
+  if (o->arch == PRM_ARCH_MLP) {
+    /* json.dumps style: "[1024, 256]" */
+    const char *act = prmi_activation_name(o->activation);
+    sink_meta(&s, "hidden", 0);
+    sink_put(&s, "\"[", 2);
+    for (uint32_t i = 0; i < o->n_hidden; i++) {
+      if (i > 0) sink_put(&s, ", ", 2);
+      sink_u64(&s, o->hidden[i]);
+    }
+    sink_put(&s, "]\"", 2);
+    sink_meta(&s, "act", 0);
+    sink_jstr(&s, act != NULL ? act : "");
+  }
+  sink_meta(&s, "format", 0);
+  sink_jstr(&s, "pt");
+  sink_meta(&s, "prefrm_version", 0);
+  sink_jstr(&s, PRM_VERSION_STRING);
+  sink_put(&s, "}", 1);
+  for (uint32_t t = 0; t < m->n_tensors; t++) {
+    const prmi_tensor *tn = &m->tensors[t];
+    uint64_t b = 4 * tn->offset, e = 4 * (tn->offset + tn->numel);
+    sink_put(&s, ",", 1);
+    sink_jstr(&s, tn->name);
+    sink_str(&s, ":{\"dtype\":\"F32\",\"shape\":[");
+    for (uint32_t k = 0; k < tn->ndim; k++) {
+      if (k > 0) sink_put(&s, ",", 1);
+      sink_u64(&s, tn->shape[k]);
+    }
+    sink_str(&s, "],\"data_offsets\":[");
+    sink_u64(&s, b);
+    sink_put(&s, ",", 1);
+    sink_u64(&s, e);
+    sink_str(&s, "]}");
+  }
+  sink_put(&s, "}", 1);
+  while (s.len % 8 != 0)
+    sink_put(&s, " ", 1);
+  return s.len;
+}
+
+/* Total file size for a model; 0 when it does not fit in size_t. */
+static size_t checkpoint_size(const prm_model *m, size_t *header_len) {
+  size_t h = write_header(m, NULL, 0);
+  *header_len = h;
+  if (m->n_params > (SIZE_MAX - 8 - h) / 4) return 0;
+  return 8 + h + (size_t)m->n_params * 4;
+}
+
+/* Serialise into dst, which holds exactly `total` bytes. */
+static void serialise(const prm_model *m, unsigned char *dst, size_t header_len) {
+  put_u64_le(dst, header_len);
+  write_header(m, (char *)dst + 8, header_len);
+  put_f32_le(dst + 8 + header_len, m->params, (size_t)m->n_params);
+}
+
+int prm_model_save_buffer(const prm_model *model, void *buf, size_t capacity, size_t *size_out) {
+  size_t hlen, total;
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save_buffer: model is NULL");
+  if (size_out == NULL)
+    return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save_buffer: size_out is NULL");
+  total = checkpoint_size(model, &hlen);
+  if (total == 0)
+    return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_model_save_buffer: checkpoint exceeds SIZE_MAX");
+  *size_out = total;
+  if (buf == NULL) return PRM_OK;
+  if (capacity < total)
+    return prmi_fail(NULL, PRM_ERR_SIZE,
+                     "prm_model_save_buffer: capacity %zu is smaller than the %zu bytes needed",
+                     capacity, total);
+  serialise(model, (unsigned char *)buf, hlen);
+  return PRM_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Atomic file save                                                          */
+/* ------------------------------------------------------------------------ */
+
+static void errno_text(int err, char *buf, size_t size) {
+  if (strerror_r(err, buf, size) != 0) snprintf(buf, size, "errno %d", err);
+}
+
+static uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+/*
+ * Create "<path>.tmp.<12 hex>" exclusively. The suffix mixes pid, clock,
+ * a stack address and the attempt number, so no shared counter is needed;
+ * O_EXCL makes a collision a retry, never a clobber. Mode 0666 & ~umask, as a
+ * plain fopen would give (mkstemp would force 0600 onto the final file).
+ */
+static int open_temp(const char *path, char *tmp, size_t tmp_size, int *err) {
+  static const char hex[] = "0123456789abcdef";
+  struct timespec ts;
+  uint64_t seed;
+  if (clock_gettime(CLOCK_REALTIME, &ts) != 0) ts.tv_sec = ts.tv_nsec = 0;
+  seed =
+      mix64((uint64_t)getpid() ^ mix64((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec) ^
+            mix64((uint64_t)(uintptr_t)&ts));
+  for (uint64_t attempt = 0; attempt < 100; attempt++) {
+    uint64_t r = mix64(seed + attempt);
+    char suffix[13];
+    int fd;
+    for (int i = 0; i < 12; i++)
+      suffix[i] = hex[(r >> (4 * i)) & 15u];
+    suffix[12] = '\0';
+    snprintf(tmp, tmp_size, "%s.tmp.%s", path, suffix);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd >= 0) return fd;
+    if (errno != EEXIST) break;
+  }
+  *err = errno;
+  return -1;
+}
+
+/* Make the rename durable: fsync the directory holding `path` (best effort;
+ * some file systems refuse fsync on directories). */
+static void sync_parent_dir(const char *path) {
+  const char *slash = strrchr(path, '/');
+  char *dir;
+  int fd;
+  size_t n;
+  if (slash == NULL) {
+    fd = open(".", O_RDONLY | O_CLOEXEC);
+  } else {
+    n = slash == path ? 1 : (size_t)(slash - path);
+    dir = malloc(n + 1);
+    if (dir == NULL) return;
+    memcpy(dir, path, n);
+    dir[n] = '\0';
+    fd = open(dir, O_RDONLY | O_CLOEXEC);
+    free(dir);
+  }
+  if (fd >= 0) {
+    (void)fsync(fd);
+    close(fd);
+  }
+}
+
+/* Stream the checkpoint to f. Returns 0, or an errno value. */
+static int write_stream(const prm_model *m, FILE *f, size_t header_len) {
+  unsigned char len8[8];
+  unsigned char chunk[4 * ST_CHUNK_FLOATS];
+  char *header = malloc(header_len);
+  size_t done = 0, n = (size_t)m->n_params;
+  if (header == NULL) return ENOMEM;
+  put_u64_le(len8, header_len);
+  write_header(m, header, header_len);
+  errno = 0;
+  if (fwrite(len8, 1, 8, f) != 8 || fwrite(header, 1, header_len, f) != header_len) {
+    free(header);
+    return errno != 0 ? errno : EIO;
+  }
+  free(header);
+  while (done < n) {
+    size_t k = n - done < ST_CHUNK_FLOATS ? n - done : ST_CHUNK_FLOATS;
+    put_f32_le(chunk, m->params + done, k);
+    if (fwrite(chunk, 4, k, f) != k) return errno != 0 ? errno : EIO;
+    done += k;
+  }
+  if (fflush(f) != 0) return errno != 0 ? errno : EIO;
+  if (fsync(fileno(f)) != 0) return errno != 0 ? errno : EIO;
+  return 0;
+}
+
+int prm_model_save(const prm_model *model, const char *path) {
+  size_t hlen, tmp_size;
+  char *tmp;
+  char why[128];
+  int fd, err = 0;
+  FILE *f;
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: model is NULL");
+  if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: path is NULL");
+  if (checkpoint_size(model, &hlen) == 0)
+    return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_model_save: checkpoint exceeds SIZE_MAX");
+  tmp_size = strlen(path) + sizeof ".tmp.XXXXXXXXXXXX";
+  tmp = malloc(tmp_size);
+  if (tmp == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_model_save: out of memory");
+
+  fd = open_temp(path, tmp, tmp_size, &err);
+  if (fd < 0) {
+    errno_text(err, why, sizeof why);
+    prmi_fail(NULL, PRM_ERR_IO, "prm_model_save: cannot create a temporary file next to '%s': %s",
+              path, why);
+    free(tmp);
+    return PRM_ERR_IO;
+  }
+  f = fdopen(fd, "wb");
+  if (f == NULL) {
+    err = errno;
+    close(fd);
+    goto fail;
+  }
+  err = write_stream(model, f, hlen);
+  if (fclose(f) != 0 && err == 0) err = errno != 0 ? errno : EIO;
+  if (err != 0) goto fail;
+  if (rename(tmp, path) != 0) {
+    err = errno;
+    goto fail;
+  }
+  sync_parent_dir(path);
+  free(tmp);
+  return PRM_OK;
+
+fail:
+  (void)unlink(tmp);
+  errno_text(err, why, sizeof why);
+  prmi_fail(NULL, err == ENOMEM ? PRM_ERR_NOMEM : PRM_ERR_IO,
+            "prm_model_save: writing '%s' failed: %s (file left unchanged)", path, why);
+  free(tmp);
+  return err == ENOMEM ? PRM_ERR_NOMEM : PRM_ERR_IO;
+}
+
+/* ------------------------------------------------------------------------ */
+/* A small strict JSON reader                                                */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Cursor over [p, end). Every function returns 0 or -1; on -1 `msg` says
+ * what was wrong and where (byte offset from `base`). Strings are validated
+ * in place (escapes, control characters, UTF-8) and decoded only when their
+ * value is needed, into a caller buffer of fixed size.
+ */
+typedef struct json {
+  const unsigned char *base, *p, *end;
+  int depth;
+  char msg[160];
+} json;
+
+static int json_err(json *j, const char *what) {
+  snprintf(j->msg, sizeof j->msg, "%s at header byte %zu", what, (size_t)(j->p - j->base));
+  return -1;
+}
+
+static void json_ws(json *j) {
+  while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
+    j->p++;
+}
+
+/* Skip whitespace, then consume c if it is next. */
+static int json_accept(json *j, char c) {
+  json_ws(j);
+  if (j->p < j->end && *j->p == (unsigned char)c) {
+    j->p++;
+    return 1;
+  }
+  return 0;
+}
+
+static int json_expect(json *j, char c) {
+  char what[32];
+  if (json_accept(j, c)) return 0;
+  snprintf(what, sizeof what, "expected '%c'", c);
+  return json_err(j, what);
+}
+
+static int hex_val(unsigned char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+/* Four hex digits at s (caller ensured 4 bytes exist). */
+static long hex4(const unsigned char *s) {
+  long v = 0;
+  for (int i = 0; i < 4; i++) {
+    int h = hex_val(s[i]);
+    if (h < 0) return -1;
+    v = v * 16 + h;
+  }
+  return v;
+}
+
+/* Length of the valid UTF-8 sequence at s (< end), or 0 if invalid. */
+static size_t utf8_len(const unsigned char *s, const unsigned char *end) {
+  unsigned char c = s[0];
+  size_t n, i;
+  uint32_t cp;
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2;
+    cp = c & 0x1Fu;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3;
+    cp = c & 0x0Fu;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4;
+    cp = c & 0x07u;
+  } else {
+    return 0;
+  }
+  if ((size_t)(end - s) < n) return 0;
+  for (i = 1; i < n; i++) {
+    if ((s[i] & 0xC0u) != 0x80u) return 0;
+    cp = (cp << 6) | (s[i] & 0x3Fu);
+  }
+  if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
+      (cp >= 0xD800 && cp <= 0xDFFF))
+    return 0;
+  return n;
+}
+
+/*
+ * Validate a string literal at the cursor; *s, *e receive the raw content
+ * (between the quotes). Surrogate escapes must pair up.
+ */
+static int json_string(json *j, const unsigned char **s, const unsigned char **e) {
+  json_ws(j);
+  if (j->p >= j->end || *j->p != '"') return json_err(j, "expected a string");
+  j->p++;
+  *s = j->p;
+  while (j->p < j->end && *j->p != '"') {
+    unsigned char c = *j->p;
+    if (c < 0x20) return json_err(j, "control character in string");
+    if (c == '\\') {
+      if (j->end - j->p < 2) return json_err(j, "unterminated escape");
+      c = j->p[1];
+      if (c == 'u') {
+        long u;
+        if (j->end - j->p < 6 || (u = hex4(j->p + 2)) < 0) return json_err(j, "bad \\u escape");
+        if (u >= 0xDC00 && u <= 0xDFFF) return json_err(j, "unpaired low surrogate");
+        if (u >= 0xD800 && u <= 0xDBFF) {
+          long lo;
+          if (j->end - j->p < 12 || j->p[6] != '\\' || j->p[7] != 'u' ||
+              (lo = hex4(j->p + 8)) < 0xDC00 || lo > 0xDFFF)
+            return json_err(j, "unpaired high surrogate");
+          j->p += 6;
+        }
+        j->p += 6;
+      } else if (c == '"' || c == '\\' || c == '/' || c == 'b' || c == 'f' || c == 'n' ||
+                 c == 'r' || c == 't') {
+        j->p += 2;
+      } else {
+        return json_err(j, "invalid escape");
+      }
+    } else {
+      size_t n = utf8_len(j->p, j->end);
+      if (n == 0) return json_err(j, "invalid UTF-8 in string");
+      j->p += n;
+    }
+  }
+  if (j->p >= j->end) return json_err(j, "unterminated string");
+  *e = j->p;
+  j->p++;
+  return 0;
+}
+
+/*
+ * Decode validated string content [s, e) into out (NUL-terminated, at most
+ * cap-1 bytes). Returns the length, or -1 when it does not fit or holds a
+ * NUL character (which no name or value of ours may contain).
+ */
+static long json_decode(const unsigned char *s, const unsigned char *e, char *out, size_t cap) {
+  size_t n = 0;
+  while (s < e) {
+    unsigned char buf[4];
+    size_t k = 0;
+    if (*s != '\\') {
+      buf[k++] = *s++;
+    } else if (s[1] != 'u') {
+      switch (s[1]) {
+      case 'b': buf[k++] = '\b'; break;
+      case 'f': buf[k++] = '\f'; break;
+      case 'n': buf[k++] = '\n'; break;
+      case 'r': buf[k++] = '\r'; break;
+      case 't': buf[k++] = '\t'; break;
+      default: buf[k++] = s[1]; break; /* " \ / */
+      }
+      s += 2;
+    } else {
+      uint32_t cp = (uint32_t)hex4(s + 2);
+      s += 6;
+      if (cp >= 0xD800 && cp <= 0xDBFF) { /* validated: a low surrogate follows */
+        cp = 0x10000 + ((cp - 0xD800) << 10) + ((uint32_t)hex4(s + 2) - 0xDC00);
+        s += 6;
+      }
+      if (cp == 0) return -1;
+      if (cp < 0x80) {
+        buf[k++] = (unsigned char)cp;
+      } else if (cp < 0x800) {
+        buf[k++] = (unsigned char)(0xC0 | (cp >> 6));
+        buf[k++] = (unsigned char)(0x80 | (cp & 0x3F));
+      } else if (cp < 0x10000) {
+        buf[k++] = (unsigned char)(0xE0 | (cp >> 12));
+        buf[k++] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+        buf[k++] = (unsigned char)(0x80 | (cp & 0x3F));
+      } else {
+        buf[k++] = (unsigned char)(0xF0 | (cp >> 18));
+        buf[k++] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
+        buf[k++] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+        buf[k++] = (unsigned char)(0x80 | (cp & 0x3F));
+      }
+    }
+    if (k > cap - 1 - n) return -1;
+    memcpy(out + n, buf, k);
+    n += k;
+  }
+  out[n] = '\0';
+  return (long)n;
+}
+
+/* A string literal decoded into out; too long or NUL: error naming `what`. */
+static int json_string_into(json *j, char *out, size_t cap, const char *what) {
+  const unsigned char *s, *e;
+  char m[96];
+  if (json_string(j, &s, &e) != 0) return -1;
+  if (json_decode(s, e, out, cap) < 0) {
+    snprintf(m, sizeof m, "%s is longer than %zu bytes or contains NUL", what, cap - 1);
+    return json_err(j, m);
+  }
+  return 0;
+}
+
+/* Non-negative JSON integer without fraction or exponent, within uint64. */
+static int json_uint(json *j, uint64_t *v) {
+  uint64_t x = 0;
+  json_ws(j);
+  if (j->p >= j->end || *j->p < '0' || *j->p > '9')
+    return json_err(j, "expected a non-negative integer");
+  if (*j->p == '0' && j->end - j->p > 1 && j->p[1] >= '0' && j->p[1] <= '9')
+    return json_err(j, "leading zero in number");
+  while (j->p < j->end && *j->p >= '0' && *j->p <= '9') {
+    unsigned d = (unsigned)(*j->p - '0');
+    if (x > (UINT64_MAX - d) / 10) return json_err(j, "integer too large");
+    x = x * 10 + d;
+    j->p++;
+  }
+  if (j->p < j->end && (*j->p == '.' || *j->p == 'e' || *j->p == 'E'))
+    return json_err(j, "expected an integer, found a fraction or exponent");
+  *v = x;
+  return 0;
+}
+
+/* [u, u, ...] with at most max elements (more: error). */
+static int json_uint_array(json *j, uint64_t *out, uint32_t max, uint32_t *n) {
+  *n = 0;
+  if (json_expect(j, '[') != 0) return -1;
+  if (json_accept(j, ']')) return 0;
+  do {
+    if (*n >= max) return json_err(j, "array has too many elements");
+    if (json_uint(j, &out[*n]) != 0) return -1;
+    (*n)++;
+  } while (json_accept(j, ','));
+  return json_expect(j, ']');
+}
+
+static int json_number(json *j) {
+  const unsigned char *p = j->p;
+  if (p < j->end && *p == '-') p++;
+  if (p >= j->end || *p < '0' || *p > '9') return json_err(j, "invalid number");
+  if (*p == '0')
+    p++;
+  else
+    while (p < j->end && *p >= '0' && *p <= '9')
+      p++;
+  if (p < j->end && *p == '.') {
+    p++;
+    if (p >= j->end || *p < '0' || *p > '9') return json_err(j, "invalid number");
+    while (p < j->end && *p >= '0' && *p <= '9')
+      p++;
+  }
+  if (p < j->end && (*p == 'e' || *p == 'E')) {
+    p++;
+    if (p < j->end && (*p == '+' || *p == '-')) p++;
+    if (p >= j->end || *p < '0' || *p > '9') return json_err(j, "invalid number");
+    while (p < j->end && *p >= '0' && *p <= '9')
+      p++;
+  }
+  j->p = p;
+  return 0;
+}
+
+static int json_literal(json *j, const char *lit) {
+  size_t n = strlen(lit);
+  if ((size_t)(j->end - j->p) < n || memcmp(j->p, lit, n) != 0)
+    return json_err(j, "invalid JSON value");
+  j->p += n;
+  return 0;
+}
+
+/* Skip any value (validating it); nesting limited to JSON_MAX_DEPTH. */
+static int json_skip(json *j) {
+  const unsigned char *s, *e;
+  int rc = 0;
+  json_ws(j);
+  if (j->p >= j->end) return json_err(j, "unexpected end of header");
+  switch (*j->p) {
+  case '"': return json_string(j, &s, &e);
+  case 't': return json_literal(j, "true");
+  case 'f': return json_literal(j, "false");
+  case 'n': return json_literal(j, "null");
+  case '{':
+  case '[': {
+    char close = *j->p == '{' ? '}' : ']';
+    if (++j->depth > JSON_MAX_DEPTH) return json_err(j, "JSON nested too deeply");
+    j->p++;
+    if (!json_accept(j, close)) {
+      do {
+        if (close == '}' && (json_string(j, &s, &e) != 0 || json_expect(j, ':') != 0)) return -1;
+        if (json_skip(j) != 0) return -1;
+      } while (json_accept(j, ','));
+      rc = json_expect(j, close);
+    }
+    j->depth--;
+    return rc;
+  }
+  default: return json_number(j);
+  }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Header model                                                              */
+/* ------------------------------------------------------------------------ */
+
+typedef struct st_entry {
+  char name[PRMI_NAME_SIZE];
+  char dtype[16];
+  uint32_t ndim;
+  uint64_t shape[ST_MAX_DIMS];
+  uint64_t begin, end; /* data_offsets */
+  int used;            /* matched by a model tensor */
+} st_entry;
+
+typedef struct st_header {
+  st_entry entries[PRMI_MAX_TENSORS];
+  uint32_t n_entries;
+  uint32_t n_gpt2; /* transformer-style names seen (not stored) */
+  char gpt2_example[PRMI_NAME_SIZE];
+  int seen_metadata;
+  int have_meta[4]; /* model, d, hidden, act */
+  char meta[4][ST_META_VALUE_MAX];
+} st_header;
+
+static const char *const meta_keys[4] = {"model", "d", "hidden", "act"};
+enum { META_MODEL, META_D, META_HIDDEN, META_ACT };
+
+/* HF GPT-2 names, with or without the "transformer." prefix. */
+static int is_gpt2_name(const char *n) {
+  return strncmp(n, "transformer.", 12) == 0 || strncmp(n, "h.", 2) == 0 ||
+         strncmp(n, "ln_f.", 5) == 0 || strcmp(n, "wte.weight") == 0 ||
+         strcmp(n, "wpe.weight") == 0;
+}
+
+static st_entry *find_entry(st_header *h, const char *name) {
+  for (uint32_t i = 0; i < h->n_entries; i++)
+    if (strcmp(h->entries[i].name, name) == 0) return &h->entries[i];
+  return NULL;
+}
+
+static int parse_metadata(json *j, st_header *h) {
+  json_ws(j);
+  if (j->p < j->end && *j->p == 'n') return json_literal(j, "null");
+  if (json_expect(j, '{') != 0) return -1;
+  if (json_accept(j, '}')) return 0;
+  do {
+    char key[PRMI_NAME_SIZE];
+    const unsigned char *s, *e;
+    int k = -1;
+    if (json_string(j, &s, &e) != 0) return -1;
+    if (json_decode(s, e, key, sizeof key) >= 0)
+      for (int i = 0; i < 4; i++)
+        if (strcmp(key, meta_keys[i]) == 0) k = i;
+    if (json_expect(j, ':') != 0) return -1;
+    json_ws(j);
+    if (j->p >= j->end || *j->p != '"') return json_err(j, "__metadata__ values must be strings");
+    if (k < 0) {
+      if (json_string(j, &s, &e) != 0) return -1; /* someone else's key: validate, ignore */
+      continue;
+    }
+    if (h->have_meta[k]) {
+      snprintf(j->msg, sizeof j->msg, "duplicate __metadata__ key '%s'", meta_keys[k]);
+      return -1;
+    }
+    if (json_string_into(j, h->meta[k], sizeof h->meta[k], "__metadata__ value") != 0) return -1;
+    h->have_meta[k] = 1;
+  } while (json_accept(j, ','));
+  return json_expect(j, '}');
+}
+
+/* {"dtype":..., "shape":[...], "data_offsets":[b, e]} (other fields skipped). */
+static int parse_tensor(json *j, st_entry *t) {
+  int have_dtype = 0, have_shape = 0, have_offsets = 0;
+  if (json_expect(j, '{') != 0) return -1;
+  if (!json_accept(j, '}')) {
+    do {
+      char key[32];
+      const unsigned char *s, *e;
+      if (json_string(j, &s, &e) != 0) return -1;
+      if (json_decode(s, e, key, sizeof key) < 0) key[0] = '\0';
+      if (json_expect(j, ':') != 0) return -1;
+      if (strcmp(key, "dtype") == 0) {
+        if (have_dtype++) return json_err(j, "duplicate field 'dtype'");
+        if (json_string(j, &s, &e) != 0) return -1;
+        if (json_decode(s, e, t->dtype, sizeof t->dtype) < 0) strcpy(t->dtype, "(too long)");
+      } else if (strcmp(key, "shape") == 0) {
+        if (have_shape++) return json_err(j, "duplicate field 'shape'");
+        if (json_uint_array(j, t->shape, ST_MAX_DIMS, &t->ndim) != 0) return -1;
+      } else if (strcmp(key, "data_offsets") == 0) {
+        uint64_t off[2];
+        uint32_t n;
+        if (have_offsets++) return json_err(j, "duplicate field 'data_offsets'");
+        if (json_uint_array(j, off, 2, &n) != 0) return -1;
+        if (n != 2) return json_err(j, "data_offsets must have two elements");
+        t->begin = off[0];
+        t->end = off[1];
+      } else if (json_skip(j) != 0) {
+        return -1;
+      }
+    } while (json_accept(j, ','));
+    if (json_expect(j, '}') != 0) return -1;
+  }
+  if (!have_dtype || !have_shape || !have_offsets) {
+    snprintf(j->msg, sizeof j->msg, "tensor %s lacks '%s'", t->name,
+             !have_dtype   ? "dtype"
+             : !have_shape ? "shape"
+                           : "data_offsets");
+    return -1;
+  }
+  return 0;
+}
+
+/* Parse the whole header: one object of metadata and tensor entries. */
+static int parse_header(json *j, st_header *h) {
+  j->depth = 1;
+  if (json_expect(j, '{') != 0) return -1;
+  if (!json_accept(j, '}')) {
+    do {
+      char name[PRMI_NAME_SIZE];
+      const unsigned char *s, *e;
+      if (json_string(j, &s, &e) != 0) return -1;
+      if (json_decode(s, e, name, sizeof name) < 0)
+        return json_err(j, "unexpected tensor (name too long or contains NUL)");
+      if (json_expect(j, ':') != 0) return -1;
+      if (strcmp(name, "__metadata__") == 0) {
+        if (h->seen_metadata++) return json_err(j, "duplicate __metadata__");
+        if (parse_metadata(j, h) != 0) return -1;
+        continue;
+      }
+      if (find_entry(h, name) != NULL) {
+        snprintf(j->msg, sizeof j->msg, "duplicate tensor %s", name);
+        return -1;
+      }
+      if (is_gpt2_name(name)) {
+        st_entry scratch;
+        memset(&scratch, 0, sizeof scratch);
+        strcpy(scratch.name, name);
+        if (h->n_gpt2++ == 0) strcpy(h->gpt2_example, name);
+        if (parse_tensor(j, &scratch) != 0) return -1;
+        continue;
+      }
+      if (h->n_entries >= PRMI_MAX_TENSORS) {
+        snprintf(j->msg, sizeof j->msg, "too many tensors (a model has at most %d)",
+                 PRMI_MAX_TENSORS);
+        return -1;
+      }
+      st_entry *t = &h->entries[h->n_entries++];
+      strcpy(t->name, name);
+      if (parse_tensor(j, t) != 0) return -1;
+    } while (json_accept(j, ','));
+    if (json_expect(j, '}') != 0) return -1;
+  }
+  json_ws(j);
+  if (j->p != j->end) return json_err(j, "trailing bytes after the JSON object");
+  return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Loading                                                                   */
+/* ------------------------------------------------------------------------ */
+
+static void format_shape(char *buf, size_t size, const uint64_t *shape, uint32_t ndim) {
+  size_t n = (size_t)snprintf(buf, size, "[");
+  for (uint32_t k = 0; k < ndim && n < size; k++)
+    n += (size_t)snprintf(buf + n, size - n, "%s%llu", k ? ", " : "", (unsigned long long)shape[k]);
+  if (n < size) snprintf(buf + n, size - n, "]");
+}
+
+/* Strict decimal for metadata "d": digits only, no leading zero, fits. */
+static int parse_decimal(const char *s, uint64_t *v) {
+  uint64_t x = 0;
+  if (*s == '\0' || (s[0] == '0' && s[1] != '\0')) return -1;
+  for (; *s; s++) {
+    unsigned d;
+    if (*s < '0' || *s > '9') return -1;
+    d = (unsigned)(*s - '0');
+    if (x > (UINT64_MAX - d) / 10) return -1;
+    x = x * 10 + d;
+  }
+  *v = x;
+  return 0;
+}
+
+/* Expected tensors of a configuration, in the model's order. */
+typedef struct st_expect {
+  char name[PRMI_NAME_SIZE];
+  uint32_t ndim;
+  uint64_t shape[2];
+} st_expect;
+
+static void expect_one(st_expect *x, const char *name, uint32_t ndim, uint64_t d0, uint64_t d1) {
+  snprintf(x->name, sizeof x->name, "%s", name);
+  x->ndim = ndim;
+  x->shape[0] = d0;
+  x->shape[1] = d1;
+}
+
+static uint32_t expected_tensors(const prm_model_options *o, st_expect *x) {
+  uint32_t n = 0;
+  uint64_t in = o->input_size;
+  char name[PRMI_NAME_SIZE];
+  if (o->arch == PRM_ARCH_MLP) {
+    for (uint32_t i = 0; i < o->n_hidden; i++) {
+      snprintf(name, sizeof name, "layers.%u.weight", (unsigned)i);
+      expect_one(&x[n++], name, 2, o->hidden[i], in); /* nn.Linear: [out, in] */
+      snprintf(name, sizeof name, "layers.%u.bias", (unsigned)i);
+      expect_one(&x[n++], name, 1, o->hidden[i], 0);
+      in = o->hidden[i];
+    }
+  }
+  expect_one(&x[n++], "score.weight", 2, 1, in);
+  return n;
+}
+
+/* Configuration from __metadata__, missing values inferred from shapes as
+ * torch_ref.model_from_state does. Returns a status. */
+static int config_from_header(st_header *h, prm_model_options *o) {
+  const char *kind = h->have_meta[META_MODEL] ? h->meta[META_MODEL] : NULL;
+  st_entry *t;
+  int rc = prm_model_options_init(o, PRM_MODEL_OPTIONS_VERSION);
+  if (rc != PRM_OK) return rc;
+  if (kind != NULL && strcmp(kind, "gpt2") == 0)
+    return prmi_fail(NULL, PRM_ERR_UNSUPPORTED,
+                     "checkpoint is a gpt2 model, which this build cannot load yet");
+  if (kind == NULL && h->n_gpt2 > 0)
+    return prmi_fail(NULL, PRM_ERR_UNSUPPORTED,
+                     "checkpoint holds GPT-2 tensors (e.g. %s), which this build cannot load yet",
+                     h->gpt2_example);
+  if (kind == NULL) kind = find_entry(h, "layers.0.weight") != NULL ? "mlp" : "linear";
+  if (strcmp(kind, "linear") == 0) {
+    o->arch = PRM_ARCH_LINEAR;
+  } else if (strcmp(kind, "mlp") == 0) {
+    o->arch = PRM_ARCH_MLP;
+  } else {
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "unknown model type '%.64s' in __metadata__", kind);
+  }
+
+  /* input size */
+  if (h->have_meta[META_D]) {
+    if (parse_decimal(h->meta[META_D], &o->input_size) != 0 || o->input_size == 0)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ d='%.64s' is not a positive integer",
+                       h->meta[META_D]);
+  } else {
+    t = find_entry(h, o->arch == PRM_ARCH_MLP ? "layers.0.weight" : "score.weight");
+    if (t == NULL)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s",
+                       o->arch == PRM_ARCH_MLP ? "layers.0.weight" : "score.weight");
+    if (t->ndim != 2 || t->shape[1] == 0)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s must be 2-D and non-empty", t->name);
+    o->input_size = t->shape[1];
+  }
+  if (o->arch != PRM_ARCH_MLP) return PRM_OK;
+
+  /* hidden widths */
+  if (h->have_meta[META_HIDDEN]) {
+    const char *s = h->meta[META_HIDDEN];
+    json j;
+    j.base = j.p = (const unsigned char *)s;
+    j.end = j.base + strlen(s);
+    j.depth = 0;
+    j.msg[0] = '\0';
+    int bad = json_uint_array(&j, o->hidden, PRM_MAX_HIDDEN, &o->n_hidden) != 0;
+    if (!bad) {
+      json_ws(&j);
+      bad = j.p != j.end;
+    }
+    if (bad)
+      return prmi_fail(NULL, PRM_ERR_FORMAT,
+                       "__metadata__ hidden='%.64s' is not a list of at most %d integers", s,
+                       PRM_MAX_HIDDEN);
+  } else {
+    char name[PRMI_NAME_SIZE];
+    for (o->n_hidden = 0;; o->n_hidden++) {
+      snprintf(name, sizeof name, "layers.%u.weight", (unsigned)o->n_hidden);
+      if ((t = find_entry(h, name)) == NULL) break;
+      if (o->n_hidden == PRM_MAX_HIDDEN)
+        return prmi_fail(NULL, PRM_ERR_FORMAT, "mlp has more than %d hidden layers",
+                         PRM_MAX_HIDDEN);
+      if (t->ndim != 2) return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s must be 2-D", t->name);
+      o->hidden[o->n_hidden] = t->shape[0];
+    }
+  }
+  if (o->n_hidden == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "mlp checkpoint has no hidden layer");
+  for (uint32_t i = 0; i < o->n_hidden; i++)
+    if (o->hidden[i] == 0)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "hidden layer %u has width 0", (unsigned)i);
+
+  /* activation: required, as in torch_ref (no silent default) */
+  if (!h->have_meta[META_ACT])
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "mlp checkpoint lacks the 'act' __metadata__ key (relu, gelu or tanh)");
+  o->activation = prmi_activation_from_name(h->meta[META_ACT]);
+  if (o->activation == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "unknown activation '%.64s' in __metadata__",
+                     h->meta[META_ACT]);
+  return PRM_OK;
+}
+
+/* Entry-level checks that need no configuration: dtype, sizes, bounds,
+ * overlaps. Afterwards every entry's bytes lie inside the data area. */
+static int check_entries(st_header *h, uint64_t data_len) {
+  uint32_t order[PRMI_MAX_TENSORS];
+  for (uint32_t i = 0; i < h->n_entries; i++) {
+    st_entry *t = &h->entries[i];
+    uint64_t bytes = 4;
+    if (strcmp(t->dtype, "F32") != 0)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s has dtype %s, expected F32", t->name,
+                       t->dtype);
+    for (uint32_t k = 0; k < t->ndim; k++) {
+      if (t->shape[k] != 0 && bytes > UINT64_MAX / t->shape[k])
+        return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s: shape overflows", t->name);
+      bytes *= t->shape[k];
+    }
+    if (t->begin > t->end || t->end > data_len)
+      return prmi_fail(NULL, PRM_ERR_FORMAT,
+                       "tensor %s: data_offsets [%llu, %llu] outside the data area of %llu bytes",
+                       t->name, (unsigned long long)t->begin, (unsigned long long)t->end,
+                       (unsigned long long)data_len);
+    if (t->end - t->begin != bytes)
+      return prmi_fail(NULL, PRM_ERR_FORMAT,
+                       "tensor %s: data_offsets span %llu bytes, shape needs %llu", t->name,
+                       (unsigned long long)(t->end - t->begin), (unsigned long long)bytes);
+  }
+  /* insertion sort by begin (at most PRMI_MAX_TENSORS entries), then neighbours */
+  for (uint32_t i = 0; i < h->n_entries; i++) {
+    uint32_t k = i;
+    while (k > 0 && h->entries[order[k - 1]].begin > h->entries[i].begin) {
+      order[k] = order[k - 1];
+      k--;
+    }
+    order[k] = i;
+  }
+  for (uint32_t i = 1; i < h->n_entries; i++) {
+    const st_entry *a = &h->entries[order[i - 1]], *b = &h->entries[order[i]];
+    if (a->end > b->begin)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensors %s and %s overlap in the data area", a->name,
+                       b->name);
+  }
+  return PRM_OK;
+}
+
+/* Every expected tensor present with its exact shape; nothing else. */
+static int check_against_config(st_header *h, const prm_model_options *o) {
+  st_expect x[PRMI_MAX_TENSORS];
+  uint32_t n = expected_tensors(o, x);
+  for (uint32_t i = 0; i < n; i++) {
+    st_entry *t = find_entry(h, x[i].name);
+    char got[96], want[64];
+    if (t == NULL) return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s", x[i].name);
+    if (t->ndim != x[i].ndim || t->shape[0] != x[i].shape[0] ||
+        (x[i].ndim == 2 && t->shape[1] != x[i].shape[1])) {
+      format_shape(got, sizeof got, t->shape, t->ndim);
+      format_shape(want, sizeof want, x[i].shape, x[i].ndim);
+      return prmi_fail(NULL, PRM_ERR_FORMAT,
+                       "tensor %s has shape %s, expected %s for the %s configuration", t->name, got,
+                       want, o->arch == PRM_ARCH_MLP ? "mlp" : "linear");
+    }
+    t->used = 1;
+  }
+  for (uint32_t i = 0; i < h->n_entries; i++)
+    if (!h->entries[i].used)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model",
+                       h->entries[i].name, o->arch == PRM_ARCH_MLP ? "an mlp" : "a linear");
+  if (h->n_gpt2 > 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model", h->gpt2_example,
+                     o->arch == PRM_ARCH_MLP ? "an mlp" : "a linear");
+  return PRM_OK;
+}
+
+static int load_validated(prm_model **out, const unsigned char *b, size_t size) {
+  uint64_t hlen, data_len;
+  const unsigned char *data;
+  prm_model *m = NULL;
+  prm_model_options o;
+  st_header *h;
+  json j;
+  int rc;
+
+  if (size < 8)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "checkpoint is %zu bytes, shorter than the header length", size);
+  hlen = get_u64_le(b);
+  if (hlen > ST_HEADER_MAX)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "header length %llu exceeds the limit of %llu bytes",
+                     (unsigned long long)hlen, (unsigned long long)ST_HEADER_MAX);
+  if (hlen > size - 8)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "header length %llu exceeds the %zu bytes that follow it (truncated file?)",
+                     (unsigned long long)hlen, size - 8);
+  if (hlen < 2)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "header of %llu bytes is too short",
+                     (unsigned long long)hlen);
+  data = b + 8 + hlen;
+  data_len = (uint64_t)(size - 8 - (size_t)hlen);
+
+  h = calloc(1, sizeof *h);
+  if (h == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint");
+  j.base = j.p = b + 8;
+  j.end = b + 8 + hlen;
+  j.depth = 0;
+  j.msg[0] = '\0';
+  if (parse_header(&j, h) != 0) {
+    free(h);
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "bad safetensors header: %s", j.msg);
+  }
+  rc = check_entries(h, data_len);
+  if (rc == PRM_OK) rc = config_from_header(h, &o);
+  if (rc == PRM_OK) rc = check_against_config(h, &o);
+  if (rc != PRM_OK) {
+    free(h);
+    return rc;
+  }
+  rc = prmi_model_alloc(&m, &o);
+  if (rc != PRM_OK) {
+    free(h);
+    if (rc == PRM_ERR_NOMEM) return rc;
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "checkpoint configuration rejected: %s",
+                     prm_last_errmsg());
+  }
+  for (uint32_t i = 0; i < m->n_tensors; i++) {
+    const prmi_tensor *tn = &m->tensors[i];
+    const st_entry *t = find_entry(h, tn->name);
+    if (t == NULL || t->end - t->begin != 4 * tn->numel) { /* layout disagrees: a bug */
+      rc = prmi_fail(NULL, PRM_ERR_FORMAT, "internal: tensor %s does not match the layout",
+                     tn->name);
+      break;
+    }
+    get_f32_le(m->params + tn->offset, data + t->begin, (size_t)tn->numel);
+    if (!prmi_all_finite(m->params + tn->offset, tn->numel)) {
+      rc = prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", tn->name);
+      break;
+    }
+  }
+  free(h);
+  if (rc != PRM_OK) {
+    prm_model_free(m);
+    return rc;
+  }
+  *out = m;
+  return PRM_OK;
+}
+
+int prm_model_load_buffer(prm_model **out, const void *buf, size_t size) {
+  if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load_buffer: out is NULL");
+  *out = NULL;
+  if (buf == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load_buffer: buf is NULL");
+  return load_validated(out, (const unsigned char *)buf, size);
+}
+
+int prm_model_load(prm_model **out, const char *path) {
+  char why[128];
+  struct stat st;
+  unsigned char *buf;
+  size_t size, got;
+  FILE *f;
+  int rc;
+  if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load: out is NULL");
+  *out = NULL;
+  if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load: path is NULL");
+  f = fopen(path, "rb");
+  if (f == NULL) {
+    errno_text(errno, why, sizeof why);
+    return prmi_fail(NULL, PRM_ERR_IO, "cannot open '%s': %s", path, why);
+  }
+  if (fstat(fileno(f), &st) != 0) {
+    errno_text(errno, why, sizeof why);
+    fclose(f);
+    return prmi_fail(NULL, PRM_ERR_IO, "cannot stat '%s': %s", path, why);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    fclose(f);
+    return prmi_fail(NULL, PRM_ERR_IO, "'%s' is %s, not a regular file", path,
+                     S_ISDIR(st.st_mode) ? "a directory" : "special");
+  }
+  if (st.st_size < 0 || (uint64_t)st.st_size > SIZE_MAX - 1) {
+    fclose(f);
+    return prmi_fail(NULL, PRM_ERR_NOMEM, "'%s' is too large to load", path);
+  }
+  size = (size_t)st.st_size;
+  buf = malloc(size + 1);
+  if (buf == NULL) {
+    fclose(f);
+    return prmi_fail(NULL, PRM_ERR_NOMEM, "cannot allocate %zu bytes for '%s'", size, path);
+  }
+  errno = 0;
+  got = fread(buf, 1, size + 1, f); /* one extra byte notices a file that grew */
+  if (ferror(f) || got != size) {
+    int err = errno;
+    free(buf);
+    fclose(f);
+    if (got != size && err == 0)
+      return prmi_fail(NULL, PRM_ERR_IO, "'%s' changed size while being read", path);
+    errno_text(err != 0 ? err : EIO, why, sizeof why);
+    return prmi_fail(NULL, PRM_ERR_IO, "cannot read '%s': %s", path, why);
+  }
+  fclose(f);
+  rc = load_validated(out, buf, size);
+  free(buf);
+  return rc;
+}
