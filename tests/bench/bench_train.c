@@ -1,0 +1,708 @@
+/*
+ * bench_train.c - time libprefrm training steps, the C twin of
+ * `torch_ref.py bench` (../shared/reference/torch_ref.py).
+ *
+ *   bench_train [--model linear|mlp] [--d D] [--hidden 1024,256] [--act gelu|relu|tanh]
+ *               [--batch P] [--steps S] [--warmup W] [--lr 1e-4] [--seed 0]
+ *               [--batches NB] [--threads N] [--no-phases] [--blas-probe]
+ *               [--json-out FILE]
+ *
+ * Defaults are torch_ref's: linear d=4096 with 256 pairs per step; mlp
+ * 768 -> 1024 -> 256 (gelu-tanh) with 64 pairs per step; AdamW lr 1e-4, no
+ * weight decay, no clipping. NB = min(S + W, 8) distinct random N(0,1)
+ * batches of 2P rows are made up front and cycled, as torch_ref does, so the
+ * linear case streams its 8 MB feature matrix from memory rather than from a
+ * hot cache.
+ *
+ * Each timed step is one prm_train_step (forward of 2P rows, Bradley-Terry
+ * loss, backward, AdamW update). Output: a human line, then
+ * "JSON {...}" with torch_ref's key names where they apply (ms_step_median,
+ * pairs_per_s, gflops_per_s, ...) plus peak RSS and the allocation check.
+ *
+ * Threads: the library never touches BLAS threading, so the count comes from
+ * the environment (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS), which OpenBLAS
+ * reads when it is loaded -- before main. --threads N therefore sets both
+ * variables and re-executes the program when they differ.
+ *
+ * --no-phases skips the second loop that times forward+loss / backward /
+ * optimizer separately through the split API (prm_ctx_forward, prm_loss_bt,
+ * prm_ctx_backward, prm_optimizer_step). Note that prm_ctx_forward copies and
+ * validates the features, which prm_train_step does not, so the phase sum
+ * is larger than a train step (noticeably so for linear).
+ *
+ * --blas-probe measures what the BLAS under the library can do on this
+ * machine with the benchmark's own shapes (sgemm GFLOP/s, sgemv GB/s), via
+ * dlsym of the cblas_* symbols that libprefrm's BLAS brings into the process.
+ * It calls the BLAS directly: it is a ceiling, not a libprefrm figure.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <link.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
+#include <prefrm.h>
+
+/* ---- allocation accounting ------------------------------------------------------------ */
+
+/*
+ * "No allocation inside a training step after the first one" (STYLE.md) is
+ * checked three ways, each seeing something the others miss:
+ *
+ *  1. malloc-family call counter. On glibc without sanitizers this file
+ *     defines malloc/calloc/realloc/free/aligned_alloc/posix_memalign/
+ *     memalign and forwards them to glibc's own __libc_* entry points. A
+ *     definition in the executable interposes on every shared object, so
+ *     calls from libprefrm, OpenBLAS and libc itself (from any thread) are
+ *     counted -- including a malloc/free pair within one step, which a
+ *     before/after balance cannot see. It cannot see memory obtained without
+ *     malloc: mmap/brk called directly (OpenBLAS gets its GEMM buffers that
+ *     way, once, at start-up), alloca, or large stack arrays (VLAs).
+ *  2. glibc mallinfo2(): net change of bytes in use (uordblks), arena size
+ *     and number/size of mmapped chunks (hblks/hblkhd) across the timed
+ *     steps. Sees only the net balance, but also works where (1) is off.
+ *  3. minor page faults (getrusage ru_minflt) across the timed steps: first
+ *     touches of new memory, however obtained (mmap included). After warm-up
+ *     every buffer a step uses has been touched, so this should stay near 0;
+ *     a fresh mmap per step (the cost torch_ref's GLIBC_TUNABLES avoids)
+ *     shows up here. Faults also come from things that are not allocations
+ *     (the kernel reclaiming pages, stack growth), so it is reported as a
+ *     number and not folded into the verdict.
+ *
+ * "allocations_in_steps" is true when (1) counted a call or (2) saw a net
+ * change during the timed steps.
+ */
+#if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__) &&       \
+    !defined(BENCH_NO_MALLOC_HOOK)
+#define BENCH_COUNT_MALLOC 1
+static atomic_ullong n_alloc_calls; /* malloc, calloc, realloc, aligned allocations */
+static atomic_ullong n_free_calls;  /* free of a non-NULL pointer */
+/* Allocation calls whose immediate caller lies in libprefrm: [lib_lo, lib_hi). */
+static atomic_ullong n_lib_calls;
+static uintptr_t lib_lo, lib_hi;
+
+static void count_call(const void *caller) {
+  atomic_fetch_add_explicit(&n_alloc_calls, 1, memory_order_relaxed);
+  uintptr_t a = (uintptr_t)caller;
+  if (a >= lib_lo && a < lib_hi) atomic_fetch_add_explicit(&n_lib_calls, 1, memory_order_relaxed);
+}
+#define COUNT_CALL() count_call(__builtin_return_address(0))
+
+extern void *__libc_malloc(size_t);
+extern void *__libc_calloc(size_t, size_t);
+extern void *__libc_realloc(void *, size_t);
+extern void __libc_free(void *);
+extern void *__libc_memalign(size_t, size_t);
+
+void *malloc(size_t n) {
+  COUNT_CALL();
+  return __libc_malloc(n);
+}
+void *calloc(size_t c, size_t n) {
+  COUNT_CALL();
+  return __libc_calloc(c, n);
+}
+void *realloc(void *p, size_t n) {
+  COUNT_CALL();
+  return __libc_realloc(p, n);
+}
+void free(void *p) {
+  if (p != NULL) atomic_fetch_add_explicit(&n_free_calls, 1, memory_order_relaxed);
+  __libc_free(p);
+}
+void *aligned_alloc(size_t align, size_t n) {
+  COUNT_CALL();
+  return __libc_memalign(align, n);
+}
+void *memalign(size_t align, size_t n) {
+  COUNT_CALL();
+  return __libc_memalign(align, n);
+}
+int posix_memalign(void **out, size_t align, size_t n) {
+  COUNT_CALL();
+  if (align < sizeof(void *) || (align & (align - 1)) != 0) return EINVAL;
+  void *p = __libc_memalign(align, n);
+  if (p == NULL) return ENOMEM;
+  *out = p;
+  return 0;
+}
+
+/* Find the loaded segments of the object that holds `addr` (libprefrm). */
+static int find_object(struct dl_phdr_info *info, size_t size, void *data) {
+  (void)size;
+  uintptr_t addr = (uintptr_t)data, lo = UINTPTR_MAX, hi = 0;
+  for (int i = 0; i < info->dlpi_phnum; i++) {
+    const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+    if (ph->p_type != PT_LOAD) continue;
+    uintptr_t s = (uintptr_t)info->dlpi_addr + ph->p_vaddr;
+    if (s < lo) lo = s;
+    if (s + ph->p_memsz > hi) hi = s + ph->p_memsz;
+  }
+  if (addr < lo || addr >= hi) return 0;
+  lib_lo = lo;
+  lib_hi = hi;
+  return 1;
+}
+static void locate_library(void) {
+  dl_iterate_phdr(find_object, (void *)(uintptr_t)&prm_train_step);
+}
+#else
+#define BENCH_COUNT_MALLOC 0
+static void locate_library(void) {}
+#endif
+
+typedef struct alloc_snapshot {
+  unsigned long long alloc_calls, free_calls, lib_calls;
+  long minflt;
+  int have_mallinfo;
+  size_t uordblks, arena, hblks, hblkhd;
+} alloc_snapshot;
+
+static void take_snapshot(alloc_snapshot *s) {
+  memset(s, 0, sizeof *s);
+#if BENCH_COUNT_MALLOC
+  s->alloc_calls = atomic_load(&n_alloc_calls);
+  s->free_calls = atomic_load(&n_free_calls);
+  s->lib_calls = atomic_load(&n_lib_calls);
+#endif
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+  struct mallinfo2 mi = mallinfo2(); /* itself allocation-free */
+  s->have_mallinfo = 1;
+  s->uordblks = mi.uordblks;
+  s->arena = mi.arena;
+  s->hblks = mi.hblks;
+  s->hblkhd = mi.hblkhd;
+#endif
+  struct rusage ru;
+  if (getrusage(RUSAGE_SELF, &ru) == 0) s->minflt = ru.ru_minflt;
+}
+
+/* ---- helpers ----------------------------------------------------------------------------- */
+
+#define CHECK(call)                                                                                \
+  do {                                                                                             \
+    int rc_ = (call);                                                                              \
+    if (rc_ != PRM_OK) {                                                                           \
+      fprintf(stderr, "bench_train: %s failed: %s (%s)\n", #call, prm_status_string(rc_),          \
+              prm_last_errmsg());                                                                  \
+      exit(1);                                                                                     \
+    }                                                                                              \
+  } while (0)
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+/* Median of n values; sorts v. */
+static double median(double *v, size_t n) {
+  qsort(v, n, sizeof *v, cmp_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static double mean(const double *v, size_t n) {
+  double s = 0.0;
+  for (size_t i = 0; i < n; i++)
+    s += v[i];
+  return s / (double)n;
+}
+
+/* The bench's own generator (splitmix64 + Box-Muller) for the synthetic features. */
+static uint64_t rng_state;
+static uint64_t rng_next(void) {
+  uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+static double rng_uniform(void) { return ((double)(rng_next() >> 11) + 0.5) * 0x1.0p-53; }
+static void fill_normal(float *x, size_t n) {
+  for (size_t i = 0; i < n; i += 2) {
+    double r = sqrt(-2.0 * log(rng_uniform())), t = 6.283185307179586 * rng_uniform();
+    x[i] = (float)(r * cos(t));
+    if (i + 1 < n) x[i + 1] = (float)(r * sin(t));
+  }
+}
+
+static void *xmalloc(size_t n) {
+  void *p = malloc(n);
+  if (p == NULL) {
+    fprintf(stderr, "bench_train: out of memory (%zu bytes)\n", n);
+    exit(1);
+  }
+  return p;
+}
+
+static const char *env_or(const char *name, const char *dflt) {
+  const char *v = getenv(name);
+  return v ? v : dflt;
+}
+
+/* ---- BLAS probe ----------------------------------------------------------------------------- */
+
+/* CBLAS enum values (fixed by the CBLAS standard); declared here so the
+ * bench needs no <cblas.h>. */
+enum { CB_ROW = 101, CB_NOTRANS = 111, CB_TRANS = 112 };
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int, float,
+                         float *, int);
+
+/* Repeat fn until ~0.25 s passed (at least 3 runs); returns the median seconds per run. */
+#define PROBE_MAX_RUNS 4096
+static double probe_time(void (*body)(void *), void *arg) {
+  static double t[PROBE_MAX_RUNS];
+  size_t n = 0;
+  body(arg); /* warm-up */
+  double start = now_s();
+  while (n < PROBE_MAX_RUNS && (n < 3 || now_s() - start < 0.25)) {
+    double t0 = now_s();
+    body(arg);
+    t[n++] = now_s() - t0;
+  }
+  return median(t, n);
+}
+
+typedef struct gemm_case {
+  sgemm_fn f;
+  int ta, tb, m, n, k;
+  float *a, *b, *c;
+} gemm_case;
+static void run_gemm(void *p) {
+  gemm_case *g = p;
+  int lda = g->ta ? g->m : g->k, ldb = g->tb ? g->k : g->n;
+  g->f(CB_ROW, g->ta ? CB_TRANS : CB_NOTRANS, g->tb ? CB_TRANS : CB_NOTRANS, g->m, g->n, g->k, 1.0f,
+       g->a, lda, g->b, ldb, 0.0f, g->c, g->n);
+}
+
+typedef struct gemv_case {
+  sgemv_fn f;
+  int trans, m, n, nb, next;
+  float *const *a; /* nb matrices (m, n), cycled: nb = 1 keeps A hot in cache */
+  float *x, *y;
+} gemv_case;
+static void run_gemv(void *p) {
+  gemv_case *g = p;
+  const float *a = g->a[g->next];
+  g->next = (g->next + 1) % g->nb;
+  g->f(CB_ROW, g->trans ? CB_TRANS : CB_NOTRANS, g->m, g->n, 1.0f, a, g->n, g->x, 1, 0.0f, g->y, 1);
+}
+
+/* Appends `"blas_probe": {...}, ` to json (cap bytes). Returns 0 if the BLAS is not reachable. */
+static int blas_probe(char *json, size_t cap, int is_mlp, uint64_t rows, uint64_t d,
+                      const uint64_t *hidden, uint32_t n_hidden, float *const *batches, int nb) {
+  sgemm_fn sgemm = (sgemm_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "cblas_sgemm");
+  sgemv_fn sgemv = (sgemv_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "cblas_sgemv");
+  if (sgemm == NULL || sgemv == NULL) {
+    printf("blas probe: cblas_sgemm/cblas_sgemv not found in the process; skipped\n");
+    return 0;
+  }
+  size_t used = strlen(json);
+  used += (size_t)snprintf(json + used, cap - used, "\"blas_probe\": {");
+  /* GEMMs: a large square one (near the kernel's peak), then the shapes of the
+   * mlp step's first layer: forward Z = X W^T, weight gradient dW = dZ^T X. */
+  {
+    const int sq = 1024;
+    uint64_t in0 = is_mlp ? d : 768, out0 = is_mlp ? hidden[0] : 1024, r = is_mlp ? rows : 128;
+    size_t big = (size_t)sq * sq;
+    size_t need = (size_t)(r * in0 > out0 * in0 ? r * in0 : out0 * in0);
+    if (need < big) need = big;
+    float *a = xmalloc(need * sizeof(float)), *b = xmalloc(need * sizeof(float)),
+          *c = xmalloc(need * sizeof(float));
+    fill_normal(a, need);
+    fill_normal(b, need);
+    gemm_case cases[3] = {
+        {sgemm, 0, 0, sq, sq, sq, a, b, c},
+        {sgemm, 0, 1, (int)r, (int)out0, (int)in0, a, b, c},
+        {sgemm, 1, 0, (int)out0, (int)in0, (int)r, a, b, c},
+    };
+    const char *names[3] = {"sgemm_1024_gflops", "sgemm_fwd_layer0_gflops",
+                            "sgemm_wgrad_layer0_gflops"};
+    printf("blas probe (calls the BLAS directly; %s threads):\n",
+           env_or("OPENBLAS_NUM_THREADS", "?"));
+    for (int i = 0; i < 3; i++) {
+      double t = probe_time(run_gemm, &cases[i]);
+      double gf = 2.0 * cases[i].m * cases[i].n * cases[i].k / t * 1e-9;
+      printf("  sgemm %s%s m=%d n=%d k=%d: %.3f ms, %.1f GFLOP/s\n", cases[i].ta ? "T" : "N",
+             cases[i].tb ? "T" : "N", cases[i].m, cases[i].n, cases[i].k, t * 1e3, gf);
+      used += (size_t)snprintf(json + used, cap - used, "\"%s\": %.2f, ", names[i], gf);
+    }
+    free(a);
+    free(b);
+    free(c);
+  }
+  (void)n_hidden;
+  /* GEMVs over the step's feature matrix X (rows, d): the linear model's
+   * forward (s = X w) and backward (g = X^T ds). "hot": the same X every time
+   * (stays in L2/L3 if it fits); "cold": the nb distinct batches in turn, as
+   * the training loop sees them. GB/s counts the bytes of X once. */
+  {
+    float *x = xmalloc((size_t)(rows > d ? rows : d) * sizeof(float));
+    float *y = xmalloc((size_t)(rows > d ? rows : d) * sizeof(float));
+    fill_normal(x, rows > d ? rows : d);
+    const double bytes = (double)rows * (double)d * sizeof(float);
+    for (int trans = 0; trans < 2; trans++)
+      for (int cold = 0; cold < 2; cold++) {
+        gemv_case g = {sgemv, trans, (int)rows, (int)d, cold ? nb : 1, 0, batches, x, y};
+        double t = probe_time(run_gemv, &g);
+        printf("  sgemv %s (%llu x %llu, %s, %d buffer%s): %.3f ms, %.1f GB/s\n", trans ? "T" : "N",
+               (unsigned long long)rows, (unsigned long long)d, cold ? "cold" : "hot", g.nb,
+               g.nb > 1 ? "s" : "", t * 1e3, bytes / t * 1e-9);
+        used += (size_t)snprintf(json + used, cap - used, "\"sgemv_%s_%s_gbs\": %.2f, ",
+                                 trans ? "t" : "n", cold ? "cold" : "hot", bytes / t * 1e-9);
+      }
+    free(x);
+    free(y);
+  }
+  if (used >= 2 && json[used - 2] == ',') used -= 2;
+  snprintf(json + used, cap - used, "}, ");
+  return 1;
+}
+
+/* ---- main --------------------------------------------------------------------------------------
+ */
+
+static void usage(void) {
+  fprintf(stderr, "usage: bench_train [--model linear|mlp] [--d D] [--hidden H1,H2,...]\n"
+                  "                   [--act gelu|relu|tanh] [--batch P] [--steps S] [--warmup W]\n"
+                  "                   [--lr LR] [--seed N] [--batches NB] [--threads N]\n"
+                  "                   [--no-phases] [--blas-probe] [--json-out FILE]\n");
+  exit(2);
+}
+
+static long parse_long(const char *flag, const char *s, long lo, long hi) {
+  char *end = NULL;
+  errno = 0;
+  long v = strtol(s, &end, 10);
+  if (errno != 0 || end == s || *end != '\0' || v < lo || v > hi) {
+    fprintf(stderr, "bench_train: %s wants an integer in [%ld, %ld], got '%s'\n", flag, lo, hi, s);
+    exit(2);
+  }
+  return v;
+}
+
+int main(int argc, char **argv) {
+  const char *model_name = "linear", *act_name = "gelu", *hidden_arg = NULL, *json_out = NULL;
+  long d = 0, batch = 0, steps = 20, warmup = 3, seed = 0, nbatches = 0, threads = 0;
+  double lr = 1e-4;
+  int phases = 1, probe = 0;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEED_VALUE                                                                                 \
+  do {                                                                                             \
+    if (v == NULL) usage();                                                                        \
+    i++;                                                                                           \
+  } while (0)
+    if (!strcmp(a, "--model")) {
+      NEED_VALUE;
+      model_name = v;
+    } else if (!strcmp(a, "--d")) {
+      NEED_VALUE;
+      d = parse_long(a, v, 1, 1L << 24);
+    } else if (!strcmp(a, "--hidden")) {
+      NEED_VALUE;
+      hidden_arg = v;
+    } else if (!strcmp(a, "--act")) {
+      NEED_VALUE;
+      act_name = v;
+    } else if (!strcmp(a, "--batch")) {
+      NEED_VALUE;
+      batch = parse_long(a, v, 1, 1L << 20);
+    } else if (!strcmp(a, "--steps")) {
+      NEED_VALUE;
+      steps = parse_long(a, v, 1, 1000000);
+    } else if (!strcmp(a, "--warmup")) {
+      NEED_VALUE;
+      warmup = parse_long(a, v, 1, 1000000);
+    } else if (!strcmp(a, "--seed")) {
+      NEED_VALUE;
+      seed = parse_long(a, v, 0, 1L << 40);
+    } else if (!strcmp(a, "--batches")) {
+      NEED_VALUE;
+      nbatches = parse_long(a, v, 1, 1024);
+    } else if (!strcmp(a, "--threads")) {
+      NEED_VALUE;
+      threads = parse_long(a, v, 1, 1024);
+    } else if (!strcmp(a, "--lr")) {
+      NEED_VALUE;
+      lr = strtod(v, NULL);
+    } else if (!strcmp(a, "--json-out")) {
+      NEED_VALUE;
+      json_out = v;
+    } else if (!strcmp(a, "--no-phases"))
+      phases = 0;
+    else if (!strcmp(a, "--blas-probe"))
+      probe = 1;
+    else
+      usage();
+#undef NEED_VALUE
+  }
+  /* --warmup >= 1: the first step may fault in buffers; it is never timed. */
+
+  if (threads > 0) {
+    char want[32];
+    snprintf(want, sizeof want, "%ld", threads);
+    const char *cur = getenv("OPENBLAS_NUM_THREADS");
+    if (cur == NULL || strcmp(cur, want) != 0) {
+      setenv("OPENBLAS_NUM_THREADS", want, 1);
+      setenv("OMP_NUM_THREADS", want, 1);
+      execv("/proc/self/exe", argv);
+      fprintf(stderr, "bench_train: cannot re-execute to apply --threads: %s\n", strerror(errno));
+      return 1;
+    }
+  }
+
+  /* ---- configuration ---- */
+  prm_model_options mo;
+  CHECK(prm_model_options_init(&mo, PRM_MODEL_OPTIONS_VERSION));
+  mo.seed = (uint64_t)seed;
+  int is_mlp;
+  if (!strcmp(model_name, "linear")) {
+    is_mlp = 0;
+    mo.arch = PRM_ARCH_LINEAR;
+    mo.input_size = (uint64_t)(d ? d : 4096);
+    if (!batch) batch = 256;
+  } else if (!strcmp(model_name, "mlp")) {
+    is_mlp = 1;
+    mo.arch = PRM_ARCH_MLP;
+    mo.input_size = (uint64_t)(d ? d : 768);
+    if (!batch) batch = 64;
+    const char *h = hidden_arg ? hidden_arg : "1024,256";
+    while (*h) {
+      char *end = NULL;
+      unsigned long long w = strtoull(h, &end, 10);
+      if (end == h || w == 0 || mo.n_hidden >= PRM_MAX_HIDDEN) {
+        fprintf(stderr, "bench_train: bad --hidden '%s'\n", hidden_arg);
+        return 2;
+      }
+      mo.hidden[mo.n_hidden++] = w;
+      h = *end == ',' ? end + 1 : end;
+    }
+    if (!strcmp(act_name, "gelu"))
+      mo.activation = PRM_ACT_GELU_TANH;
+    else if (!strcmp(act_name, "relu"))
+      mo.activation = PRM_ACT_RELU;
+    else if (!strcmp(act_name, "tanh"))
+      mo.activation = PRM_ACT_TANH;
+    else
+      usage();
+  } else {
+    usage();
+  }
+  const uint64_t P = (uint64_t)batch, rows = 2 * P, D = mo.input_size;
+  const int nb = (int)(nbatches ? nbatches : (steps + warmup < 8 ? steps + warmup : 8));
+
+  prm_model *model = NULL;
+  prm_ctx *ctx = NULL;
+  prm_optimizer *opt = NULL;
+  CHECK(prm_model_new(&model, &mo));
+  prm_ctx_options co;
+  CHECK(prm_ctx_options_init(&co, PRM_CTX_OPTIONS_VERSION));
+  co.max_rows = rows;
+  CHECK(prm_ctx_new(&ctx, model, &co));
+  prm_optimizer_options oo;
+  CHECK(prm_optimizer_options_init(&oo, PRM_OPTIMIZER_OPTIONS_VERSION));
+  oo.algorithm = PRM_OPT_ADAMW;
+  oo.lr = lr;
+  oo.weight_decay = 0.0;
+  CHECK(prm_optimizer_new(&opt, model, &oo));
+
+  /* Synthetic data: nb batches of (2P, d) N(0,1) features, made up front. */
+  rng_state = 0x5eedull + (uint64_t)seed;
+  float **xs = xmalloc((size_t)nb * sizeof *xs);
+  for (int b = 0; b < nb; b++) {
+    xs[b] = xmalloc((size_t)(rows * D) * sizeof(float));
+    fill_normal(xs[b], (size_t)(rows * D));
+  }
+  prm_batch pb;
+  CHECK(prm_batch_init(&pb, PRM_BATCH_VERSION));
+  pb.n = rows;
+  pb.n_features = D;
+  prm_loss_stats st;
+  CHECK(prm_loss_stats_init(&st, PRM_LOSS_STATS_VERSION));
+
+  locate_library();
+
+  /* ---- timed training loop ---- */
+  double *t_step = xmalloc((size_t)steps * sizeof(double));
+  double loss_first = 0.0, loss_last = 0.0;
+  alloc_snapshot before, after;
+  for (long it = 0; it < warmup + steps; it++) {
+    if (it == warmup) take_snapshot(&before);
+    pb.features = xs[it % nb];
+    double t0 = now_s();
+    CHECK(prm_train_step(ctx, opt, &pb, NULL, &st));
+    double t1 = now_s();
+    if (it == 0) loss_first = st.loss;
+    loss_last = st.loss;
+    if (it >= warmup) t_step[it - warmup] = t1 - t0;
+  }
+  take_snapshot(&after);
+
+  const double ms_mean = mean(t_step, (size_t)steps) * 1e3;
+  const double med = median(t_step, (size_t)steps);
+  const double tmin = t_step[0];
+
+  /* ---- optional phase loop (split API) ---- */
+  double ms_fwd = NAN, ms_bwd = NAN, ms_opt = NAN;
+  if (phases) {
+    double *tf = xmalloc((size_t)steps * sizeof(double)),
+           *tb = xmalloc((size_t)steps * sizeof(double)),
+           *to = xmalloc((size_t)steps * sizeof(double));
+    float *scores = xmalloc((size_t)rows * sizeof(float)),
+          *dscores = xmalloc((size_t)rows * sizeof(float));
+    for (long it = 0; it < warmup + steps; it++) {
+      pb.features = xs[it % nb];
+      double t0 = now_s();
+      CHECK(prm_ctx_forward(ctx, &pb, scores, rows));
+      CHECK(prm_loss_bt(scores, scores + P, P, NULL, NULL, NULL, dscores, dscores + P));
+      double t1 = now_s();
+      CHECK(prm_ctx_backward(ctx, dscores, rows));
+      double t2 = now_s();
+      CHECK(prm_optimizer_step(opt, ctx));
+      double t3 = now_s();
+      if (it >= warmup) {
+        tf[it - warmup] = t1 - t0;
+        tb[it - warmup] = t2 - t1;
+        to[it - warmup] = t3 - t2;
+      }
+    }
+    ms_fwd = median(tf, (size_t)steps) * 1e3;
+    ms_bwd = median(tb, (size_t)steps) * 1e3;
+    ms_opt = median(to, (size_t)steps) * 1e3;
+    free(tf);
+    free(tb);
+    free(to);
+    free(scores);
+    free(dscores);
+  }
+
+  /* ---- accounting ---- */
+  const uint64_t n_params = prm_model_num_params(model);
+  uint64_t n_first = is_mlp ? mo.hidden[0] * D : 0;
+  double flops = is_mlp ? (6.0 * (double)n_params - 2.0 * (double)n_first) * (double)rows
+                        : 4.0 * (double)n_params * (double)rows;
+  const char *formula = is_mlp ? "(6*N - 2*N_layer0)*S (layer 0 needs no input grad), S=2P"
+                               : "4*N*S (fwd 2N + weight-grad 2N per sample; no input grad), S=2P";
+  unsigned long long calls = after.alloc_calls - before.alloc_calls;
+  unsigned long long frees = after.free_calls - before.free_calls;
+  unsigned long long lib_calls = after.lib_calls - before.lib_calls;
+  long long d_used = (long long)after.uordblks - (long long)before.uordblks;
+  long long d_arena = (long long)after.arena - (long long)before.arena;
+  long long d_hblks = (long long)after.hblks - (long long)before.hblks;
+  long long d_hblkhd = (long long)after.hblkhd - (long long)before.hblkhd;
+  long minflt = after.minflt - before.minflt;
+  int allocs =
+      calls != 0 || frees != 0 || d_used != 0 || d_arena != 0 || d_hblks != 0 || d_hblkhd != 0;
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  const long peak_rss_kb = ru.ru_maxrss; /* Linux: kilobytes */
+  const double data_mb = (double)nb * (double)(rows * D) * sizeof(float) / 1048576.0;
+
+  /* ---- report ---- */
+  const char *threads_env = env_or("OPENBLAS_NUM_THREADS", "(unset)");
+  printf("%s P=%llu threads=%s: %.3f ms/step (median of %ld), %.1f pairs/s", model_name,
+         (unsigned long long)P, threads_env, med * 1e3, steps, (double)P / med);
+  if (phases) printf(", split-API fwd+loss %.3f / bwd %.3f / opt %.3f ms", ms_fwd, ms_bwd, ms_opt);
+  printf(", %.3f GFLOP/step -> %.1f GFLOP/s; params %llu; loss %.4f -> %.4f\n", flops / 1e9,
+         flops / med * 1e-9, (unsigned long long)n_params, loss_first, loss_last);
+  printf("memory: peak RSS %.1f MB (of which synthetic data %.1f MB); during %ld timed steps: "
+         "%llu malloc-family calls%s (%llu from libprefrm's code), %llu frees, mallinfo2 d(in use) "
+         "%lld B d(arena) %lld B "
+         "d(mmapped chunks) %lld, minor faults %ld -> allocations_in_steps=%s\n",
+         (double)peak_rss_kb / 1024.0, data_mb, steps, calls,
+         BENCH_COUNT_MALLOC ? "" : " (counter off)", lib_calls, frees, d_used, d_arena, d_hblks,
+         minflt, allocs ? "true" : "false");
+
+  static char json[8192];
+  size_t u = 0;
+  u += (size_t)snprintf(
+      json + u, sizeof json - u,
+      "{\"impl\": \"libprefrm\", \"model\": \"%s\", \"config\": {\"model\": \"%s\", "
+      "\"d\": %llu",
+      model_name, model_name, (unsigned long long)D);
+  if (is_mlp) {
+    u += (size_t)snprintf(json + u, sizeof json - u, ", \"hidden\": [");
+    for (uint32_t l = 0; l < mo.n_hidden; l++)
+      u += (size_t)snprintf(json + u, sizeof json - u, "%s%llu", l ? ", " : "",
+                            (unsigned long long)mo.hidden[l]);
+    u += (size_t)snprintf(json + u, sizeof json - u, "], \"act\": \"%s\"", act_name);
+  }
+  u += (size_t)snprintf(
+      json + u, sizeof json - u,
+      "}, \"pairs_per_step\": %llu, \"threads\": %s, \"steps\": %ld, \"warmup\": %ld, "
+      "\"batches\": %d, \"ms_step_median\": %.6f, \"ms_step_min\": %.6f, \"ms_step_mean\": %.6f, ",
+      (unsigned long long)P, strcmp(threads_env, "(unset)") ? threads_env : "null", steps, warmup,
+      nb, med * 1e3, tmin * 1e3, ms_mean);
+  if (phases)
+    u += (size_t)snprintf(json + u, sizeof json - u,
+                          "\"ms_fwd_median\": %.6f, \"ms_bwd_median\": %.6f, "
+                          "\"ms_opt_median\": %.6f, \"phase_timing\": \"split API; fwd includes "
+                          "prm_ctx_forward's copy and check of the input\", ",
+                          ms_fwd, ms_bwd, ms_opt);
+  u += (size_t)snprintf(
+      json + u, sizeof json - u,
+      "\"pairs_per_s\": %.3f, \"params\": %llu, \"params_nonembedding\": %llu, "
+      "\"train_flops_per_step\": %.0f, \"gflops_per_s\": %.3f, \"flops_formula\": \"%s\", "
+      "\"loss_first\": %.6f, \"loss_last\": %.6f, \"prefrm\": \"%s\", \"peak_rss_kb\": %ld, "
+      "\"synthetic_data_mb\": %.2f, \"allocations_in_steps\": %s, \"malloc_calls_in_steps\": ",
+      (double)P / med, (unsigned long long)n_params, (unsigned long long)n_params, flops,
+      flops / med * 1e-9, formula, loss_first, loss_last, prm_version_string(), peak_rss_kb,
+      data_mb, allocs ? "true" : "false");
+  if (BENCH_COUNT_MALLOC)
+    u += (size_t)snprintf(json + u, sizeof json - u,
+                          "%llu, \"frees_in_steps\": %llu, \"malloc_calls_in_steps_libprefrm\": "
+                          "%llu, ",
+                          calls, frees, lib_calls);
+  else
+    u += (size_t)snprintf(json + u, sizeof json - u,
+                          "null, \"frees_in_steps\": null, "
+                          "\"malloc_calls_in_steps_libprefrm\": null, ");
+  u += (size_t)snprintf(json + u, sizeof json - u,
+                        "\"mallinfo2_delta\": {\"uordblks\": %lld, \"arena\": %lld, \"hblks\": "
+                        "%lld, \"hblkhd\": %lld}, \"minor_faults_in_steps\": %ld, ",
+                        d_used, d_arena, d_hblks, d_hblkhd, minflt);
+  if (probe) blas_probe(json, sizeof json, is_mlp, rows, D, mo.hidden, mo.n_hidden, xs, nb);
+  u = strlen(json);
+  snprintf(json + u, sizeof json - u,
+           "\"OPENBLAS_NUM_THREADS\": \"%s\", \"OMP_NUM_THREADS\": \"%s\", "
+           "\"OPENBLAS_CORETYPE\": \"%s\", \"GLIBC_TUNABLES\": \"%s\"}",
+           threads_env, env_or("OMP_NUM_THREADS", "(unset)"),
+           env_or("OPENBLAS_CORETYPE", "(unset)"), env_or("GLIBC_TUNABLES", "(unset)"));
+  printf("JSON %s\n", json);
+  if (json_out != NULL) {
+    FILE *f = fopen(json_out, "a");
+    if (f == NULL || fprintf(f, "%s\n", json) < 0 || fclose(f) != 0) {
+      fprintf(stderr, "bench_train: cannot append to %s\n", json_out);
+      return 1;
+    }
+  }
+
+  for (int b = 0; b < nb; b++)
+    free(xs[b]);
+  free(xs);
+  free(t_step);
+  prm_optimizer_free(opt);
+  prm_ctx_free(ctx);
+  prm_model_free(model);
+  return 0;
+}
