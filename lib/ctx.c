@@ -179,7 +179,7 @@ static int report_nonfinite_feature(prm_ctx *ctx, const prm_batch *b, uint64_t s
 }
 
 /* Checks shared by every entry point that takes a batch. */
-static int check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {
+int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {
   int rc = prmi_check_version(ctx->errmsg, b, PRM_BATCH_VERSION, "prm_batch");
   if (rc != PRM_OK) return rc;
   const prm_model *m = ctx->model;
@@ -237,7 +237,7 @@ static int forward_rows(prm_ctx *ctx, const float *x, uint64_t ldx, uint64_t n, 
 
 int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, int copy_input) {
   uint64_t stride = 0;
-  int rc = check_batch(ctx, batch, &stride);
+  int rc = prmi_check_batch(ctx, batch, &stride);
   if (rc != PRM_OK) return rc;
   const uint64_t n = batch->n, d = batch->n_features;
   const float *x = batch->features;

@@ -112,6 +112,10 @@ struct prm_ctx {
   char errmsg[PRMI_ERRMSG_SIZE];
 };
 
+/* Validate a batch for ctx's model (version, pointers, sizes, stride); the
+ * effective row stride goes to *stride. Returns a prm_status. */
+int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride);
+
 /*
  * Forward `batch` through ctx's model. copy_input: keep a private copy of the
  * features for backward (public prm_ctx_forward); 0: only reference them (the

@@ -582,6 +582,76 @@ static void test_train_step_equals_manual(void **state) {
   prm_model_free(b);
 }
 
+/* The linear model's one-call step works in blocks of pairs (features are
+ * read once); it must agree with the split calls and fail atomically. */
+static void test_train_step_linear_blocked(void **state) {
+  (void)state;
+  const uint64_t d = 2048, P = 40; /* 16 pairs per block: 3 blocks, the last short */
+  prm_model *a = prmt_linear(d, 4), *b = prmt_linear(d, 4);
+  prm_ctx *ca = prmt_ctx(a, 2 * P, 0), *cb = prmt_ctx(b, 2 * P, 0);
+  prm_optimizer_options oo = PRM_OPTIMIZER_OPTIONS_INIT;
+  oo.algorithm = PRM_OPT_SGD;
+  oo.lr = 0.1;
+  prm_optimizer *oa = NULL, *ob = NULL;
+  assert_int_equal(prm_optimizer_new(&oa, a, &oo), PRM_OK);
+  assert_int_equal(prm_optimizer_new(&ob, b, &oo), PRM_OK);
+  float *x = malloc(sizeof(float) * 2 * P * (d + 3)), *s = malloc(sizeof(float) * 2 * P);
+  float *ds = malloc(sizeof(float) * 2 * P);
+  float margin[40], label[40], weight[40];
+  prmt_rng r = {8};
+  prmt_fill_normal(&r, x, 2 * P * (d + 3), 1.0);
+  for (uint64_t i = 0; i < P; i++) {
+    margin[i] = (float)(0.1 * (double)(i % 3));
+    label[i] = (float)(0.6 + 0.01 * (double)i);
+    weight[i] = (float)(0.5 + 0.05 * (double)i);
+  }
+  prm_loss_options lo = PRM_LOSS_OPTIONS_INIT;
+  lo.margin = margin;
+  lo.label = label;
+  lo.weight = weight;
+  lo.center_coef = 0.01;
+  prm_batch bt = prmt_batch(x, 2 * P, d);
+  bt.row_stride = d + 3;
+  prm_loss_stats sa = PRM_LOSS_STATS_INIT, sb = PRM_LOSS_STATS_INIT;
+  assert_int_equal(prm_train_step(ca, oa, &bt, &lo, &sa), PRM_OK);
+  assert_int_equal(prm_ctx_forward(cb, &bt, s, 2 * P), PRM_OK);
+  assert_int_equal(prm_loss_bt(s, s + P, P, &lo, NULL, &sb, ds, ds + P), PRM_OK);
+  assert_int_equal(prm_ctx_backward(cb, ds, 2 * P), PRM_OK);
+  assert_int_equal(prm_optimizer_step(ob, cb), PRM_OK);
+  assert_float_equal(sa.loss, sb.loss, 1e-6 * fabs(sb.loss));
+  assert_true(sa.accuracy == sb.accuracy);
+  const float *pa = prm_model_params(a, NULL), *pb = prm_model_params(b, NULL);
+  for (uint64_t j = 0; j < d; j++) assert_float_equal(pa[j], pb[j], 1e-6 + 1e-5 * fabs(pb[j]));
+
+  /* failures in the last block leave the model and the gradients alone */
+  float *before = malloc(sizeof(float) * d);
+  memcpy(before, pa, sizeof(float) * d);
+  x[(2 * P - 1) * (d + 3) + 5] = NAN; /* last rejected row */
+  ASSERT_FAILS(prm_train_step(ca, oa, &bt, &lo, NULL), PRM_ERR_NONFINITE);
+  assert_non_null(strstr(prm_ctx_errmsg(ca), "[79, 5]"));
+  x[(2 * P - 1) * (d + 3) + 5] = 0.0f;
+  label[P - 1] = 2.0f;
+  ASSERT_FAILS(prm_train_step(ca, oa, &bt, &lo, NULL), PRM_ERR_INVALID);
+  label[P - 1] = 1.0f;
+  assert_memory_equal(before, pa, sizeof(float) * d);
+  for (uint64_t j = 0; j < d; j++) assert_true(prm_ctx_grads(ca, NULL)[j] == 0.0f);
+  /* parameters so large that finite features give infinite scores */
+  float *pw = prm_model_params(a, NULL);
+  for (uint64_t j = 0; j < d; j++) pw[j] = 3e38f;
+  ASSERT_FAILS(prm_train_step(ca, oa, &bt, &lo, NULL), PRM_ERR_NONFINITE);
+  for (uint64_t j = 0; j < d; j++) assert_true(prm_ctx_grads(ca, NULL)[j] == 0.0f);
+  free(before);
+  free(x);
+  free(s);
+  free(ds);
+  prm_optimizer_free(oa);
+  prm_optimizer_free(ob);
+  prm_ctx_free(ca);
+  prm_ctx_free(cb);
+  prm_model_free(a);
+  prm_model_free(b);
+}
+
 static void test_train_step_errors(void **state) {
   (void)state;
   prm_model *m = prmt_linear(2, 1), *other = prmt_linear(2, 1);
@@ -712,6 +782,7 @@ int main(void) {
       cmocka_unit_test(test_gradients_through_loss),
       cmocka_unit_test(test_gradient_accumulation),
       cmocka_unit_test(test_train_step_equals_manual),
+      cmocka_unit_test(test_train_step_linear_blocked),
       cmocka_unit_test(test_train_step_errors),
       cmocka_unit_test(test_evaluate),
       cmocka_unit_test(test_no_allocation_in_steps),
