@@ -441,13 +441,15 @@ PRM_API int prm_loss_stats_init(prm_loss_stats *stats, uint32_t version);
  *   l_i = -(p_i log s(z_i) + (1 - p_i) log s(-z_i))     (p_i = 1 if no label)
  *   loss = (1/n) sum_i w_i l_i + c (1/n) sum_i (r_c[i] + r_r[i])^2
  * Computed in double with the softplus form; finite for any finite input.
- * @param r_chosen, r_rejected  n_pairs finite scores each (borrowed).
+ * @param r_chosen    n_pairs finite scores of the chosen responses (borrowed).
+ * @param r_rejected  n_pairs finite scores of the rejected responses.
+ * @param n_pairs     number of pairs (>= 1).
  * @param opts        optional (NULL: plain Bradley-Terry).
  * @param loss        optional; receives the loss.
  * @param stats       optional; stats->version must be set by the caller.
- * @param d_chosen, d_rejected  optional (both or neither); receive
- *                    d(loss)/d(r_c[i]) and d(loss)/d(r_r[i]). They may not
- *                    alias the inputs.
+ * @param d_chosen    optional (with d_rejected: both or neither); receives
+ *                    d(loss)/d(r_c[i]). May not alias the inputs.
+ * @param d_rejected  optional; receives d(loss)/d(r_r[i]).
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_SIZE (n_pairs 0), PRM_ERR_NONFINITE
  *         (NaN/Inf score or option value), PRM_ERR_INVALID (label outside
  *         [0,1], negative weight or coefficient, only one gradient
