@@ -1,0 +1,114 @@
+/*
+ * test_abi.c - values the stable ABI pins forever. abidiff (see .ci/run and
+ * docs/abi.md) checks functions and struct layouts but cannot see enum values,
+ * which cross the ABI as int32_t: they are pinned here. Changing any number in
+ * this file is an ABI break.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "prefrm.h"
+
+static void test_status_values(void **state) {
+  (void)state;
+  assert_int_equal(PRM_OK, 0);
+  assert_int_equal(PRM_ERR_NULL, -1);
+  assert_int_equal(PRM_ERR_INVALID, -2);
+  assert_int_equal(PRM_ERR_SIZE, -3);
+  assert_int_equal(PRM_ERR_NONFINITE, -4);
+  assert_int_equal(PRM_ERR_VERSION, -5);
+  assert_int_equal(PRM_ERR_NOMEM, -6);
+  assert_int_equal(PRM_ERR_STATE, -7);
+  assert_int_equal(PRM_ERR_MISMATCH, -8);
+  assert_int_equal(PRM_ERR_IO, -9);
+  assert_int_equal(PRM_ERR_FORMAT, -10);
+  assert_int_equal(PRM_ERR_NONFINITE_GRAD, -11);
+  assert_int_equal(PRM_ERR_UNSUPPORTED, -12);
+}
+
+static void test_enum_values(void **state) {
+  (void)state;
+  assert_int_equal(PRM_ARCH_LINEAR, 1);
+  assert_int_equal(PRM_ARCH_MLP, 2);
+  assert_int_equal(PRM_ARCH_GPT2, 3);
+  assert_int_equal(PRM_ACT_RELU, 1);
+  assert_int_equal(PRM_ACT_GELU_TANH, 2);
+  assert_int_equal(PRM_ACT_TANH, 3);
+  assert_int_equal(PRM_OPT_SGD, 1);
+  assert_int_equal(PRM_OPT_ADAM, 2);
+  assert_int_equal(PRM_OPT_ADAMW, 3);
+  assert_int_equal(PRM_SCHED_CONSTANT, 1);
+  assert_int_equal(PRM_SCHED_LINEAR, 2);
+  assert_int_equal(PRM_SCHED_COSINE, 3);
+  assert_int_equal(PRM_MAX_HIDDEN, 16);
+}
+
+/* Version 1 of every versioned struct: the version field first, and the
+ * offsets FFI bindings hard-code. */
+static void test_struct_layouts(void **state) {
+  (void)state;
+  assert_int_equal(offsetof(prm_model_options, version), 0);
+  assert_int_equal(offsetof(prm_ctx_options, version), 0);
+  assert_int_equal(offsetof(prm_batch, version), 0);
+  assert_int_equal(offsetof(prm_loss_options, version), 0);
+  assert_int_equal(offsetof(prm_loss_stats, version), 0);
+  assert_int_equal(offsetof(prm_optimizer_options, version), 0);
+  assert_int_equal(PRM_MODEL_OPTIONS_VERSION, 1);
+  assert_int_equal(PRM_CTX_OPTIONS_VERSION, 1);
+  assert_int_equal(PRM_BATCH_VERSION, 1);
+  assert_int_equal(PRM_LOSS_OPTIONS_VERSION, 1);
+  assert_int_equal(PRM_LOSS_STATS_VERSION, 1);
+  assert_int_equal(PRM_OPTIMIZER_OPTIONS_VERSION, 1);
+#if UINTPTR_MAX == 0xFFFFFFFFFFFFFFFFu
+  assert_int_equal(sizeof(prm_model_options), 200);
+  assert_int_equal(offsetof(prm_model_options, hidden), 32);
+  assert_int_equal(sizeof(prm_ctx_options), 24);
+  assert_int_equal(sizeof(prm_batch), 64);
+  assert_int_equal(offsetof(prm_batch, lengths), 56);
+  assert_int_equal(sizeof(prm_loss_options), 40);
+  assert_int_equal(sizeof(prm_loss_stats), 48);
+  assert_int_equal(sizeof(prm_optimizer_options), 104);
+  assert_int_equal(offsetof(prm_optimizer_options, min_lr), 96);
+#endif
+}
+
+/* The INIT macros and the init functions give the same structs. */
+static void test_init_macros_match_functions(void **state) {
+  (void)state;
+  prm_model_options m1 = PRM_MODEL_OPTIONS_INIT, m2;
+  prm_ctx_options c1 = PRM_CTX_OPTIONS_INIT, c2;
+  prm_batch b1 = PRM_BATCH_INIT, b2;
+  prm_loss_options l1 = PRM_LOSS_OPTIONS_INIT, l2;
+  prm_loss_stats s1 = PRM_LOSS_STATS_INIT, s2;
+  prm_optimizer_options o1 = PRM_OPTIMIZER_OPTIONS_INIT, o2;
+  assert_int_equal(prm_model_options_init(&m2, PRM_MODEL_OPTIONS_VERSION), PRM_OK);
+  assert_int_equal(prm_ctx_options_init(&c2, PRM_CTX_OPTIONS_VERSION), PRM_OK);
+  assert_int_equal(prm_batch_init(&b2, PRM_BATCH_VERSION), PRM_OK);
+  assert_int_equal(prm_loss_options_init(&l2, PRM_LOSS_OPTIONS_VERSION), PRM_OK);
+  assert_int_equal(prm_loss_stats_init(&s2, PRM_LOSS_STATS_VERSION), PRM_OK);
+  assert_int_equal(prm_optimizer_options_init(&o2, PRM_OPTIMIZER_OPTIONS_VERSION), PRM_OK);
+  assert_int_equal(m1.arch, m2.arch);
+  assert_int_equal(m1.activation, m2.activation);
+  assert_int_equal(m1.seed, m2.seed);
+  assert_int_equal(c1.max_rows, c2.max_rows);
+  assert_int_equal(c1.inference, c2.inference);
+  assert_int_equal(b1.n, b2.n);
+  assert_true(l1.center_coef == l2.center_coef && l1.margin == l2.margin);
+  assert_true(s1.loss == s2.loss);
+  assert_int_equal(o1.algorithm, o2.algorithm);
+  assert_true(o1.lr == o2.lr && o1.beta2 == o2.beta2 && o1.eps == o2.eps);
+  assert_int_equal(o1.accumulation_steps, o2.accumulation_steps);
+  assert_int_equal(o1.schedule, o2.schedule);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_status_values),
+      cmocka_unit_test(test_enum_values),
+      cmocka_unit_test(test_struct_layouts),
+      cmocka_unit_test(test_init_macros_match_functions),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
