@@ -10,59 +10,17 @@
  *                 A_l = act(Z_l)                (n, h_l)
  *                 s   = A_L w                   (n)         w = score.weight
  * Backward:       gw += A_L^T ds ;  dA_L = ds w^T
- *                 dZ_l = dA_l * act'(Z_l)
+ *                 dZ_l = dA_l * act'(Z_l)     (act'(Z_l) saved by the forward)
  *                 gW_l += dZ_l^T A_{l-1} ;  gb_l += colsum(dZ_l)
  *                 dA_{l-1} = dZ_l W_l        (skipped for l = 1: no input grad)
  * linear is the L = 0 case: s = X w, gw += X^T ds.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
-
-/* ---- activations ------------------------------------------------------------------- */
-
-#define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
-#define GELU_C 0.044715f
-
-static void act_forward(int32_t act, const float *z, float *a, uint64_t n) {
-  switch (act) {
-  case PRM_ACT_RELU:
-    for (uint64_t i = 0; i < n; i++) a[i] = z[i] > 0.0f ? z[i] : 0.0f;
-    break;
-  case PRM_ACT_TANH:
-    for (uint64_t i = 0; i < n; i++) a[i] = tanhf(z[i]);
-    break;
-  default: /* PRM_ACT_GELU_TANH */
-    for (uint64_t i = 0; i < n; i++) {
-      float x = z[i];
-      a[i] = 0.5f * x * (1.0f + tanhf(GELU_K * (x + GELU_C * x * x * x)));
-    }
-    break;
-  }
-}
-
-/* dz = da * act'(z), given z and a = act(z). In place (dz == da) is fine. */
-static void act_backward(int32_t act, const float *z, const float *a, const float *da,
-                         float *dz, uint64_t n) {
-  switch (act) {
-  case PRM_ACT_RELU:
-    for (uint64_t i = 0; i < n; i++) dz[i] = z[i] > 0.0f ? da[i] : 0.0f;
-    break;
-  case PRM_ACT_TANH:
-    for (uint64_t i = 0; i < n; i++) dz[i] = da[i] * (1.0f - a[i] * a[i]);
-    break;
-  default: /* PRM_ACT_GELU_TANH: d/dx 0.5x(1+t), t = tanh(u), u = k(x + c x^3) */
-    for (uint64_t i = 0; i < n; i++) {
-      float x = z[i];
-      float t = tanhf(GELU_K * (x + GELU_C * x * x * x));
-      float du = GELU_K * (1.0f + 3.0f * GELU_C * x * x);
-      dz[i] = da[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
-    }
-    break;
-  }
-}
 
 /* ---- options, creation --------------------------------------------------------------- */
 
@@ -80,11 +38,12 @@ int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version) {
 
 void prm_ctx_free(prm_ctx *ctx) {
   if (ctx == NULL) return;
-  if (ctx->pre != NULL)
-    for (uint32_t l = 0; l < ctx->model->n_hidden; l++) prmi_free(ctx->pre[l]);
+  if (ctx->dact != NULL)
+    for (uint32_t l = 0; l < ctx->model->n_hidden; l++)
+      prmi_free(ctx->dact[l]);
   if (ctx->act != NULL)
     for (uint32_t l = 0; l < ctx->model->n_hidden; l++) prmi_free(ctx->act[l]);
-  free(ctx->pre);
+  free(ctx->dact);
   free(ctx->act);
   prmi_free(ctx->input);
   prmi_free(ctx->scratch_a);
@@ -116,7 +75,7 @@ int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *op
   ok = ok && c->scores != NULL;
   if (L > 0) {
     /* Inference ping-pongs between two (n, max_width) buffers; training
-     * keeps Z_l and A_l of every layer and uses the scratch for deltas. */
+     * keeps A_l and act'(Z_l) of every layer and uses the scratch for deltas. */
     c->scratch_a = prmi_calloc(n * w, sizeof(float));
     c->scratch_b = prmi_calloc(n * w, sizeof(float));
     ok = ok && c->scratch_a != NULL && c->scratch_b != NULL;
@@ -127,13 +86,13 @@ int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *op
     c->input = prmi_calloc(n * model->opts.input_size, sizeof(float));
     ok = c->dscores != NULL && c->grads != NULL && c->input != NULL;
     if (ok && L > 0) {
-      c->pre = calloc(L, sizeof *c->pre);
+      c->dact = calloc(L, sizeof *c->dact);
       c->act = calloc(L, sizeof *c->act);
-      ok = c->pre != NULL && c->act != NULL;
+      ok = c->dact != NULL && c->act != NULL;
       for (uint32_t l = 0; ok && l < L; l++) {
-        c->pre[l] = prmi_calloc(n * model->hidden[l].out, sizeof(float));
+        c->dact[l] = prmi_calloc(n * model->hidden[l].out, sizeof(float));
         c->act[l] = prmi_calloc(n * model->hidden[l].out, sizeof(float));
-        ok = c->pre[l] != NULL && c->act[l] != NULL;
+        ok = c->dact[l] != NULL && c->act[l] != NULL;
       }
     }
   }
@@ -178,6 +137,31 @@ static int report_nonfinite_feature(prm_ctx *ctx, const prm_batch *b, uint64_t s
   return PRM_OK;
 }
 
+/*
+ * Copy n rows of d features (source row stride `stride`) into dst (n, d) and
+ * check them on the way: 1 when every feature is finite. One pass over the
+ * batch instead of a check and then a copy. The check is an integer max of
+ * the magnitude bits, which vectorises without reassociating float sums.
+ */
+PRMI_TARGET_CLONES
+static int copy_finite(float *restrict dst, const float *restrict src, uint64_t n, uint64_t d,
+                       uint64_t stride) {
+  uint32_t mx = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    const float *restrict row = src + i * stride;
+    float *restrict out = dst + i * d;
+    for (uint64_t j = 0; j < d; j++) {
+      float v = row[j];
+      uint32_t u;
+      memcpy(&u, &v, sizeof u);
+      u &= 0x7fffffffu;
+      mx = u > mx ? u : mx;
+      out[j] = v;
+    }
+  }
+  return mx < 0x7f800000u;
+}
+
 /* Checks shared by every entry point that takes a batch. */
 int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {
   int rc = prmi_check_version(ctx->errmsg, b, PRM_BATCH_VERSION, "prm_batch");
@@ -216,17 +200,18 @@ static int forward_rows(prm_ctx *ctx, const float *x, uint64_t ldx, uint64_t n, 
   uint64_t ld_prev = ldx;
   for (uint64_t l = 0; l < L; l++) {
     const prmi_dense *D = &m->hidden[l];
-    float *z, *a;
-    if (ctx->inference) {
-      z = a = (l % 2 == 0) ? ctx->scratch_a : ctx->scratch_b; /* act in place */
-    } else {
-      z = ctx->pre[l];
-      a = ctx->act[l];
-    }
-    for (uint64_t i = 0; i < n; i++) memcpy(z + i * D->out, p + D->b_off, D->out * sizeof(float));
-    prmi_gemm(0, 1, n, D->out, D->in, 1.0f, a_prev, ld_prev, p + D->w_off, D->in, 1.0f, z, D->out);
-    if (check && l == 0 && !prmi_all_finite(z, n * D->out)) return 0;
-    act_forward(m->opts.activation, z, a, n * D->out);
+    /* Z_l is computed into the activation buffer and activated in place:
+     * inference ping-pongs between the two scratch buffers, training keeps
+     * A_l and act'(Z_l) for the backward. */
+    float *a = ctx->inference ? ((l % 2 == 0) ? ctx->scratch_a : ctx->scratch_b) : ctx->act[l];
+    for (uint64_t i = 0; i < n; i++)
+      memcpy(a + i * D->out, p + D->b_off, D->out * sizeof(float));
+    prmi_gemm(0, 1, n, D->out, D->in, 1.0f, a_prev, ld_prev, p + D->w_off, D->in, 1.0f, a, D->out);
+    if (check && l == 0 && !prmi_all_finite(a, n * D->out)) return 0;
+    if (ctx->inference)
+      prmi_act_forward(m->opts.activation, a, n * D->out);
+    else
+      prmi_act_forward_grad(m->opts.activation, a, ctx->dact[l], n * D->out);
     a_prev = a;
     ld_prev = D->out;
   }
@@ -244,12 +229,22 @@ int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, int co
   uint64_t ldx = stride;
   int checked = 0;
   if (copy_input && !ctx->inference) {
-    /* Validate before the copy overwrites anything: a failed forward leaves
-     * the previous one ready for its backward. */
-    rc = report_nonfinite_feature(ctx, batch, stride);
-    if (rc != PRM_OK) return rc;
+    if (ctx->have_forward) {
+      /* The pending forward's features live in ctx->input: validate before
+       * the copy overwrites them, so that a failed forward leaves the
+       * pending one ready for its backward. */
+      rc = report_nonfinite_feature(ctx, batch, stride);
+      if (rc != PRM_OK) return rc;
+      for (uint64_t i = 0; i < n; i++)
+        memcpy(ctx->input + i * d, x + i * stride, d * sizeof(float));
+    } else if (!copy_finite(ctx->input, x, n, d, stride)) {
+      /* Nothing pending (the usual forward-backward loop): ctx->input is
+       * free scratch, so copy and check in one pass; a failure leaves no
+       * state behind that anyone can observe. */
+      rc = report_nonfinite_feature(ctx, batch, stride);
+      if (rc != PRM_OK) return rc;
+    }
     checked = 1;
-    for (uint64_t i = 0; i < n; i++) memcpy(ctx->input + i * d, x + i * stride, d * sizeof(float));
     x = ctx->input;
     ldx = d;
   }
@@ -284,6 +279,41 @@ int prm_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, uint64_
 
 /* ---- backward ---------------------------------------------------------------------- */
 
+/*
+ * Top hidden layer, one pass: dZ = (ds w^T) * act'(Z) and gb += colsum(dZ).
+ * dz, dact (n, h); ds (n); w, gb (h).
+ */
+PRMI_TARGET_CLONES
+static void top_delta(float *restrict dz, float *restrict gb, const float *ds,
+                      const float *restrict w, const float *restrict dact, uint64_t n, uint64_t h) {
+  for (uint64_t i = 0; i < n; i++) {
+    const float dsi = ds[i];
+    float *restrict dzi = dz + i * h;
+    const float *restrict di = dact + i * h;
+    for (uint64_t j = 0; j < h; j++) {
+      float v = (dsi * w[j]) * di[j];
+      dzi[j] = v;
+      gb[j] += v;
+    }
+  }
+}
+
+/* Lower hidden layers, one pass: dZ = dA * act'(Z) in place (dz holds dA on
+ * entry) and gb += colsum(dZ). dz, dact (n, h); gb (h). */
+PRMI_TARGET_CLONES
+static void hidden_delta(float *restrict dz, float *restrict gb, const float *restrict dact,
+                         uint64_t n, uint64_t h) {
+  for (uint64_t i = 0; i < n; i++) {
+    float *restrict dzi = dz + i * h;
+    const float *restrict di = dact + i * h;
+    for (uint64_t j = 0; j < h; j++) {
+      float v = dzi[j] * di[j];
+      dzi[j] = v;
+      gb[j] += v;
+    }
+  }
+}
+
 int prm_ctx_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_backward: ctx is NULL");
   if (dscores == NULL)
@@ -308,26 +338,23 @@ int prm_ctx_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
 
   prmi_gemv(1, n, m->head.in, 1.0f, a_last, ld_last, dscores, 1.0f, g + m->head.w_off);
   if (L > 0) {
-    float *da = ctx->scratch_a, *other = ctx->scratch_b;
-    const float *w = p + m->head.w_off;
-    const uint64_t h = m->head.in;
-    for (uint64_t i = 0; i < n; i++)
-      for (uint64_t j = 0; j < h; j++) da[i * h + j] = dscores[i] * w[j];
+    /* dz: dZ_l of the layer at hand; other: where dA_{l-1} goes */
+    float *dz = ctx->scratch_a, *other = ctx->scratch_b;
     for (uint64_t l = L; l-- > 0;) {
       const prmi_dense *D = &m->hidden[l];
-      act_backward(m->opts.activation, ctx->pre[l], ctx->act[l], da, da, n * D->out);
+      if (l == L - 1)
+        top_delta(dz, g + D->b_off, dscores, p + m->head.w_off, ctx->dact[l], n, D->out);
+      else
+        hidden_delta(dz, g + D->b_off, ctx->dact[l], n, D->out);
       const float *a_prev = l ? ctx->act[l - 1] : ctx->x;
       const uint64_t ld_prev = l ? D->in : ctx->x_stride;
-      prmi_gemm(1, 0, D->out, D->in, n, 1.0f, da, D->out, a_prev, ld_prev, 1.0f, g + D->w_off,
+      prmi_gemm(1, 0, D->out, D->in, n, 1.0f, dz, D->out, a_prev, ld_prev, 1.0f, g + D->w_off,
                 D->in);
-      float *gb = g + D->b_off;
-      for (uint64_t i = 0; i < n; i++)
-        for (uint64_t j = 0; j < D->out; j++) gb[j] += da[i * D->out + j];
       if (l > 0) {
-        prmi_gemm(0, 0, n, D->in, D->out, 1.0f, da, D->out, p + D->w_off, D->in, 0.0f, other,
+        prmi_gemm(0, 0, n, D->in, D->out, 1.0f, dz, D->out, p + D->w_off, D->in, 0.0f, other,
                   D->in);
-        float *t = da;
-        da = other;
+        float *t = dz;
+        dz = other;
         other = t;
       }
     }

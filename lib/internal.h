@@ -23,6 +23,37 @@
 #define PRMI_PRINTF(a, b)
 #endif
 
+/*
+ * PRMI_TARGET_CLONES: compile a hot elementwise loop for AVX-512, AVX2 and the
+ * baseline ISA, picked once at load time (GCC/clang function multiversioning,
+ * an ifunc), so the library gets wide vectors without -march flags. Only where
+ * ifuncs work: x86-64 ELF with glibc, and not under ThreadSanitizer (its
+ * runtime is not up yet when ifunc resolvers run). Elsewhere it is empty and
+ * the loops are compiled once for the target, as they also are when the
+ * build defines PRMI_NO_TARGET_CLONES (to test the baseline code path).
+ *
+ * The clones give identical results: the library is built with
+ * -ffp-contract=off (no FMA contraction) and these loops only do elementwise
+ * arithmetic or keep a fixed summation order, so the vector width cannot
+ * change a rounding.
+ */
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GLIBC__) &&                               \
+    !defined(__SANITIZE_THREAD__) && !defined(PRMI_NO_TARGET_CLONES) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define PRMI_HAVE_TARGET_CLONES 1
+#endif
+#endif
+#if defined(PRMI_HAVE_TARGET_CLONES) && defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#undef PRMI_HAVE_TARGET_CLONES
+#endif
+#endif
+#ifdef PRMI_HAVE_TARGET_CLONES
+#define PRMI_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PRMI_TARGET_CLONES
+#endif
+
 /* ---- errors (error.c) --------------------------------------------------- */
 
 /*
@@ -90,6 +121,20 @@ const char *prmi_activation_name(int32_t act);
 /* Inverse of prmi_activation_name; 0 when unknown. */
 int32_t prmi_activation_from_name(const char *name);
 
+/* ---- activations (activations.c) ----------------------------------------- */
+
+/*
+ * za (n): pre-activations z on entry, act(z) on return (inference).
+ */
+void prmi_act_forward(int32_t act, float *za, uint64_t n);
+
+/*
+ * za (n): pre-activations z on entry, act(z) on return -- the same bits as
+ * prmi_act_forward. dact (n): act'(z), so that backward is dz = da * dact
+ * without transcendental work. za and dact must not overlap.
+ */
+void prmi_act_forward_grad(int32_t act, float *za, float *dact, uint64_t n);
+
 /* ---- contexts (ctx.c) ---------------------------------------------------- */
 
 struct prm_ctx {
@@ -101,8 +146,8 @@ struct prm_ctx {
                      training + public forward only */
   const float *x; /* features of the last forward: `input` or borrowed */
   uint64_t x_stride;
-  float **pre;    /* per hidden layer: (max_rows, h_l) pre-activations */
-  float **act;    /* per hidden layer: (max_rows, h_l) activations */
+  float **dact;   /* per hidden layer: (max_rows, h_l) act'(Z_l), saved by forward */
+  float **act;    /* per hidden layer: (max_rows, h_l) activations A_l */
   float *scratch_a, *scratch_b; /* (max_rows, max_width) deltas / inference */
   float *grads;   /* [n_params] gradient accumulator (training only) */
   float *scores;  /* (max_rows) scores for train_step / evaluate */

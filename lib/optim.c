@@ -13,7 +13,9 @@
  *      is: a float squared is below 1.2e77, so a double sum cannot overflow);
  *   2. one fused loop per segment: scale, decay, moments, parameter update
  *      and zeroing of the gradient.
- * Nothing is allocated after prm_optimizer_new.
+ * Nothing is allocated after prm_optimizer_new. The kernels are compiled per
+ * ISA (PRMI_TARGET_CLONES) with identical results: elementwise arithmetic, no
+ * FMA contraction, and a fixed order of the partial sums.
  */
 #include <math.h>
 #include <string.h>
@@ -218,6 +220,7 @@ static double scheduled_lr(const prm_optimizer_options *o, uint64_t t) {
 
 /* Sum of squares in double, 8 independent partial sums so the loop vectorises
  * without reassociation flags and stays deterministic. */
+PRMI_TARGET_CLONES
 static double sum_squares(const float *restrict g, uint64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   uint64_t i = 0;
@@ -248,6 +251,7 @@ typedef struct adam_coef {
 /* Adam(W) over n elements, PyTorch's operation order:
  *   p *= decay; g += l2 p; m = lerp(m, g, 1-b1); v = v b2 + (1-b2) g g;
  *   p += -step * m / (sqrt(v)/bc2_sqrt + eps); grad = 0 */
+PRMI_TARGET_CLONES
 static void adam_kernel(float *restrict p, float *restrict g, float *restrict m, float *restrict v,
                         uint64_t n, const adam_coef *c) {
   const float gscale = c->gscale, decay = c->decay, l2 = c->l2, w1 = c->w1, b2 = c->beta2,
@@ -269,6 +273,7 @@ static void adam_kernel(float *restrict p, float *restrict g, float *restrict m,
 /* SGD over n elements (torch.optim.SGD, dampening 0):
  *   g += wd p; b = mu b + g; g = nesterov ? g + mu b : b; p += -lr g; grad = 0.
  * b == NULL: no momentum. */
+PRMI_TARGET_CLONES
 static void sgd_kernel(float *restrict p, float *restrict g, float *restrict b, uint64_t n,
                        float gscale, float wd, float mu, int nesterov, float neg_lr) {
   if (b == NULL) {

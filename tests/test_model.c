@@ -291,6 +291,13 @@ static void test_forward_errors(void **state) {
   for (int j = 0; j < 3; j++)
     assert_float_equal(g[j], 0.5f * x[j] - 1.0f * x[3 + j], 1e-6);
 
+  /* no forward pending: copy and check share one pass, and still reject */
+  x[4] = NAN;
+  ASSERT_FAILS(prm_ctx_forward(c, &b, s, 4), PRM_ERR_NONFINITE);
+  assert_non_null(strstr(prm_ctx_errmsg(c), "[1, 1]"));
+  assert_memory_equal(keep, s, sizeof s);
+  x[4] = 0.4f;
+
   /* backward errors leave the gradients alone */
   float before[3];
   memcpy(before, g, sizeof before);
