@@ -25,15 +25,9 @@
 /* ---- options, creation --------------------------------------------------------------- */
 
 int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version) {
-  if (opts == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_options_init: opts is NULL");
-  if (version < 1 || version > PRM_CTX_OPTIONS_VERSION)
-    return prmi_fail(NULL, PRM_ERR_VERSION,
-                     "prm_ctx_options_init: version %u unknown (newest is %u)", (unsigned)version,
-                     (unsigned)PRM_CTX_OPTIONS_VERSION);
-  prm_ctx_options d = PRM_CTX_OPTIONS_INIT;
-  *opts = d;
-  opts->version = version;
-  return PRM_OK;
+  const prm_ctx_options d = PRM_CTX_OPTIONS_INIT;
+  return prmi_init_struct(opts, &d, sizeof d, version, PRM_CTX_OPTIONS_VERSION,
+                          "prm_ctx_options_init");
 }
 
 void prm_ctx_free(prm_ctx *ctx) {
@@ -112,14 +106,8 @@ const char *prm_ctx_errmsg(const prm_ctx *ctx) { return ctx ? ctx->errmsg : ""; 
 /* ---- forward ------------------------------------------------------------------------ */
 
 int prm_batch_init(prm_batch *batch, uint32_t version) {
-  if (batch == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_batch_init: batch is NULL");
-  if (version < 1 || version > PRM_BATCH_VERSION)
-    return prmi_fail(NULL, PRM_ERR_VERSION, "prm_batch_init: version %u unknown (newest is %u)",
-                     (unsigned)version, (unsigned)PRM_BATCH_VERSION);
-  prm_batch d = PRM_BATCH_INIT;
-  *batch = d;
-  batch->version = version;
-  return PRM_OK;
+  const prm_batch d = PRM_BATCH_INIT;
+  return prmi_init_struct(batch, &d, sizeof d, version, PRM_BATCH_VERSION, "prm_batch_init");
 }
 
 /* Name the first non-finite feature in the error message. */

@@ -44,13 +44,24 @@ int prmi_fail(char *handle_msg, int status, const char *fmt, ...) {
   return status;
 }
 
+int prmi_init_struct(void *s, const void *defaults, size_t size, uint32_t version, uint32_t newest,
+                     const char *fn) {
+  if (s == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: struct pointer is NULL", fn);
+  if (version < 1 || version > newest)
+    return prmi_fail(NULL, PRM_ERR_VERSION,
+                     "%s: version %u is not supported (this library knows 1..%u)", fn,
+                     (unsigned)version, (unsigned)newest);
+  memcpy(s, defaults, size);
+  memcpy(s, &version, sizeof version); /* every versioned struct starts with it */
+  return PRM_OK;
+}
+
 int prmi_adopt_error(char *handle_msg, int status) {
   if (handle_msg != NULL) memcpy(handle_msg, tls_errmsg, PRMI_ERRMSG_SIZE);
   return status;
 }
 
-int prmi_check_version(char *handle_msg, const void *versioned, uint32_t newest,
-                       const char *what) {
+int prmi_check_version(char *handle_msg, const void *versioned, uint32_t newest, const char *what) {
   uint32_t v;
   if (versioned == NULL) return prmi_fail(handle_msg, PRM_ERR_NULL, "%s is NULL", what);
   memcpy(&v, versioned, sizeof v); /* every versioned struct starts with it */

@@ -65,6 +65,14 @@
 int prmi_fail(char *handle_msg, int status, const char *fmt, ...)
     PRMI_PRINTF(3, 4);
 
+/*
+ * The body of every prm_*_init function: PRM_ERR_NULL for NULL, PRM_ERR_VERSION
+ * unless 1 <= version <= newest, else copy `size` bytes of defaults (the size
+ * of struct version `version`) into s and set its version field.
+ */
+int prmi_init_struct(void *s, const void *defaults, size_t size, uint32_t version,
+                     uint32_t newest, const char *fn);
+
 /* Copy the calling thread's last message into a handle's buffer (used when
  * a handle-less call made on behalf of the handle failed). Returns status. */
 int prmi_adopt_error(char *handle_msg, int status);

@@ -68,35 +68,15 @@ static uint64_t first_nonfinite(const float *x, uint64_t n) {
 /* ---- option and statistics structs ---------------------------------------- */
 
 int prm_loss_options_init(prm_loss_options *opts, uint32_t version) {
-  if (opts == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_loss_options_init: opts is NULL");
-  if (version < 1 || version > PRM_LOSS_OPTIONS_VERSION)
-    return prmi_fail(NULL, PRM_ERR_VERSION,
-                     "prm_loss_options_init: version %u is not supported (this library "
-                     "knows 1..%u)",
-                     (unsigned)version, (unsigned)PRM_LOSS_OPTIONS_VERSION);
-  /* Version 1 is every field of the struct. */
-  opts->version = version;
-  opts->margin = NULL;
-  opts->label = NULL;
-  opts->weight = NULL;
-  opts->center_coef = 0.0;
-  return PRM_OK;
+  const prm_loss_options d = PRM_LOSS_OPTIONS_INIT;
+  return prmi_init_struct(opts, &d, sizeof d, version, PRM_LOSS_OPTIONS_VERSION,
+                          "prm_loss_options_init");
 }
 
 int prm_loss_stats_init(prm_loss_stats *stats, uint32_t version) {
-  if (stats == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_loss_stats_init: stats is NULL");
-  if (version < 1 || version > PRM_LOSS_STATS_VERSION)
-    return prmi_fail(NULL, PRM_ERR_VERSION,
-                     "prm_loss_stats_init: version %u is not supported (this library "
-                     "knows 1..%u)",
-                     (unsigned)version, (unsigned)PRM_LOSS_STATS_VERSION);
-  stats->version = version;
-  stats->loss = 0.0;
-  stats->accuracy = 0.0;
-  stats->reward_mean = 0.0;
-  stats->reward_std = 0.0;
-  stats->margin_mean = 0.0;
-  return PRM_OK;
+  const prm_loss_stats d = PRM_LOSS_STATS_INIT;
+  return prmi_init_struct(stats, &d, sizeof d, version, PRM_LOSS_STATS_VERSION,
+                          "prm_loss_stats_init");
 }
 
 /* ---- Bradley-Terry ----------------------------------------------------------- */

@@ -34,15 +34,9 @@ void prmi_free(void *p) { free(p); }
 /* ---- options ------------------------------------------------------------------- */
 
 int prm_model_options_init(prm_model_options *opts, uint32_t version) {
-  if (opts == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_options_init: opts is NULL");
-  if (version < 1 || version > PRM_MODEL_OPTIONS_VERSION)
-    return prmi_fail(NULL, PRM_ERR_VERSION,
-                     "prm_model_options_init: version %u unknown (newest is %u)",
-                     (unsigned)version, (unsigned)PRM_MODEL_OPTIONS_VERSION);
-  prm_model_options d = PRM_MODEL_OPTIONS_INIT;
-  *opts = d;
-  opts->version = version;
-  return PRM_OK;
+  const prm_model_options d = PRM_MODEL_OPTIONS_INIT;
+  return prmi_init_struct(opts, &d, sizeof d, version, PRM_MODEL_OPTIONS_VERSION,
+                          "prm_model_options_init");
 }
 
 const char *prmi_activation_name(int32_t act) {

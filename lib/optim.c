@@ -52,16 +52,9 @@ static size_t options_size(uint32_t version) {
 }
 
 int prm_optimizer_options_init(prm_optimizer_options *opts, uint32_t version) {
-  if (opts == NULL)
-    return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_options_init: opts is NULL");
-  if (version < 1 || version > PRM_OPTIMIZER_OPTIONS_VERSION)
-    return prmi_fail(NULL, PRM_ERR_VERSION,
-                     "prm_optimizer_options_init: version %u unknown (newest is %u)",
-                     (unsigned)version, (unsigned)PRM_OPTIMIZER_OPTIONS_VERSION);
-  prm_optimizer_options d = PRM_OPTIMIZER_OPTIONS_INIT;
-  memcpy(opts, &d, options_size(version));
-  opts->version = version;
-  return PRM_OK;
+  const prm_optimizer_options d = PRM_OPTIMIZER_OPTIONS_INIT;
+  return prmi_init_struct(opts, &d, options_size(version), version,
+                          PRM_OPTIMIZER_OPTIONS_VERSION, "prm_optimizer_options_init");
 }
 
 /* Check the options; PRM_OK or PRM_ERR_INVALID with a message naming the field. */
