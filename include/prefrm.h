@@ -123,7 +123,8 @@ typedef struct prm_model prm_model;
 typedef enum prm_arch {
   PRM_ARCH_LINEAR = 1, /**< r = w . x over dense features */
   PRM_ARCH_MLP = 2,    /**< h <- act(W h + b) per hidden layer, r = w . h */
-  PRM_ARCH_GPT2 = 3    /**< GPT-2 transformer over token ids (not yet built) */
+  PRM_ARCH_GPT2 = 3    /**< GPT-2 transformer over token ids (Hugging Face
+                            GPT2ForSequenceClassification, num_labels 1) */
 } prm_arch;
 
 /** Activation functions of the mlp architecture. Values pinned. */
@@ -147,12 +148,12 @@ typedef struct prm_model_options {
   int32_t activation;   /**< prm_activation (default PRM_ACT_GELU_TANH) */
   uint32_t n_hidden;    /**< hidden layers, 1..PRM_MAX_HIDDEN */
   uint64_t hidden[PRM_MAX_HIDDEN]; /**< width of each hidden layer (>= 1) */
-  /* gpt2 (reserved for the transformer architecture) */
-  uint64_t vocab_size;
-  uint64_t n_ctx;
-  uint64_t n_embd;
-  uint64_t n_layer;
-  uint64_t n_head;
+  /* gpt2 */
+  uint64_t vocab_size;  /**< token ids are 0 .. vocab_size-1 */
+  uint64_t n_ctx;       /**< positions (wpe rows): longest sequence */
+  uint64_t n_embd;      /**< width C */
+  uint64_t n_layer;     /**< transformer blocks, 1..128 */
+  uint64_t n_head;      /**< attention heads; must divide n_embd */
 } prm_model_options;
 
 #define PRM_MODEL_OPTIONS_INIT \
@@ -168,14 +169,18 @@ PRM_API int prm_model_options_init(prm_model_options *opts, uint32_t version);
 
 /**
  * Create a model with freshly initialised parameters. Initialisation is
- * deterministic in opts->seed: weights of a layer with fan-in k are uniform in
- * [-1/sqrt(k), 1/sqrt(k)], mlp biases uniform in [-0.1, 0.1].
+ * deterministic in opts->seed. linear/mlp: weights of a layer with fan-in k
+ * uniform in [-1/sqrt(k), 1/sqrt(k)], mlp biases uniform in [-0.1, 0.1].
+ * gpt2: GPT-2's scheme: weights and embeddings N(0, 0.02), the attention and
+ * MLP output projections N(0, 0.02/sqrt(2 n_layer)), LayerNorm weight 1 and
+ * bias 0, biases 0; LayerNorm eps is 1e-5. Only the fields of opts->arch are
+ * read (the others are ignored and reported as 0 by prm_model_get_options).
  * @param out   receives the new model (caller owns; free with
  *              prm_model_free). Set to NULL on failure.
  * @param opts  configuration (borrowed).
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (bad arch,
- *         size 0, activation), PRM_ERR_UNSUPPORTED (gpt2 in this version),
- *         PRM_ERR_NOMEM.
+ *         size 0, activation, n_head not dividing n_embd, more than 2^34
+ *         parameters), PRM_ERR_NOMEM.
  * Thread-safe.
  */
 PRM_API int prm_model_new(prm_model **out, const prm_model_options *opts);
@@ -194,7 +199,7 @@ PRM_API int prm_model_get_options(const prm_model *model,
 
 /** Architecture (prm_arch), or 0 for NULL. */
 PRM_API int32_t prm_model_arch(const prm_model *model);
-/** Features per input row (linear/mlp), or 0 for NULL. */
+/** Features per input row (linear/mlp; 0 for gpt2 and for NULL). */
 PRM_API uint64_t prm_model_input_size(const prm_model *model);
 /** Total number of fp32 parameters, or 0 for NULL. */
 PRM_API uint64_t prm_model_num_params(const prm_model *model);
@@ -227,6 +232,27 @@ PRM_API uint32_t prm_model_num_tensors(const prm_model *model);
 PRM_API int prm_model_tensor_info(const prm_model *model, uint32_t index,
                                   const char **name, uint64_t *offset,
                                   uint32_t *ndim, uint64_t shape[2]);
+
+/**
+ * Choose which parameters train. n_blocks < 0: all (the default after
+ * creation or loading). n_blocks = 0: the score head only (score.weight).
+ * n_blocks = k > 0: the last k blocks (gpt2 transformer blocks; mlp hidden
+ * layers) plus, for gpt2, the final LayerNorm, plus the head; gpt2 with
+ * k = n_layer trains everything but the embeddings. Trainable parameters are
+ * always a suffix of the arena, [prm_model_trainable_offset(), num_params):
+ * contexts hold gradients and optimizers hold state for that suffix only;
+ * frozen parameters cost no gradient memory and no optimizer state.
+ * Contexts and optimizers record the trainable set when they are created;
+ * after a change, backward and step on older ones return PRM_ERR_MISMATCH:
+ * create new ones. Not thread-safe with other calls on the model.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_INVALID (more blocks than the model
+ *         has; k > 0 for linear).
+ */
+PRM_API int prm_model_set_trainable(prm_model *model, int32_t n_blocks);
+
+/** First trainable parameter (0 when everything trains, and for NULL).
+ *  Gradient j of a context is that of parameter offset + j. */
+PRM_API uint64_t prm_model_trainable_offset(const prm_model *model);
 
 /** Detail of the last failure of a call that took this model as a non-const
  *  argument. "" if none; never NULL (also for a NULL model). */
@@ -286,7 +312,11 @@ PRM_API int prm_model_load_buffer(prm_model **out, const void *buf,
  * A batch of n rows (samples). For a pair batch of P pairs, n = 2P and rows
  * 0..P-1 are the chosen responses, rows P..2P-1 the rejected ones, in
  * matching order; this is the layout prm_train_step and prm_evaluate expect.
- * linear/mlp read `features`; token fields are reserved for gpt2.
+ * linear/mlp read `features` (the token fields are ignored); gpt2 reads the
+ * token fields (the feature fields are ignored): sequence i is
+ * tokens[i * token_stride + t] for t < lengths[i], right-padded. The score
+ * of a sequence is read at position lengths[i] - 1; padding is never read,
+ * so its ids do not matter and it costs no compute.
  */
 typedef struct prm_batch {
   uint32_t version;          /**< PRM_BATCH_VERSION */
@@ -294,9 +324,10 @@ typedef struct prm_batch {
   const float *features;     /**< (n, row_stride) row-major, finite */
   uint64_t n_features;       /**< must equal the model's input size */
   uint64_t row_stride;       /**< floats between rows; 0 means n_features */
-  const int32_t *tokens;     /**< gpt2: (n, token_stride) token ids */
-  uint64_t token_stride;     /**< gpt2: ints between sequences */
-  const int32_t *lengths;    /**< gpt2: n explicit lengths */
+  const int32_t *tokens;     /**< gpt2: (n, token_stride) ids in [0, V) */
+  uint64_t token_stride;     /**< gpt2: ints between sequences (>= every
+                                  length; unused when n == 1) */
+  const int32_t *lengths;    /**< gpt2: n lengths in [1, ctx max_len] */
 } prm_batch;
 
 #define PRM_BATCH_INIT { PRM_BATCH_VERSION, 0, NULL, 0, 0, NULL, 0, NULL }
@@ -320,7 +351,8 @@ typedef struct prm_ctx_options {
                            no gradient memory; backward is refused */
   uint64_t max_rows;  /**< most rows one forward may take (>= 1; a pair
                            batch of P pairs needs 2P) */
-  uint64_t max_len;   /**< gpt2: longest sequence (reserved) */
+  uint64_t max_len;   /**< gpt2: longest sequence (0: the model's n_ctx);
+                           buffers hold max_rows * max_len tokens */
 } prm_ctx_options;
 
 #define PRM_CTX_OPTIONS_INIT { PRM_CTX_OPTIONS_VERSION, 0, 0, 0 }
@@ -335,7 +367,7 @@ PRM_API int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version);
  * model is borrowed: it must outlive the context.
  * @param out  receives the context (caller owns), NULL on failure.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (max_rows
- *         0), PRM_ERR_NOMEM.
+ *         0, max_len > n_ctx, more than 2^30 tokens), PRM_ERR_NOMEM.
  * Thread-safe; many contexts may share one model.
  */
 PRM_API int prm_ctx_new(prm_ctx **out, const prm_model *model,
@@ -356,7 +388,9 @@ PRM_API const char *prm_ctx_errmsg(const prm_ctx *ctx);
  * @param scores    caller buffer of n_scores >= batch->n floats.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_SIZE (n_features
  *         differs from the model, n == 0, n > max_rows, n_scores < n,
- *         row_stride < n_features), PRM_ERR_NONFINITE (NaN/Inf feature).
+ *         row_stride < n_features; gpt2: a length outside [1, max_len] or
+ *         above token_stride), PRM_ERR_NONFINITE (NaN/Inf feature),
+ *         PRM_ERR_INVALID (gpt2: a token id outside [0, vocab_size)).
  * The features are copied into the context (training) so the caller may
  * reuse its buffer before prm_ctx_backward. Invalid input is rejected before
  * anything is written: a pending forward stays ready for its backward.
@@ -384,10 +418,12 @@ PRM_API int prm_ctx_backward(prm_ctx *ctx, const float *dscores, uint64_t n);
 PRM_API int prm_ctx_zero_grad(prm_ctx *ctx);
 
 /**
- * Flat view of the gradient accumulator: same layout as prm_model_params
- * (gradient of parameter j at index j). Valid until prm_ctx_free. The host may
- * read and write it (e.g. MPI_Allreduce between steps).
- * @param n  optional; receives the element count (= parameter count).
+ * Flat view of the gradient accumulator: the layout of prm_model_params from
+ * the trainable offset on (index j holds the gradient of parameter
+ * prm_model_trainable_offset() + j; with everything trainable, of parameter
+ * j). Valid until prm_ctx_free. The host may read and write it (e.g.
+ * MPI_Allreduce between steps).
+ * @param n  optional; receives the element count (trainable parameters).
  * @return the array, or NULL for NULL or an inference context.
  */
 PRM_API float *prm_ctx_grads(prm_ctx *ctx, uint64_t *n);

@@ -45,6 +45,7 @@ void prm_ctx_free(prm_ctx *ctx) {
   prmi_free(ctx->grads);
   prmi_free(ctx->scores);
   prmi_free(ctx->dscores);
+  prmi_gpt2_acts_free(ctx->gpt2);
   free(ctx);
 }
 
@@ -58,15 +59,32 @@ int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *op
     return prmi_fail(NULL, PRM_ERR_INVALID, "prm_ctx_new: max_rows %llu not in [1, 2^30]",
                      (unsigned long long)opts->max_rows);
 
+  const int gpt2 = model->opts.arch == PRM_ARCH_GPT2;
+  uint64_t max_len = 0;
+  if (gpt2) {
+    max_len = opts->max_len ? opts->max_len : model->opts.n_ctx;
+    if (max_len > model->opts.n_ctx)
+      return prmi_fail(NULL, PRM_ERR_INVALID, "prm_ctx_new: max_len %llu > the model's n_ctx %llu",
+                       (unsigned long long)max_len, (unsigned long long)model->opts.n_ctx);
+    if (max_len > PRMI_MAX_DIM / opts->max_rows)
+      return prmi_fail(NULL, PRM_ERR_INVALID, "prm_ctx_new: max_rows * max_len > 2^30 tokens");
+  }
+
   prm_ctx *c = calloc(1, sizeof *c);
   if (c == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_ctx_new: out of memory");
   c->model = model;
   c->inference = opts->inference != 0;
   c->max_rows = opts->max_rows;
+  c->max_len = max_len;
+  c->trainable_offset = model->trainable_offset;
   const uint64_t n = opts->max_rows, L = model->n_hidden, w = model->max_width;
   int ok = 1;
   c->scores = prmi_calloc(n, sizeof(float));
   ok = ok && c->scores != NULL;
+  if (gpt2) {
+    c->gpt2 = prmi_gpt2_acts_new(model, n, max_len, c->inference);
+    ok = ok && c->gpt2 != NULL;
+  }
   if (L > 0) {
     /* Inference ping-pongs between two (n, max_width) buffers; training
      * keeps A_l and act'(Z_l) of every layer and uses the scratch for deltas. */
@@ -76,9 +94,9 @@ int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *op
   }
   if (!c->inference && ok) {
     c->dscores = prmi_calloc(n, sizeof(float));
-    c->grads = prmi_calloc(model->n_params, sizeof(float));
-    c->input = prmi_calloc(n * model->opts.input_size, sizeof(float));
-    ok = c->dscores != NULL && c->grads != NULL && c->input != NULL;
+    c->grads = prmi_calloc(model->n_params - c->trainable_offset, sizeof(float));
+    if (!gpt2) c->input = prmi_calloc(n * model->opts.input_size, sizeof(float));
+    ok = c->dscores != NULL && c->grads != NULL && (gpt2 || c->input != NULL);
     if (ok && L > 0) {
       c->dact = calloc(L, sizeof *c->dact);
       c->act = calloc(L, sizeof *c->act);
@@ -155,6 +173,8 @@ int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {
   int rc = prmi_check_version(ctx->errmsg, b, PRM_BATCH_VERSION, "prm_batch");
   if (rc != PRM_OK) return rc;
   const prm_model *m = ctx->model;
+  *stride = 0;
+  if (m->opts.arch == PRM_ARCH_GPT2) return prmi_gpt2_check_batch(ctx, b);
   if (b->features == NULL)
     return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->features is NULL");
   if (b->n_features != m->opts.input_size)
@@ -212,6 +232,17 @@ int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, int co
   uint64_t stride = 0;
   int rc = prmi_check_batch(ctx, batch, &stride);
   if (rc != PRM_OK) return rc;
+  if (ctx->gpt2 != NULL) {
+    /* token ids are validated before anything is written, and packed into
+     * the context: no borrowed input survives the call */
+    ctx->have_forward = 0;
+    prmi_gpt2_forward(ctx, batch, scores);
+    if (!ctx->inference) {
+      ctx->last_n = batch->n;
+      ctx->have_forward = 1;
+    }
+    return PRM_OK;
+  }
   const uint64_t n = batch->n, d = batch->n_features;
   const float *x = batch->features;
   uint64_t ldx = stride;
@@ -316,29 +347,40 @@ int prm_ctx_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
                      (unsigned long long)n, (unsigned long long)ctx->last_n);
   if (!prmi_all_finite(dscores, n))
     return prmi_fail(ctx->errmsg, PRM_ERR_NONFINITE, "prm_ctx_backward: NaN/Inf in dscores");
+  if (ctx->trainable_offset != ctx->model->trainable_offset)
+    return prmi_fail(ctx->errmsg, PRM_ERR_MISMATCH,
+                     "prm_ctx_backward: the model's trainable parameters changed since this "
+                     "context was created; create a new context");
+  if (ctx->gpt2 != NULL) {
+    prmi_gpt2_backward(ctx, dscores, n);
+    ctx->have_forward = 0;
+    return PRM_OK;
+  }
 
   const prm_model *m = ctx->model;
   const float *p = m->params;
-  float *g = ctx->grads;
+  const uint64_t toff = ctx->trainable_offset;
+  float *g = ctx->grads; /* parameter j's gradient is g[j - toff], j >= toff */
   const uint64_t L = m->n_hidden;
   const float *a_last = L ? ctx->act[L - 1] : ctx->x;
   const uint64_t ld_last = L ? m->head.in : ctx->x_stride;
 
-  prmi_gemv(1, n, m->head.in, 1.0f, a_last, ld_last, dscores, 1.0f, g + m->head.w_off);
+  prmi_gemv(1, n, m->head.in, 1.0f, a_last, ld_last, dscores, 1.0f, g + (m->head.w_off - toff));
   if (L > 0) {
     /* dz: dZ_l of the layer at hand; other: where dA_{l-1} goes */
     float *dz = ctx->scratch_a, *other = ctx->scratch_b;
     for (uint64_t l = L; l-- > 0;) {
       const prmi_dense *D = &m->hidden[l];
+      if (D->w_off < toff) break; /* frozen, and so is every layer below */
       if (l == L - 1)
-        top_delta(dz, g + D->b_off, dscores, p + m->head.w_off, ctx->dact[l], n, D->out);
+        top_delta(dz, g + (D->b_off - toff), dscores, p + m->head.w_off, ctx->dact[l], n, D->out);
       else
-        hidden_delta(dz, g + D->b_off, ctx->dact[l], n, D->out);
+        hidden_delta(dz, g + (D->b_off - toff), ctx->dact[l], n, D->out);
       const float *a_prev = l ? ctx->act[l - 1] : ctx->x;
       const uint64_t ld_prev = l ? D->in : ctx->x_stride;
-      prmi_gemm(1, 0, D->out, D->in, n, 1.0f, dz, D->out, a_prev, ld_prev, 1.0f, g + D->w_off,
-                D->in);
-      if (l > 0) {
+      prmi_gemm(1, 0, D->out, D->in, n, 1.0f, dz, D->out, a_prev, ld_prev, 1.0f,
+                g + (D->w_off - toff), D->in);
+      if (l > 0 && m->hidden[l - 1].w_off >= toff) {
         prmi_gemm(0, 0, n, D->in, D->out, 1.0f, dz, D->out, p + D->w_off, D->in, 0.0f, other,
                   D->in);
         float *t = dz;
@@ -355,7 +397,7 @@ int prm_ctx_zero_grad(prm_ctx *ctx) {
   if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_zero_grad: ctx is NULL");
   if (ctx->inference)
     return prmi_fail(ctx->errmsg, PRM_ERR_STATE, "prm_ctx_zero_grad: inference context");
-  memset(ctx->grads, 0, ctx->model->n_params * sizeof(float));
+  memset(ctx->grads, 0, (ctx->model->n_params - ctx->trainable_offset) * sizeof(float));
   return PRM_OK;
 }
 
@@ -364,6 +406,6 @@ float *prm_ctx_grads(prm_ctx *ctx, uint64_t *n) {
     if (n != NULL) *n = 0;
     return NULL;
   }
-  if (n != NULL) *n = ctx->model->n_params;
+  if (n != NULL) *n = ctx->model->n_params - ctx->trainable_offset;
   return ctx->grads;
 }

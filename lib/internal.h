@@ -102,17 +102,36 @@ typedef struct prmi_dense {
   uint64_t b_off; /* [out]; unused (0) for the score head */
 } prmi_dense;
 
+/* Parameter offsets of one GPT-2 block (Conv1D weights are [in, out]). */
+typedef struct prmi_block {
+  uint64_t start; /* first parameter of the block */
+  uint64_t ln1_w, ln1_b;     /* [C] */
+  uint64_t attn_w, attn_b;   /* [C, 3C], [3C]: q | k | v */
+  uint64_t aproj_w, aproj_b; /* [C, C], [C] */
+  uint64_t ln2_w, ln2_b;     /* [C] */
+  uint64_t fc_w, fc_b;       /* [C, 4C], [4C] */
+  uint64_t mproj_w, mproj_b; /* [4C, C], [C] */
+} prmi_block;
+
+#define PRMI_GPT2_MAX_LAYER 128
+#define PRMI_GPT2_MAX_CTX 65536
+
 struct prm_model {
   prm_model_options opts; /* normalised copy, newest struct version */
   uint64_t n_params;
   float *params; /* [n_params], 64-byte aligned */
   uint32_t n_tensors;
-  prmi_tensor tensors[PRMI_MAX_TENSORS];
+  prmi_tensor *tensors; /* [n_tensors] in arena order */
   /* mlp: hidden layers 0..n_hidden-1; linear: none */
   uint32_t n_hidden;
   prmi_dense hidden[PRM_MAX_HIDDEN];
   prmi_dense head; /* score.weight [1, in], no bias */
+  /* gpt2 */
+  uint64_t wte, wpe;     /* [V, C], [n_ctx, C] */
+  prmi_block *blocks;    /* [n_layer] */
+  uint64_t lnf_w, lnf_b; /* [C] */
   uint64_t max_width; /* widest hidden layer (0 for linear) */
+  uint64_t trainable_offset; /* parameters [trainable_offset, n_params) train */
   char errmsg[PRMI_ERRMSG_SIZE];
 };
 
@@ -145,10 +164,15 @@ void prmi_act_forward_grad(int32_t act, float *za, float *dact, uint64_t n);
 
 /* ---- contexts (ctx.c) ---------------------------------------------------- */
 
+typedef struct prmi_gpt2_acts prmi_gpt2_acts; /* gpt2.c */
+
 struct prm_ctx {
   const prm_model *model;
   int inference;
   uint64_t max_rows;
+  uint64_t max_len;          /* gpt2: longest sequence */
+  uint64_t trainable_offset; /* the model's, when this context was created */
+  prmi_gpt2_acts *gpt2;      /* gpt2 activations and scratch */
   /* Buffers (all NULL in what a mode does not need). Shapes in rows x cols. */
   float *input;   /* (max_rows, d) copy of the last forward's features;
                      training + public forward only */
@@ -157,7 +181,8 @@ struct prm_ctx {
   float **dact;   /* per hidden layer: (max_rows, h_l) act'(Z_l), saved by forward */
   float **act;    /* per hidden layer: (max_rows, h_l) activations A_l */
   float *scratch_a, *scratch_b; /* (max_rows, max_width) deltas / inference */
-  float *grads;   /* [n_params] gradient accumulator (training only) */
+  float *grads;   /* [n_params - trainable_offset] gradient accumulator of the
+                     trainable suffix (training only) */
   float *scores;  /* (max_rows) scores for train_step / evaluate */
   float *dscores; /* (max_rows) d(loss)/d(score) for train_step */
   uint64_t last_n;  /* rows of the last successful forward */
@@ -177,6 +202,20 @@ int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride);
  */
 int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores,
                      int copy_input);
+
+/* ---- gpt2 (gpt2.c) -------------------------------------------------------- */
+
+/* Activation and scratch buffers for up to max_rows sequences of max_len
+ * tokens; NULL when out of memory. */
+prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
+                                   int inference);
+void prmi_gpt2_acts_free(prmi_gpt2_acts *g);
+/* Validate the token fields of a batch (ids, lengths, stride). */
+int prmi_gpt2_check_batch(prm_ctx *ctx, const prm_batch *b);
+/* Forward a validated batch; scores (n). */
+void prmi_gpt2_forward(prm_ctx *ctx, const prm_batch *b, float *scores);
+/* Backward of the last forward of n sequences into ctx->grads. */
+void prmi_gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n);
 
 /* ---- optimizers (optim.c) ------------------------------------------------ */
 

@@ -31,7 +31,8 @@ typedef struct opt_segment {
 struct prm_optimizer {
   prm_model *model;           /* borrowed */
   prm_optimizer_options opts; /* validated copy, newest struct version */
-  uint64_t n_params;
+  uint64_t toff;     /* the model's trainable_offset at creation */
+  uint64_t n_params; /* trainable parameters [toff, toff + n_params) */
   /* Adam(W): first moment m. SGD with momentum: momentum buffer. Else NULL. */
   float *m;          /* [n_params], 64-byte aligned */
   float *v;          /* Adam(W): second moment [n_params]; else NULL */
@@ -106,7 +107,8 @@ static int validate_options(const prm_optimizer_options *o) {
 }
 
 /*
- * Split [0, n_params) into runs of equal weight-decay setting, merging
+ * Split the trainable suffix of the arena into runs of equal weight-decay
+ * setting (offsets relative to its start), merging
  * neighbours, so the update runs as few long loops as possible (one loop for
  * the whole arena unless no_decay_1d is on). Arena parts no tensor describes
  * (none today) are decayed like any parameter.
@@ -118,9 +120,10 @@ static int build_segments(prm_optimizer *opt) {
   if (opt->segs == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory");
   uint64_t cursor = 0;
   for (uint32_t i = 0; i <= model->n_tensors; i++) {
-    uint64_t off = i < model->n_tensors ? model->tensors[i].offset : model->n_params;
+    if (i < model->n_tensors && model->tensors[i].offset < opt->toff) continue; /* frozen */
+    uint64_t off = (i < model->n_tensors ? model->tensors[i].offset : model->n_params) - opt->toff;
     uint64_t numel = i < model->n_tensors ? model->tensors[i].numel : 0;
-    if (off < cursor || numel > model->n_params - off)
+    if (off < cursor || numel > opt->n_params - off)
       return prmi_fail(NULL, PRM_ERR_INVALID,
                        "prm_optimizer_new: model tensor %u lies outside the arena", (unsigned)i);
     opt_segment run[2] = {{cursor, off - cursor, 1}, {off, numel, 1}};
@@ -166,7 +169,8 @@ int prm_optimizer_new(prm_optimizer **out, prm_model *model, const prm_optimizer
   if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory");
   opt->model = model;
   opt->opts = o;
-  opt->n_params = model->n_params;
+  opt->toff = model->trainable_offset;
+  opt->n_params = model->n_params - opt->toff;
   rc = build_segments(opt);
   if (rc != PRM_OK) {
     prm_optimizer_free(opt);
@@ -299,7 +303,7 @@ static void sgd_kernel(float *restrict p, float *restrict g, float *restrict b, 
 /* Apply one update with the gradients in `grads`; see the order in prefrm.h. */
 static int apply_update(prm_optimizer *opt, float *grads) {
   const prm_optimizer_options *o = &opt->opts;
-  float *params = opt->model->params;
+  float *params = opt->model->params + opt->toff;
 
   double ss = sum_squares(grads, opt->n_params);
   if (!isfinite(ss)) {
@@ -368,6 +372,10 @@ int prm_optimizer_step(prm_optimizer *opt, prm_ctx *ctx) {
   if (ctx->grads == NULL)
     return prmi_fail(opt->errmsg, PRM_ERR_STATE,
                      "prm_optimizer_step: ctx is an inference context (no gradients)");
+  if (ctx->trainable_offset != opt->toff || opt->toff != opt->model->trainable_offset)
+    return prmi_fail(opt->errmsg, PRM_ERR_MISMATCH,
+                     "prm_optimizer_step: the model's trainable parameters changed since the "
+                     "optimizer or the context was created");
   if (opt->micro + 1 < opt->opts.accumulation_steps) {
     opt->micro++;
     return PRM_OK;

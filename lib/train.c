@@ -82,7 +82,7 @@ static int linear_grad_blocked(prm_ctx *ctx, const prm_batch *pairs, uint64_t P,
   }
   int rc = prm_loss_bt(s, s + P, P, loss_opts, NULL, stats, NULL, NULL);
   if (rc != PRM_OK) return prmi_adopt_error(ctx->errmsg, rc);
-  float *g = ctx->grads + m->head.w_off;
+  float *g = ctx->grads + (m->head.w_off - ctx->trainable_offset);
   for (uint64_t j = 0; j < d; j++) g[j] += gs[j];
   return PRM_OK;
 }

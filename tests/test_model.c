@@ -101,7 +101,7 @@ static void test_model_new_errors(void **state) {
   TRY(bad.version = 99, PRM_ERR_VERSION);
   TRY(bad.arch = 0, PRM_ERR_INVALID);
   TRY(bad.arch = 77, PRM_ERR_INVALID);
-  TRY(bad.arch = PRM_ARCH_GPT2, PRM_ERR_UNSUPPORTED);
+  TRY(bad.arch = PRM_ARCH_GPT2, PRM_ERR_INVALID); /* vocab_size 0 */
   TRY(bad.input_size = 0, PRM_ERR_INVALID);
   TRY(bad.input_size = (uint64_t)1 << 31, PRM_ERR_INVALID);
   TRY((bad.arch = PRM_ARCH_MLP, bad.n_hidden = 0), PRM_ERR_INVALID);

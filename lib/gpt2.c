@@ -1,0 +1,466 @@
+/*
+ * gpt2.c - the GPT-2 reward model (Hugging Face GPT2ForSequenceClassification
+ * with num_labels = 1, no dropout): forward and backward over token ids.
+ *
+ * Packed tokens. A batch of n right-padded sequences with explicit lengths is
+ * packed into N = sum(len_i) token rows; padding never enters any buffer, so
+ * it costs no compute and cannot change a score or a gradient. Sequence i
+ * owns rows [off_i, off_i + len_i); its token at row r has position
+ * r - off_i. Every position-wise op (LayerNorm, GEMMs, GELU, residuals) runs
+ * on all N rows at once; attention runs per sequence and head.
+ *
+ * Shapes: C = n_embd, NH = n_head, hs = C / NH, L = n_layer, V = vocab.
+ * Weights use HF's Conv1D layout [in, out]: y = x W + b.
+ *
+ * Block l, on the residual stream res_l (N, C):
+ *   ln1  = LN(res_l)                         (N, C)    mean/rstd (N) each
+ *   qkv  = ln1 Wqkv + bqkv                   (N, 3C)   q | k | v
+ *   atty = causal softmax(q k^T / sqrt(hs)) v, per head   (N, C)
+ *   res2 = res_l + atty Wproj + bproj        (N, C)
+ *   ln2  = LN(res2)                          (N, C)
+ *   fch  = gelu(ln2 Wfc + bfc)               (N, 4C)   and gelu' (N, 4C)
+ *   res_{l+1} = res2 + fch Wfcp + bfcp       (N, C)
+ * Head: for the last token r_i = off_i + len_i - 1 of each sequence,
+ *   score_i = w . LN_f(res_L[r_i])
+ *
+ * Attention keeps no T x T matrix between forward and backward: the forward
+ * stores the log-sum-exp of each softmax row (NH x N floats per layer) and
+ * the backward recomputes the probabilities from q, k and it.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define LN_EPS 1e-5f
+
+/* ---- LayerNorm ------------------------------------------------------------------------ */
+
+/* out = (x - mean) * rstd * w + b per row; stat[2i] = mean, stat[2i+1] = rstd. */
+static void layernorm_forward(float *out, float *stat, const float *x, const float *w,
+                              const float *b, uint64_t n, uint64_t C) {
+  for (uint64_t i = 0; i < n; i++) {
+    const float *xi = x + i * C;
+    float *oi = out + i * C;
+    float mean = 0.0f;
+    for (uint64_t j = 0; j < C; j++) mean += xi[j];
+    mean /= (float)C;
+    float var = 0.0f;
+    for (uint64_t j = 0; j < C; j++) {
+      float d = xi[j] - mean;
+      var += d * d;
+    }
+    var /= (float)C;
+    float rstd = 1.0f / sqrtf(var + LN_EPS);
+    for (uint64_t j = 0; j < C; j++) oi[j] = (xi[j] - mean) * rstd * w[j] + b[j];
+    if (stat != NULL) {
+      stat[2 * i] = mean;
+      stat[2 * i + 1] = rstd;
+    }
+  }
+}
+
+/*
+ * dx += rstd (dy w - mean(dy w) - xhat mean(dy w xhat)); dw += dy xhat; db += dy.
+ * dw/db may be NULL (frozen). x is the LayerNorm input.
+ */
+static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *w, const float *stat, uint64_t n, uint64_t C) {
+  for (uint64_t i = 0; i < n; i++) {
+    const float *dyi = dy + i * C, *xi = x + i * C;
+    const float mean = stat[2 * i], rstd = stat[2 * i + 1];
+    float s1 = 0.0f, s2 = 0.0f;
+    for (uint64_t j = 0; j < C; j++) {
+      float xhat = (xi[j] - mean) * rstd;
+      float g = dyi[j] * w[j];
+      s1 += g;
+      s2 += g * xhat;
+    }
+    s1 /= (float)C;
+    s2 /= (float)C;
+    float *dxi = dx + i * C;
+    for (uint64_t j = 0; j < C; j++) {
+      float xhat = (xi[j] - mean) * rstd;
+      dxi[j] += rstd * (dyi[j] * w[j] - s1 - xhat * s2);
+    }
+    if (dw != NULL)
+      for (uint64_t j = 0; j < C; j++) {
+        dw[j] += dyi[j] * (xi[j] - mean) * rstd;
+        db[j] += dyi[j];
+      }
+  }
+}
+
+/* ---- dense layers (Conv1D layout) ----------------------------------------------------- */
+
+/* out (n, oc) = x (n, ic) W (ic, oc) + b, or out += ... when accumulate. */
+static void dense_forward(float *out, const float *x, const float *w, const float *b, uint64_t n,
+                          uint64_t ic, uint64_t oc, int accumulate) {
+  if (!accumulate)
+    for (uint64_t i = 0; i < n; i++) memcpy(out + i * oc, b, oc * sizeof(float));
+  else
+    for (uint64_t i = 0; i < n; i++)
+      for (uint64_t j = 0; j < oc; j++) out[i * oc + j] += b[j];
+  prmi_gemm(0, 0, n, oc, ic, 1.0f, x, ic, w, oc, 1.0f, out, oc);
+}
+
+/* dx (+)= dy W^T (dx NULL: not needed); dW += x^T dy; db += colsum(dy) (dW NULL: frozen). */
+static void dense_backward(float *dx, int dx_accumulate, float *dw, float *db, const float *dy,
+                           const float *x, const float *w, uint64_t n, uint64_t ic, uint64_t oc) {
+  if (dx != NULL)
+    prmi_gemm(0, 1, n, ic, oc, 1.0f, dy, oc, w, oc, dx_accumulate ? 1.0f : 0.0f, dx, ic);
+  if (dw != NULL) {
+    prmi_gemm(1, 0, ic, oc, n, 1.0f, x, ic, dy, oc, 1.0f, dw, oc);
+    for (uint64_t i = 0; i < n; i++)
+      for (uint64_t j = 0; j < oc; j++) db[j] += dy[i * oc + j];
+  }
+}
+
+/* ---- attention ------------------------------------------------------------------------- */
+
+/*
+ * Causal attention of one sequence (T tokens starting at packed row `row`)
+ * for every head. qkv rows have stride 3C, atty rows stride C. S is (T, T)
+ * scratch. lse[h * ld_lse + row + i] receives log sum_j exp(s_ij).
+ */
+static void attention_forward(float *atty, float *lse, uint64_t ld_lse, const float *qkv,
+                              float *S, uint64_t row, uint64_t T, uint64_t C, uint64_t NH) {
+  const uint64_t hs = C / NH;
+  const float scale = 1.0f / sqrtf((float)hs);
+  for (uint64_t h = 0; h < NH; h++) {
+    const float *q = qkv + row * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
+    prmi_gemm(0, 1, T, T, hs, scale, q, 3 * C, k, 3 * C, 0.0f, S, T);
+    for (uint64_t i = 0; i < T; i++) {
+      float *si = S + i * T;
+      float m = si[0];
+      for (uint64_t j = 1; j <= i; j++) m = si[j] > m ? si[j] : m;
+      float sum = 0.0f;
+      for (uint64_t j = 0; j <= i; j++) {
+        si[j] = expf(si[j] - m);
+        sum += si[j];
+      }
+      const float inv = 1.0f / sum;
+      for (uint64_t j = 0; j <= i; j++) si[j] *= inv;
+      for (uint64_t j = i + 1; j < T; j++) si[j] = 0.0f;
+      if (lse != NULL) lse[h * ld_lse + row + i] = m + logf(sum);
+    }
+    prmi_gemm(0, 0, T, hs, T, 1.0f, S, T, v, 3 * C, 0.0f, atty + row * C + h * hs, C);
+  }
+}
+
+/*
+ * Backward of attention_forward for one sequence: dqkv rows of the sequence
+ * are overwritten (q, k and v parts). P and dP are (T, T) scratch.
+ */
+static void attention_backward(float *dqkv, const float *datty, const float *qkv,
+                               const float *lse, uint64_t ld_lse, float *P, float *dP,
+                               uint64_t row, uint64_t T, uint64_t C, uint64_t NH) {
+  const uint64_t hs = C / NH;
+  const float scale = 1.0f / sqrtf((float)hs);
+  for (uint64_t h = 0; h < NH; h++) {
+    const float *q = qkv + row * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
+    const float *dout = datty + row * C + h * hs;
+    float *dq = dqkv + row * 3 * C + h * hs, *dk = dq + C, *dv = dq + 2 * C;
+    const float *l = lse + h * ld_lse + row;
+    /* P = exp(q k^T scale - lse), causal */
+    prmi_gemm(0, 1, T, T, hs, scale, q, 3 * C, k, 3 * C, 0.0f, P, T);
+    for (uint64_t i = 0; i < T; i++) {
+      float *pi = P + i * T;
+      for (uint64_t j = 0; j <= i; j++) pi[j] = expf(pi[j] - l[i]);
+      for (uint64_t j = i + 1; j < T; j++) pi[j] = 0.0f;
+    }
+    /* dv = P^T dout; dP = dout v^T */
+    prmi_gemm(1, 0, T, hs, T, 1.0f, P, T, dout, C, 0.0f, dv, 3 * C);
+    prmi_gemm(0, 1, T, T, hs, 1.0f, dout, C, v, 3 * C, 0.0f, dP, T);
+    /* dS = P (dP - rowsum(P dP)) * scale */
+    for (uint64_t i = 0; i < T; i++) {
+      float *pi = P + i * T, *dpi = dP + i * T;
+      float dsum = 0.0f;
+      for (uint64_t j = 0; j <= i; j++) dsum += pi[j] * dpi[j];
+      for (uint64_t j = 0; j <= i; j++) dpi[j] = pi[j] * (dpi[j] - dsum) * scale;
+      for (uint64_t j = i + 1; j < T; j++) dpi[j] = 0.0f;
+    }
+    /* dq = dS k; dk = dS^T q */
+    prmi_gemm(0, 0, T, hs, T, 1.0f, dP, T, k, 3 * C, 0.0f, dq, 3 * C);
+    prmi_gemm(1, 0, T, hs, T, 1.0f, dP, T, q, 3 * C, 0.0f, dk, 3 * C);
+  }
+}
+
+/* ---- context buffers -------------------------------------------------------------------- */
+
+/* Per-layer pointer arrays of the activations kept for backward. A training
+ * context owns distinct buffers per layer; an inference context points every
+ * layer at one set (the forward below is written so that res, res2 and the
+ * next res may alias: the residual adds are in place). */
+typedef struct gpt2_layer_acts {
+  float *res;      /* (N, C) residual stream entering the block */
+  float *ln1;      /* (N, C) */
+  float *ln1_stat; /* (N, 2) mean, rstd */
+  float *qkv;      /* (N, 3C) */
+  float *atty;     /* (N, C) attention output before c_proj */
+  float *lse;      /* (NH, max_tok) log-sum-exp of each softmax row */
+  float *res2;     /* (N, C) residual after attention */
+  float *ln2;      /* (N, C) */
+  float *ln2_stat; /* (N, 2) */
+  float *fch;      /* (N, 4C) gelu(c_fc) */
+  float *dgelu;    /* (N, 4C) gelu'(.) (training only) */
+} gpt2_layer_acts;
+
+struct prmi_gpt2_acts {
+  uint64_t max_tok; /* max_rows * max_len */
+  uint64_t n_tok;   /* tokens of the last forward */
+  uint64_t *off;    /* (max_rows + 1) packed row offsets of the last forward */
+  int32_t *ids;     /* (max_tok) packed token ids of the last forward */
+  gpt2_layer_acts *layer; /* [L] */
+  float *res_out;   /* (max_tok, C) stream after the last block */
+  float *lnf;       /* (max_rows, C) final LayerNorm at the pooled tokens */
+  float *lnf_stat;  /* (max_rows, 2) */
+  float *att_a, *att_b; /* (max_len, max_len) attention scratch */
+  /* backward scratch (training only) */
+  float *d_res;     /* (max_tok, C) */
+  float *d_c;       /* (max_tok, C) */
+  float *d_3c;      /* (max_tok, 3C) */
+  float *d_4c;      /* (max_tok, 4C) */
+  float *blocks[32]; /* every allocation, for free */
+  int n_blocks;
+};
+
+static float *take(prmi_gpt2_acts *g, uint64_t n_floats) {
+  if (g->n_blocks >= (int)(sizeof g->blocks / sizeof g->blocks[0])) return NULL;
+  float *p = prmi_calloc(n_floats, sizeof(float));
+  if (p != NULL) g->blocks[g->n_blocks++] = p;
+  return p;
+}
+
+void prmi_gpt2_acts_free(prmi_gpt2_acts *g) {
+  if (g == NULL) return;
+  for (int i = 0; i < g->n_blocks; i++) prmi_free(g->blocks[i]);
+  free(g->layer);
+  free(g->off);
+  free(g->ids);
+  free(g);
+}
+
+prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
+                                   int inference) {
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
+  const uint64_t T = max_rows * max_len;
+  prmi_gpt2_acts *g = calloc(1, sizeof *g);
+  if (g == NULL) return NULL;
+  g->max_tok = T;
+  g->layer = calloc(L, sizeof *g->layer);
+  g->off = calloc(max_rows + 1, sizeof *g->off);
+  g->ids = calloc(T, sizeof *g->ids);
+  int ok = g->layer != NULL && g->off != NULL && g->ids != NULL;
+  /* training: one set per layer; inference: one set shared by all layers */
+  const uint64_t sets = inference ? 1 : L;
+  for (uint64_t s = 0; ok && s < sets; s++) {
+    gpt2_layer_acts *a = &g->layer[s];
+    /* res, ln1, qkv, atty, res2, ln2: 8C; fch 4C; dgelu 4C (training);
+     * ln stats 4; lse NH -- per token */
+    float *big = take(g, T * ((inference ? 12 : 16) * C + 4 + NH));
+    if (big == NULL) {
+      ok = 0;
+      break;
+    }
+    a->res = big;
+    a->ln1 = a->res + T * C;
+    a->ln1_stat = a->ln1 + T * C;
+    a->qkv = a->ln1_stat + 2 * T;
+    a->atty = a->qkv + 3 * T * C;
+    a->lse = a->atty + T * C;
+    a->res2 = a->lse + NH * T;
+    a->ln2 = a->res2 + T * C;
+    a->ln2_stat = a->ln2 + T * C;
+    a->fch = a->ln2_stat + 2 * T;
+    a->dgelu = inference ? NULL : a->fch + 4 * T * C;
+    if (inference) a->res2 = a->res; /* in place */
+  }
+  if (ok && inference)
+    for (uint64_t l = 1; l < L; l++) g->layer[l] = g->layer[0];
+  if (ok) {
+    g->res_out = inference ? g->layer[0].res : take(g, T * C);
+    g->lnf = take(g, max_rows * C);
+    g->lnf_stat = take(g, max_rows * 2);
+    g->att_a = take(g, max_len * max_len);
+    g->att_b = take(g, max_len * max_len);
+    ok = g->res_out && g->lnf && g->lnf_stat && g->att_a && g->att_b;
+  }
+  if (ok && !inference) {
+    g->d_res = take(g, T * C);
+    g->d_c = take(g, T * C);
+    g->d_3c = take(g, T * 3 * C);
+    g->d_4c = take(g, T * 4 * C);
+    ok = g->d_res && g->d_c && g->d_3c && g->d_4c;
+  }
+  if (!ok) {
+    prmi_gpt2_acts_free(g);
+    return NULL;
+  }
+  return g;
+}
+
+/* ---- validation ------------------------------------------------------------------------- */
+
+int prmi_gpt2_check_batch(prm_ctx *ctx, const prm_batch *b) {
+  const prm_model *m = ctx->model;
+  if (b->tokens == NULL) return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->tokens is NULL");
+  if (b->lengths == NULL)
+    return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->lengths is NULL");
+  if (b->n < 1 || b->n > ctx->max_rows)
+    return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "forward: %llu sequences, context holds 1..%llu",
+                     (unsigned long long)b->n, (unsigned long long)ctx->max_rows);
+  const uint64_t V = m->opts.vocab_size;
+  for (uint64_t i = 0; i < b->n; i++) {
+    const int32_t len = b->lengths[i];
+    if (len < 1 || (uint64_t)len > ctx->max_len)
+      return prmi_fail(ctx->errmsg, PRM_ERR_SIZE,
+                       "forward: lengths[%llu] = %d not in [1, %llu] (context max_len)",
+                       (unsigned long long)i, (int)len, (unsigned long long)ctx->max_len);
+    if (b->n > 1 && (uint64_t)len > b->token_stride)
+      return prmi_fail(ctx->errmsg, PRM_ERR_SIZE,
+                       "forward: lengths[%llu] = %d exceeds token_stride %llu",
+                       (unsigned long long)i, (int)len, (unsigned long long)b->token_stride);
+    const int32_t *row = b->tokens + i * b->token_stride;
+    for (int32_t t = 0; t < len; t++)
+      if (row[t] < 0 || (uint64_t)row[t] >= V)
+        return prmi_fail(ctx->errmsg, PRM_ERR_INVALID,
+                         "forward: token [%llu, %d] = %d not in [0, %llu) (vocab_size)",
+                         (unsigned long long)i, (int)t, (int)row[t], (unsigned long long)V);
+  }
+  return PRM_OK;
+}
+
+/* ---- forward -------------------------------------------------------------------------- */
+
+void prmi_gpt2_forward(prm_ctx *ctx, const prm_batch *b, float *scores) {
+  const prm_model *m = ctx->model;
+  prmi_gpt2_acts *g = ctx->gpt2;
+  const float *p = m->params;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
+  const uint64_t n = b->n;
+
+  /* pack the tokens; embeddings: res_0[r] = wte[id] + wpe[pos] */
+  uint64_t N = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    g->off[i] = N;
+    const uint64_t len = (uint64_t)b->lengths[i];
+    memcpy(g->ids + N, b->tokens + i * b->token_stride, len * sizeof(int32_t));
+    N += len;
+  }
+  g->off[n] = N;
+  g->n_tok = N;
+  float *res0 = g->layer[0].res;
+  for (uint64_t i = 0; i < n; i++)
+    for (uint64_t r = g->off[i]; r < g->off[i + 1]; r++) {
+      const float *te = p + m->wte + (uint64_t)g->ids[r] * C;
+      const float *pe = p + m->wpe + (r - g->off[i]) * C;
+      float *o = res0 + r * C;
+      for (uint64_t j = 0; j < C; j++) o[j] = te[j] + pe[j];
+    }
+
+  for (uint64_t l = 0; l < L; l++) {
+    const prmi_block *B = &m->blocks[l];
+    gpt2_layer_acts *a = &g->layer[l];
+    float *res_next = l + 1 < L ? g->layer[l + 1].res : g->res_out;
+    layernorm_forward(a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
+    dense_forward(a->qkv, a->ln1, p + B->attn_w, p + B->attn_b, N, C, 3 * C, 0);
+    for (uint64_t i = 0; i < n; i++)
+      attention_forward(a->atty, ctx->inference ? NULL : a->lse, g->max_tok, a->qkv, g->att_a,
+                        g->off[i], g->off[i + 1] - g->off[i], C, NH);
+    if (a->res2 != a->res) memcpy(a->res2, a->res, N * C * sizeof(float));
+    dense_forward(a->res2, a->atty, p + B->aproj_w, p + B->aproj_b, N, C, C, 1);
+    layernorm_forward(a->ln2, a->ln2_stat, a->res2, p + B->ln2_w, p + B->ln2_b, N, C);
+    dense_forward(a->fch, a->ln2, p + B->fc_w, p + B->fc_b, N, C, 4 * C, 0);
+    if (a->dgelu != NULL)
+      prmi_act_forward_grad(PRM_ACT_GELU_TANH, a->fch, a->dgelu, N * 4 * C);
+    else
+      prmi_act_forward(PRM_ACT_GELU_TANH, a->fch, N * 4 * C);
+    if (res_next != a->res2) memcpy(res_next, a->res2, N * C * sizeof(float));
+    dense_forward(res_next, a->fch, p + B->mproj_w, p + B->mproj_b, N, 4 * C, C, 1);
+  }
+  /* head: final LayerNorm and score at the last token of each sequence */
+  const float *w = p + m->head.w_off;
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t r = g->off[i + 1] - 1;
+    float *y = g->lnf + i * C;
+    layernorm_forward(y, g->lnf_stat + 2 * i, g->res_out + r * C, p + m->lnf_w, p + m->lnf_b, 1,
+                      C);
+    float s = 0.0f;
+    for (uint64_t j = 0; j < C; j++) s += y[j] * w[j];
+    scores[i] = s;
+  }
+}
+
+/* ---- backward ------------------------------------------------------------------------- */
+
+/* Gradient slot of the parameter at arena offset `off`, or NULL if frozen. */
+static float *gslot(const prm_ctx *ctx, uint64_t off) {
+  return off >= ctx->trainable_offset ? ctx->grads + (off - ctx->trainable_offset) : NULL;
+}
+
+void prmi_gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
+  const prm_model *m = ctx->model;
+  prmi_gpt2_acts *g = ctx->gpt2;
+  const float *p = m->params;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
+  const uint64_t N = g->n_tok;
+  const float *w = p + m->head.w_off;
+
+  /* head: score_i = w . lnf_i */
+  float *gw = gslot(ctx, m->head.w_off);
+  if (gw != NULL)
+    for (uint64_t i = 0; i < n; i++)
+      for (uint64_t j = 0; j < C; j++) gw[j] += dscores[i] * g->lnf[i * C + j];
+  /* nothing below the head trains: done */
+  if (ctx->trainable_offset > m->lnf_w) return;
+
+  memset(g->d_res, 0, N * C * sizeof(float));
+  float *glnf_w = gslot(ctx, m->lnf_w), *glnf_b = gslot(ctx, m->lnf_b);
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t r = g->off[i + 1] - 1;
+    float *dy = g->d_c; /* (C) */
+    for (uint64_t j = 0; j < C; j++) dy[j] = dscores[i] * w[j];
+    layernorm_backward(g->d_res + r * C, glnf_w, glnf_b, dy, g->res_out + r * C, p + m->lnf_w,
+                       g->lnf_stat + 2 * i, 1, C);
+  }
+
+  for (uint64_t l = L; l-- > 0;) {
+    const prmi_block *B = &m->blocks[l];
+    if (B->start < ctx->trainable_offset) break; /* this block and all below are frozen */
+    const gpt2_layer_acts *a = &g->layer[l];
+    /* res_{l+1} = res2 + fch Wm + bm */
+    dense_backward(g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), g->d_res, a->fch,
+                   p + B->mproj_w, N, 4 * C, C);
+    for (uint64_t k = 0; k < N * 4 * C; k++) g->d_4c[k] *= a->dgelu[k];
+    /* fch = gelu(ln2 Wfc + bfc) */
+    dense_backward(g->d_c, 0, gslot(ctx, B->fc_w), gslot(ctx, B->fc_b), g->d_4c, a->ln2,
+                   p + B->fc_w, N, C, 4 * C);
+    layernorm_backward(g->d_res, gslot(ctx, B->ln2_w), gslot(ctx, B->ln2_b), g->d_c, a->res2,
+                       p + B->ln2_w, a->ln2_stat, N, C);
+    /* res2 = res + atty Wp + bp */
+    dense_backward(g->d_c, 0, gslot(ctx, B->aproj_w), gslot(ctx, B->aproj_b), g->d_res, a->atty,
+                   p + B->aproj_w, N, C, C);
+    for (uint64_t i = 0; i < n; i++)
+      attention_backward(g->d_3c, g->d_c, a->qkv, a->lse, g->max_tok, g->att_a, g->att_b,
+                         g->off[i], g->off[i + 1] - g->off[i], C, NH);
+    /* qkv = ln1 Wqkv + bqkv; ln1 = LN(res) */
+    dense_backward(g->d_c, 0, gslot(ctx, B->attn_w), gslot(ctx, B->attn_b), g->d_3c, a->ln1,
+                   p + B->attn_w, N, C, 3 * C);
+    layernorm_backward(g->d_res, gslot(ctx, B->ln1_w), gslot(ctx, B->ln1_b), g->d_c, a->res,
+                       p + B->ln1_w, a->ln1_stat, N, C);
+  }
+  /* embeddings (only when everything trains) */
+  float *gte = gslot(ctx, m->wte), *gpe = gslot(ctx, m->wpe);
+  if (gte == NULL) return;
+  for (uint64_t i = 0; i < n; i++)
+    for (uint64_t r = g->off[i]; r < g->off[i + 1]; r++) {
+      float *te = gte + (uint64_t)g->ids[r] * C, *pe = gpe + (r - g->off[i]) * C;
+      const float *d = g->d_res + r * C;
+      for (uint64_t j = 0; j < C; j++) {
+        te[j] += d[j];
+        pe[j] += d[j];
+      }
+    }
+}
