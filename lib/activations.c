@@ -150,3 +150,11 @@ void prmi_act_forward_grad(int32_t act, float *restrict za, float *restrict dact
     break;
   }
 }
+
+/* x[i] = exp(x[i] - shift) for softmax numerators (lib/gpt2.c). Arguments
+ * below -80 give exp(-80) instead of a smaller number: negligible against
+ * the row maximum's exp(0) = 1 in every sum they enter. */
+PRMI_TARGET_CLONES
+void prmi_exp_shifted(float *x, uint64_t n, float shift) {
+  for (uint64_t i = 0; i < n; i++) x[i] = exp_clipped(x[i] - shift);
+}

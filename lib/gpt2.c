@@ -135,11 +135,9 @@ static void attention_forward(float *atty, float *lse, uint64_t ld_lse, const fl
       float *si = S + i * T;
       float m = si[0];
       for (uint64_t j = 1; j <= i; j++) m = si[j] > m ? si[j] : m;
+      prmi_exp_shifted(si, i + 1, m);
       float sum = 0.0f;
-      for (uint64_t j = 0; j <= i; j++) {
-        si[j] = expf(si[j] - m);
-        sum += si[j];
-      }
+      for (uint64_t j = 0; j <= i; j++) sum += si[j];
       const float inv = 1.0f / sum;
       for (uint64_t j = 0; j <= i; j++) si[j] *= inv;
       for (uint64_t j = i + 1; j < T; j++) si[j] = 0.0f;
@@ -167,7 +165,7 @@ static void attention_backward(float *dqkv, const float *datty, const float *qkv
     prmi_gemm(0, 1, T, T, hs, scale, q, 3 * C, k, 3 * C, 0.0f, P, T);
     for (uint64_t i = 0; i < T; i++) {
       float *pi = P + i * T;
-      for (uint64_t j = 0; j <= i; j++) pi[j] = expf(pi[j] - l[i]);
+      prmi_exp_shifted(pi, i + 1, l[i]);
       for (uint64_t j = i + 1; j < T; j++) pi[j] = 0.0f;
     }
     /* dv = P^T dout; dP = dout v^T */
@@ -189,10 +187,9 @@ static void attention_backward(float *dqkv, const float *datty, const float *qkv
 
 /* ---- context buffers -------------------------------------------------------------------- */
 
-/* Per-layer pointer arrays of the activations kept for backward. A training
- * context owns distinct buffers per layer; an inference context points every
- * layer at one set (the forward below is written so that res, res2 and the
- * next res may alias: the residual adds are in place). */
+/* Activations kept for backward, per block. A training context owns one set
+ * per block; an inference context points every block at one set (the forward
+ * is written so that res and res2 may alias: the residual adds are in place). */
 typedef struct gpt2_layer_acts {
   float *res;      /* (N, C) residual stream entering the block */
   float *ln1;      /* (N, C) */
@@ -207,22 +204,45 @@ typedef struct gpt2_layer_acts {
   float *dgelu;    /* (N, 4C) gelu'(.) (training only) */
 } gpt2_layer_acts;
 
+/*
+ * The last block only matters at the n pooled tokens: its attention output,
+ * MLP and residual at every other position feed nothing. It computes keys and
+ * values for all tokens, and everything else for the n last tokens only, in
+ * compact (n, .) buffers -- (L-1)/L of the work of a full last block is saved
+ * with the same result.
+ */
+typedef struct gpt2_last_acts {
+  float *q;        /* (R, C) queries of the last tokens */
+  float *ln1;      /* (R, C) ln1 of the last tokens (gathered) */
+  float *lse;      /* (NH, R) */
+  float *atty;     /* (R, C) */
+  float *res2;     /* (R, C) */
+  float *ln2;      /* (R, C) */
+  float *ln2_stat; /* (R, 2) */
+  float *fch;      /* (R, 4C) */
+  float *dgelu;    /* (R, 4C) */
+  float *out;      /* (R, C) residual stream leaving the last block */
+} gpt2_last_acts;
+
 struct prmi_gpt2_acts {
   uint64_t max_tok; /* max_rows * max_len */
+  uint64_t max_rows;
   uint64_t n_tok;   /* tokens of the last forward */
   uint64_t *off;    /* (max_rows + 1) packed row offsets of the last forward */
   int32_t *ids;     /* (max_tok) packed token ids of the last forward */
-  gpt2_layer_acts *layer; /* [L] */
-  float *res_out;   /* (max_tok, C) stream after the last block */
-  float *lnf;       /* (max_rows, C) final LayerNorm at the pooled tokens */
-  float *lnf_stat;  /* (max_rows, 2) */
+  gpt2_layer_acts *layer; /* [L]; the last block uses res, ln1, ln1_stat, qkv */
+  gpt2_last_acts last;
+  float *lnf;       /* (R, C) final LayerNorm at the pooled tokens */
+  float *lnf_stat;  /* (R, 2) */
   float *att_a, *att_b; /* (max_len, max_len) attention scratch */
   /* backward scratch (training only) */
   float *d_res;     /* (max_tok, C) */
   float *d_c;       /* (max_tok, C) */
   float *d_3c;      /* (max_tok, 3C) */
   float *d_4c;      /* (max_tok, 4C) */
-  float *blocks[32]; /* every allocation, for free */
+  float *d_last;    /* (R, C) */
+  float *d_lastq;   /* (R, C) */
+  float *blocks[48]; /* every allocation, for free */
   int n_blocks;
 };
 
@@ -242,23 +262,29 @@ void prmi_gpt2_acts_free(prmi_gpt2_acts *g) {
   free(g);
 }
 
+/*
+ * Float counts (docs/gpt2.md has the formula): per token of a full block
+ * res, ln1, qkv, atty, res2, ln2 (8C), fch (4C), dgelu (4C, training),
+ * LayerNorm stats (4), lse (NH). The last block keeps res, ln1, ln1 stats and
+ * qkv per token (5C + 2) plus compact per-sequence buffers.
+ */
 prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
                                    int inference) {
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
-  const uint64_t T = max_rows * max_len;
+  const uint64_t T = max_rows * max_len, R = max_rows;
   prmi_gpt2_acts *g = calloc(1, sizeof *g);
   if (g == NULL) return NULL;
   g->max_tok = T;
+  g->max_rows = R;
   g->layer = calloc(L, sizeof *g->layer);
   g->off = calloc(max_rows + 1, sizeof *g->off);
   g->ids = calloc(T, sizeof *g->ids);
   int ok = g->layer != NULL && g->off != NULL && g->ids != NULL;
-  /* training: one set per layer; inference: one set shared by all layers */
-  const uint64_t sets = inference ? 1 : L;
-  for (uint64_t s = 0; ok && s < sets; s++) {
+  /* full blocks: training one set each, inference one set shared by all;
+   * the last block gets a smaller set of its own when training */
+  const uint64_t full_sets = inference ? (L > 1 ? 1 : 0) : L - 1;
+  for (uint64_t s = 0; ok && s < full_sets; s++) {
     gpt2_layer_acts *a = &g->layer[s];
-    /* res, ln1, qkv, atty, res2, ln2: 8C; fch 4C; dgelu 4C (training);
-     * ln stats 4; lse NH -- per token */
     float *big = take(g, T * ((inference ? 12 : 16) * C + 4 + NH));
     if (big == NULL) {
       ok = 0;
@@ -279,20 +305,50 @@ prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64
   }
   if (ok && inference)
     for (uint64_t l = 1; l < L; l++) g->layer[l] = g->layer[0];
+  if (ok && (!inference || L == 1)) {
+    /* the last block's per-token part: res, ln1, ln1_stat, qkv */
+    gpt2_layer_acts *a = &g->layer[L - 1];
+    float *big = take(g, T * (5 * C + 2));
+    ok = big != NULL;
+    if (ok) {
+      a->res = big;
+      a->ln1 = a->res + T * C;
+      a->ln1_stat = a->ln1 + T * C;
+      a->qkv = a->ln1_stat + 2 * T;
+    }
+  }
   if (ok) {
-    g->res_out = inference ? g->layer[0].res : take(g, T * C);
-    g->lnf = take(g, max_rows * C);
-    g->lnf_stat = take(g, max_rows * 2);
+    gpt2_last_acts *z = &g->last;
+    float *small = take(g, R * (12 * C + 2 + NH) + (inference ? 0 : R * 4 * C));
+    ok = small != NULL;
+    if (ok) {
+      z->q = small;
+      z->ln1 = z->q + R * C;
+      z->lse = z->ln1 + R * C;
+      z->atty = z->lse + NH * R;
+      z->res2 = z->atty + R * C;
+      z->ln2 = z->res2 + R * C;
+      z->ln2_stat = z->ln2 + R * C;
+      z->fch = z->ln2_stat + 2 * R;
+      z->out = z->fch + 4 * R * C;
+      z->dgelu = inference ? NULL : z->out + R * C;
+    }
+  }
+  if (ok) {
+    g->lnf = take(g, R * C);
+    g->lnf_stat = take(g, R * 2);
     g->att_a = take(g, max_len * max_len);
     g->att_b = take(g, max_len * max_len);
-    ok = g->res_out && g->lnf && g->lnf_stat && g->att_a && g->att_b;
+    ok = g->lnf && g->lnf_stat && g->att_a && g->att_b;
   }
   if (ok && !inference) {
     g->d_res = take(g, T * C);
     g->d_c = take(g, T * C);
     g->d_3c = take(g, T * 3 * C);
     g->d_4c = take(g, T * 4 * C);
-    ok = g->d_res && g->d_c && g->d_3c && g->d_4c;
+    g->d_last = take(g, R * C);
+    g->d_lastq = take(g, R * C);
+    ok = g->d_res && g->d_c && g->d_3c && g->d_4c && g->d_last && g->d_lastq;
   }
   if (!ok) {
     prmi_gpt2_acts_free(g);
@@ -334,11 +390,89 @@ int prmi_gpt2_check_batch(prm_ctx *ctx, const prm_batch *b) {
 
 /* ---- forward -------------------------------------------------------------------------- */
 
+/* A full block l: every token. */
+static void block_forward(const prm_model *m, prmi_gpt2_acts *g, uint64_t l, float *res_next,
+                          int inference, uint64_t n) {
+  const float *p = m->params;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, N = g->n_tok;
+  const prmi_block *B = &m->blocks[l];
+  gpt2_layer_acts *a = &g->layer[l];
+  layernorm_forward(a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
+  dense_forward(a->qkv, a->ln1, p + B->attn_w, p + B->attn_b, N, C, 3 * C, 0);
+  for (uint64_t i = 0; i < n; i++)
+    attention_forward(a->atty, inference ? NULL : a->lse, g->max_tok, a->qkv, g->att_a, g->off[i],
+                      g->off[i + 1] - g->off[i], C, NH);
+  if (a->res2 != a->res) memcpy(a->res2, a->res, N * C * sizeof(float));
+  dense_forward(a->res2, a->atty, p + B->aproj_w, p + B->aproj_b, N, C, C, 1);
+  layernorm_forward(a->ln2, a->ln2_stat, a->res2, p + B->ln2_w, p + B->ln2_b, N, C);
+  dense_forward(a->fch, a->ln2, p + B->fc_w, p + B->fc_b, N, C, 4 * C, 0);
+  if (a->dgelu != NULL)
+    prmi_act_forward_grad(PRM_ACT_GELU_TANH, a->fch, a->dgelu, N * 4 * C);
+  else
+    prmi_act_forward(PRM_ACT_GELU_TANH, a->fch, N * 4 * C);
+  if (res_next != a->res2) memcpy(res_next, a->res2, N * C * sizeof(float));
+  dense_forward(res_next, a->fch, p + B->mproj_w, p + B->mproj_b, N, 4 * C, C, 1);
+}
+
+/*
+ * The last block: keys and values for every token, the rest for the last
+ * token r_i of each sequence only (compact rows i = 0..n-1). Attention of one
+ * query: s_j = q.k_j / sqrt(hs) over the sequence's tokens j.
+ */
+static void last_block_forward(const prm_model *m, prmi_gpt2_acts *g, uint64_t n) {
+  const float *p = m->params;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer, N = g->n_tok;
+  const uint64_t hs = C / NH;
+  const float scale = 1.0f / sqrtf((float)hs);
+  const prmi_block *B = &m->blocks[L - 1];
+  gpt2_layer_acts *a = &g->layer[L - 1];
+  gpt2_last_acts *z = &g->last;
+  layernorm_forward(a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
+  /* k | v for all tokens: columns C..3C of c_attn */
+  for (uint64_t r = 0; r < N; r++)
+    memcpy(a->qkv + r * 3 * C + C, p + B->attn_b + C, 2 * C * sizeof(float));
+  prmi_gemm(0, 0, N, 2 * C, C, 1.0f, a->ln1, C, p + B->attn_w + C, 3 * C, 1.0f, a->qkv + C, 3 * C);
+  /* q of the last tokens: columns 0..C */
+  for (uint64_t i = 0; i < n; i++) {
+    memcpy(z->ln1 + i * C, a->ln1 + (g->off[i + 1] - 1) * C, C * sizeof(float));
+    memcpy(z->q + i * C, p + B->attn_b, C * sizeof(float));
+  }
+  prmi_gemm(0, 0, n, C, C, 1.0f, z->ln1, C, p + B->attn_w, 3 * C, 1.0f, z->q, C);
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t row = g->off[i], T = g->off[i + 1] - row;
+    for (uint64_t h = 0; h < NH; h++) {
+      const float *k = a->qkv + row * 3 * C + C + h * hs, *v = k + C;
+      float *s = g->att_a;
+      prmi_gemv(0, T, hs, scale, k, 3 * C, z->q + i * C + h * hs, 0.0f, s);
+      float mx = s[0];
+      for (uint64_t j = 1; j < T; j++) mx = s[j] > mx ? s[j] : mx;
+      prmi_exp_shifted(s, T, mx);
+      float sum = 0.0f;
+      for (uint64_t j = 0; j < T; j++) sum += s[j];
+      const float inv = 1.0f / sum;
+      for (uint64_t j = 0; j < T; j++) s[j] *= inv;
+      z->lse[h * g->max_rows + i] = mx + logf(sum);
+      prmi_gemv(1, T, hs, 1.0f, v, 3 * C, s, 0.0f, z->atty + i * C + h * hs);
+    }
+  }
+  for (uint64_t i = 0; i < n; i++)
+    memcpy(z->res2 + i * C, a->res + (g->off[i + 1] - 1) * C, C * sizeof(float));
+  dense_forward(z->res2, z->atty, p + B->aproj_w, p + B->aproj_b, n, C, C, 1);
+  layernorm_forward(z->ln2, z->ln2_stat, z->res2, p + B->ln2_w, p + B->ln2_b, n, C);
+  dense_forward(z->fch, z->ln2, p + B->fc_w, p + B->fc_b, n, C, 4 * C, 0);
+  if (z->dgelu != NULL)
+    prmi_act_forward_grad(PRM_ACT_GELU_TANH, z->fch, z->dgelu, n * 4 * C);
+  else
+    prmi_act_forward(PRM_ACT_GELU_TANH, z->fch, n * 4 * C);
+  memcpy(z->out, z->res2, n * C * sizeof(float));
+  dense_forward(z->out, z->fch, p + B->mproj_w, p + B->mproj_b, n, 4 * C, C, 1);
+}
+
 void prmi_gpt2_forward(prm_ctx *ctx, const prm_batch *b, float *scores) {
   const prm_model *m = ctx->model;
   prmi_gpt2_acts *g = ctx->gpt2;
   const float *p = m->params;
-  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
+  const uint64_t C = m->opts.n_embd, L = m->opts.n_layer;
   const uint64_t n = b->n;
 
   /* pack the tokens; embeddings: res_0[r] = wte[id] + wpe[pos] */
@@ -360,35 +494,15 @@ void prmi_gpt2_forward(prm_ctx *ctx, const prm_batch *b, float *scores) {
       for (uint64_t j = 0; j < C; j++) o[j] = te[j] + pe[j];
     }
 
-  for (uint64_t l = 0; l < L; l++) {
-    const prmi_block *B = &m->blocks[l];
-    gpt2_layer_acts *a = &g->layer[l];
-    float *res_next = l + 1 < L ? g->layer[l + 1].res : g->res_out;
-    layernorm_forward(a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
-    dense_forward(a->qkv, a->ln1, p + B->attn_w, p + B->attn_b, N, C, 3 * C, 0);
-    for (uint64_t i = 0; i < n; i++)
-      attention_forward(a->atty, ctx->inference ? NULL : a->lse, g->max_tok, a->qkv, g->att_a,
-                        g->off[i], g->off[i + 1] - g->off[i], C, NH);
-    if (a->res2 != a->res) memcpy(a->res2, a->res, N * C * sizeof(float));
-    dense_forward(a->res2, a->atty, p + B->aproj_w, p + B->aproj_b, N, C, C, 1);
-    layernorm_forward(a->ln2, a->ln2_stat, a->res2, p + B->ln2_w, p + B->ln2_b, N, C);
-    dense_forward(a->fch, a->ln2, p + B->fc_w, p + B->fc_b, N, C, 4 * C, 0);
-    if (a->dgelu != NULL)
-      prmi_act_forward_grad(PRM_ACT_GELU_TANH, a->fch, a->dgelu, N * 4 * C);
-    else
-      prmi_act_forward(PRM_ACT_GELU_TANH, a->fch, N * 4 * C);
-    if (res_next != a->res2) memcpy(res_next, a->res2, N * C * sizeof(float));
-    dense_forward(res_next, a->fch, p + B->mproj_w, p + B->mproj_b, N, 4 * C, C, 1);
-  }
+  for (uint64_t l = 0; l + 1 < L; l++)
+    block_forward(m, g, l, g->layer[l + 1].res, ctx->inference, n);
+  last_block_forward(m, g, n);
   /* head: final LayerNorm and score at the last token of each sequence */
   const float *w = p + m->head.w_off;
+  layernorm_forward(g->lnf, g->lnf_stat, g->last.out, p + m->lnf_w, p + m->lnf_b, n, C);
   for (uint64_t i = 0; i < n; i++) {
-    const uint64_t r = g->off[i + 1] - 1;
-    float *y = g->lnf + i * C;
-    layernorm_forward(y, g->lnf_stat + 2 * i, g->res_out + r * C, p + m->lnf_w, p + m->lnf_b, 1,
-                      C);
     float s = 0.0f;
-    for (uint64_t j = 0; j < C; j++) s += y[j] * w[j];
+    for (uint64_t j = 0; j < C; j++) s += g->lnf[i * C + j] * w[j];
     scores[i] = s;
   }
 }
@@ -400,12 +514,113 @@ static float *gslot(const prm_ctx *ctx, uint64_t off) {
   return off >= ctx->trainable_offset ? ctx->grads + (off - ctx->trainable_offset) : NULL;
 }
 
+/* Backward of a full block l; g->d_res holds d(res_{l+1}) and receives d(res_l). */
+static void block_backward(const prm_ctx *ctx, prmi_gpt2_acts *g, uint64_t l, uint64_t n) {
+  const prm_model *m = ctx->model;
+  const float *p = m->params;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, N = g->n_tok;
+  const prmi_block *B = &m->blocks[l];
+  const gpt2_layer_acts *a = &g->layer[l];
+  /* res_{l+1} = res2 + fch Wm + bm */
+  dense_backward(g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), g->d_res, a->fch,
+                 p + B->mproj_w, N, 4 * C, C);
+  for (uint64_t k = 0; k < N * 4 * C; k++) g->d_4c[k] *= a->dgelu[k];
+  /* fch = gelu(ln2 Wfc + bfc); ln2 = LN(res2) */
+  dense_backward(g->d_c, 0, gslot(ctx, B->fc_w), gslot(ctx, B->fc_b), g->d_4c, a->ln2,
+                 p + B->fc_w, N, C, 4 * C);
+  layernorm_backward(g->d_res, gslot(ctx, B->ln2_w), gslot(ctx, B->ln2_b), g->d_c, a->res2,
+                     p + B->ln2_w, a->ln2_stat, N, C);
+  /* res2 = res + atty Wp + bp */
+  dense_backward(g->d_c, 0, gslot(ctx, B->aproj_w), gslot(ctx, B->aproj_b), g->d_res, a->atty,
+                 p + B->aproj_w, N, C, C);
+  for (uint64_t i = 0; i < n; i++)
+    attention_backward(g->d_3c, g->d_c, a->qkv, a->lse, g->max_tok, g->att_a, g->att_b,
+                       g->off[i], g->off[i + 1] - g->off[i], C, NH);
+  /* qkv = ln1 Wqkv + bqkv; ln1 = LN(res) */
+  dense_backward(g->d_c, 0, gslot(ctx, B->attn_w), gslot(ctx, B->attn_b), g->d_3c, a->ln1,
+                 p + B->attn_w, N, C, 3 * C);
+  layernorm_backward(g->d_res, gslot(ctx, B->ln1_w), gslot(ctx, B->ln1_b), g->d_c, a->res,
+                     p + B->ln1_w, a->ln1_stat, N, C);
+}
+
+/* Backward of the last block: g->d_last holds d(out) (n, C); g->d_res
+ * receives d(res_{L-1}) for all N tokens. */
+static void last_block_backward(const prm_ctx *ctx, prmi_gpt2_acts *g, uint64_t n) {
+  const prm_model *m = ctx->model;
+  const float *p = m->params;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer, N = g->n_tok;
+  const uint64_t hs = C / NH;
+  const float scale = 1.0f / sqrtf((float)hs);
+  const prmi_block *B = &m->blocks[L - 1];
+  const gpt2_layer_acts *a = &g->layer[L - 1];
+  const gpt2_last_acts *z = &g->last;
+  float *dz = g->d_last; /* d(out), then d(res2): out = res2 + ... */
+  /* MLP on the n last tokens */
+  dense_backward(g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), dz, z->fch,
+                 p + B->mproj_w, n, 4 * C, C);
+  for (uint64_t k = 0; k < n * 4 * C; k++) g->d_4c[k] *= z->dgelu[k];
+  dense_backward(g->d_c, 0, gslot(ctx, B->fc_w), gslot(ctx, B->fc_b), g->d_4c, z->ln2, p + B->fc_w,
+                 n, C, 4 * C);
+  layernorm_backward(dz, gslot(ctx, B->ln2_w), gslot(ctx, B->ln2_b), g->d_c, z->res2,
+                     p + B->ln2_w, z->ln2_stat, n, C);
+  /* res2 = res[r_i] + atty Wp + bp: d(atty) into d_c rows 0..n-1 */
+  dense_backward(g->d_c, 0, gslot(ctx, B->aproj_w), gslot(ctx, B->aproj_b), dz, z->atty,
+                 p + B->aproj_w, n, C, C);
+  /* attention of the last queries: dk, dv for every token, dq compact */
+  memset(g->d_3c, 0, N * 3 * C * sizeof(float));
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t row = g->off[i], T = g->off[i + 1] - row;
+    for (uint64_t h = 0; h < NH; h++) {
+      const float *k = a->qkv + row * 3 * C + C + h * hs, *v = k + C;
+      const float *q = z->q + i * C + h * hs, *dout = g->d_c + i * C + h * hs;
+      float *dk = g->d_3c + row * 3 * C + C + h * hs, *dv = dk + C;
+      float *pr = g->att_a, *dp = g->att_b;
+      prmi_gemv(0, T, hs, scale, k, 3 * C, q, 0.0f, pr);
+      prmi_exp_shifted(pr, T, z->lse[h * g->max_rows + i]);
+      prmi_gemv(0, T, hs, 1.0f, v, 3 * C, dout, 0.0f, dp); /* dp_j = dout . v_j */
+      float dsum = 0.0f;
+      for (uint64_t j = 0; j < T; j++) dsum += pr[j] * dp[j];
+      for (uint64_t j = 0; j < T; j++) dp[j] = pr[j] * (dp[j] - dsum) * scale; /* ds_j */
+      for (uint64_t j = 0; j < T; j++) {
+        float *dkj = dk + j * 3 * C, *dvj = dv + j * 3 * C;
+        for (uint64_t t = 0; t < hs; t++) {
+          dvj[t] = pr[j] * dout[t];
+          dkj[t] = dp[j] * q[t];
+        }
+      }
+      prmi_gemv(1, T, hs, 1.0f, k, 3 * C, dp, 0.0f, g->d_lastq + i * C + h * hs); /* dq */
+    }
+  }
+  /* c_attn: k | v columns for every token, q columns for the last tokens */
+  float *gw = gslot(ctx, B->attn_w), *gb = gslot(ctx, B->attn_b);
+  prmi_gemm(0, 1, N, C, 2 * C, 1.0f, g->d_3c + C, 3 * C, p + B->attn_w + C, 3 * C, 0.0f, g->d_c, C);
+  if (gw != NULL) {
+    prmi_gemm(1, 0, C, 2 * C, N, 1.0f, a->ln1, C, g->d_3c + C, 3 * C, 1.0f, gw + C, 3 * C);
+    for (uint64_t r = 0; r < N; r++)
+      for (uint64_t j = 0; j < 2 * C; j++) gb[C + j] += g->d_3c[r * 3 * C + C + j];
+    prmi_gemm(1, 0, C, C, n, 1.0f, z->ln1, C, g->d_lastq, C, 1.0f, gw, 3 * C);
+    for (uint64_t i = 0; i < n; i++)
+      for (uint64_t j = 0; j < C; j++) gb[j] += g->d_lastq[i * C + j];
+  }
+  /* d(ln1) of the last tokens gets the q path too: use d_4c rows as (n, C) */
+  prmi_gemm(0, 1, n, C, C, 1.0f, g->d_lastq, C, p + B->attn_w, 3 * C, 0.0f, g->d_4c, C);
+  for (uint64_t i = 0; i < n; i++) {
+    float *d = g->d_c + (g->off[i + 1] - 1) * C;
+    for (uint64_t j = 0; j < C; j++) d[j] += g->d_4c[i * C + j];
+  }
+  /* d(res) = scatter of d(res2) at the last tokens + LN1 backward */
+  memset(g->d_res, 0, N * C * sizeof(float));
+  for (uint64_t i = 0; i < n; i++)
+    memcpy(g->d_res + (g->off[i + 1] - 1) * C, dz + i * C, C * sizeof(float));
+  layernorm_backward(g->d_res, gslot(ctx, B->ln1_w), gslot(ctx, B->ln1_b), g->d_c, a->res,
+                     p + B->ln1_w, a->ln1_stat, N, C);
+}
+
 void prmi_gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   const prm_model *m = ctx->model;
   prmi_gpt2_acts *g = ctx->gpt2;
   const float *p = m->params;
-  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
-  const uint64_t N = g->n_tok;
+  const uint64_t C = m->opts.n_embd, L = m->opts.n_layer;
   const float *w = p + m->head.w_off;
 
   /* head: score_i = w . lnf_i */
@@ -413,43 +628,19 @@ void prmi_gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   if (gw != NULL)
     for (uint64_t i = 0; i < n; i++)
       for (uint64_t j = 0; j < C; j++) gw[j] += dscores[i] * g->lnf[i * C + j];
-  /* nothing below the head trains: done */
-  if (ctx->trainable_offset > m->lnf_w) return;
+  if (ctx->trainable_offset > m->lnf_w) return; /* nothing below the head trains */
 
-  memset(g->d_res, 0, N * C * sizeof(float));
-  float *glnf_w = gslot(ctx, m->lnf_w), *glnf_b = gslot(ctx, m->lnf_b);
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t r = g->off[i + 1] - 1;
-    float *dy = g->d_c; /* (C) */
-    for (uint64_t j = 0; j < C; j++) dy[j] = dscores[i] * w[j];
-    layernorm_backward(g->d_res + r * C, glnf_w, glnf_b, dy, g->res_out + r * C, p + m->lnf_w,
-                       g->lnf_stat + 2 * i, 1, C);
-  }
-
-  for (uint64_t l = L; l-- > 0;) {
-    const prmi_block *B = &m->blocks[l];
-    if (B->start < ctx->trainable_offset) break; /* this block and all below are frozen */
-    const gpt2_layer_acts *a = &g->layer[l];
-    /* res_{l+1} = res2 + fch Wm + bm */
-    dense_backward(g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), g->d_res, a->fch,
-                   p + B->mproj_w, N, 4 * C, C);
-    for (uint64_t k = 0; k < N * 4 * C; k++) g->d_4c[k] *= a->dgelu[k];
-    /* fch = gelu(ln2 Wfc + bfc) */
-    dense_backward(g->d_c, 0, gslot(ctx, B->fc_w), gslot(ctx, B->fc_b), g->d_4c, a->ln2,
-                   p + B->fc_w, N, C, 4 * C);
-    layernorm_backward(g->d_res, gslot(ctx, B->ln2_w), gslot(ctx, B->ln2_b), g->d_c, a->res2,
-                       p + B->ln2_w, a->ln2_stat, N, C);
-    /* res2 = res + atty Wp + bp */
-    dense_backward(g->d_c, 0, gslot(ctx, B->aproj_w), gslot(ctx, B->aproj_b), g->d_res, a->atty,
-                   p + B->aproj_w, N, C, C);
-    for (uint64_t i = 0; i < n; i++)
-      attention_backward(g->d_3c, g->d_c, a->qkv, a->lse, g->max_tok, g->att_a, g->att_b,
-                         g->off[i], g->off[i + 1] - g->off[i], C, NH);
-    /* qkv = ln1 Wqkv + bqkv; ln1 = LN(res) */
-    dense_backward(g->d_c, 0, gslot(ctx, B->attn_w), gslot(ctx, B->attn_b), g->d_3c, a->ln1,
-                   p + B->attn_w, N, C, 3 * C);
-    layernorm_backward(g->d_res, gslot(ctx, B->ln1_w), gslot(ctx, B->ln1_b), g->d_c, a->res,
-                       p + B->ln1_w, a->ln1_stat, N, C);
+  /* final LayerNorm: d(out) of the last block, compact */
+  memset(g->d_last, 0, n * C * sizeof(float));
+  for (uint64_t i = 0; i < n; i++)
+    for (uint64_t j = 0; j < C; j++) g->d_c[i * C + j] = dscores[i] * w[j];
+  layernorm_backward(g->d_last, gslot(ctx, m->lnf_w), gslot(ctx, m->lnf_b), g->d_c, g->last.out,
+                     p + m->lnf_w, g->lnf_stat, n, C);
+  if (m->blocks[L - 1].start < ctx->trainable_offset) return; /* blocks frozen */
+  last_block_backward(ctx, g, n);
+  for (uint64_t l = L - 1; l-- > 0;) {
+    if (m->blocks[l].start < ctx->trainable_offset) return; /* this and all below frozen */
+    block_backward(ctx, g, l, n);
   }
   /* embeddings (only when everything trains) */
   float *gte = gslot(ctx, m->wte), *gpe = gslot(ctx, m->wpe);

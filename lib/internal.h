@@ -162,6 +162,9 @@ void prmi_act_forward(int32_t act, float *za, uint64_t n);
  */
 void prmi_act_forward_grad(int32_t act, float *za, float *dact, uint64_t n);
 
+/* x (n): x[i] = exp(x[i] - shift), vectorised (softmax numerators). */
+void prmi_exp_shifted(float *x, uint64_t n, float shift);
+
 /* ---- contexts (ctx.c) ---------------------------------------------------- */
 
 typedef struct prmi_gpt2_acts prmi_gpt2_acts; /* gpt2.c */
