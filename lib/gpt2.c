@@ -120,6 +120,13 @@ static void dense_backward(float *dx, int dx_accumulate, float *dw, float *db, c
 /* ---- attention ------------------------------------------------------------------------- */
 
 /*
+ * Causal attention works in blocks of ATT_BLOCK query rows: rows [i0, i1)
+ * only see keys [0, i1), so the blocks above the diagonal are never
+ * computed (for T = 128 and blocks of 32, 10/16 of the full T x T work).
+ */
+#define ATT_BLOCK 32
+
+/*
  * Causal attention of one sequence (T tokens starting at packed row `row`)
  * for every head. qkv rows have stride 3C, atty rows stride C. S is (T, T)
  * scratch. lse[h * ld_lse + row + i] receives log sum_j exp(s_ij).
@@ -130,58 +137,72 @@ static void attention_forward(float *atty, float *lse, uint64_t ld_lse, const fl
   const float scale = 1.0f / sqrtf((float)hs);
   for (uint64_t h = 0; h < NH; h++) {
     const float *q = qkv + row * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
-    prmi_gemm(0, 1, T, T, hs, scale, q, 3 * C, k, 3 * C, 0.0f, S, T);
-    for (uint64_t i = 0; i < T; i++) {
-      float *si = S + i * T;
-      float m = si[0];
-      for (uint64_t j = 1; j <= i; j++) m = si[j] > m ? si[j] : m;
-      prmi_exp_shifted(si, i + 1, m);
-      float sum = 0.0f;
-      for (uint64_t j = 0; j <= i; j++) sum += si[j];
-      const float inv = 1.0f / sum;
-      for (uint64_t j = 0; j <= i; j++) si[j] *= inv;
-      for (uint64_t j = i + 1; j < T; j++) si[j] = 0.0f;
-      if (lse != NULL) lse[h * ld_lse + row + i] = m + logf(sum);
+    for (uint64_t i0 = 0; i0 < T; i0 += ATT_BLOCK) {
+      const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+      float *Sb = S + i0 * T; /* rows i0..i1, columns 0..i1 */
+      prmi_gemm(0, 1, i1 - i0, i1, hs, scale, q + i0 * 3 * C, 3 * C, k, 3 * C, 0.0f, Sb, T);
+      for (uint64_t i = i0; i < i1; i++) {
+        float *si = S + i * T;
+        float m = si[0];
+        for (uint64_t j = 1; j <= i; j++) m = si[j] > m ? si[j] : m;
+        prmi_exp_shifted(si, i + 1, m);
+        float sum = 0.0f;
+        for (uint64_t j = 0; j <= i; j++) sum += si[j];
+        const float inv = 1.0f / sum;
+        for (uint64_t j = 0; j <= i; j++) si[j] *= inv;
+        for (uint64_t j = i + 1; j < i1; j++) si[j] = 0.0f;
+        if (lse != NULL) lse[h * ld_lse + row + i] = m + logf(sum);
+      }
+      prmi_gemm(0, 0, i1 - i0, hs, i1, 1.0f, Sb, T, v, 3 * C, 0.0f,
+                atty + (row + i0) * C + h * hs, C);
     }
-    prmi_gemm(0, 0, T, hs, T, 1.0f, S, T, v, 3 * C, 0.0f, atty + row * C + h * hs, C);
   }
 }
 
 /*
  * Backward of attention_forward for one sequence: dqkv rows of the sequence
- * are overwritten (q, k and v parts). P and dP are (T, T) scratch.
+ * are overwritten (q, k and v parts). P and dP are (T, T) scratch. Blocks
+ * run last to first, so the first one (which sees every key) initialises
+ * dk and dv and the others accumulate.
  */
 static void attention_backward(float *dqkv, const float *datty, const float *qkv,
                                const float *lse, uint64_t ld_lse, float *P, float *dP,
                                uint64_t row, uint64_t T, uint64_t C, uint64_t NH) {
   const uint64_t hs = C / NH;
   const float scale = 1.0f / sqrtf((float)hs);
+  const uint64_t n_blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
   for (uint64_t h = 0; h < NH; h++) {
     const float *q = qkv + row * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
     const float *dout = datty + row * C + h * hs;
     float *dq = dqkv + row * 3 * C + h * hs, *dk = dq + C, *dv = dq + 2 * C;
     const float *l = lse + h * ld_lse + row;
-    /* P = exp(q k^T scale - lse), causal */
-    prmi_gemm(0, 1, T, T, hs, scale, q, 3 * C, k, 3 * C, 0.0f, P, T);
-    for (uint64_t i = 0; i < T; i++) {
-      float *pi = P + i * T;
-      prmi_exp_shifted(pi, i + 1, l[i]);
-      for (uint64_t j = i + 1; j < T; j++) pi[j] = 0.0f;
+    for (uint64_t b = n_blocks; b-- > 0;) {
+      const uint64_t i0 = b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+      const uint64_t m = i1 - i0;
+      const float beta = b + 1 == n_blocks ? 0.0f : 1.0f;
+      float *Pb = P + i0 * T, *dPb = dP + i0 * T;
+      /* P = exp(q k^T scale - lse), causal */
+      prmi_gemm(0, 1, m, i1, hs, scale, q + i0 * 3 * C, 3 * C, k, 3 * C, 0.0f, Pb, T);
+      for (uint64_t i = i0; i < i1; i++) {
+        float *pi = P + i * T;
+        prmi_exp_shifted(pi, i + 1, l[i]);
+        for (uint64_t j = i + 1; j < i1; j++) pi[j] = 0.0f;
+      }
+      /* dv (+)= P^T dout; dP = dout v^T */
+      prmi_gemm(1, 0, i1, hs, m, 1.0f, Pb, T, dout + i0 * C, C, beta, dv, 3 * C);
+      prmi_gemm(0, 1, m, i1, hs, 1.0f, dout + i0 * C, C, v, 3 * C, 0.0f, dPb, T);
+      /* dS = P (dP - rowsum(P dP)) * scale */
+      for (uint64_t i = i0; i < i1; i++) {
+        float *pi = P + i * T, *dpi = dP + i * T;
+        float dsum = 0.0f;
+        for (uint64_t j = 0; j <= i; j++) dsum += pi[j] * dpi[j];
+        for (uint64_t j = 0; j <= i; j++) dpi[j] = pi[j] * (dpi[j] - dsum) * scale;
+        for (uint64_t j = i + 1; j < i1; j++) dpi[j] = 0.0f;
+      }
+      /* dq = dS k; dk (+)= dS^T q */
+      prmi_gemm(0, 0, m, hs, i1, 1.0f, dPb, T, k, 3 * C, 0.0f, dq + i0 * 3 * C, 3 * C);
+      prmi_gemm(1, 0, i1, hs, m, 1.0f, dPb, T, q + i0 * 3 * C, 3 * C, beta, dk, 3 * C);
     }
-    /* dv = P^T dout; dP = dout v^T */
-    prmi_gemm(1, 0, T, hs, T, 1.0f, P, T, dout, C, 0.0f, dv, 3 * C);
-    prmi_gemm(0, 1, T, T, hs, 1.0f, dout, C, v, 3 * C, 0.0f, dP, T);
-    /* dS = P (dP - rowsum(P dP)) * scale */
-    for (uint64_t i = 0; i < T; i++) {
-      float *pi = P + i * T, *dpi = dP + i * T;
-      float dsum = 0.0f;
-      for (uint64_t j = 0; j <= i; j++) dsum += pi[j] * dpi[j];
-      for (uint64_t j = 0; j <= i; j++) dpi[j] = pi[j] * (dpi[j] - dsum) * scale;
-      for (uint64_t j = i + 1; j < T; j++) dpi[j] = 0.0f;
-    }
-    /* dq = dS k; dk = dS^T q */
-    prmi_gemm(0, 0, T, hs, T, 1.0f, dP, T, k, 3 * C, 0.0f, dq, 3 * C);
-    prmi_gemm(1, 0, T, hs, T, 1.0f, dP, T, q, 3 * C, 0.0f, dk, 3 * C);
   }
 }
 
