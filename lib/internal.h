@@ -15,7 +15,6 @@
 
 #define PRMI_ERRMSG_SIZE 256
 #define PRMI_NAME_SIZE 64
-#define PRMI_MAX_TENSORS (2 * PRM_MAX_HIDDEN + 1)
 
 #if defined(__GNUC__)
 #define PRMI_PRINTF(a, b) __attribute__((format(printf, a, b)))

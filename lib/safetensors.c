@@ -136,11 +136,31 @@ static size_t write_header(const prm_model *m, char *dst, size_t cap) {
   const prm_model_options *o = &m->opts;
   sink_str(&s, "{\"__metadata__\":{");
   sink_meta(&s, "model", 1);
-  sink_jstr(&s, o->arch == PRM_ARCH_MLP ? "mlp" : "linear");
-  sink_meta(&s, "d", 0);
-  sink_put(&s, "\"", 1);
-  sink_u64(&s, o->input_size);
-  sink_put(&s, "\"", 1);
+  sink_jstr(&s, o->arch == PRM_ARCH_GPT2 ? "gpt2" : o->arch == PRM_ARCH_MLP ? "mlp" : "linear");
+  if (o->arch == PRM_ARCH_GPT2) {
+    /* torch_ref's config_metadata: str() of each config value, in its order */
+    const struct {
+      const char *key;
+      uint64_t v;
+    } cfg[5] = {{"vocab_size", o->vocab_size},
+                {"n_positions", o->n_ctx},
+                {"n_embd", o->n_embd},
+                {"n_layer", o->n_layer},
+                {"n_head", o->n_head}};
+    for (int i = 0; i < 5; i++) {
+      sink_meta(&s, cfg[i].key, 0);
+      sink_put(&s, "\"", 1);
+      sink_u64(&s, cfg[i].v);
+      sink_put(&s, "\"", 1);
+    }
+    sink_meta(&s, "layer_norm_epsilon", 0);
+    sink_jstr(&s, "1e-05"); /* Python's str(1e-5); the only eps the library implements */
+  } else {
+    sink_meta(&s, "d", 0);
+    sink_put(&s, "\"", 1);
+    sink_u64(&s, o->input_size);
+    sink_put(&s, "\"", 1);
+  }
   if (o->arch == PRM_ARCH_MLP) {
     /* json.dumps style: "[1024, 256]" */
     const char *act = prmi_activation_name(o->activation);
@@ -659,6 +679,11 @@ static int json_skip(json *j) {
 /* Header model                                                              */
 /* ------------------------------------------------------------------------ */
 
+/* Most entries a header may list: a gpt2 model of PRMI_GPT2_MAX_LAYER blocks
+ * has 2 + 12 * 128 + 3 tensors, plus up to two ignored HF buffers per block.
+ * The entry array grows with the header and never beyond this. */
+#define ST_MAX_ENTRIES 4096
+
 typedef struct st_entry {
   char name[PRMI_NAME_SIZE];
   char dtype[16];
@@ -666,32 +691,104 @@ typedef struct st_entry {
   uint64_t shape[ST_MAX_DIMS];
   uint64_t begin, end; /* data_offsets */
   int used;            /* matched by a model tensor */
+  int ignorable;       /* an HF GPT-2 non-persistent buffer (attn.bias / attn.masked_bias) */
 } st_entry;
 
+enum {
+  META_MODEL,
+  META_D,
+  META_HIDDEN,
+  META_ACT,
+  META_VOCAB,
+  META_NPOS,
+  META_NEMBD,
+  META_NLAYER,
+  META_NHEAD,
+  META_EPS,
+  META_COUNT
+};
+static const char *const meta_keys[META_COUNT] = {
+    "model",       "d",      "hidden",  "act",    "vocab_size",
+    "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon"};
+
 typedef struct st_header {
-  st_entry entries[PRMI_MAX_TENSORS];
-  uint32_t n_entries;
-  uint32_t n_gpt2; /* transformer-style names seen (not stored) */
-  char gpt2_example[PRMI_NAME_SIZE];
+  st_entry *entries; /* [cap], n_entries used; heap, grows while parsing */
+  uint32_t n_entries, cap;
+  st_entry **by_name; /* [n_entries] sorted by name, built after parsing */
+  int nomem;          /* parsing stopped for lack of memory */
   int seen_metadata;
-  int have_meta[4]; /* model, d, hidden, act */
-  char meta[4][ST_META_VALUE_MAX];
+  int have_meta[META_COUNT];
+  char meta[META_COUNT][ST_META_VALUE_MAX];
 } st_header;
 
-static const char *const meta_keys[4] = {"model", "d", "hidden", "act"};
-enum { META_MODEL, META_D, META_HIDDEN, META_ACT };
+static void header_free(st_header *h) {
+  if (h == NULL) return;
+  free(h->entries);
+  free(h->by_name);
+  free(h);
+}
 
-/* HF GPT-2 names, with or without the "transformer." prefix. */
-static int is_gpt2_name(const char *n) {
-  return strncmp(n, "transformer.", 12) == 0 || strncmp(n, "h.", 2) == 0 ||
-         strncmp(n, "ln_f.", 5) == 0 || strcmp(n, "wte.weight") == 0 ||
+/* A bare GPT2Model name (no "transformer." prefix), as torch_ref accepts. */
+static int is_bare_gpt2_name(const char *n) {
+  return strncmp(n, "h.", 2) == 0 || strncmp(n, "ln_f.", 5) == 0 || strcmp(n, "wte.weight") == 0 ||
          strcmp(n, "wpe.weight") == 0;
 }
 
+/* "transformer.h.<l>.<rest>" with a canonical decimal l: returns rest and
+ * sets *l, else NULL. */
+static const char *gpt2_block_name(const char *n, uint64_t *l) {
+  const char *p = n + 14;
+  uint64_t v = 0;
+  if (strncmp(n, "transformer.h.", 14) != 0 || *p < '0' || *p > '9') return NULL;
+  if (p[0] == '0' && p[1] != '.') return NULL;
+  for (; *p >= '0' && *p <= '9'; p++) {
+    if (v > 1000000) return NULL; /* far beyond any layer count; avoids overflow */
+    v = v * 10 + (uint64_t)(*p - '0');
+  }
+  if (*p != '.') return NULL;
+  *l = v;
+  return p + 1;
+}
+
+static int cmp_entry_name(const void *a, const void *b) {
+  return strcmp((*(st_entry *const *)a)->name, (*(st_entry *const *)b)->name);
+}
+
+static int cmp_entry_begin(const void *a, const void *b) {
+  uint64_t x = (*(st_entry *const *)a)->begin, y = (*(st_entry *const *)b)->begin;
+  return x < y ? -1 : x > y;
+}
+
 static st_entry *find_entry(st_header *h, const char *name) {
-  for (uint32_t i = 0; i < h->n_entries; i++)
-    if (strcmp(h->entries[i].name, name) == 0) return &h->entries[i];
-  return NULL;
+  st_entry key, *kp = &key, **hit;
+  if (h->n_entries == 0) return NULL;
+  snprintf(key.name, sizeof key.name, "%s", name);
+  hit = bsearch(&kp, h->by_name, h->n_entries, sizeof *h->by_name, cmp_entry_name);
+  return hit != NULL ? *hit : NULL;
+}
+
+/* A new entry slot, growing the array (NULL: too many, or out of memory). */
+static st_entry *new_entry(json *j, st_header *h) {
+  if (h->n_entries == h->cap) {
+    uint32_t cap = h->cap == 0 ? 32 : 2 * h->cap;
+    st_entry *e;
+    if (h->n_entries >= ST_MAX_ENTRIES) {
+      snprintf(j->msg, sizeof j->msg, "too many tensors (at most %d)", ST_MAX_ENTRIES);
+      return NULL;
+    }
+    if (cap > ST_MAX_ENTRIES) cap = ST_MAX_ENTRIES;
+    e = realloc(h->entries, cap * sizeof *e);
+    if (e == NULL) {
+      h->nomem = 1;
+      snprintf(j->msg, sizeof j->msg, "out of memory");
+      return NULL;
+    }
+    h->entries = e;
+    h->cap = cap;
+  }
+  st_entry *t = &h->entries[h->n_entries++];
+  memset(t, 0, sizeof *t);
+  return t;
 }
 
 static int parse_metadata(json *j, st_header *h) {
@@ -705,7 +802,7 @@ static int parse_metadata(json *j, st_header *h) {
     int k = -1;
     if (json_string(j, &s, &e) != 0) return -1;
     if (json_decode(s, e, key, sizeof key) >= 0)
-      for (int i = 0; i < 4; i++)
+      for (int i = 0; i < META_COUNT; i++)
         if (strcmp(key, meta_keys[i]) == 0) k = i;
     if (json_expect(j, ':') != 0) return -1;
     json_ws(j);
@@ -766,7 +863,12 @@ static int parse_tensor(json *j, st_entry *t) {
   return 0;
 }
 
-/* Parse the whole header: one object of metadata and tensor entries. */
+/*
+ * Parse the whole header: one object of metadata and tensor entries. Bare
+ * GPT2Model names get the "transformer." prefix (as torch_ref does); HF's
+ * non-persistent attention buffers are marked ignorable. Afterwards the
+ * entries are indexed by name and duplicates rejected.
+ */
 static int parse_header(json *j, st_header *h) {
   j->depth = 1;
   if (json_expect(j, '{') != 0) return -1;
@@ -783,31 +885,40 @@ static int parse_header(json *j, st_header *h) {
         if (parse_metadata(j, h) != 0) return -1;
         continue;
       }
-      if (find_entry(h, name) != NULL) {
-        snprintf(j->msg, sizeof j->msg, "duplicate tensor %s", name);
-        return -1;
+      st_entry *t = new_entry(j, h);
+      if (t == NULL) return -1;
+      if (is_bare_gpt2_name(name)) {
+        if ((size_t)snprintf(t->name, sizeof t->name, "transformer.%s", name) >= sizeof t->name)
+          return json_err(j, "unexpected tensor (name too long)");
+      } else {
+        strcpy(t->name, name);
       }
-      if (is_gpt2_name(name)) {
-        st_entry scratch;
-        memset(&scratch, 0, sizeof scratch);
-        strcpy(scratch.name, name);
-        if (h->n_gpt2++ == 0) strcpy(h->gpt2_example, name);
-        if (parse_tensor(j, &scratch) != 0) return -1;
-        continue;
-      }
-      if (h->n_entries >= PRMI_MAX_TENSORS) {
-        snprintf(j->msg, sizeof j->msg, "too many tensors (a model has at most %d)",
-                 PRMI_MAX_TENSORS);
-        return -1;
-      }
-      st_entry *t = &h->entries[h->n_entries++];
-      strcpy(t->name, name);
       if (parse_tensor(j, t) != 0) return -1;
+      uint64_t l;
+      const char *rest = gpt2_block_name(t->name, &l);
+      t->ignorable = rest != NULL && (strcmp(rest, "attn.masked_bias") == 0 ||
+                                      (strcmp(rest, "attn.bias") == 0 && t->ndim == 4));
     } while (json_accept(j, ','));
     if (json_expect(j, '}') != 0) return -1;
   }
   json_ws(j);
   if (j->p != j->end) return json_err(j, "trailing bytes after the JSON object");
+
+  if (h->n_entries == 0) return 0;
+  h->by_name = malloc(h->n_entries * sizeof *h->by_name);
+  if (h->by_name == NULL) {
+    h->nomem = 1;
+    snprintf(j->msg, sizeof j->msg, "out of memory");
+    return -1;
+  }
+  for (uint32_t i = 0; i < h->n_entries; i++)
+    h->by_name[i] = &h->entries[i];
+  qsort(h->by_name, h->n_entries, sizeof *h->by_name, cmp_entry_name);
+  for (uint32_t i = 1; i < h->n_entries; i++)
+    if (strcmp(h->by_name[i - 1]->name, h->by_name[i]->name) == 0) {
+      snprintf(j->msg, sizeof j->msg, "duplicate tensor %s", h->by_name[i]->name);
+      return -1;
+    }
   return 0;
 }
 
@@ -822,7 +933,7 @@ static void format_shape(char *buf, size_t size, const uint64_t *shape, uint32_t
   if (n < size) snprintf(buf + n, size - n, "]");
 }
 
-/* Strict decimal for metadata "d": digits only, no leading zero, fits. */
+/* Strict decimal for integer metadata: digits only, no leading zero, fits. */
 static int parse_decimal(const char *s, uint64_t *v) {
   uint64_t x = 0;
   if (*s == '\0' || (s[0] == '0' && s[1] != '\0')) return -1;
@@ -835,6 +946,55 @@ static int parse_decimal(const char *s, uint64_t *v) {
   }
   *v = x;
   return 0;
+}
+
+/*
+ * Is the decimal number s exactly 1e-5 ("1e-05" as Python's str(1e-5)
+ * writes it, "0.00001", "1E-5", "1.0e-5", ...)? 1: yes, 0: another number,
+ * -1: not a number. Compared as decimals (digits and exponent), so no
+ * locale-dependent strtod and no rounding: value = int(sig) * 10^scale.
+ */
+static int decimal_is_1e5(const char *s) {
+  char sig[ST_META_VALUE_MAX];
+  size_t nsig = 0, ndigits = 0;
+  long scale = 0;
+  int neg = 0, frac = 0;
+  if (*s == '+' || *s == '-') neg = *s++ == '-';
+  for (;; s++) {
+    if (*s == '.' && !frac) {
+      frac = 1;
+      continue;
+    }
+    if (*s < '0' || *s > '9') break;
+    ndigits++;
+    if (frac) scale--;
+    if (nsig > 0 || *s != '0') sig[nsig++] = *s;
+  }
+  if (ndigits == 0) return -1;
+  if (*s == 'e' || *s == 'E') {
+    long e = 0;
+    int eneg = 0;
+    s++;
+    if (*s == '+' || *s == '-') eneg = *s++ == '-';
+    if (*s < '0' || *s > '9') return -1;
+    for (; *s >= '0' && *s <= '9'; s++)
+      if (e < 1000000) e = e * 10 + (*s - '0'); /* clamp: far from -5 either way */
+    scale += eneg ? -e : e;
+  }
+  if (*s != '\0') return -1;
+  while (nsig > 0 && sig[nsig - 1] == '0') {
+    nsig--;
+    scale++;
+  }
+  return !neg && nsig == 1 && sig[0] == '1' && scale == -5;
+}
+
+static const char *arch_name(int32_t arch) {
+  return arch == PRM_ARCH_GPT2 ? "gpt2" : arch == PRM_ARCH_MLP ? "mlp" : "linear";
+}
+
+static const char *arch_article(int32_t arch) {
+  return arch == PRM_ARCH_GPT2 ? "a gpt2" : arch == PRM_ARCH_MLP ? "an mlp" : "a linear";
 }
 
 /* Expected tensors of a configuration, in the model's order. */
@@ -851,10 +1011,42 @@ static void expect_one(st_expect *x, const char *name, uint32_t ndim, uint64_t d
   x->shape[1] = d1;
 }
 
-static uint32_t expected_tensors(const prm_model_options *o, st_expect *x) {
+/* Number of tensors of a configuration (bounded: n_hidden and n_layer are). */
+static uint32_t expected_count(const prm_model_options *o) {
+  if (o->arch == PRM_ARCH_GPT2) return 2 + 12 * (uint32_t)o->n_layer + 3;
+  return (o->arch == PRM_ARCH_MLP ? 2 * o->n_hidden : 0) + 1;
+}
+
+/* Fill x[expected_count(o)]: the names and shapes of lib/model.c's layouts,
+ * derived independently so that a disagreement is caught after allocation. */
+static void expected_tensors(const prm_model_options *o, st_expect *x) {
   uint32_t n = 0;
   uint64_t in = o->input_size;
   char name[PRMI_NAME_SIZE];
+  if (o->arch == PRM_ARCH_GPT2) {
+    static const struct {
+      const char *suffix;
+      uint32_t ndim;
+      uint64_t d0, d1; /* in units of C (0: 1) */
+    } blk[12] = {{"ln_1.weight", 1, 1, 0},        {"ln_1.bias", 1, 1, 0},
+                 {"attn.c_attn.weight", 2, 1, 3}, {"attn.c_attn.bias", 1, 3, 0},
+                 {"attn.c_proj.weight", 2, 1, 1}, {"attn.c_proj.bias", 1, 1, 0},
+                 {"ln_2.weight", 1, 1, 0},        {"ln_2.bias", 1, 1, 0},
+                 {"mlp.c_fc.weight", 2, 1, 4},    {"mlp.c_fc.bias", 1, 4, 0},
+                 {"mlp.c_proj.weight", 2, 4, 1},  {"mlp.c_proj.bias", 1, 1, 0}};
+    const uint64_t C = o->n_embd;
+    expect_one(&x[n++], "transformer.wte.weight", 2, o->vocab_size, C);
+    expect_one(&x[n++], "transformer.wpe.weight", 2, o->n_ctx, C);
+    for (uint64_t l = 0; l < o->n_layer; l++)
+      for (int k = 0; k < 12; k++) {
+        snprintf(name, sizeof name, "transformer.h.%llu.%s", (unsigned long long)l, blk[k].suffix);
+        expect_one(&x[n++], name, blk[k].ndim, blk[k].d0 * C, blk[k].d1 * C);
+      }
+    expect_one(&x[n++], "transformer.ln_f.weight", 1, C, 0);
+    expect_one(&x[n++], "transformer.ln_f.bias", 1, C, 0);
+    expect_one(&x[n++], "score.weight", 2, 1, C);
+    return;
+  }
   if (o->arch == PRM_ARCH_MLP) {
     for (uint32_t i = 0; i < o->n_hidden; i++) {
       snprintf(name, sizeof name, "layers.%u.weight", (unsigned)i);
@@ -865,7 +1057,88 @@ static uint32_t expected_tensors(const prm_model_options *o, st_expect *x) {
     }
   }
   expect_one(&x[n++], "score.weight", 2, 1, in);
-  return n;
+}
+
+/* Optional integer metadata `key` must agree with what the tensors say. */
+static int check_meta_count(st_header *h, int key, uint64_t actual, const char *source) {
+  uint64_t v;
+  if (!h->have_meta[key]) return PRM_OK;
+  if (parse_decimal(h->meta[key], &v) != 0 || v == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ %s='%.64s' is not a positive integer",
+                     meta_keys[key], h->meta[key]);
+  if (v != actual)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ %s=%llu disagrees with %s (%llu)",
+                     meta_keys[key], (unsigned long long)v, source, (unsigned long long)actual);
+  return PRM_OK;
+}
+
+/*
+ * gpt2 configuration, as torch_ref.model_from_state derives it: V and C from
+ * wte's shape, n_ctx from wpe's, n_layer from the blocks present, n_head from
+ * __metadata__ (required: shapes cannot tell it). Metadata that repeats a
+ * shape-derived value must agree with it.
+ */
+static int gpt2_config(st_header *h, prm_model_options *o) {
+  const st_entry *wte = find_entry(h, "transformer.wte.weight");
+  const st_entry *wpe = find_entry(h, "transformer.wpe.weight");
+  uint64_t n_blocks = 0;
+  int rc;
+  o->arch = PRM_ARCH_GPT2;
+  if (wte == NULL) return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor transformer.wte.weight");
+  if (wte->ndim != 2 || wte->shape[0] == 0 || wte->shape[1] == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "tensor transformer.wte.weight must be 2-D and non-empty");
+  if (wpe == NULL) return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor transformer.wpe.weight");
+  if (wpe->ndim != 2 || wpe->shape[0] == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "tensor transformer.wpe.weight must be 2-D and non-empty");
+  o->vocab_size = wte->shape[0];
+  o->n_embd = wte->shape[1];
+  o->n_ctx = wpe->shape[0];
+
+  /* n_layer = 1 + the highest block index: a gap is then a missing tensor */
+  for (uint32_t i = 0; i < h->n_entries; i++) {
+    uint64_t l;
+    if (h->entries[i].ignorable || gpt2_block_name(h->entries[i].name, &l) == NULL) continue;
+    if (l >= PRMI_GPT2_MAX_LAYER)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s: gpt2 models have at most %d blocks",
+                       h->entries[i].name, PRMI_GPT2_MAX_LAYER);
+    if (l + 1 > n_blocks) n_blocks = l + 1;
+  }
+  if (n_blocks == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "gpt2 checkpoint has no transformer block (transformer.h.0.*)");
+  o->n_layer = n_blocks;
+
+  if ((rc = check_meta_count(h, META_VOCAB, o->vocab_size, "transformer.wte.weight rows")) ||
+      (rc = check_meta_count(h, META_NEMBD, o->n_embd, "transformer.wte.weight columns")) ||
+      (rc = check_meta_count(h, META_NPOS, o->n_ctx, "transformer.wpe.weight rows")) ||
+      (rc = check_meta_count(h, META_NLAYER, o->n_layer, "the blocks transformer.h.* present")))
+    return rc;
+
+  if (!h->have_meta[META_NHEAD])
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "gpt2 checkpoint lacks the 'n_head' __metadata__ key (the number of "
+                     "attention heads cannot be inferred from the tensor shapes)");
+  if (parse_decimal(h->meta[META_NHEAD], &o->n_head) != 0 || o->n_head == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ n_head='%.64s' is not a positive integer",
+                     h->meta[META_NHEAD]);
+  if (o->n_embd % o->n_head != 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ n_head=%llu does not divide n_embd=%llu",
+                     (unsigned long long)o->n_head, (unsigned long long)o->n_embd);
+
+  if (h->have_meta[META_EPS]) {
+    int is = decimal_is_1e5(h->meta[META_EPS]);
+    if (is < 0)
+      return prmi_fail(NULL, PRM_ERR_FORMAT,
+                       "__metadata__ layer_norm_epsilon='%.64s' is not a number",
+                       h->meta[META_EPS]);
+    if (is == 0)
+      return prmi_fail(NULL, PRM_ERR_UNSUPPORTED,
+                       "__metadata__ layer_norm_epsilon=%.64s: only 1e-05 (GPT-2's) is supported",
+                       h->meta[META_EPS]);
+  }
+  return PRM_OK;
 }
 
 /* Configuration from __metadata__, missing values inferred from shapes as
@@ -875,14 +1148,13 @@ static int config_from_header(st_header *h, prm_model_options *o) {
   st_entry *t;
   int rc = prm_model_options_init(o, PRM_MODEL_OPTIONS_VERSION);
   if (rc != PRM_OK) return rc;
-  if (kind != NULL && strcmp(kind, "gpt2") == 0)
-    return prmi_fail(NULL, PRM_ERR_UNSUPPORTED,
-                     "checkpoint is a gpt2 model, which this build cannot load yet");
-  if (kind == NULL && h->n_gpt2 > 0)
-    return prmi_fail(NULL, PRM_ERR_UNSUPPORTED,
-                     "checkpoint holds GPT-2 tensors (e.g. %s), which this build cannot load yet",
-                     h->gpt2_example);
-  if (kind == NULL) kind = find_entry(h, "layers.0.weight") != NULL ? "mlp" : "linear";
+  if (kind == NULL) {
+    int gpt2 = 0;
+    for (uint32_t i = 0; i < h->n_entries && !gpt2; i++)
+      gpt2 = strncmp(h->entries[i].name, "transformer.", 12) == 0;
+    kind = gpt2 ? "gpt2" : find_entry(h, "layers.0.weight") != NULL ? "mlp" : "linear";
+  }
+  if (strcmp(kind, "gpt2") == 0) return gpt2_config(h, o);
   if (strcmp(kind, "linear") == 0) {
     o->arch = PRM_ARCH_LINEAR;
   } else if (strcmp(kind, "mlp") == 0) {
@@ -954,12 +1226,23 @@ static int config_from_header(st_header *h, prm_model_options *o) {
 }
 
 /* Entry-level checks that need no configuration: dtype, sizes, bounds,
- * overlaps. Afterwards every entry's bytes lie inside the data area. */
+ * overlaps. Afterwards every entry's bytes lie inside the data area.
+ * Ignorable HF buffers may have any dtype (BOOL masks) but must still lie
+ * inside the data area without overlapping anything. */
 static int check_entries(st_header *h, uint64_t data_len) {
-  uint32_t order[PRMI_MAX_TENSORS];
+  st_entry **order;
+  int rc = PRM_OK;
   for (uint32_t i = 0; i < h->n_entries; i++) {
     st_entry *t = &h->entries[i];
     uint64_t bytes = 4;
+    if (t->ignorable) {
+      if (t->begin > t->end || t->end > data_len)
+        return prmi_fail(NULL, PRM_ERR_FORMAT,
+                         "tensor %s: data_offsets [%llu, %llu] outside the data area of %llu bytes",
+                         t->name, (unsigned long long)t->begin, (unsigned long long)t->end,
+                         (unsigned long long)data_len);
+      continue;
+    }
     if (strcmp(t->dtype, "F32") != 0)
       return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s has dtype %s, expected F32", t->name,
                        t->dtype);
@@ -978,49 +1261,63 @@ static int check_entries(st_header *h, uint64_t data_len) {
                        "tensor %s: data_offsets span %llu bytes, shape needs %llu", t->name,
                        (unsigned long long)(t->end - t->begin), (unsigned long long)bytes);
   }
-  /* insertion sort by begin (at most PRMI_MAX_TENSORS entries), then neighbours */
-  for (uint32_t i = 0; i < h->n_entries; i++) {
-    uint32_t k = i;
-    while (k > 0 && h->entries[order[k - 1]].begin > h->entries[i].begin) {
-      order[k] = order[k - 1];
-      k--;
-    }
-    order[k] = i;
-  }
+  if (h->n_entries < 2) return PRM_OK;
+  /* sort by begin, then compare neighbours */
+  order = malloc(h->n_entries * sizeof *order);
+  if (order == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint");
+  for (uint32_t i = 0; i < h->n_entries; i++)
+    order[i] = &h->entries[i];
+  qsort(order, h->n_entries, sizeof *order, cmp_entry_begin);
   for (uint32_t i = 1; i < h->n_entries; i++) {
-    const st_entry *a = &h->entries[order[i - 1]], *b = &h->entries[order[i]];
-    if (a->end > b->begin)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensors %s and %s overlap in the data area", a->name,
-                       b->name);
+    const st_entry *a = order[i - 1], *b = order[i];
+    if (a->end > b->begin) {
+      rc = prmi_fail(NULL, PRM_ERR_FORMAT, "tensors %s and %s overlap in the data area", a->name,
+                     b->name);
+      break;
+    }
   }
-  return PRM_OK;
+  free(order);
+  return rc;
 }
 
-/* Every expected tensor present with its exact shape; nothing else. */
+/* Every expected tensor present with its exact shape; nothing else (but the
+ * ignorable HF buffers of a gpt2 file). Runs before the model is allocated,
+ * so a small file cannot make us allocate a large model. */
 static int check_against_config(st_header *h, const prm_model_options *o) {
-  st_expect x[PRMI_MAX_TENSORS];
-  uint32_t n = expected_tensors(o, x);
-  for (uint32_t i = 0; i < n; i++) {
+  const uint32_t n = expected_count(o);
+  st_expect *x = malloc(n * sizeof *x);
+  int rc = PRM_OK;
+  if (x == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint");
+  expected_tensors(o, x);
+  for (uint32_t i = 0; i < n && rc == PRM_OK; i++) {
     st_entry *t = find_entry(h, x[i].name);
     char got[96], want[64];
-    if (t == NULL) return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s", x[i].name);
-    if (t->ndim != x[i].ndim || t->shape[0] != x[i].shape[0] ||
-        (x[i].ndim == 2 && t->shape[1] != x[i].shape[1])) {
+    if (t == NULL || t->ignorable) {
+      if (o->arch == PRM_ARCH_GPT2 && strcmp(x[i].name, "score.weight") == 0)
+        rc = prmi_fail(NULL, PRM_ERR_FORMAT,
+                       "missing tensor score.weight (loading a GPT-2 language model without a "
+                       "reward head is not supported yet)");
+      else
+        rc = prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s", x[i].name);
+    } else if (t->ndim != x[i].ndim || t->shape[0] != x[i].shape[0] ||
+               (x[i].ndim == 2 && t->shape[1] != x[i].shape[1])) {
       format_shape(got, sizeof got, t->shape, t->ndim);
       format_shape(want, sizeof want, x[i].shape, x[i].ndim);
-      return prmi_fail(NULL, PRM_ERR_FORMAT,
-                       "tensor %s has shape %s, expected %s for the %s configuration", t->name, got,
-                       want, o->arch == PRM_ARCH_MLP ? "mlp" : "linear");
+      rc = prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "tensor %s has shape %s, expected %s for the %s configuration", t->name, got,
+                     want, arch_name(o->arch));
+    } else {
+      t->used = 1;
     }
-    t->used = 1;
   }
-  for (uint32_t i = 0; i < h->n_entries; i++)
-    if (!h->entries[i].used)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model",
-                       h->entries[i].name, o->arch == PRM_ARCH_MLP ? "an mlp" : "a linear");
-  if (h->n_gpt2 > 0)
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model", h->gpt2_example,
-                     o->arch == PRM_ARCH_MLP ? "an mlp" : "a linear");
+  free(x);
+  if (rc != PRM_OK) return rc;
+  for (uint32_t i = 0; i < h->n_entries; i++) {
+    const st_entry *t = &h->entries[i];
+    if (!t->used && !(t->ignorable && o->arch == PRM_ARCH_GPT2))
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model", t->name,
+                       arch_article(o->arch));
+  }
   return PRM_OK;
 }
 
@@ -1057,19 +1354,21 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size) 
   j.depth = 0;
   j.msg[0] = '\0';
   if (parse_header(&j, h) != 0) {
-    free(h);
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "bad safetensors header: %s", j.msg);
+    rc = h->nomem ? prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint header")
+                  : prmi_fail(NULL, PRM_ERR_FORMAT, "bad safetensors header: %s", j.msg);
+    header_free(h);
+    return rc;
   }
   rc = check_entries(h, data_len);
   if (rc == PRM_OK) rc = config_from_header(h, &o);
   if (rc == PRM_OK) rc = check_against_config(h, &o);
   if (rc != PRM_OK) {
-    free(h);
+    header_free(h);
     return rc;
   }
   rc = prmi_model_alloc(&m, &o);
   if (rc != PRM_OK) {
-    free(h);
+    header_free(h);
     if (rc == PRM_ERR_NOMEM) return rc;
     return prmi_fail(NULL, PRM_ERR_FORMAT, "checkpoint configuration rejected: %s",
                      prm_last_errmsg());
@@ -1077,7 +1376,8 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size) 
   for (uint32_t i = 0; i < m->n_tensors; i++) {
     const prmi_tensor *tn = &m->tensors[i];
     const st_entry *t = find_entry(h, tn->name);
-    if (t == NULL || t->end - t->begin != 4 * tn->numel) { /* layout disagrees: a bug */
+    if (t == NULL || t->ignorable || t->end - t->begin != 4 * tn->numel) {
+      /* layout disagrees with expected_tensors: a bug */
       rc = prmi_fail(NULL, PRM_ERR_FORMAT, "internal: tensor %s does not match the layout",
                      tn->name);
       break;
@@ -1088,7 +1388,7 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size) 
       break;
     }
   }
-  free(h);
+  header_free(h);
   if (rc != PRM_OK) {
     prm_model_free(m);
     return rc;

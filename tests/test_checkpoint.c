@@ -1,7 +1,8 @@
 /*
- * test_checkpoint.c - safetensors save/load: round trips, buffer API, atomic
- * saves, interoperability with the PyTorch reference, and a corpus of
- * malformed files that must be rejected with PRM_ERR_FORMAT, never a crash.
+ * test_checkpoint.c - safetensors save/load of linear, mlp and gpt2 models: round
+ * trips, buffer API, atomic saves, interoperability with the PyTorch reference
+ * (both directions), and corpora of malformed files that must be rejected with
+ * a clear PRM_ERR_FORMAT / PRM_ERR_UNSUPPORTED, never a crash.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -340,6 +341,10 @@ static void test_header_length(void **state) {
 #define MLP_OK "{" M_MLP "," T_W0 "," T_B0 "," T_S "}"
 #define M_LIN "\"__metadata__\":{\"model\":\"linear\",\"d\":\"2\"}"
 #define T_LIN "\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8]}"
+#define T_WTE                                                                                      \
+  "\"transformer.wte.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8]}"
+#define T_WPE                                                                                      \
+  "\"transformer.wpe.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[8,16]}"
 
 typedef struct bad_case {
   const char *header;
@@ -470,11 +475,31 @@ static const bad_case k_bad[] = {
     {"{" T_W0 "," T_B0 "," T_S "}", PRM_ERR_FORMAT, "'act'"},
     {"{\"__metadata__\":{\"model\":\"mlp\",\"act\":\"swish\"}," T_W0 "," T_B0 "," T_S "}",
      PRM_ERR_FORMAT, "unknown activation"},
-    {"{\"__metadata__\":{\"model\":\"gpt2\"}," T_LIN "}", PRM_ERR_UNSUPPORTED, "gpt2"},
+    /* gpt2 (fuller cases from a real file in test_gpt2_malformed) */
+    {"{\"__metadata__\":{\"model\":\"gpt2\"}," T_LIN "}", PRM_ERR_FORMAT,
+     "missing tensor transformer.wte.weight"},
     {"{\"transformer.wte.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8]}}",
-     PRM_ERR_UNSUPPORTED, "GPT-2"},
-    {"{\"wte.weight\":{\"dtype\":\"F16\",\"shape\":[1,2],\"data_offsets\":[0,4]}}",
-     PRM_ERR_UNSUPPORTED, NULL},
+     PRM_ERR_FORMAT, "missing tensor transformer.wpe.weight"},
+    {"{\"wte.weight\":{\"dtype\":\"F16\",\"shape\":[1,2],\"data_offsets\":[0,4]}}", PRM_ERR_FORMAT,
+     "tensor transformer.wte.weight has dtype F16"},
+    {"{\"__metadata__\":{\"model\":\"gpt2\",\"n_head\":\"1\"}," T_WTE "," T_WPE "}", PRM_ERR_FORMAT,
+     "no transformer block"},
+    {"{\"__metadata__\":{\"model\":\"gpt2\"}," T_WTE "," T_WPE ","
+     "\"transformer.h.128.ln_1.bias\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[16,24]}}",
+     PRM_ERR_FORMAT, "at most 128 blocks"},
+    {"{\"__metadata__\":{\"model\":\"gpt2\"}," T_WTE ",\"transformer.wpe.weight\":{\"dtype\":"
+     "\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}",
+     PRM_ERR_FORMAT, "wpe.weight must be 2-D"},
+    {"{\"__metadata__\":{\"model\":\"gpt2\"},\"transformer.wte.weight\":{\"dtype\":\"F32\","
+     "\"shape\":[0,2],\"data_offsets\":[0,0]}," T_WPE "}",
+     PRM_ERR_FORMAT, "wte.weight must be 2-D and non-empty"},
+    {"{\"__metadata__\":{\"model\":\"gpt2\"}," T_WTE "," T_WPE ","
+     "\"transformer.h.0.ln_1.bias\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[16,24]}}",
+     PRM_ERR_FORMAT, "'n_head'"},
+    {"{\"__metadata__\":{\"model\":\"linear\"}," T_LIN ","
+     "\"transformer.h.0.attn.masked_bias\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[8,12]}"
+     "}",
+     PRM_ERR_FORMAT, "unexpected tensor transformer.h.0.attn.masked_bias for a linear model"},
     {"{" M_LIN "," T_LIN
      ",\"transformer.ln_f.weight\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}",
      PRM_ERR_FORMAT, "unexpected tensor transformer.ln_f.weight"},
@@ -644,6 +669,423 @@ static void test_atomic_save(void **state) {
   prm_model_free(m);
 }
 
+/* ---- gpt2 ------------------------------------------------------------------------ */
+
+/* A small GPT-2 with every parameter perturbed (so LayerNorm weights are not
+ * all 1 and biases not all 0: a swapped tensor would show). */
+static prm_model *make_gpt2(uint64_t V, uint64_t T, uint64_t C, uint64_t L, uint64_t H,
+                            uint64_t seed) {
+  prm_model_options o;
+  prm_model *m = NULL;
+  uint64_t n;
+  prmt_rng r = {seed + 100};
+  assert_int_equal(prm_model_options_init(&o, PRM_MODEL_OPTIONS_VERSION), PRM_OK);
+  o.arch = PRM_ARCH_GPT2;
+  o.vocab_size = V;
+  o.n_ctx = T;
+  o.n_embd = C;
+  o.n_layer = L;
+  o.n_head = H;
+  o.seed = seed;
+  int rc = prm_model_new(&m, &o);
+  if (rc != PRM_OK) fail_msg("prm_model_new: %s (%s)", prm_status_string(rc), prm_last_errmsg());
+  float *p = prm_model_params(m, &n);
+  for (uint64_t i = 0; i < n; i++)
+    p[i] += (float)(0.05 * prmt_normal(&r));
+  return m;
+}
+
+/* A deterministic token batch of n sequences of lengths in [1, T]:
+ * tokens (n, T), lengths (n). */
+static void gpt2_tokens(uint64_t V, uint64_t T, int n, int32_t *tokens, int32_t *lengths) {
+  prmt_rng r = {9};
+  for (int i = 0; i < n; i++) {
+    lengths[i] = 1 + (int32_t)(prmt_next(&r) % T);
+    if (i == 0) lengths[i] = (int32_t)T; /* one full-length sequence: reads all of wpe */
+    for (uint64_t t = 0; t < T; t++)
+      tokens[(uint64_t)i * T + t] = (int32_t)(prmt_next(&r) % V);
+  }
+}
+
+/* Scores of sequences tokens (n, T) with lengths (n) through an inference context. */
+static void gpt2_scores(const prm_model *m, int n, uint64_t T, const int32_t *tokens,
+                        const int32_t *lengths, float *scores) {
+  prm_ctx_options co;
+  prm_ctx *c = NULL;
+  prm_batch b;
+  assert_int_equal(prm_ctx_options_init(&co, PRM_CTX_OPTIONS_VERSION), PRM_OK);
+  co.inference = 1;
+  co.max_rows = (uint64_t)n;
+  co.max_len = T;
+  int rc = prm_ctx_new(&c, m, &co);
+  if (rc != PRM_OK) fail_msg("prm_ctx_new: %s (%s)", prm_status_string(rc), prm_last_errmsg());
+  assert_int_equal(prm_batch_init(&b, PRM_BATCH_VERSION), PRM_OK);
+  b.n = (uint64_t)n;
+  b.tokens = tokens;
+  b.token_stride = T;
+  b.lengths = lengths;
+  rc = prm_ctx_forward(c, &b, scores, (uint64_t)n);
+  if (rc != PRM_OK) fail_msg("forward: %s (%s)", prm_status_string(rc), prm_last_errmsg());
+  prm_ctx_free(c);
+}
+
+static void assert_same_gpt2_options(const prm_model *a, const prm_model *b) {
+  prm_model_options oa, ob;
+  prm_model_options_init(&oa, PRM_MODEL_OPTIONS_VERSION);
+  prm_model_options_init(&ob, PRM_MODEL_OPTIONS_VERSION);
+  assert_int_equal(prm_model_get_options(a, &oa), PRM_OK);
+  assert_int_equal(prm_model_get_options(b, &ob), PRM_OK);
+  assert_int_equal(ob.arch, PRM_ARCH_GPT2);
+  assert_int_equal(oa.vocab_size, ob.vocab_size);
+  assert_int_equal(oa.n_ctx, ob.n_ctx);
+  assert_int_equal(oa.n_embd, ob.n_embd);
+  assert_int_equal(oa.n_layer, ob.n_layer);
+  assert_int_equal(oa.n_head, ob.n_head);
+}
+
+static void test_roundtrip_gpt2(void **state) {
+  (void)state;
+  enum { N = 5, V = 50, T = 16 };
+  char path[512];
+  int32_t tokens[N * T], lengths[N];
+  float sa[N], sb[N];
+  prm_model *m = make_gpt2(V, T, 16, 2, 4, 1), *back = NULL;
+  float *p = prm_model_params(m, NULL);
+  p[0] = -0.0f;
+  p[1] = 1e-40f; /* subnormal */
+  prmt_tmp_path(path, sizeof path, "ckpt_gpt2.safetensors");
+  assert_int_equal(prm_model_save(m, path), PRM_OK);
+  assert_int_equal(prm_model_load(&back, path), PRM_OK);
+  assert_same_model(m, back);
+  assert_same_gpt2_options(m, back);
+  gpt2_tokens(V, T, N, tokens, lengths);
+  gpt2_scores(m, N, T, tokens, lengths, sa);
+  gpt2_scores(back, N, T, tokens, lengths, sb);
+  assert_memory_equal(sa, sb, sizeof sa);
+  prm_model_free(back);
+
+  /* the buffer is the file, byte for byte, and its metadata is torch_ref's config */
+  size_t nf, nb;
+  unsigned char *file = read_whole(path, &nf), *buf = save_mem(m, &nb);
+  assert_int_equal(nf, nb);
+  assert_memory_equal(file, buf, nf);
+  assert_int_equal(prm_model_load_buffer(&back, buf, nb), PRM_OK);
+  assert_same_model(m, back);
+  prm_model_free(back);
+  uint64_t h = 0;
+  for (int k = 0; k < 8; k++)
+    h |= (uint64_t)buf[k] << (8 * k);
+  assert_int_equal(nb, 8 + h + prm_model_num_params(m) * 4);
+  char *json = malloc(h + 1);
+  memcpy(json, buf + 8, h);
+  json[h] = '\0';
+  assert_non_null(strstr(json, "{\"__metadata__\":{\"model\":\"gpt2\",\"vocab_size\":\"50\","
+                               "\"n_positions\":\"16\",\"n_embd\":\"16\",\"n_layer\":\"2\","
+                               "\"n_head\":\"4\",\"layer_norm_epsilon\":\"1e-05\","));
+  assert_non_null(strstr(json, "\"transformer.h.1.attn.c_attn.weight\":{\"dtype\":\"F32\","
+                               "\"shape\":[16,48]"));
+  assert_non_null(strstr(json, "\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,16]"));
+  free(json);
+  free(file);
+  free(buf);
+  remove(path);
+  prm_model_free(m);
+}
+
+/* The deepest model (1541 tensors, far above the mlp's count): no fixed-size
+ * table limits the loader. */
+static void test_roundtrip_gpt2_deep(void **state) {
+  (void)state;
+  enum { N = 3, V = 7, T = 4 };
+  int32_t tokens[N * T], lengths[N];
+  float sa[N], sb[N];
+  size_t n;
+  prm_model *m = make_gpt2(V, T, 4, 128, 2, 2), *back = NULL;
+  assert_int_equal(prm_model_num_tensors(m), 2 + 12 * 128 + 3);
+  unsigned char *buf = save_mem(m, &n);
+  int rc = prm_model_load_buffer(&back, buf, n);
+  if (rc != PRM_OK) fail_msg("%s (%s)", prm_status_string(rc), prm_last_errmsg());
+  assert_same_model(m, back);
+  assert_same_gpt2_options(m, back);
+  gpt2_tokens(V, T, N, tokens, lengths);
+  gpt2_scores(m, N, T, tokens, lengths, sa);
+  gpt2_scores(back, N, T, tokens, lengths, sb);
+  assert_memory_equal(sa, sb, sizeof sa);
+  free(buf);
+  prm_model_free(back);
+  prm_model_free(m);
+
+  /* the entry table grows with the header up to 4096 entries, no further */
+  for (int count = 4096; count <= 4097; count++) {
+    static const char entry[] = "\"t%04d\":{\"dtype\":\"F32\",\"shape\":[0],"
+                                "\"data_offsets\":[0,0]}";
+    char *json = malloc((size_t)count * sizeof entry + 3), *at = json;
+    *at++ = '{';
+    for (int i = 0; i < count; i++) {
+      if (i > 0) *at++ = ',';
+      at += sprintf(at, entry, i);
+    }
+    strcpy(at, "}");
+    buf = make_st(json, NULL, 0, &n);
+    expect_fail(buf, n, PRM_ERR_FORMAT,
+                count == 4096 ? "missing tensor score.weight" : "too many tensors (at most 4096)");
+    free(buf);
+    free(json);
+  }
+}
+
+/* A saved file split into its JSON header (NUL-terminated) and data. */
+typedef struct st_parts {
+  char *json;
+  unsigned char *data;
+  size_t n_data;
+} st_parts;
+
+static st_parts split_st(const unsigned char *buf, size_t n) {
+  st_parts s;
+  uint64_t h = 0;
+  for (int k = 0; k < 8; k++)
+    h |= (uint64_t)buf[k] << (8 * k);
+  assert_true(8 + h <= n);
+  s.json = malloc(h + 1);
+  memcpy(s.json, buf + 8, h);
+  s.json[h] = '\0';
+  for (size_t e = h; e > 0 && s.json[e - 1] == ' '; e--) /* drop the padding */
+    s.json[e - 1] = '\0';
+  s.n_data = n - 8 - (size_t)h;
+  s.data = malloc(s.n_data);
+  memcpy(s.data, buf + 8 + h, s.n_data);
+  return s;
+}
+
+/* json (an object) with `extra` ("," + entries) added before its closing brace. */
+static char *append_entries(const char *json, const char *extra) {
+  size_t len = strlen(json);
+  char *out = malloc(len + strlen(extra) + 2);
+  assert_true(len > 0 && json[len - 1] == '}');
+  memcpy(out, json, len - 1);
+  strcpy(out + len - 1, extra);
+  strcat(out, "}");
+  return out;
+}
+
+/* json with the first `from` replaced by `to` (from must occur). */
+static char *replace_once(const char *json, const char *from, const char *to) {
+  const char *at = strstr(json, from);
+  if (at == NULL) fail_msg("'%s' not in the header", from);
+  size_t n = strlen(json) - strlen(from) + strlen(to);
+  char *out = malloc(n + 1);
+  size_t pre = (size_t)(at - json);
+  memcpy(out, json, pre);
+  strcpy(out + pre, to);
+  strcat(out, at + strlen(from));
+  return out;
+}
+
+/* json with every `from` replaced by `to`. */
+static char *replace_all(const char *json, const char *from, const char *to) {
+  char *cur = malloc(strlen(json) + 1);
+  strcpy(cur, json);
+  for (char *at; (at = strstr(cur, from)) != NULL;) {
+    char *next = replace_once(cur, from, to);
+    free(cur);
+    cur = next;
+  }
+  return cur;
+}
+
+typedef struct gpt2_case {
+  const char *from, *to; /* header edit */
+  int status;            /* PRM_OK: must load */
+  const char *needle;
+} gpt2_case;
+
+/* Edits of a real gpt2 file (V 11, n_ctx 8, C 8, 2 blocks, 2 heads). */
+static const gpt2_case k_gpt2_cases[] = {
+    /* metadata */
+    {"\"n_head\":\"2\",", "", PRM_ERR_FORMAT, "lacks the 'n_head' __metadata__ key"},
+    {"\"n_head\":\"2\"", "\"n_head\":\"3\"", PRM_ERR_FORMAT, "n_head=3 does not divide n_embd=8"},
+    {"\"n_head\":\"2\"", "\"n_head\":\"0\"", PRM_ERR_FORMAT, "not a positive integer"},
+    {"\"n_head\":\"2\"", "\"n_head\":\"two\"", PRM_ERR_FORMAT, "not a positive integer"},
+    {"\"1e-05\"", "\"1e-06\"", PRM_ERR_UNSUPPORTED, "layer_norm_epsilon=1e-06"},
+    {"\"1e-05\"", "\"0.0001\"", PRM_ERR_UNSUPPORTED, "only 1e-05"},
+    {"\"1e-05\"", "\"-1e-05\"", PRM_ERR_UNSUPPORTED, "layer_norm_epsilon"},
+    {"\"1e-05\"", "\"0\"", PRM_ERR_UNSUPPORTED, "layer_norm_epsilon"},
+    {"\"1e-05\"", "\"1e-5x\"", PRM_ERR_FORMAT, "not a number"},
+    {"\"1e-05\"", "\"\"", PRM_ERR_FORMAT, "not a number"},
+    {"\"1e-05\"", "\"1e\"", PRM_ERR_FORMAT, "not a number"},
+    {"\"1e-05\"", "\"0.00001\"", PRM_OK, NULL},
+    {"\"1e-05\"", "\"1E-5\"", PRM_OK, NULL},
+    {"\"1e-05\"", "\"+10.000e-6\"", PRM_OK, NULL},
+    {"\"layer_norm_epsilon\":\"1e-05\",", "", PRM_OK, NULL}, /* absent: GPT-2's 1e-5 */
+    {"\"vocab_size\":\"11\"", "\"vocab_size\":\"12\"", PRM_ERR_FORMAT,
+     "vocab_size=12 disagrees with transformer.wte.weight rows (11)"},
+    {"\"n_positions\":\"8\"", "\"n_positions\":\"16\"", PRM_ERR_FORMAT,
+     "n_positions=16 disagrees with transformer.wpe.weight rows (8)"},
+    {"\"n_embd\":\"8\"", "\"n_embd\":\"4\"", PRM_ERR_FORMAT, "n_embd=4 disagrees"},
+    {"\"n_layer\":\"2\"", "\"n_layer\":\"3\"", PRM_ERR_FORMAT,
+     "n_layer=3 disagrees with the blocks transformer.h.* present (2)"},
+    {"\"n_layer\":\"2\"", "\"n_layer\":\"02\"", PRM_ERR_FORMAT, "not a positive integer"},
+    {"\"model\":\"gpt2\",", "", PRM_OK, NULL}, /* inferred from the transformer.* names */
+    {"\"model\":\"gpt2\"", "\"model\":\"linear\"", PRM_ERR_FORMAT,
+     "unexpected tensor transformer.wte.weight for a linear model"},
+    {"\"model\":\"gpt2\"", "\"model\":\"mlp\"", PRM_ERR_FORMAT, NULL},
+    /* tensors */
+    {"\"transformer.h.1.attn.c_attn.weight\":{\"dtype\":\"F32\",\"shape\":[8,24]",
+     "\"transformer.h.1.attn.c_attn.weight\":{\"dtype\":\"F32\",\"shape\":[24,8]", PRM_ERR_FORMAT,
+     "tensor transformer.h.1.attn.c_attn.weight has shape [24, 8], expected [8, 24] for the gpt2 "
+     "configuration"},
+    {"\"transformer.h.0.mlp.c_proj.weight\":{\"dtype\":\"F32\",\"shape\":[32,8]",
+     "\"transformer.h.0.mlp.c_proj.weight\":{\"dtype\":\"F32\",\"shape\":[256]", PRM_ERR_FORMAT,
+     "has shape [256], expected [32, 8]"},
+    {"\"transformer.h.0.ln_1.bias\":{\"dtype\":\"F32\",\"shape\":[8]",
+     "\"transformer.h.0.ln_1.bias\":{\"dtype\":\"F32\",\"shape\":[1,8]", PRM_ERR_FORMAT,
+     "has shape [1, 8], expected [8]"},
+    {"\"transformer.h.1.attn.c_attn.weight\":{\"dtype\":\"F32\"",
+     "\"transformer.h.1.attn.c_attn.weight\":{\"dtype\":\"F16\"", PRM_ERR_FORMAT, "dtype F16"},
+    {"\"transformer.h.1.mlp.c_fc.bias\"", "\"transformer.h.1.mlp.c_fc.bias_\"", PRM_ERR_FORMAT,
+     "missing tensor transformer.h.1.mlp.c_fc.bias"},
+    {"\"transformer.h.0.mlp.c_fc.bias\"", "\"transformer.h.1.mlp.c_fc.bias\"", PRM_ERR_FORMAT,
+     "duplicate tensor transformer.h.1.mlp.c_fc.bias"},
+    /* a block beyond n_layer: with n_layer in the metadata the counts disagree... */
+    {"\"transformer.h.1.ln_2.bias\"", "\"transformer.h.2.ln_2.bias\"", PRM_ERR_FORMAT,
+     "n_layer=2 disagrees"},
+    {"\"transformer.wpe.weight\":{\"dtype\":\"F32\",\"shape\":[8,8]",
+     "\"transformer.wpe.weight\":{\"dtype\":\"F32\",\"shape\":[16,4]", PRM_ERR_FORMAT,
+     "n_positions=8 disagrees with transformer.wpe.weight rows (16)"},
+    {"\"transformer.h.1.ln_2.bias\"", "\"transformer.h.128.ln_2.bias\"", PRM_ERR_FORMAT,
+     "at most 128 blocks"},
+    {"\"transformer.ln_f.bias\"", "\"transformer.ln_f.bias.x\"", PRM_ERR_FORMAT,
+     "missing tensor transformer.ln_f.bias"},
+    {"\"score.weight\"", "\"lm_head.weight\"", PRM_ERR_FORMAT,
+     "missing tensor score.weight (loading a GPT-2 language model without a reward head is not "
+     "supported yet)"},
+    {"\"transformer.wte.weight\"", "\"transformer.wte.weightx\"", PRM_ERR_FORMAT,
+     "missing tensor transformer.wte.weight"},
+};
+
+/* Load json + p's data: it must fail with status and needle, or (PRM_OK)
+ * give `want`. */
+static void gpt2_case_run(const st_parts *p, const char *json, int status, const char *needle,
+                          const prm_model *want) {
+  size_t n;
+  unsigned char *buf = make_st(json, p->data, p->n_data, &n);
+  if (status != PRM_OK) {
+    expect_fail(buf, n, status, needle);
+  } else {
+    prm_model *m = NULL;
+    int rc = prm_model_load_buffer(&m, buf, n);
+    if (rc != PRM_OK) fail_msg("%s: %s (%s)", json, prm_status_string(rc), prm_last_errmsg());
+    assert_same_model((prm_model *)(uintptr_t)want, m);
+    assert_same_gpt2_options(want, m);
+    prm_model_free(m);
+  }
+  free(buf);
+}
+
+static void test_gpt2_malformed(void **state) {
+  (void)state;
+  size_t n;
+  prm_model *m = make_gpt2(11, 8, 8, 2, 2, 3);
+  unsigned char *buf = save_mem(m, &n);
+  st_parts p = split_st(buf, n);
+  char *j, *k;
+  for (size_t i = 0; i < sizeof k_gpt2_cases / sizeof k_gpt2_cases[0]; i++) {
+    j = replace_once(p.json, k_gpt2_cases[i].from, k_gpt2_cases[i].to);
+    if (getenv("PRM_TEST_VERBOSE") != NULL) print_message("gpt2 case %zu\n", i);
+    gpt2_case_run(&p, j, k_gpt2_cases[i].status, k_gpt2_cases[i].needle, m);
+    if (getenv("PRM_TEST_VERBOSE") != NULL) print_message("  -> %s\n", prm_last_errmsg());
+    free(j);
+  }
+
+  /* ...without n_layer in the metadata the blocks present define it: a gap is
+   * a missing tensor (torch_ref would count only the blocks before the gap) */
+  k = replace_once(p.json, "\"n_layer\":\"2\",", "");
+  j = replace_once(k, "\"transformer.h.1.ln_2.bias\"", "\"transformer.h.2.ln_2.bias\"");
+  gpt2_case_run(&p, j, PRM_ERR_FORMAT, "missing tensor transformer.h.1.ln_2.bias", m);
+  free(j);
+  j = replace_all(k, "transformer.h.1.", "transformer.h.x.");
+  gpt2_case_run(&p, j, PRM_ERR_FORMAT, "unexpected tensor transformer.h.x.", m);
+  free(j);
+  free(k);
+
+  /* bare GPT2Model names (no "transformer." prefix) are accepted, as in torch_ref */
+  j = replace_all(p.json, "\"transformer.", "\"");
+  gpt2_case_run(&p, j, PRM_OK, NULL, m);
+  free(j);
+  /* ... but not both spellings of one tensor */
+  j = replace_once(p.json, "\"transformer.ln_f.bias\"", "\"ln_f.weight\"");
+  gpt2_case_run(&p, j, PRM_ERR_FORMAT, "duplicate tensor transformer.ln_f.weight", m);
+  free(j);
+
+  /* only n_head in the metadata: everything else from the shapes */
+  j = replace_once(p.json,
+                   "\"model\":\"gpt2\",\"vocab_size\":\"11\",\"n_positions\":\"8\","
+                   "\"n_embd\":\"8\",\"n_layer\":\"2\",\"n_head\":\"2\","
+                   "\"layer_norm_epsilon\":\"1e-05\",",
+                   "\"n_head\":\"2\",");
+  gpt2_case_run(&p, j, PRM_OK, NULL, m);
+  free(j);
+
+  /* HF's non-persistent buffers are ignored: a BOOL causal mask [1,1,T,T]
+   * and a scalar masked_bias, after the parameters */
+  {
+    char extra[512];
+    const unsigned long long d = p.n_data;
+    st_parts q = p;
+    q.n_data = p.n_data + 68;
+    q.data = malloc(q.n_data);
+    memcpy(q.data, p.data, p.n_data);
+    memset(q.data + p.n_data, 1, 68);
+    snprintf(extra, sizeof extra,
+             ",\"transformer.h.0.attn.bias\":{\"dtype\":\"BOOL\",\"shape\":[1,1,8,8],"
+             "\"data_offsets\":[%llu,%llu]},"
+             "\"transformer.h.1.attn.masked_bias\":{\"dtype\":\"F32\",\"shape\":[],"
+             "\"data_offsets\":[%llu,%llu]}",
+             d, d + 64, d + 64, d + 68);
+    j = append_entries(p.json, extra);
+    gpt2_case_run(&q, j, PRM_OK, NULL, m);
+    /* they must still lie inside the data area... */
+    q.n_data = p.n_data + 64;
+    gpt2_case_run(&q, j, PRM_ERR_FORMAT, "transformer.h.1.attn.masked_bias: data_offsets", m);
+    q.n_data = p.n_data + 68;
+    free(j);
+    /* ...and overlap nothing */
+    j = append_entries(p.json, ",\"transformer.h.0.attn.masked_bias\":{\"dtype\":\"F32\","
+                               "\"shape\":[],\"data_offsets\":[0,4]}");
+    gpt2_case_run(&q, j, PRM_ERR_FORMAT, "overlap", m);
+    free(j);
+    /* a 1-D "attn.bias" is no HF buffer (torch_ref keeps it too): unexpected */
+    snprintf(extra, sizeof extra,
+             ",\"transformer.h.0.attn.bias\":{\"dtype\":\"F32\",\"shape\":[1],"
+             "\"data_offsets\":[%llu,%llu]}",
+             d, d + 4);
+    j = append_entries(p.json, extra);
+    gpt2_case_run(&q, j, PRM_ERR_FORMAT,
+                  "unexpected tensor transformer.h.0.attn.bias for a gpt2 model", m);
+    free(j);
+    free(q.data);
+  }
+
+  /* NaN inside a block tensor */
+  {
+    const prm_model *mm = m;
+    uint64_t off;
+    uint32_t idx = 2 + 12 + 4; /* transformer.h.1.attn.c_proj.weight */
+    const char *nm;
+    assert_int_equal(prm_model_tensor_info(mm, idx, &nm, &off, NULL, NULL), PRM_OK);
+    assert_string_equal(nm, "transformer.h.1.attn.c_proj.weight");
+    float nan = NAN;
+    le_floats(p.data + 4 * off + 8, &nan, 1);
+    gpt2_case_run(&p, p.json, PRM_ERR_FORMAT,
+                  "tensor transformer.h.1.attn.c_proj.weight contains NaN or Inf", m);
+  }
+  free(p.json);
+  free(p.data);
+  free(buf);
+  prm_model_free(m);
+}
+
 /* ---- PyTorch interoperability -------------------------------------------------- */
 
 /* Python helper: load a checkpoint with torch_ref, dump its tensors (in the
@@ -787,6 +1229,188 @@ static void test_prefrm_checkpoint_in_torch(void **state) {
   remove(ckpt);
 }
 
+/* gpt2 interoperability in one Python process (torch imports cost ~1 s):
+ * 1. torch_ref's init writes a gpt2 checkpoint and a batch, its grads
+ *    computes the rewards (the CLI's own functions, called in-process);
+ *    the ids (padded with 0), lengths and rewards are dumped raw;
+ * 2. a prefrm-written gpt2 checkpoint is read by model_from_state, its
+ *    metadata compared with torch_ref's config_metadata string for string,
+ *    its tensors (in the order given) and the scores of a token batch dumped. */
+static const char k_gpt2_py[] =
+    "import sys, io, json, contextlib\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "import torch, torch_ref\n"
+    "(X, B, tok_p, len_p, rew_p, ours, names, ctok, clen, n, T, out_p, out_s) = sys.argv[2:15]\n"
+    "with contextlib.redirect_stdout(io.StringIO()):\n"
+    "    torch_ref.cmd_init(torch_ref.parse_args(['init', '--model', 'gpt2', '--vocab', '50',\n"
+    "        '--ctx', '16', '--dim', '16', '--layers', '2', '--heads', '4', '--seed', '3',\n"
+    "        '--pairs', '3', '--out', X, '--batch-out', B]))\n"
+    "out = io.StringIO()\n"
+    "with contextlib.redirect_stdout(out):\n"
+    "    torch_ref.cmd_grads(torch_ref.parse_args(['grads', '--ckpt', X, '--batch', B,\n"
+    "        '--out', X + '.grads']))\n"
+    "info = json.loads(out.getvalue().strip().splitlines()[-1])\n"
+    "bj = json.load(open(B))\n"
+    "seqs = bj['chosen_input_ids'] + bj['rejected_input_ids']\n"
+    "ids = torch.zeros(len(seqs), 16, dtype=torch.int32)\n"
+    "for i, s in enumerate(seqs):\n"
+    "    ids[i, :len(s)] = torch.tensor(s, dtype=torch.int32)\n"
+    "lens = torch.tensor(bj['chosen_lengths'] + bj['rejected_lengths'], dtype=torch.int32)\n"
+    "rew = torch.tensor(info['rewards_chosen'] + info['rewards_rejected'], dtype=torch.float32)\n"
+    "open(tok_p, 'wb').write(ids.numpy().astype('<i4').tobytes())\n"
+    "open(len_p, 'wb').write(lens.numpy().astype('<i4').tobytes())\n"
+    "open(rew_p, 'wb').write(rew.numpy().astype('<f4').tobytes())\n"
+    "sd, meta = torch_ref.read_safetensors(ours)\n"
+    "model = torch_ref.model_from_state(sd, meta)\n"
+    "for k, v in torch_ref.config_metadata(model).items():\n"
+    "    if meta.get(k) != v:\n"
+    "        raise SystemExit(f'metadata {k}: prefrm wrote {meta.get(k)!r}, torch_ref {v!r}')\n"
+    "with open(out_p, 'wb') as f:\n"
+    "    for nm in names.split(','):\n"
+    "        f.write(sd[nm].contiguous().numpy().astype('<f4').tobytes())\n"
+    "cids = torch.frombuffer(bytearray(open(ctok, 'rb').read()), dtype=torch.int32)\n"
+    "cids = cids.reshape(int(n), int(T)).long()\n"
+    "clens = torch.frombuffer(bytearray(open(clen, 'rb').read()), dtype=torch.int32).long()\n"
+    "with torch.no_grad():\n"
+    "    r = model(cids, clens)\n"
+    "open(out_s, 'wb').write(r.numpy().astype('<f4').tobytes())\n";
+
+static float le_float_at(const unsigned char *b, size_t i) {
+  uint32_t u = (uint32_t)b[4 * i] | (uint32_t)b[4 * i + 1] << 8 | (uint32_t)b[4 * i + 2] << 16 |
+               (uint32_t)b[4 * i + 3] << 24;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static int32_t le_i32_at(const unsigned char *b, size_t i) {
+  uint32_t u = (uint32_t)b[4 * i] | (uint32_t)b[4 * i + 1] << 8 | (uint32_t)b[4 * i + 2] << 16 |
+               (uint32_t)b[4 * i + 3] << 24;
+  int32_t v;
+  memcpy(&v, &u, 4);
+  return v;
+}
+
+/* Scores within 1e-5 relative (plus a 1e-7 floor for scores near 0). */
+static void assert_close_scores(const float *mine, const unsigned char *theirs, int n,
+                                const char *what) {
+  for (int i = 0; i < n; i++) {
+    float t = le_float_at(theirs, (size_t)i);
+    if (!(fabsf(t - mine[i]) <= 1e-5f * fabsf(t) + 1e-7f))
+      fail_msg("%s row %d: prefrm %.9g, torch %.9g", what, i, (double)mine[i], (double)t);
+  }
+}
+
+static void test_gpt2_torch_interop(void **state) {
+  (void)state;
+  enum { NC = 5, T = 16, V = 50, P2 = 6 };
+  char refdir[512], py[600], X[600], B[600], G[700], tok[600], len[600], rew[600], ours[600],
+      ctok[600], clen[600], outp[600], outs[600], names[4096] = "", cmd[12288];
+  if (!have_reference(refdir, sizeof refdir)) {
+    print_message("skipped: shared/reference/torch_ref.py or torch (%s) not available\n",
+                  PRM_PYTHON);
+    skip();
+  }
+  prmt_tmp_path(py, sizeof py, "ckpt_gpt2.py");
+  prmt_tmp_path(X, sizeof X, "ckpt_gpt2_torch.safetensors");
+  prmt_tmp_path(B, sizeof B, "ckpt_gpt2_batch.json");
+  snprintf(G, sizeof G, "%s.grads", X);
+  prmt_tmp_path(tok, sizeof tok, "ckpt_gpt2_tok.bin");
+  prmt_tmp_path(len, sizeof len, "ckpt_gpt2_len.bin");
+  prmt_tmp_path(rew, sizeof rew, "ckpt_gpt2_rew.bin");
+  prmt_tmp_path(ours, sizeof ours, "ckpt_gpt2_ours.safetensors");
+  prmt_tmp_path(ctok, sizeof ctok, "ckpt_gpt2_ctok.bin");
+  prmt_tmp_path(clen, sizeof clen, "ckpt_gpt2_clen.bin");
+  prmt_tmp_path(outp, sizeof outp, "ckpt_gpt2_params.bin");
+  prmt_tmp_path(outs, sizeof outs, "ckpt_gpt2_scores.bin");
+  write_whole(py, k_gpt2_py, sizeof k_gpt2_py - 1);
+
+  /* our checkpoint and token batch for torch */
+  prm_model *m = make_gpt2(V, T, 16, 2, 4, 11);
+  int32_t ctokens[NC * T], clengths[NC];
+  float cs[NC];
+  gpt2_tokens(V, T, NC, ctokens, clengths);
+  unsigned char raw[NC * T * 4];
+  for (int i = 0; i < NC * T; i++)
+    for (int k = 0; k < 4; k++)
+      raw[4 * i + k] = (unsigned char)((uint32_t)ctokens[i] >> (8 * k));
+  write_whole(ctok, raw, NC * T * 4);
+  for (int i = 0; i < NC; i++)
+    for (int k = 0; k < 4; k++)
+      raw[4 * i + k] = (unsigned char)((uint32_t)clengths[i] >> (8 * k));
+  write_whole(clen, raw, NC * 4);
+  assert_int_equal(prm_model_save(m, ours), PRM_OK);
+  for (uint32_t i = 0; i < prm_model_num_tensors(m); i++) {
+    const char *nm;
+    assert_int_equal(prm_model_tensor_info(m, i, &nm, NULL, NULL, NULL), PRM_OK);
+    if (i > 0) strcat(names, ",");
+    strcat(names, nm);
+  }
+  snprintf(cmd, sizeof cmd,
+           "'%s' '%s' '%s' '%s' '%s' '%s' '%s' '%s' '%s' '%s' '%s' '%s' %d %d '%s' '%s'",
+           PRM_PYTHON, py, refdir, X, B, tok, len, rew, ours, names, ctok, clen, NC, T, outp, outs);
+  if (system(cmd) != 0) fail_msg("command failed: %s", cmd);
+
+  /* 1. torch_ref's checkpoint loads here and scores its batch as grads did */
+  prm_model *tm = NULL, *again = NULL;
+  int rc = prm_model_load(&tm, X);
+  if (rc != PRM_OK) fail_msg("%s: %s (%s)", X, prm_status_string(rc), prm_last_errmsg());
+  prm_model_options o;
+  prm_model_options_init(&o, PRM_MODEL_OPTIONS_VERSION);
+  assert_int_equal(prm_model_get_options(tm, &o), PRM_OK);
+  assert_int_equal(o.arch, PRM_ARCH_GPT2);
+  assert_int_equal(o.vocab_size, 50);
+  assert_int_equal(o.n_ctx, 16);
+  assert_int_equal(o.n_embd, 16);
+  assert_int_equal(o.n_layer, 2);
+  assert_int_equal(o.n_head, 4);
+  size_t n;
+  unsigned char *tb = read_whole(tok, &n), *lb, *rb;
+  assert_int_equal(n, P2 * T * 4);
+  lb = read_whole(len, &n);
+  assert_int_equal(n, P2 * 4);
+  rb = read_whole(rew, &n);
+  assert_int_equal(n, P2 * 4);
+  int32_t ttokens[P2 * T], tlengths[P2];
+  float ts[P2];
+  for (int i = 0; i < P2 * T; i++)
+    ttokens[i] = le_i32_at(tb, (size_t)i);
+  for (int i = 0; i < P2; i++)
+    tlengths[i] = le_i32_at(lb, (size_t)i);
+  gpt2_scores(tm, P2, T, ttokens, tlengths, ts);
+  assert_close_scores(ts, rb, P2, "torch_ref init/grads");
+  /* our re-save of it loads to the same model */
+  unsigned char *buf = save_mem(tm, &n);
+  assert_int_equal(prm_model_load_buffer(&again, buf, n), PRM_OK);
+  assert_same_model(tm, again);
+  free(buf);
+  free(tb);
+  free(lb);
+  free(rb);
+  prm_model_free(again);
+  prm_model_free(tm);
+
+  /* 2. our checkpoint in torch: same tensors bit for bit, same scores */
+  unsigned char *tp = read_whole(outp, &n);
+  uint64_t np;
+  float *mine = prm_model_params(m, &np);
+  assert_int_equal(n, np * 4);
+  unsigned char *mine_le = malloc(n);
+  le_floats(mine_le, mine, (size_t)np);
+  assert_memory_equal(tp, mine_le, n);
+  free(tp);
+  free(mine_le);
+  unsigned char *sb = read_whole(outs, &n);
+  assert_int_equal(n, NC * 4);
+  gpt2_scores(m, NC, T, ctokens, clengths, cs);
+  assert_close_scores(cs, sb, NC, "prefrm checkpoint in torch");
+  free(sb);
+  prm_model_free(m);
+  const char *tmp[] = {py, X, B, G, tok, len, rew, ours, ctok, clen, outp, outs};
+  for (size_t i = 0; i < sizeof tmp / sizeof tmp[0]; i++)
+    remove(tmp[i]);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_roundtrip_linear),
@@ -801,8 +1425,12 @@ int main(void) {
       cmocka_unit_test(test_nonfinite_values),
       cmocka_unit_test(test_header_mutations),
       cmocka_unit_test(test_atomic_save),
+      cmocka_unit_test(test_roundtrip_gpt2),
+      cmocka_unit_test(test_roundtrip_gpt2_deep),
+      cmocka_unit_test(test_gpt2_malformed),
       cmocka_unit_test(test_torch_written_checkpoint),
       cmocka_unit_test(test_prefrm_checkpoint_in_torch),
+      cmocka_unit_test(test_gpt2_torch_interop),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
