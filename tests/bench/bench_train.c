@@ -2,10 +2,15 @@
  * bench_train.c - time libprefrm training steps, the C twin of
  * `torch_ref.py bench` (../shared/reference/torch_ref.py).
  *
- *   bench_train [--model linear|mlp] [--d D] [--hidden 1024,256] [--act gelu|relu|tanh]
+ *   bench_train [--model linear|mlp|gpt2] [--d D] [--hidden 1024,256] [--act gelu|relu|tanh]
  *               [--batch P] [--steps S] [--warmup W] [--lr 1e-4] [--seed 0]
  *               [--batches NB] [--threads N] [--no-phases] [--blas-probe]
  *               [--json-out FILE]
+ *   gpt2:       [--vocab 512] [--ctx 128] [--dim 128] [--layers 4] [--heads 4]
+ *               [--seq-len T] [--min-len M] [--score]
+ *
+ * gpt2 (torch_ref's gpt2 bench: 16 pairs of full-length sequences per step;
+ * --score times scoring instead of training) is described at run_gpt2.
  *
  * Defaults are torch_ref's: linear d=4096 with 256 pairs per step; mlp
  * 768 -> 1024 -> 256 (gelu-tanh) with 64 pairs per step; AdamW lr 1e-4, no
@@ -306,6 +311,45 @@ static void run_gemv(void *p) {
   g->f(CB_ROW, g->trans ? CB_TRANS : CB_NOTRANS, g->m, g->n, 1.0f, a, g->n, g->x, 1, 0.0f, g->y, 1);
 }
 
+typedef struct gemm_shape {
+  const char *key; /* JSON key of the GFLOP/s figure */
+  int ta, tb, m, n, k;
+} gemm_shape;
+
+/* Times each sgemm shape (row-major, C = op(A) op(B)), prints a line per shape and appends
+ * `"key": GFLOP/s, ` to json. Returns strlen(json). */
+static size_t probe_gemms(char *json, size_t cap, sgemm_fn sgemm, const gemm_shape *shapes,
+                          int n_shapes) {
+  size_t need = 0;
+  for (int i = 0; i < n_shapes; i++) {
+    size_t mk = (size_t)shapes[i].m * shapes[i].k, kn = (size_t)shapes[i].k * shapes[i].n,
+           mn = (size_t)shapes[i].m * shapes[i].n;
+    if (mk > need) need = mk;
+    if (kn > need) need = kn;
+    if (mn > need) need = mn;
+  }
+  float *a = xmalloc(need * sizeof(float)), *b = xmalloc(need * sizeof(float)),
+        *c = xmalloc(need * sizeof(float));
+  fill_normal(a, need);
+  fill_normal(b, need);
+  size_t used = strlen(json);
+  printf("blas probe (calls the BLAS directly; %s threads):\n",
+         env_or("OPENBLAS_NUM_THREADS", "?"));
+  for (int i = 0; i < n_shapes; i++) {
+    const gemm_shape *s = &shapes[i];
+    gemm_case g = {sgemm, s->ta, s->tb, s->m, s->n, s->k, a, b, c};
+    double t = probe_time(run_gemm, &g);
+    double gf = 2.0 * s->m * s->n * s->k / t * 1e-9;
+    printf("  sgemm %s%s m=%d n=%d k=%d: %.3f ms, %.1f GFLOP/s\n", s->ta ? "T" : "N",
+           s->tb ? "T" : "N", s->m, s->n, s->k, t * 1e3, gf);
+    used += (size_t)snprintf(json + used, cap - used, "\"%s\": %.2f, ", s->key, gf);
+  }
+  free(a);
+  free(b);
+  free(c);
+  return used;
+}
+
 /* Appends `"blas_probe": {...}, ` to json (cap bytes). Returns 0 if the BLAS is not reachable. */
 static int blas_probe(char *json, size_t cap, int is_mlp, uint64_t rows, uint64_t d,
                       const uint64_t *hidden, uint32_t n_hidden, float *const *batches, int nb) {
@@ -320,34 +364,13 @@ static int blas_probe(char *json, size_t cap, int is_mlp, uint64_t rows, uint64_
   /* GEMMs: a large square one (near the kernel's peak), then the shapes of the
    * mlp step's first layer: forward Z = X W^T, weight gradient dW = dZ^T X. */
   {
-    const int sq = 1024;
     uint64_t in0 = is_mlp ? d : 768, out0 = is_mlp ? hidden[0] : 1024, r = is_mlp ? rows : 128;
-    size_t big = (size_t)sq * sq;
-    size_t need = (size_t)(r * in0 > out0 * in0 ? r * in0 : out0 * in0);
-    if (need < big) need = big;
-    float *a = xmalloc(need * sizeof(float)), *b = xmalloc(need * sizeof(float)),
-          *c = xmalloc(need * sizeof(float));
-    fill_normal(a, need);
-    fill_normal(b, need);
-    gemm_case cases[3] = {
-        {sgemm, 0, 0, sq, sq, sq, a, b, c},
-        {sgemm, 0, 1, (int)r, (int)out0, (int)in0, a, b, c},
-        {sgemm, 1, 0, (int)out0, (int)in0, (int)r, a, b, c},
+    const gemm_shape shapes[3] = {
+        {"sgemm_1024_gflops", 0, 0, 1024, 1024, 1024},
+        {"sgemm_fwd_layer0_gflops", 0, 1, (int)r, (int)out0, (int)in0},
+        {"sgemm_wgrad_layer0_gflops", 1, 0, (int)out0, (int)in0, (int)r},
     };
-    const char *names[3] = {"sgemm_1024_gflops", "sgemm_fwd_layer0_gflops",
-                            "sgemm_wgrad_layer0_gflops"};
-    printf("blas probe (calls the BLAS directly; %s threads):\n",
-           env_or("OPENBLAS_NUM_THREADS", "?"));
-    for (int i = 0; i < 3; i++) {
-      double t = probe_time(run_gemm, &cases[i]);
-      double gf = 2.0 * cases[i].m * cases[i].n * cases[i].k / t * 1e-9;
-      printf("  sgemm %s%s m=%d n=%d k=%d: %.3f ms, %.1f GFLOP/s\n", cases[i].ta ? "T" : "N",
-             cases[i].tb ? "T" : "N", cases[i].m, cases[i].n, cases[i].k, t * 1e3, gf);
-      used += (size_t)snprintf(json + used, cap - used, "\"%s\": %.2f, ", names[i], gf);
-    }
-    free(a);
-    free(b);
-    free(c);
+    used = probe_gemms(json, cap, sgemm, shapes, 3);
   }
   (void)n_hidden;
   /* GEMVs over the step's feature matrix X (rows, d): the linear model's
@@ -377,14 +400,356 @@ static int blas_probe(char *json, size_t cap, int is_mlp, uint64_t rows, uint64_
   return 1;
 }
 
+/* ---- allocation deltas (shared by the report lines) -------------------------------------- */
+
+typedef struct alloc_delta {
+  unsigned long long calls, frees, lib_calls;
+  long long used, arena, hblks, hblkhd;
+  long minflt;
+  int allocs; /* the verdict: a counted call or a net mallinfo2 change */
+} alloc_delta;
+
+static alloc_delta diff_snapshots(const alloc_snapshot *before, const alloc_snapshot *after) {
+  alloc_delta d;
+  d.calls = after->alloc_calls - before->alloc_calls;
+  d.frees = after->free_calls - before->free_calls;
+  d.lib_calls = after->lib_calls - before->lib_calls;
+  d.used = (long long)after->uordblks - (long long)before->uordblks;
+  d.arena = (long long)after->arena - (long long)before->arena;
+  d.hblks = (long long)after->hblks - (long long)before->hblks;
+  d.hblkhd = (long long)after->hblkhd - (long long)before->hblkhd;
+  d.minflt = after->minflt - before->minflt;
+  d.allocs =
+      d.calls != 0 || d.frees != 0 || d.used != 0 || d.arena != 0 || d.hblks != 0 || d.hblkhd != 0;
+  return d;
+}
+
+static void print_memory_line(long peak_rss_kb, double data_mb, long steps, const alloc_delta *d) {
+  printf("memory: peak RSS %.1f MB (of which synthetic data %.1f MB); during %ld timed steps: "
+         "%llu malloc-family calls%s (%llu from libprefrm's code), %llu frees, mallinfo2 d(in use) "
+         "%lld B d(arena) %lld B d(mmapped chunks) %lld, minor faults %ld -> "
+         "allocations_in_steps=%s\n",
+         (double)peak_rss_kb / 1024.0, data_mb, steps, d->calls,
+         BENCH_COUNT_MALLOC ? "" : " (counter off)", d->lib_calls, d->frees, d->used, d->arena,
+         d->hblks, d->minflt, d->allocs ? "true" : "false");
+}
+
+/* Appends the allocation keys (torch_ref has none of these) to json at *u. */
+static void json_alloc_keys(char *json, size_t cap, size_t *u, long peak_rss_kb, double data_mb,
+                            const alloc_delta *d) {
+  *u += (size_t)snprintf(json + *u, cap - *u,
+                         "\"peak_rss_kb\": %ld, \"synthetic_data_mb\": %.2f, "
+                         "\"allocations_in_steps\": %s, ",
+                         peak_rss_kb, data_mb, d->allocs ? "true" : "false");
+  if (BENCH_COUNT_MALLOC)
+    *u += (size_t)snprintf(json + *u, cap - *u,
+                           "\"malloc_calls_in_steps\": %llu, \"frees_in_steps\": %llu, "
+                           "\"malloc_calls_in_steps_libprefrm\": %llu, ",
+                           d->calls, d->frees, d->lib_calls);
+  else
+    *u += (size_t)snprintf(json + *u, cap - *u,
+                           "\"malloc_calls_in_steps\": null, \"frees_in_steps\": null, "
+                           "\"malloc_calls_in_steps_libprefrm\": null, ");
+  *u += (size_t)snprintf(json + *u, cap - *u,
+                         "\"mallinfo2_delta\": {\"uordblks\": %lld, \"arena\": %lld, \"hblks\": "
+                         "%lld, \"hblkhd\": %lld}, \"minor_faults_in_steps\": %ld, ",
+                         d->used, d->arena, d->hblks, d->hblkhd, d->minflt);
+}
+
+/* ---- gpt2 -------------------------------------------------------------------------------- */
+
+/*
+ * --model gpt2: the twin of `torch_ref.py bench --model gpt2`. Defaults are
+ * torch_ref's (vocab 512, ctx 128, dim 128, 4 layers, 4 heads, 16 pairs per
+ * step, every sequence ctx tokens long). NB batches of 2P sequences of
+ * uniform random ids are made up front and cycled; with --min-len m the
+ * lengths are uniform in [m, seq_len] (padding ids are 0 and never read).
+ *
+ * FLOPs are torch_ref's formula, so the GFLOP/s of the two programs compare
+ * like for like: train = 6 N_nonemb tok + 12 L T D tok with tok = 2P T and
+ * T = seq_len (torch_ref counts every position, also with --min-len, and
+ * the full T x T attention). The score (forward) figure is its forward third:
+ * 2 N_nonemb tok + 4 L T D tok. libprefrm does less work than the formula
+ * says (padding is never computed; the last block runs at the pooled tokens
+ * only; attention is causal), so its GFLOP/s is "model FLOPs per second", the
+ * rate that matters for comparing step times, not what the cores executed.
+ *
+ * --score times prm_ctx_forward on an inference context (2P sequences per
+ * call: what a pair batch costs to score) instead of training steps; the twin
+ * on the torch side is tests/bench/torch_score.py.
+ */
+typedef struct gpt2_cfg {
+  long vocab, n_ctx, dim, layers, heads, batch, seq_len, min_len, steps, warmup, seed, nbatches;
+  double lr;
+  int phases, probe, score;
+  const char *json_out;
+} gpt2_cfg;
+
+static int run_gpt2(const gpt2_cfg *cf) {
+  prm_model_options mo;
+  CHECK(prm_model_options_init(&mo, PRM_MODEL_OPTIONS_VERSION));
+  mo.arch = PRM_ARCH_GPT2;
+  mo.seed = (uint64_t)cf->seed;
+  mo.vocab_size = (uint64_t)cf->vocab;
+  mo.n_ctx = (uint64_t)cf->n_ctx;
+  mo.n_embd = (uint64_t)cf->dim;
+  mo.n_layer = (uint64_t)cf->layers;
+  mo.n_head = (uint64_t)cf->heads;
+  const uint64_t P = (uint64_t)cf->batch, rows = 2 * P;
+  const uint64_t T = (uint64_t)(cf->seq_len ? cf->seq_len : cf->n_ctx);
+  const uint64_t min_len = (uint64_t)cf->min_len;
+  if (T > (uint64_t)cf->n_ctx || min_len > T) {
+    fprintf(stderr, "bench_train: need min-len <= seq-len <= ctx (got %llu, %llu, %ld)\n",
+            (unsigned long long)min_len, (unsigned long long)T, cf->n_ctx);
+    return 2;
+  }
+  const long steps = cf->steps, warmup = cf->warmup;
+  const int nb = (int)(cf->nbatches ? cf->nbatches : (steps + warmup < 8 ? steps + warmup : 8));
+  const int score = cf->score;
+
+  prm_model *model = NULL;
+  prm_ctx *ctx = NULL;
+  prm_optimizer *opt = NULL;
+  CHECK(prm_model_new(&model, &mo));
+  prm_ctx_options co;
+  CHECK(prm_ctx_options_init(&co, PRM_CTX_OPTIONS_VERSION));
+  co.max_rows = rows;
+  co.max_len = T;
+  co.inference = score;
+  CHECK(prm_ctx_new(&ctx, model, &co));
+  if (!score) {
+    prm_optimizer_options oo;
+    CHECK(prm_optimizer_options_init(&oo, PRM_OPTIMIZER_OPTIONS_VERSION));
+    oo.algorithm = PRM_OPT_ADAMW;
+    oo.lr = cf->lr;
+    oo.weight_decay = 0.0;
+    CHECK(prm_optimizer_new(&opt, model, &oo));
+  }
+
+  /* Synthetic data: nb batches of 2P right-padded sequences, made up front. */
+  rng_state = 0x5eedull + (uint64_t)cf->seed;
+  int32_t *ids = xmalloc((size_t)nb * rows * T * sizeof(int32_t));
+  int32_t *lens = xmalloc((size_t)nb * rows * sizeof(int32_t));
+  prm_batch *pbs = xmalloc((size_t)nb * sizeof *pbs);
+  double tok_real = 0.0; /* mean tokens per batch that libprefrm computes */
+  for (int b = 0; b < nb; b++) {
+    for (uint64_t i = 0; i < rows; i++) {
+      uint64_t len = min_len ? min_len + rng_next() % (T - min_len + 1) : T;
+      lens[(size_t)b * rows + i] = (int32_t)len;
+      tok_real += (double)len / nb;
+      int32_t *row = ids + ((size_t)b * rows + i) * T;
+      for (uint64_t t = 0; t < T; t++)
+        row[t] = t < len ? (int32_t)(rng_next() % (uint64_t)cf->vocab) : 0;
+    }
+    CHECK(prm_batch_init(&pbs[b], PRM_BATCH_VERSION));
+    pbs[b].n = rows;
+    pbs[b].tokens = ids + (size_t)b * rows * T;
+    pbs[b].token_stride = T;
+    pbs[b].lengths = lens + (size_t)b * rows;
+  }
+  prm_loss_stats st;
+  CHECK(prm_loss_stats_init(&st, PRM_LOSS_STATS_VERSION));
+  float *scores = xmalloc((size_t)rows * sizeof(float)),
+        *dscores = xmalloc((size_t)rows * sizeof(float));
+
+  locate_library();
+
+  /* ---- timed loop: training steps, or forwards of 2P sequences ---- */
+  double *t_step = xmalloc((size_t)steps * sizeof(double));
+  double loss_first = 0.0, loss_last = 0.0;
+  alloc_snapshot before, after;
+  for (long it = 0; it < warmup + steps; it++) {
+    if (it == warmup) take_snapshot(&before);
+    const prm_batch *pb = &pbs[it % nb];
+    double t0 = now_s();
+    if (score)
+      CHECK(prm_ctx_forward(ctx, pb, scores, rows));
+    else
+      CHECK(prm_train_step(ctx, opt, pb, NULL, &st));
+    double t1 = now_s();
+    if (!score) {
+      if (it == 0) loss_first = st.loss;
+      loss_last = st.loss;
+    }
+    if (it >= warmup) t_step[it - warmup] = t1 - t0;
+  }
+  take_snapshot(&after);
+  const double ms_mean = mean(t_step, (size_t)steps) * 1e3;
+  const double med = median(t_step, (size_t)steps);
+  const double tmin = t_step[0];
+
+  /* ---- optional phase loop (split API; training only) ---- */
+  double ms_fwd = NAN, ms_bwd = NAN, ms_opt = NAN;
+  const int phases = cf->phases && !score;
+  if (phases) {
+    double *tf = xmalloc((size_t)steps * sizeof(double)),
+           *tb = xmalloc((size_t)steps * sizeof(double)),
+           *to = xmalloc((size_t)steps * sizeof(double));
+    for (long it = 0; it < warmup + steps; it++) {
+      const prm_batch *pb = &pbs[it % nb];
+      double t0 = now_s();
+      CHECK(prm_ctx_forward(ctx, pb, scores, rows));
+      CHECK(prm_loss_bt(scores, scores + P, P, NULL, NULL, NULL, dscores, dscores + P));
+      double t1 = now_s();
+      CHECK(prm_ctx_backward(ctx, dscores, rows));
+      double t2 = now_s();
+      CHECK(prm_optimizer_step(opt, ctx));
+      double t3 = now_s();
+      if (it >= warmup) {
+        tf[it - warmup] = t1 - t0;
+        tb[it - warmup] = t2 - t1;
+        to[it - warmup] = t3 - t2;
+      }
+    }
+    ms_fwd = median(tf, (size_t)steps) * 1e3;
+    ms_bwd = median(tb, (size_t)steps) * 1e3;
+    ms_opt = median(to, (size_t)steps) * 1e3;
+    free(tf);
+    free(tb);
+    free(to);
+  }
+
+  /* ---- accounting: torch_ref's FLOP formula ---- */
+  const uint64_t n_params = prm_model_num_params(model);
+  uint64_t n_emb = 0;
+  for (uint32_t t = 0; t < prm_model_num_tensors(model); t++) {
+    const char *name = NULL;
+    uint64_t shape[2] = {0, 0};
+    uint32_t ndim = 0;
+    CHECK(prm_model_tensor_info(model, t, &name, NULL, &ndim, shape));
+    if (strstr(name, "wte.weight") != NULL || strstr(name, "wpe.weight") != NULL)
+      n_emb += shape[0] * (ndim > 1 ? shape[1] : 1);
+  }
+  const uint64_t n_ne = n_params - n_emb;
+  const double tok = (double)rows * (double)T; /* torch_ref: every position counts */
+  const double L = (double)cf->layers, Dm = (double)cf->dim, Td = (double)T;
+  const double flops = score ? 2.0 * n_ne * tok + 4.0 * L * Td * Dm * tok
+                             : 6.0 * n_ne * tok + 12.0 * L * Td * Dm * tok;
+  const char *formula =
+      score ? "2*N_nonemb*tok + 4*L*T*D*tok (forward third of torch_ref's training formula), "
+              "tok = 2P*T"
+            : "6*N_nonemb*tok + 12*L*T*D*tok (torch_ref's formula: dense T x T attention), "
+              "tok = 2P*T";
+  alloc_delta ad = diff_snapshots(&before, &after);
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  const long peak_rss_kb = ru.ru_maxrss; /* Linux: kilobytes */
+  const double data_mb = (double)nb * (double)rows * ((double)T + 1) * sizeof(int32_t) / 1048576.0;
+
+  /* ---- report ---- */
+  const char *threads_env = env_or("OPENBLAS_NUM_THREADS", "(unset)");
+  if (score)
+    printf("gpt2 score %llu seqs x %llu tok threads=%s: %.3f ms/forward (median of %ld), %.1f "
+           "seqs/s, %.0f tokens/s computed",
+           (unsigned long long)rows, (unsigned long long)T, threads_env, med * 1e3, steps,
+           (double)rows / med, tok_real / med);
+  else
+    printf("gpt2 P=%llu T=%llu threads=%s: %.3f ms/step (median of %ld), %.2f pairs/s",
+           (unsigned long long)P, (unsigned long long)T, threads_env, med * 1e3, steps,
+           (double)P / med);
+  if (phases) printf(", split-API fwd+loss %.3f / bwd %.3f / opt %.3f ms", ms_fwd, ms_bwd, ms_opt);
+  printf(", %.3f GFLOP/%s -> %.1f GFLOP/s; params %llu (non-emb %llu)", flops / 1e9,
+         score ? "forward" : "step", flops / med * 1e-9, (unsigned long long)n_params,
+         (unsigned long long)n_ne);
+  if (!score) printf("; loss %.4f -> %.4f", loss_first, loss_last);
+  printf("\n");
+  print_memory_line(peak_rss_kb, data_mb, steps, &ad);
+
+  static char json[8192];
+  size_t u = 0;
+  u += (size_t)snprintf(
+      json + u, sizeof json - u,
+      "{\"impl\": \"libprefrm\", \"model\": \"gpt2\", \"mode\": \"%s\", \"config\": {\"model\": "
+      "\"gpt2\", \"vocab_size\": %ld, \"n_positions\": %ld, \"n_embd\": %ld, \"n_layer\": %ld, "
+      "\"n_head\": %ld, \"seq_len\": %llu, \"min_len\": %llu}, \"pairs_per_step\": %llu, "
+      "\"threads\": %s, \"steps\": %ld, \"warmup\": %ld, \"batches\": %d, "
+      "\"tokens_per_step_computed\": %.1f, ",
+      score ? "score" : "train", cf->vocab, cf->n_ctx, cf->dim, cf->layers, cf->heads,
+      (unsigned long long)T, (unsigned long long)min_len, (unsigned long long)P,
+      strcmp(threads_env, "(unset)") ? threads_env : "null", steps, warmup, nb, tok_real);
+  if (score)
+    u += (size_t)snprintf(json + u, sizeof json - u,
+                          "\"seqs_per_forward\": %llu, \"ms_forward_median\": %.6f, "
+                          "\"ms_forward_min\": %.6f, \"ms_forward_mean\": %.6f, "
+                          "\"seqs_per_s\": %.3f, \"forward_flops\": %.0f, ",
+                          (unsigned long long)rows, med * 1e3, tmin * 1e3, ms_mean,
+                          (double)rows / med, flops);
+  else {
+    u += (size_t)snprintf(json + u, sizeof json - u,
+                          "\"ms_step_median\": %.6f, \"ms_step_min\": %.6f, \"ms_step_mean\": "
+                          "%.6f, \"pairs_per_s\": %.3f, \"train_flops_per_step\": %.0f, "
+                          "\"loss_first\": %.6f, \"loss_last\": %.6f, ",
+                          med * 1e3, tmin * 1e3, ms_mean, (double)P / med, flops, loss_first,
+                          loss_last);
+    if (phases)
+      u += (size_t)snprintf(json + u, sizeof json - u,
+                            "\"ms_fwd_median\": %.6f, \"ms_bwd_median\": %.6f, "
+                            "\"ms_opt_median\": %.6f, ",
+                            ms_fwd, ms_bwd, ms_opt);
+  }
+  u += (size_t)snprintf(json + u, sizeof json - u,
+                        "\"gflops_per_s\": %.3f, \"flops_formula\": \"%s\", \"params\": %llu, "
+                        "\"params_nonembedding\": %llu, \"prefrm\": \"%s\", ",
+                        flops / med * 1e-9, formula, (unsigned long long)n_params,
+                        (unsigned long long)n_ne, prm_version_string());
+  json_alloc_keys(json, sizeof json, &u, peak_rss_kb, data_mb, &ad);
+  if (cf->probe) {
+    sgemm_fn sgemm = (sgemm_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "cblas_sgemm");
+    if (sgemm == NULL) {
+      printf("blas probe: cblas_sgemm not found in the process; skipped\n");
+    } else {
+      const int C = (int)cf->dim, hs = (int)(cf->dim / cf->heads), N = (int)(rows * T);
+      /* the square peak, then the step's shapes: c_fc forward (N, 4C) = (N, C)(C, 4C),
+       * its weight gradient (C, 4C) = (N, C)^T (N, 4C), one head's scores (T, T) = q k^T */
+      const gemm_shape shapes[4] = {
+          {"sgemm_1024_gflops", 0, 0, 1024, 1024, 1024},
+          {"sgemm_fc_fwd_gflops", 0, 0, N, 4 * C, C},
+          {"sgemm_fc_wgrad_gflops", 1, 0, C, 4 * C, N},
+          {"sgemm_attn_scores_gflops", 0, 1, (int)T, (int)T, hs},
+      };
+      u += (size_t)snprintf(json + u, sizeof json - u, "\"blas_probe\": {");
+      u = probe_gemms(json, sizeof json, sgemm, shapes, 4);
+      if (u >= 2 && json[u - 2] == ',') u -= 2;
+      u += (size_t)snprintf(json + u, sizeof json - u, "}, ");
+    }
+  }
+  snprintf(json + u, sizeof json - u,
+           "\"OPENBLAS_NUM_THREADS\": \"%s\", \"OMP_NUM_THREADS\": \"%s\", "
+           "\"OPENBLAS_CORETYPE\": \"%s\", \"GLIBC_TUNABLES\": \"%s\"}",
+           threads_env, env_or("OMP_NUM_THREADS", "(unset)"),
+           env_or("OPENBLAS_CORETYPE", "(unset)"), env_or("GLIBC_TUNABLES", "(unset)"));
+  printf("JSON %s\n", json);
+  int rc = 0;
+  if (cf->json_out != NULL) {
+    FILE *f = fopen(cf->json_out, "a");
+    if (f == NULL || fprintf(f, "%s\n", json) < 0 || fclose(f) != 0) {
+      fprintf(stderr, "bench_train: cannot append to %s\n", cf->json_out);
+      rc = 1;
+    }
+  }
+
+  free(t_step);
+  free(scores);
+  free(dscores);
+  free(pbs);
+  free(lens);
+  free(ids);
+  prm_optimizer_free(opt);
+  prm_ctx_free(ctx);
+  prm_model_free(model);
+  return rc;
+}
+
 /* ---- main --------------------------------------------------------------------------------------
  */
 
 static void usage(void) {
-  fprintf(stderr, "usage: bench_train [--model linear|mlp] [--d D] [--hidden H1,H2,...]\n"
+  fprintf(stderr, "usage: bench_train [--model linear|mlp|gpt2] [--d D] [--hidden H1,H2,...]\n"
                   "                   [--act gelu|relu|tanh] [--batch P] [--steps S] [--warmup W]\n"
                   "                   [--lr LR] [--seed N] [--batches NB] [--threads N]\n"
-                  "                   [--no-phases] [--blas-probe] [--json-out FILE]\n");
+                  "                   [--no-phases] [--blas-probe] [--json-out FILE]\n"
+                  "       gpt2:       [--vocab V] [--ctx T] [--dim D] [--layers L] [--heads H]\n"
+                  "                   [--seq-len T] [--min-len M] [--score]\n");
   exit(2);
 }
 
@@ -402,8 +767,9 @@ static long parse_long(const char *flag, const char *s, long lo, long hi) {
 int main(int argc, char **argv) {
   const char *model_name = "linear", *act_name = "gelu", *hidden_arg = NULL, *json_out = NULL;
   long d = 0, batch = 0, steps = 20, warmup = 3, seed = 0, nbatches = 0, threads = 0;
+  long vocab = 512, n_ctx = 128, dim = 128, layers = 4, heads = 4, seq_len = 0, min_len = 0;
   double lr = 1e-4;
-  int phases = 1, probe = 0;
+  int phases = 1, probe = 0, score = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -448,7 +814,30 @@ int main(int argc, char **argv) {
     } else if (!strcmp(a, "--json-out")) {
       NEED_VALUE;
       json_out = v;
-    } else if (!strcmp(a, "--no-phases"))
+    } else if (!strcmp(a, "--vocab")) {
+      NEED_VALUE;
+      vocab = parse_long(a, v, 1, 1L << 30);
+    } else if (!strcmp(a, "--ctx")) {
+      NEED_VALUE;
+      n_ctx = parse_long(a, v, 1, 1L << 20);
+    } else if (!strcmp(a, "--dim")) {
+      NEED_VALUE;
+      dim = parse_long(a, v, 1, 1L << 16);
+    } else if (!strcmp(a, "--layers")) {
+      NEED_VALUE;
+      layers = parse_long(a, v, 1, 128);
+    } else if (!strcmp(a, "--heads")) {
+      NEED_VALUE;
+      heads = parse_long(a, v, 1, 1L << 16);
+    } else if (!strcmp(a, "--seq-len")) {
+      NEED_VALUE;
+      seq_len = parse_long(a, v, 1, 1L << 20);
+    } else if (!strcmp(a, "--min-len")) {
+      NEED_VALUE;
+      min_len = parse_long(a, v, 1, 1L << 20);
+    } else if (!strcmp(a, "--score"))
+      score = 1;
+    else if (!strcmp(a, "--no-phases"))
       phases = 0;
     else if (!strcmp(a, "--blas-probe"))
       probe = 1;
@@ -470,6 +859,14 @@ int main(int argc, char **argv) {
       return 1;
     }
   }
+
+  if (!strcmp(model_name, "gpt2")) {
+    const gpt2_cfg cf = {vocab,   n_ctx,   dim,   layers, heads,   batch ? batch : 16,
+                         seq_len, min_len, steps, warmup, seed,    nbatches,
+                         lr,      phases,  probe, score,  json_out};
+    return run_gpt2(&cf);
+  }
+  if (score) usage(); /* scoring mode exists for gpt2 only */
 
   /* ---- configuration ---- */
   prm_model_options mo;
@@ -603,16 +1000,7 @@ int main(int argc, char **argv) {
                         : 4.0 * (double)n_params * (double)rows;
   const char *formula = is_mlp ? "(6*N - 2*N_layer0)*S (layer 0 needs no input grad), S=2P"
                                : "4*N*S (fwd 2N + weight-grad 2N per sample; no input grad), S=2P";
-  unsigned long long calls = after.alloc_calls - before.alloc_calls;
-  unsigned long long frees = after.free_calls - before.free_calls;
-  unsigned long long lib_calls = after.lib_calls - before.lib_calls;
-  long long d_used = (long long)after.uordblks - (long long)before.uordblks;
-  long long d_arena = (long long)after.arena - (long long)before.arena;
-  long long d_hblks = (long long)after.hblks - (long long)before.hblks;
-  long long d_hblkhd = (long long)after.hblkhd - (long long)before.hblkhd;
-  long minflt = after.minflt - before.minflt;
-  int allocs =
-      calls != 0 || frees != 0 || d_used != 0 || d_arena != 0 || d_hblks != 0 || d_hblkhd != 0;
+  const alloc_delta ad = diff_snapshots(&before, &after);
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
   const long peak_rss_kb = ru.ru_maxrss; /* Linux: kilobytes */
@@ -625,13 +1013,7 @@ int main(int argc, char **argv) {
   if (phases) printf(", split-API fwd+loss %.3f / bwd %.3f / opt %.3f ms", ms_fwd, ms_bwd, ms_opt);
   printf(", %.3f GFLOP/step -> %.1f GFLOP/s; params %llu; loss %.4f -> %.4f\n", flops / 1e9,
          flops / med * 1e-9, (unsigned long long)n_params, loss_first, loss_last);
-  printf("memory: peak RSS %.1f MB (of which synthetic data %.1f MB); during %ld timed steps: "
-         "%llu malloc-family calls%s (%llu from libprefrm's code), %llu frees, mallinfo2 d(in use) "
-         "%lld B d(arena) %lld B "
-         "d(mmapped chunks) %lld, minor faults %ld -> allocations_in_steps=%s\n",
-         (double)peak_rss_kb / 1024.0, data_mb, steps, calls,
-         BENCH_COUNT_MALLOC ? "" : " (counter off)", lib_calls, frees, d_used, d_arena, d_hblks,
-         minflt, allocs ? "true" : "false");
+  print_memory_line(peak_rss_kb, data_mb, steps, &ad);
 
   static char json[8192];
   size_t u = 0;
@@ -663,24 +1045,10 @@ int main(int argc, char **argv) {
       json + u, sizeof json - u,
       "\"pairs_per_s\": %.3f, \"params\": %llu, \"params_nonembedding\": %llu, "
       "\"train_flops_per_step\": %.0f, \"gflops_per_s\": %.3f, \"flops_formula\": \"%s\", "
-      "\"loss_first\": %.6f, \"loss_last\": %.6f, \"prefrm\": \"%s\", \"peak_rss_kb\": %ld, "
-      "\"synthetic_data_mb\": %.2f, \"allocations_in_steps\": %s, \"malloc_calls_in_steps\": ",
+      "\"loss_first\": %.6f, \"loss_last\": %.6f, \"prefrm\": \"%s\", ",
       (double)P / med, (unsigned long long)n_params, (unsigned long long)n_params, flops,
-      flops / med * 1e-9, formula, loss_first, loss_last, prm_version_string(), peak_rss_kb,
-      data_mb, allocs ? "true" : "false");
-  if (BENCH_COUNT_MALLOC)
-    u += (size_t)snprintf(json + u, sizeof json - u,
-                          "%llu, \"frees_in_steps\": %llu, \"malloc_calls_in_steps_libprefrm\": "
-                          "%llu, ",
-                          calls, frees, lib_calls);
-  else
-    u += (size_t)snprintf(json + u, sizeof json - u,
-                          "null, \"frees_in_steps\": null, "
-                          "\"malloc_calls_in_steps_libprefrm\": null, ");
-  u += (size_t)snprintf(json + u, sizeof json - u,
-                        "\"mallinfo2_delta\": {\"uordblks\": %lld, \"arena\": %lld, \"hblks\": "
-                        "%lld, \"hblkhd\": %lld}, \"minor_faults_in_steps\": %ld, ",
-                        d_used, d_arena, d_hblks, d_hblkhd, minflt);
+      flops / med * 1e-9, formula, loss_first, loss_last, prm_version_string());
+  json_alloc_keys(json, sizeof json, &u, peak_rss_kb, data_mb, &ad);
   if (probe) blas_probe(json, sizeof json, is_mlp, rows, D, mo.hidden, mo.n_hidden, xs, nb);
   u = strlen(json);
   snprintf(json + u, sizeof json - u,

@@ -5,9 +5,14 @@
 #   tests/bench/run_bench.sh [BUILD_DIR]        (default: build)
 #
 # Environment knobs: STEPS (50), WARMUP (5), ROUNDS (2), THREADS ("1 2"),
-# CONFIGS ("linear mlp"), PYTHON (/usr/bin/python3), TORCH_REF (path to
-# torch_ref.py; default <repo>/../shared/reference/torch_ref.py), PROBE (1:
+# CONFIGS ("linear mlp gpt2-tiny gpt2-small"; any subset, e.g.
+# CONFIGS="gpt2-tiny gpt2-small"), PYTHON (/usr/bin/python3), TORCH_REF (path
+# to torch_ref.py; default <repo>/../shared/reference/torch_ref.py), PROBE (1:
 # also print the BLAS ceilings measured by bench_train --blas-probe).
+# gpt2 knobs (a torch gpt2-small step takes about 2 s, so few steps):
+# GPT2_TINY_STEPS (10), GPT2_SMALL_STEPS (5), GPT2_WARMUP (2) for training,
+# SCORE_TINY_STEPS (20), SCORE_SMALL_STEPS (8) forwards for scoring,
+# SCORE_TARGET (1.5).
 #
 # For each config and thread count N it runs, ROUNDS times in alternation,
 #   bench_train --model M            with OPENBLAS_NUM_THREADS=OMP_NUM_THREADS=N
@@ -18,6 +23,19 @@
 # /proc/PID/status). Targets: linear >= 5x, mlp >= 1.6x torch's pairs/s, and
 # peak RSS below torch's. A missed target is reported, never an exit status:
 # the script fails only when a program cannot be run.
+#
+# gpt2 configs (torch_ref's gpt2 flags; every sequence full length):
+#   gpt2-tiny   vocab 512,  ctx 128, dim 128, 4 layers, 4 heads, 16 pairs/step
+#   gpt2-small  vocab 8192, ctx 256, dim 256, 6 layers, 8 heads,  8 pairs/step
+# For each thread count and round: training (bench_train --model gpt2 vs
+# torch_ref.py bench --model gpt2) and scoring of 2P sequences per call
+# (bench_train --model gpt2 --score, an inference context, vs
+# tests/bench/torch_score.py, torch's no_grad forward). Targets: training
+# >= 1.5x (tiny) and >= 1.25x (small) torch's pairs/s, scoring >= 1.5x
+# torch's seqs/s, peak RSS at most half of torch's. GFLOP/s use torch_ref's
+# FLOP formula on both sides; MFU = GFLOP/s / (threads x the single-thread
+# cblas_sgemm 1024^3 peak), the peak measured in the same run (before and
+# after the gpt2 runs; the larger is used).
 set -u
 
 BUILD=${1:-build}
@@ -27,7 +45,13 @@ STEPS=${STEPS:-50}
 WARMUP=${WARMUP:-5}
 ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-"1 2"}
-CONFIGS=${CONFIGS:-"linear mlp"}
+CONFIGS=${CONFIGS:-"linear mlp gpt2-tiny gpt2-small"}
+GPT2_TINY_STEPS=${GPT2_TINY_STEPS:-10}
+GPT2_SMALL_STEPS=${GPT2_SMALL_STEPS:-5}
+GPT2_WARMUP=${GPT2_WARMUP:-2}
+SCORE_TINY_STEPS=${SCORE_TINY_STEPS:-20}
+SCORE_SMALL_STEPS=${SCORE_SMALL_STEPS:-8}
+SCORE_TARGET=${SCORE_TARGET:-1.5}
 PYTHON=${PYTHON:-/usr/bin/python3}
 TORCH_REF=${TORCH_REF:-$ROOT/../shared/reference/torch_ref.py}
 PROBE=${PROBE:-1}
@@ -89,88 +113,241 @@ json_word() {
   sed -n "s/^JSON .*\"$2\": \\([a-z]*\\).*/\\1/p" "$1" | head -n 1
 }
 
-target_of() { case $1 in linear) echo 5.0 ;; mlp) echo 1.6 ;; *) echo 1.0 ;; esac; }
+target_of() {
+  case $1 in
+    linear) echo 5.0 ;; mlp) echo 1.6 ;; gpt2-tiny) echo 1.5 ;; gpt2-small) echo 1.25 ;; *) echo 1.0 ;;
+  esac
+}
 
 FAILED=0
-ROWS=()
+declare -A BEST MS GF RSS ALLOC LIBALLOC
 echo "libprefrm benchmark: $(uname -n), $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
 echo "BLAS: $(ldd "$BENCH" | sed -n 's/^[[:space:]]*\(lib[a-z]*blas[^ ]*\) => \([^ ]*\).*/\1 -> \2/p' | head -n 2 | tr '\n' ' ')"
-echo "steps $STEPS (+$WARMUP warm-up), $ROUNDS interleaved rounds per side, peak RSS via $RSS_METHOD"
+echo "steps: linear/mlp $STEPS (+$WARMUP warm-up); gpt2 training $GPT2_TINY_STEPS/$GPT2_SMALL_STEPS," \
+  "scoring $SCORE_TINY_STEPS/$SCORE_SMALL_STEPS forwards (tiny/small, +$GPT2_WARMUP warm-up)"
+echo "$ROUNDS interleaved rounds per side, peak RSS via $RSS_METHOD"
 echo
+
+# measure TAG LABEL ROUND cmd...: one run; keeps, per TAG, the best round
+# (max pairs/s or seqs/s) with its ms and GFLOP/s, the largest peak RSS, and
+# whether any round saw allocations in its timed steps. TAG is
+# side.mode.config.threads, mode train or score.
+measure() {
+  local tag=$1 label=$2 r=$3
+  shift 3
+  local f=$TMP/$tag.$r key=pairs_per_s msk=ms_step_median v m a l
+  case $tag in *.score.*) key=seqs_per_s; msk=ms_forward_median ;; esac
+  if run_measured "$f" "$f.rss" "$@"; then
+    v=$(json_num "$f" $key)
+    echo "  $label round $r: $(head -n 1 "$f")"
+    if [ -z "${BEST[$tag]:-}" ] || awk "BEGIN{exit !($v > ${BEST[$tag]})}"; then
+      BEST[$tag]=$v
+      MS[$tag]=$(json_num "$f" $msk)
+      GF[$tag]=$(json_num "$f" gflops_per_s)
+    fi
+    m=$(tail -n 1 "$f.rss")
+    [ "$m" -gt "${RSS[$tag]:-0}" ] && RSS[$tag]=$m
+    a=$(json_word "$f" allocations_in_steps)
+    if [ -n "$a" ] && { [ -z "${ALLOC[$tag]:-}" ] || [ "$a" = true ]; }; then ALLOC[$tag]=$a; fi
+    l=$(json_num "$f" malloc_calls_in_steps_libprefrm)
+    if [ -n "$l" ] && { [ -z "${LIBALLOC[$tag]:-}" ] || [ "$l" -gt "${LIBALLOC[$tag]}" ]; }; then
+      LIBALLOC[$tag]=$l
+    fi
+  else
+    echo "run_bench.sh: $label failed:" >&2
+    cat "$f" >&2
+    FAILED=1
+  fi
+  return 0
+}
+
+# gpt2 configs: model flags shared by bench_train and torch_ref/torch_score,
+# steps and warm-up of training and of scoring.
+gpt2_flags() {
+  case $1 in
+    gpt2-tiny) echo "--vocab 512 --ctx 128 --dim 128 --layers 4 --heads 4 --batch 16" ;;
+    gpt2-small) echo "--vocab 8192 --ctx 256 --dim 256 --layers 6 --heads 8 --batch 8" ;;
+  esac
+}
+gpt2_steps() { case $1 in gpt2-tiny) echo "$GPT2_TINY_STEPS" ;; *) echo "$GPT2_SMALL_STEPS" ;; esac; }
+gpt2_score_steps() {
+  case $1 in gpt2-tiny) echo "$SCORE_TINY_STEPS" ;; *) echo "$SCORE_SMALL_STEPS" ;; esac
+}
+is_gpt2() { case $1 in gpt2-*) return 0 ;; *) return 1 ;; esac; }
+
+# sgemm_peak: prints the single-thread cblas_sgemm 1024^3 GFLOP/s (bench_train --blas-probe
+# on the gpt2 defaults; one training step plus the probe, about 2 s); nothing on failure.
+sgemm_peak() {
+  local f=$TMP/peak.$RANDOM
+  if OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$BENCH" --model gpt2 \
+    --steps 1 --warmup 1 --no-phases --blas-probe >"$f" 2>&1; then
+    json_num "$f" sgemm_1024_gflops
+  else
+    echo "run_bench.sh: bench_train --blas-probe failed:" >&2
+    cat "$f" >&2
+  fi
+}
+
+HAVE_GPT2=0
+for cfg in $CONFIGS; do is_gpt2 "$cfg" && HAVE_GPT2=1; done
+PEAK1=""
+if [ "$HAVE_GPT2" = 1 ]; then
+  PEAK1=$(sgemm_peak)
+  [ -n "$PEAK1" ] || FAILED=1
+  echo "single-thread cblas_sgemm 1024^3 peak (before the gpt2 runs): ${PEAK1:-?} GFLOP/s"
+fi
 
 for cfg in $CONFIGS; do
   for n in $THREADS; do
-    best_c=""; best_t=""; rss_c=0; rss_t=0; alloc_c="?"; ms_c=""; ms_t=""
     for r in $(seq 1 "$ROUNDS"); do
-      # C side
-      f=$TMP/c.$cfg.$n.$r
-      if OPENBLAS_NUM_THREADS=$n OMP_NUM_THREADS=$n MKL_NUM_THREADS=$n \
-        run_measured "$f" "$f.rss" "$BENCH" --model "$cfg" --steps "$STEPS" --warmup "$WARMUP" \
-          --no-phases; then
-        v=$(json_num "$f" pairs_per_s)
-        echo "  C     $cfg threads=$n round $r: $(head -n 1 "$f")"
-        if [ -z "$best_c" ] || awk "BEGIN{exit !($v > $best_c)}"; then
-          best_c=$v; ms_c=$(json_num "$f" ms_step_median)
-        fi
-        m=$(tail -n 1 "$f.rss"); [ "$m" -gt "$rss_c" ] && rss_c=$m
-        a=$(json_word "$f" allocations_in_steps)
-        if [ "$alloc_c" = "?" ] || [ "$a" = true ]; then alloc_c=$a; fi
+      export OPENBLAS_NUM_THREADS=$n OMP_NUM_THREADS=$n MKL_NUM_THREADS=$n
+      if is_gpt2 "$cfg"; then
+        # shellcheck disable=SC2046
+        set -- $(gpt2_flags "$cfg")
+        s=$(gpt2_steps "$cfg")
+        ss=$(gpt2_score_steps "$cfg")
+        measure "C.train.$cfg.$n" "C     $cfg train threads=$n" "$r" \
+          "$BENCH" --model gpt2 "$@" --steps "$s" --warmup "$GPT2_WARMUP" --no-phases
+        [ "$HAVE_TORCH" = 1 ] && measure "torch.train.$cfg.$n" "torch $cfg train threads=$n" "$r" \
+          "$PYTHON" "$TORCH_REF" bench --model gpt2 "$@" --threads "$n" --steps "$s" \
+          --warmup "$GPT2_WARMUP"
+        measure "C.score.$cfg.$n" "C     $cfg score threads=$n" "$r" \
+          "$BENCH" --model gpt2 "$@" --score --steps "$ss" --warmup "$GPT2_WARMUP"
+        [ "$HAVE_TORCH" = 1 ] && measure "torch.score.$cfg.$n" "torch $cfg score threads=$n" "$r" \
+          "$PYTHON" "$HERE/torch_score.py" --ref "$TORCH_REF" "$@" --threads "$n" --steps "$ss" \
+          --warmup "$GPT2_WARMUP"
       else
-        echo "run_bench.sh: bench_train --model $cfg failed:" >&2
-        cat "$f" >&2
-        FAILED=1
+        measure "C.train.$cfg.$n" "C     $cfg threads=$n" "$r" \
+          "$BENCH" --model "$cfg" --steps "$STEPS" --warmup "$WARMUP" --no-phases
+        [ "$HAVE_TORCH" = 1 ] && measure "torch.train.$cfg.$n" "torch $cfg threads=$n" "$r" \
+          "$PYTHON" "$TORCH_REF" bench --model "$cfg" --threads "$n" --steps "$STEPS" \
+          --warmup "$WARMUP"
       fi
-      # torch side
-      [ "$HAVE_TORCH" = 1 ] || continue
-      f=$TMP/t.$cfg.$n.$r
-      if run_measured "$f" "$f.rss" "$PYTHON" "$TORCH_REF" bench --model "$cfg" --threads "$n" \
-        --steps "$STEPS" --warmup "$WARMUP"; then
-        v=$(json_num "$f" pairs_per_s)
-        echo "  torch $cfg threads=$n round $r: $(head -n 1 "$f")"
-        if [ -z "$best_t" ] || awk "BEGIN{exit !($v > $best_t)}"; then
-          best_t=$v; ms_t=$(json_num "$f" ms_step_median)
-        fi
-        m=$(tail -n 1 "$f.rss"); [ "$m" -gt "$rss_t" ] && rss_t=$m
-      else
-        echo "run_bench.sh: torch_ref.py bench --model $cfg failed:" >&2
-        cat "$f" >&2
-        FAILED=1
-      fi
+      unset OPENBLAS_NUM_THREADS OMP_NUM_THREADS MKL_NUM_THREADS
     done
-    ROWS+=("$cfg|$n|${best_c:-}|${ms_c:-}|${best_t:-}|${ms_t:-}|$rss_c|$rss_t|$alloc_c")
   done
 done
 
+if [ "$HAVE_GPT2" = 1 ]; then
+  p2=$(sgemm_peak)
+  [ -n "$p2" ] || FAILED=1
+  echo "single-thread cblas_sgemm 1024^3 peak (after the gpt2 runs): ${p2:-?} GFLOP/s"
+  # the less disturbed of the two measurements
+  if [ -z "$PEAK1" ] || { [ -n "$p2" ] && awk "BEGIN{exit !($p2 > $PEAK1)}"; }; then PEAK1=$p2; fi
+fi
+
 fmt() { awk "BEGIN{printf \"$1\", $2}"; }
+# cell FORMAT VALUE: formatted value, "-" when empty
+cell() { if [ -n "$2" ]; then fmt "$1" "$2"; else echo -; fi; }
+alloc_cell() {
+  local a=${ALLOC[$1]:-?} l=${LIBALLOC[$1]:-}
+  if [ "$a" = true ] && [ -n "$l" ]; then echo "true (libprefrm $l)"; else echo "$a"; fi
+}
+
 echo
-printf '%-7s %3s %11s %8s %13s %9s %8s %13s %9s %10s %9s %s\n' config thr "C pairs/s" "C ms" \
-  "torch pairs/s" "torch ms" "C/torch" "target" "C RSS MB" "torch MB" "RSS<torch" \
-  "C allocs in steps"
-for row in "${ROWS[@]}"; do
-  IFS='|' read -r cfg n pc mc pt mt rc rt al <<<"$row"
-  tgt=$(target_of "$cfg")
-  ratio="-"; met="-"; rssok="-"; tps="-"; tms="-"; trss="-"; cps="-"; cms="-"
-  if [ -n "$pc" ]; then cps=$(fmt %.1f "$pc"); cms=$(fmt %.3f "$mc"); fi
-  if [ -n "$pt" ]; then tps=$(fmt %.1f "$pt"); tms=$(fmt %.3f "$mt"); trss=$(fmt %.1f "$rt/1024"); fi
-  if [ -n "$pc" ] && [ -n "$pt" ]; then
-    ratio=$(fmt %.2f "$pc/$pt")
-    met=$(awk "BEGIN{print ($pc / $pt >= $tgt) ? \"met\" : \"MISSED\"}")
-    rssok=$(awk "BEGIN{print ($rc < $rt) ? \"yes\" : \"NO\"}")
-  fi
-  printf '%-7s %3s %11s %8s %13s %9s %8s %13s %9s %10s %9s %s\n' "$cfg" "$n" "$cps" "$cms" \
-    "$tps" "$tms" "$ratio" ">=${tgt}x $met" "$(fmt %.1f "$rc/1024")" "$trss" "$rssok" "$al"
-done
-echo "(C allocs in steps: whole process; with >1 thread OpenBLAS's threaded GEMM mallocs a job"
-echo " array per call -- bench_train's output splits the count by caller, libprefrm vs other.)"
+HAVE_DENSE=0
+for cfg in $CONFIGS; do is_gpt2 "$cfg" || HAVE_DENSE=1; done
+if [ "$HAVE_DENSE" = 1 ]; then
+  printf '%-7s %3s %11s %8s %13s %9s %8s %13s %9s %10s %9s %s\n' config thr "C pairs/s" "C ms" \
+    "torch pairs/s" "torch ms" "C/torch" "target" "C RSS MB" "torch MB" "RSS<torch" \
+    "C allocs in steps"
+  for cfg in $CONFIGS; do
+    is_gpt2 "$cfg" && continue
+    for n in $THREADS; do
+      c=C.train.$cfg.$n t=torch.train.$cfg.$n
+      pc=${BEST[$c]:-} pt=${BEST[$t]:-} rc=${RSS[$c]:-0} rt=${RSS[$t]:-0}
+      tgt=$(target_of "$cfg")
+      ratio="-"; met="-"; rssok="-"
+      if [ -n "$pc" ] && [ -n "$pt" ]; then
+        ratio=$(fmt %.2f "$pc/$pt")
+        met=$(awk "BEGIN{print ($pc / $pt >= $tgt) ? \"met\" : \"MISSED\"}")
+        rssok=$(awk "BEGIN{print ($rc < $rt) ? \"yes\" : \"NO\"}")
+      fi
+      printf '%-7s %3s %11s %8s %13s %9s %8s %13s %9s %10s %9s %s\n' "$cfg" "$n" \
+        "$(cell %.1f "$pc")" "$(cell %.3f "${MS[$c]:-}")" "$(cell %.1f "$pt")" \
+        "$(cell %.3f "${MS[$t]:-}")" "$ratio" ">=${tgt}x $met" "$(fmt %.1f "$rc/1024")" \
+        "$( [ -n "$pt" ] && fmt %.1f "$rt/1024" || echo -)" "$rssok" "${ALLOC[$c]:-?}"
+    done
+  done
+  echo "(C allocs in steps: whole process; with >1 thread OpenBLAS's threaded GEMM mallocs a job"
+  echo " array per call -- bench_train's output splits the count by caller, libprefrm vs other.)"
+fi
+
+if [ "$HAVE_GPT2" = 1 ]; then
+  # mfu GFLOPS N: GFLOP/s / (N x single-thread sgemm peak)
+  mfu() { if [ -n "$1" ] && [ -n "$PEAK1" ]; then fmt %.0f%% "100*$1/($2*$PEAK1)"; else echo -; fi; }
+  echo
+  echo "gpt2 training (prm_train_step vs torch_ref bench; GFLOP/s from torch_ref's formula;"
+  echo " MFU = GFLOP/s / (threads x single-thread sgemm 1024^3 peak ${PEAK1:-?} GFLOP/s))"
+  printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' config thr \
+    "C pairs/s" "C ms" "C GF/s" "C MFU" "t pairs/s" "t ms" "t GF/s" "t MFU" "C/t" "target" \
+    "C MB" "t MB" "RSS<=t/2" "C allocs in steps"
+  for cfg in $CONFIGS; do
+    is_gpt2 "$cfg" || continue
+    for n in $THREADS; do
+      c=C.train.$cfg.$n t=torch.train.$cfg.$n
+      pc=${BEST[$c]:-} pt=${BEST[$t]:-} rc=${RSS[$c]:-0} rt=${RSS[$t]:-0}
+      tgt=$(target_of "$cfg")
+      ratio="-"; met="-"; rssok="-"
+      if [ -n "$pc" ] && [ -n "$pt" ]; then
+        ratio=$(fmt %.2f "$pc/$pt")
+        met=$(awk "BEGIN{print ($pc / $pt >= $tgt) ? \"met\" : \"MISSED\"}")
+        rssok=$(awk "BEGIN{print ($rc <= 0.5 * $rt) ? \"yes\" : \"NO\"}")
+      fi
+      printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' "$cfg" "$n" \
+        "$(cell %.2f "$pc")" "$(cell %.1f "${MS[$c]:-}")" "$(cell %.1f "${GF[$c]:-}")" \
+        "$(mfu "${GF[$c]:-}" "$n")" "$(cell %.2f "$pt")" "$(cell %.1f "${MS[$t]:-}")" \
+        "$(cell %.1f "${GF[$t]:-}")" "$(mfu "${GF[$t]:-}" "$n")" "$ratio" ">=${tgt}x $met" \
+        "$(fmt %.1f "$rc/1024")" "$( [ -n "$pt" ] && fmt %.1f "$rt/1024" || echo -)" "$rssok" \
+        "$(alloc_cell "$c")"
+    done
+  done
+  echo
+  echo "gpt2 scoring (prm_ctx_forward, inference context, vs torch no_grad forward; 2P sequences"
+  echo " per call)"
+  printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' config thr \
+    "C seqs/s" "C ms" "C GF/s" "C MFU" "t seqs/s" "t ms" "t GF/s" "t MFU" "C/t" "target" \
+    "C MB" "t MB" "RSS<=t/2" "C allocs in calls"
+  for cfg in $CONFIGS; do
+    is_gpt2 "$cfg" || continue
+    for n in $THREADS; do
+      c=C.score.$cfg.$n t=torch.score.$cfg.$n
+      pc=${BEST[$c]:-} pt=${BEST[$t]:-} rc=${RSS[$c]:-0} rt=${RSS[$t]:-0}
+      tgt=$SCORE_TARGET
+      ratio="-"; met="-"; rssok="-"
+      if [ -n "$pc" ] && [ -n "$pt" ]; then
+        ratio=$(fmt %.2f "$pc/$pt")
+        met=$(awk "BEGIN{print ($pc / $pt >= $tgt) ? \"met\" : \"MISSED\"}")
+        rssok=$(awk "BEGIN{print ($rc <= 0.5 * $rt) ? \"yes\" : \"NO\"}")
+      fi
+      printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' "$cfg" "$n" \
+        "$(cell %.1f "$pc")" "$(cell %.1f "${MS[$c]:-}")" "$(cell %.1f "${GF[$c]:-}")" \
+        "$(mfu "${GF[$c]:-}" "$n")" "$(cell %.1f "$pt")" "$(cell %.1f "${MS[$t]:-}")" \
+        "$(cell %.1f "${GF[$t]:-}")" "$(mfu "${GF[$t]:-}" "$n")" "$ratio" ">=${tgt}x $met" \
+        "$(fmt %.1f "$rc/1024")" "$( [ -n "$pt" ] && fmt %.1f "$rt/1024" || echo -)" "$rssok" \
+        "$(alloc_cell "$c")"
+    done
+  done
+  echo "(t = torch. FLOPs count every position and the full T x T attention, as torch_ref does;"
+  echo " libprefrm skips most of the last block and the masked half of attention, so its MFU"
+  echo " is in model FLOPs and may exceed what the cores executed.)"
+fi
+echo
 
 if [ "$PROBE" = 1 ]; then
   echo
   echo "BLAS ceilings (bench_train --blas-probe: the BLAS called directly, benchmark shapes)"
   for cfg in $CONFIGS; do
+    if is_gpt2 "$cfg"; then
+      # shellcheck disable=SC2046
+      set -- --model gpt2 $(gpt2_flags "$cfg") --steps 1 --warmup 1
+    else
+      set -- --model "$cfg" --steps 2 --warmup 1 --batches 8
+    fi
     for n in $THREADS; do
       f=$TMP/p.$cfg.$n
       if OPENBLAS_NUM_THREADS=$n OMP_NUM_THREADS=$n MKL_NUM_THREADS=$n \
-        "$BENCH" --model "$cfg" --steps 2 --warmup 1 --batches 8 --no-phases --blas-probe >"$f" 2>&1; then
+        "$BENCH" "$@" --no-phases --blas-probe >"$f" 2>&1; then
         echo " $cfg, $n thread(s):"
         sed -n 's/^  \(sg[a-z]*\)/    \1/p' "$f"
       else
