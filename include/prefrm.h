@@ -606,7 +606,8 @@ PRM_API const char *prm_optimizer_errmsg(const prm_optimizer *opt);
  * The features are not copied: the batch is only read during the call.
  * @return any status of the four calls above, PRM_ERR_SIZE for an odd or zero
  *         batch->n, PRM_ERR_MISMATCH when opt and ctx belong to different
- *         models, PRM_ERR_STATE for an inference context. Failures before the
+ *         models or predate a prm_model_set_trainable change (checked before
+ *         anything runs), PRM_ERR_STATE for an inference context. Failures before the
  *         backward leave the gradients and the model unchanged; if the
  *         optimizer step fails (PRM_ERR_NONFINITE_GRAD) the model is
  *         unchanged and this batch's gradients stay accumulated in ctx (call

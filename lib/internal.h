@@ -223,6 +223,8 @@ void prmi_gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n);
 
 /* The model an optimizer updates (never NULL for a valid optimizer). */
 const prm_model *prmi_optimizer_model(const prm_optimizer *opt);
+/* The model's trainable offset when the optimizer was created. */
+uint64_t prmi_optimizer_trainable_offset(const prm_optimizer *opt);
 
 /* ---- BLAS (blas.c) ------------------------------------------------------ */
 

@@ -402,3 +402,5 @@ const char *prm_optimizer_errmsg(const prm_optimizer *opt) {
 }
 
 const prm_model *prmi_optimizer_model(const prm_optimizer *opt) { return opt->model; }
+
+uint64_t prmi_optimizer_trainable_offset(const prm_optimizer *opt) { return opt->toff; }

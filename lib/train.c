@@ -96,6 +96,12 @@ int prm_train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
   if (prmi_optimizer_model(opt) != ctx->model)
     return prmi_fail(ctx->errmsg, PRM_ERR_MISMATCH,
                      "prm_train_step: optimizer and context belong to different models");
+  /* checked here too, so that a stale object fails before anything runs */
+  const uint64_t toff = ctx->model->trainable_offset;
+  if (ctx->trainable_offset != toff || prmi_optimizer_trainable_offset(opt) != toff)
+    return prmi_fail(ctx->errmsg, PRM_ERR_MISMATCH,
+                     "prm_train_step: the model's trainable parameters changed since the context "
+                     "or the optimizer was created; create new ones");
   uint64_t P = 0;
   int rc = check_pairs(ctx, pairs, &P);
   if (rc != PRM_OK) return rc;
@@ -117,7 +123,10 @@ int prm_train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
       return prmi_adopt_error(ctx->errmsg, rc);
     }
     rc = prm_ctx_backward(ctx, ctx->dscores, pairs->n);
-    if (rc != PRM_OK) return rc;
+    if (rc != PRM_OK) {
+      ctx->have_forward = 0;
+      return rc;
+    }
   }
   rc = prm_optimizer_step(opt, ctx);
   if (rc != PRM_OK) return prmi_adopt_error(ctx->errmsg, rc);
