@@ -292,9 +292,12 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
  * @param out  receives the model (caller owns), NULL on failure.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO (cannot open or read, or not a
  *         regular file), PRM_ERR_FORMAT, PRM_ERR_NOMEM,
- *         PRM_ERR_UNSUPPORTED (an architecture this build lacks).
+ *         PRM_ERR_UNSUPPORTED (a valid file this build cannot use, e.g. a
+ *         gpt2 LayerNorm eps other than 1e-5).
  * Unknown `__metadata__` keys are ignored, so files written by other tools
- * (and gradient files of the PyTorch reference) load as well.
+ * (and gradient files of the PyTorch reference) load as well. gpt2 files
+ * need the "n_head" key (docs/checkpoints.md). The trainable set
+ * (prm_model_set_trainable) is not stored: a loaded model trains everything.
  */
 PRM_API int prm_model_load(prm_model **out, const char *path);
 
