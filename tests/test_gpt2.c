@@ -36,37 +36,13 @@
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
-static prm_model_options gpt2_opts(uint64_t V, uint64_t n_ctx, uint64_t C, uint64_t L, uint64_t H,
-                                   uint64_t seed) {
-  prm_model_options o;
-  assert_int_equal(prm_model_options_init(&o, PRM_MODEL_OPTIONS_VERSION), PRM_OK);
-  o.arch = PRM_ARCH_GPT2;
-  o.vocab_size = V;
-  o.n_ctx = n_ctx;
-  o.n_embd = C;
-  o.n_layer = L;
-  o.n_head = H;
-  o.seed = seed;
-  return o;
-}
-
-static prm_model *gpt2_model(uint64_t V, uint64_t n_ctx, uint64_t C, uint64_t L, uint64_t H,
-                             uint64_t seed) {
-  prm_model_options o = gpt2_opts(V, n_ctx, C, L, H, seed);
-  prm_model *m = NULL;
-  int rc = prm_model_new(&m, &o);
-  if (rc != PRM_OK) fail_msg("prm_model_new: %s (%s)", prm_status_string(rc), prm_last_errmsg());
-  return m;
-}
-
 /* Add U(-a, a) to every parameter: LayerNorm weights away from 1, biases
  * away from 0, so that no term of the gradient vanishes by symmetry. */
 static void perturb(prm_model *m, uint64_t seed, double a) {
   uint64_t np;
   float *p = prm_model_params(m, &np);
   prmt_rng r = {seed};
-  for (uint64_t j = 0; j < np; j++)
-    p[j] += (float)((2.0 * prmt_uniform(&r) - 1.0) * a);
+  prmt_add_uniform(&r, p, np, a);
 }
 
 /* Add U(-a, a) to every element of the tensors whose name contains `part`. */
@@ -79,8 +55,7 @@ static void perturb_tensors(prm_model *m, const char *part, uint64_t seed, doubl
     uint32_t nd;
     assert_int_equal(prm_model_tensor_info(m, t, &name, &off, &nd, shape), PRM_OK);
     if (strstr(name, part) == NULL) continue;
-    for (uint64_t j = 0; j < (nd == 2 ? shape[0] * shape[1] : shape[0]); j++)
-      p[off + j] += (float)((2.0 * prmt_uniform(&r) - 1.0) * a);
+    prmt_add_uniform(&r, p + off, nd == 2 ? shape[0] * shape[1] : shape[0], a);
   }
 }
 
@@ -94,7 +69,7 @@ static void perturb_tensors(prm_model *m, const char *part, uint64_t seed, doubl
  * a normalised input by ~0.3 and the differences are mostly truncation).
  */
 static prm_model *fd_model(uint64_t L, uint64_t H, uint64_t seed) {
-  prm_model *m = gpt2_model(11, 8, 8, L, H, seed);
+  prm_model *m = prmt_gpt2(11, 8, 8, L, H, seed);
   perturb(m, seed + 100, 0.05);
   perturb_tensors(m, "c_attn.weight", seed + 200, 0.5);
   perturb_tensors(m, "transformer.wte.", seed + 300, 0.3);
@@ -104,30 +79,6 @@ static prm_model *fd_model(uint64_t L, uint64_t H, uint64_t seed) {
 
 /* The tiny model of most tests: V=11 T=8 C=8 L=2 H=2, perturbed. */
 static prm_model *tiny_model(uint64_t seed) { return fd_model(2, 2, seed); }
-
-static prm_ctx *gctx(const prm_model *m, uint64_t max_rows, uint64_t max_len, int inference) {
-  prm_ctx_options o;
-  assert_int_equal(prm_ctx_options_init(&o, PRM_CTX_OPTIONS_VERSION), PRM_OK);
-  o.max_rows = max_rows;
-  o.max_len = max_len;
-  o.inference = inference;
-  prm_ctx *c = NULL;
-  int rc = prm_ctx_new(&c, m, &o);
-  if (rc != PRM_OK) fail_msg("prm_ctx_new: %s (%s)", prm_status_string(rc), prm_last_errmsg());
-  return c;
-}
-
-/* A token batch over caller arrays. */
-static prm_batch tok_batch(const int32_t *tokens, const int32_t *lengths, uint64_t n,
-                           uint64_t stride) {
-  prm_batch b;
-  assert_int_equal(prm_batch_init(&b, PRM_BATCH_VERSION), PRM_OK);
-  b.n = n;
-  b.tokens = tokens;
-  b.lengths = lengths;
-  b.token_stride = stride;
-  return b;
-}
 
 /* Random ids in [0, V) for the valid part of each row, `pad` in the padding. */
 static void fill_tokens(prmt_rng *r, int32_t *tokens, const int32_t *lengths, uint64_t n,
@@ -266,11 +217,11 @@ static double ws_loss(void *a) {
 static void test_gradients_fd(void **state) {
   (void)state;
   prm_model *m = tiny_model(7);
-  prm_ctx *c = gctx(m, FD_N, 8, 0), *ci = gctx(m, FD_N, 8, 1);
+  prm_ctx *c = prmt_tok_ctx(m, FD_N, 8, 0), *ci = prmt_tok_ctx(m, FD_N, 8, 1);
   int32_t tokens[FD_N * 8];
   prmt_rng r = {11};
   fill_tokens(&r, tokens, fd_len, FD_N, 8, 11, 0);
-  const prm_batch b = tok_batch(tokens, fd_len, FD_N, 8);
+  const prm_batch b = prmt_tok_batch(tokens, fd_len, FD_N, 8);
   float g[FD_N], s[FD_N];
   for (int i = 0; i < FD_N; i++)
     g[i] = (float)(2.0 * prmt_uniform(&r) - 1.0);
@@ -290,11 +241,11 @@ static void test_gradients_fd(void **state) {
 static void test_gradients_fd_one_layer(void **state) {
   (void)state;
   prm_model *m = fd_model(1, 1, 8);
-  prm_ctx *c = gctx(m, FD_N, 8, 0), *ci = gctx(m, FD_N, 8, 1);
+  prm_ctx *c = prmt_tok_ctx(m, FD_N, 8, 0), *ci = prmt_tok_ctx(m, FD_N, 8, 1);
   int32_t tokens[FD_N * 8];
   prmt_rng r = {12};
   fill_tokens(&r, tokens, fd_len, FD_N, 8, 11, 0);
-  const prm_batch b = tok_batch(tokens, fd_len, FD_N, 8);
+  const prm_batch b = prmt_tok_batch(tokens, fd_len, FD_N, 8);
   float g[FD_N], s[FD_N];
   for (int i = 0; i < FD_N; i++)
     g[i] = (float)(2.0 * prmt_uniform(&r) - 1.0);
@@ -326,11 +277,11 @@ static double bt_loss(void *a) {
 static void test_gradients_through_loss(void **state) {
   (void)state;
   prm_model *m = tiny_model(9);
-  prm_ctx *c = gctx(m, FD_N, 8, 0), *ci = gctx(m, FD_N, 8, 1);
+  prm_ctx *c = prmt_tok_ctx(m, FD_N, 8, 0), *ci = prmt_tok_ctx(m, FD_N, 8, 1);
   int32_t tokens[FD_N * 8];
   prmt_rng r = {13};
   fill_tokens(&r, tokens, fd_len, FD_N, 8, 11, 0);
-  const prm_batch b = tok_batch(tokens, fd_len, FD_N, 8);
+  const prm_batch b = prmt_tok_batch(tokens, fd_len, FD_N, 8);
   float margin[3] = {0.2f, 0.0f, -0.1f}, label[3] = {1.0f, 0.8f, 0.3f};
   float weight[3] = {1.0f, 2.0f, 0.5f};
   prm_loss_options lo = PRM_LOSS_OPTIONS_INIT;
@@ -368,7 +319,7 @@ static void test_padding_invariance(void **state) {
   const uint64_t np = prm_model_num_params(m);
   enum { N = 5, S = 8, S2 = 13 };
   const int32_t len[N] = {8, 1, 4, 6, 2};
-  prm_ctx *c = gctx(m, N, 8, 0);
+  prm_ctx *c = prmt_tok_ctx(m, N, 8, 0);
   int32_t tok[N * S], tok2[N * S], tok3[N * S2];
   prmt_rng r = {22};
   fill_tokens(&r, tok, len, N, S, 11, 0);
@@ -384,8 +335,8 @@ static void test_padding_invariance(void **state) {
   float s1[N], s2[N], s3[N];
   float *g1 = malloc(np * sizeof(float)), *g2 = malloc(np * sizeof(float)),
         *g3 = malloc(np * sizeof(float));
-  prm_batch b1 = tok_batch(tok, len, N, S), b2 = tok_batch(tok2, len, N, S),
-            b3 = tok_batch(tok3, len, N, S2);
+  prm_batch b1 = prmt_tok_batch(tok, len, N, S), b2 = prmt_tok_batch(tok2, len, N, S),
+            b3 = prmt_tok_batch(tok3, len, N, S2);
   score_and_grad(c, &b1, g, s1, g1);
   score_and_grad(c, &b2, g, s2, g2);
   score_and_grad(c, &b3, g, s3, g3);
@@ -396,10 +347,10 @@ static void test_padding_invariance(void **state) {
 
   /* the same sequences one per call (n == 1: token_stride unused, may be 0)
    * score the same as inside the batch */
-  prm_ctx *ci = gctx(m, N, 8, 1);
+  prm_ctx *ci = prmt_tok_ctx(m, N, 8, 1);
   for (uint64_t i = 0; i < N; i++) {
     float one;
-    prm_batch bi = tok_batch(tok + i * S, len + i, 1, 0);
+    prm_batch bi = prmt_tok_batch(tok + i * S, len + i, 1, 0);
     forward_ok(ci, &bi, &one);
     assert_true(fabsf(one - s1[i]) <= 1e-5f * (1.0f + fabsf(s1[i])));
   }
@@ -421,15 +372,15 @@ static void test_sequences_independent(void **state) {
   int32_t tok[N * S], other[N * S];
   prmt_rng r = {24};
   fill_tokens(&r, tok, len, N, S, 11, 0);
-  prm_ctx *ci = gctx(m, N, 8, 1);
+  prm_ctx *ci = prmt_tok_ctx(m, N, 8, 1);
   float s[N], s2[N];
-  prm_batch b = tok_batch(tok, len, N, S);
+  prm_batch b = prmt_tok_batch(tok, len, N, S);
   forward_ok(ci, &b, s);
   /* replace sequences 0, 1 and 3; keep sequence 2 */
   int32_t len2[N] = {1, 3, 2, 8};
   fill_tokens(&r, other, len2, N, S, 11, 0);
   memcpy(other + 2 * S, tok + 2 * S, S * sizeof(int32_t));
-  prm_batch b2 = tok_batch(other, len2, N, S);
+  prm_batch b2 = prmt_tok_batch(other, len2, N, S);
   forward_ok(ci, &b2, s2);
   assert_true(fabsf(s2[2] - s[2]) <= 1e-5f * (1.0f + fabsf(s[2])));
   prm_ctx_free(ci);
@@ -440,19 +391,19 @@ static void test_inference_equals_training(void **state) {
   (void)state;
   const uint64_t layers[2] = {1, 3};
   for (int k = 0; k < 2; k++) {
-    prm_model *m = gpt2_model(13, 16, 16, layers[k], 4, 31 + k);
+    prm_model *m = prmt_gpt2(13, 16, 16, layers[k], 4, 31 + k);
     perturb(m, 41 + k, 0.05);
     enum { N = 6, S = 16 };
     const int32_t len[N] = {16, 1, 9, 3, 12, 16};
     int32_t tok[N * S];
     prmt_rng r = {32};
     fill_tokens(&r, tok, len, N, S, 13, 0);
-    prm_ctx *c = gctx(m, N, 16, 0), *ci = gctx(m, N, 16, 1);
+    prm_ctx *c = prmt_tok_ctx(m, N, 16, 0), *ci = prmt_tok_ctx(m, N, 16, 1);
     uint64_t n = 99;
     assert_null(prm_ctx_grads(ci, &n));
     assert_int_equal(n, 0);
     ASSERT_FAILS(prm_ctx_zero_grad(ci), PRM_ERR_STATE);
-    prm_batch b = tok_batch(tok, len, N, S);
+    prm_batch b = prmt_tok_batch(tok, len, N, S);
     float st[N], si[N], si2[N];
     forward_ok(c, &b, st);
     forward_ok(ci, &b, si);
@@ -460,7 +411,7 @@ static void test_inference_equals_training(void **state) {
     /* an inference context keeps nothing for a backward */
     ASSERT_FAILS(prm_ctx_backward(ci, st, N), PRM_ERR_STATE);
     /* repeated calls, fewer rows than max_rows */
-    prm_batch b3 = tok_batch(tok, len, 3, S);
+    prm_batch b3 = prmt_tok_batch(tok, len, 3, S);
     forward_ok(ci, &b3, si2);
     /* (another batch packs another number of token rows, and a BLAS may
      * block a GEMM differently for it: equal up to rounding, not in bits --
@@ -484,7 +435,7 @@ static void test_inference_equals_training(void **state) {
 
 static void test_config_errors(void **state) {
   (void)state;
-  prm_model_options good = gpt2_opts(11, 8, 8, 2, 2, 1), bad;
+  prm_model_options good = prmt_gpt2_options(11, 8, 8, 2, 2, 1), bad;
   prm_model *m;
 #define TRY(edit)                                                                                  \
   do {                                                                                             \
@@ -503,7 +454,7 @@ static void test_config_errors(void **state) {
   TRY(bad.n_ctx = 0);
   TRY(bad.n_embd = 0);
 #undef TRY
-  m = gpt2_model(11, 8, 8, 2, 2, 1);
+  m = prmt_gpt2(11, 8, 8, 2, 2, 1);
   prm_ctx_options co = PRM_CTX_OPTIONS_INIT;
   co.max_rows = 2;
   co.max_len = 9; /* > n_ctx */
@@ -524,7 +475,7 @@ static void test_config_errors(void **state) {
   /* max_len 0 means n_ctx: length 8 is accepted, 9 is not */
   int32_t tok[9] = {0}, len = 8;
   float s;
-  prm_batch b = tok_batch(tok, &len, 1, 9);
+  prm_batch b = prmt_tok_batch(tok, &len, 1, 9);
   forward_ok(c, &b, &s);
   len = 9;
   ASSERT_FAILS(prm_ctx_forward(c, &b, &s, 1), PRM_ERR_SIZE);
@@ -569,10 +520,10 @@ static void test_bad_batches(void **state) {
   fill_tokens(&r, tok, len, N, S, 11, 0);
   fill_tokens(&r, tok2, len, N, S, 11, 0);
   const float ds1[N] = {1.0f, -0.5f, 0.25f, 0.75f}, ds2[N] = {-1.0f, 0.5f, 2.0f, -0.25f};
-  const prm_batch good = tok_batch(tok, len, N, S), good2 = tok_batch(tok2, len, N, S);
+  const prm_batch good = prmt_tok_batch(tok, len, N, S), good2 = prmt_tok_batch(tok2, len, N, S);
 
   /* the reference: forward/backward good, forward/backward good2 */
-  prm_ctx *ref = gctx(m, N, 8, 0);
+  prm_ctx *ref = prmt_tok_ctx(m, N, 8, 0);
   float s[N];
   forward_ok(ref, &good, s);
   assert_int_equal(prm_ctx_backward(ref, ds1, N), PRM_OK);
@@ -581,7 +532,7 @@ static void test_bad_batches(void **state) {
 
   /* the same with every bad call in between: accumulated gradients and a
    * pending forward that must survive each failure */
-  prm_ctx *c = gctx(m, N, 8, 0);
+  prm_ctx *c = prmt_tok_ctx(m, N, 8, 0);
   forward_ok(c, &good, s);
   assert_int_equal(prm_ctx_backward(c, ds1, N), PRM_OK);
   forward_ok(c, &good2, s);
@@ -594,7 +545,7 @@ static void test_bad_batches(void **state) {
   do {                                                                                             \
     memcpy(bt, tok, sizeof bt);                                                                    \
     memcpy(bl, len, sizeof bl);                                                                    \
-    bb = tok_batch(bt, bl, N, S);                                                                  \
+    bb = prmt_tok_batch(bt, bl, N, S);                                                             \
     edit;                                                                                          \
     for (int k_ = 0; k_ <= N; k_++)                                                                \
       out[k_] = 12345.0f;                                                                          \
@@ -618,7 +569,7 @@ static void test_bad_batches(void **state) {
   BAD(bb.version = 0, PRM_ERR_VERSION);
 #undef BAD
   /* a context with a smaller max_len rejects what the model could take */
-  prm_ctx *c4 = gctx(m, N, 4, 0);
+  prm_ctx *c4 = prmt_tok_ctx(m, N, 4, 0);
   ASSERT_FAILS(prm_ctx_forward(c4, &good, out, N), PRM_ERR_SIZE);
   prm_ctx_free(c4);
 
@@ -662,8 +613,8 @@ static void test_pending_forward_survives(void **state) {
   prmt_rng r = {54};
   fill_tokens(&r, tok, len, N, S, 11, 0);
   const float ds[N] = {0.5f, -1.0f, 1.5f};
-  const prm_batch good = tok_batch(tok, len, N, S);
-  prm_ctx *ref = gctx(m, N, 8, 0), *c = gctx(m, N, 8, 0);
+  const prm_batch good = prmt_tok_batch(tok, len, N, S);
+  prm_ctx *ref = prmt_tok_ctx(m, N, 8, 0), *c = prmt_tok_ctx(m, N, 8, 0);
   float s[N], s2[N + 1];
   forward_ok(ref, &good, s);
   assert_int_equal(prm_ctx_backward(ref, ds, N), PRM_OK);
@@ -672,7 +623,7 @@ static void test_pending_forward_survives(void **state) {
     forward_ok(c, &good, s2);
     memcpy(bt, tok, sizeof bt);
     int32_t bl[N] = {2, 8, 5};
-    prm_batch bb = tok_batch(bt, bl, N, S);
+    prm_batch bb = prmt_tok_batch(bt, bl, N, S);
     if (k == 0) bt[S + 7] = -1;
     if (k == 1) bl[2] = 0;
     if (k == 2) bb.n = N + 1;
@@ -702,13 +653,13 @@ static void test_freeze_gpt2(void **state) {
   int32_t tok[FZ_N * FZ_S];
   prmt_rng r = {62};
   fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
-  const prm_batch b = tok_batch(tok, fz_len, FZ_N, FZ_S);
+  const prm_batch b = prmt_tok_batch(tok, fz_len, FZ_N, FZ_S);
   const float ds[FZ_N] = {0.3f, -0.7f, 1.1f, -0.2f, 0.9f, -1.3f};
   float s[FZ_N];
 
   /* the full-model gradient */
   assert_int_equal(prm_model_trainable_offset(m), 0);
-  prm_ctx *full = gctx(m, FZ_N, 8, 0);
+  prm_ctx *full = prmt_tok_ctx(m, FZ_N, 8, 0);
   float *gfull = malloc(np * sizeof(float));
   score_and_grad(full, &b, ds, s, gfull);
 
@@ -730,7 +681,7 @@ static void test_freeze_gpt2(void **state) {
     assert_int_equal(prm_model_trainable_offset(m), want);
     if (k == 0) assert_int_equal(np - want, 8); /* score.weight [1, C] */
 
-    prm_ctx *c = gctx(m, FZ_N, 8, 0);
+    prm_ctx *c = prmt_tok_ctx(m, FZ_N, 8, 0);
     uint64_t ng;
     prm_ctx_grads(c, &ng);
     assert_int_equal(ng, np - want);
@@ -798,13 +749,13 @@ static void test_freeze_stale_objects(void **state) {
   int32_t tok[FZ_N * FZ_S];
   prmt_rng r = {64};
   fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
-  const prm_batch b = tok_batch(tok, fz_len, FZ_N, FZ_S);
+  const prm_batch b = prmt_tok_batch(tok, fz_len, FZ_N, FZ_S);
   const float ds[FZ_N] = {0.3f, -0.7f, 1.1f, -0.2f, 0.9f, -1.3f};
   float s[FZ_N];
-  prm_ctx *c_old = gctx(m, FZ_N, 8, 0), *i_old = gctx(m, FZ_N, 8, 1);
+  prm_ctx *c_old = prmt_tok_ctx(m, FZ_N, 8, 0), *i_old = prmt_tok_ctx(m, FZ_N, 8, 1);
   prm_optimizer *o_old = adamw(m, 1e-3);
   assert_int_equal(prm_model_set_trainable(m, 1), PRM_OK);
-  prm_ctx *c_new = gctx(m, FZ_N, 8, 0);
+  prm_ctx *c_new = prmt_tok_ctx(m, FZ_N, 8, 0);
   prm_optimizer *o_new = adamw(m, 1e-3);
   float *p0 = malloc(np * sizeof(float));
   memcpy(p0, prm_model_params(m, NULL), np * sizeof(float));
@@ -850,7 +801,7 @@ static void test_freeze_stale_objects(void **state) {
 /* Status of prm_ctx_backward after a train step that failed on a stale
  * context of `m`, with the trainable set changed back. */
 static int backward_after_failed_step(prm_model *m, const prm_batch *b, const float *ds) {
-  prm_ctx *c = gctx(m, b->n, 8, 0);
+  prm_ctx *c = prmt_tok_ctx(m, b->n, 8, 0);
   prm_optimizer *o = adamw(m, 1e-3);
   assert_int_equal(prm_model_set_trainable(m, 1), PRM_OK);
   prm_loss_stats st = PRM_LOSS_STATS_INIT;
@@ -868,7 +819,7 @@ static void test_failed_train_step_drops_forward(void **state) {
   int32_t tok[FZ_N * FZ_S];
   prmt_rng r = {66};
   fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
-  const prm_batch b = tok_batch(tok, fz_len, FZ_N, FZ_S);
+  const prm_batch b = prmt_tok_batch(tok, fz_len, FZ_N, FZ_S);
   const float ds[FZ_N] = {0.3f, -0.7f, 1.1f, -0.2f, 0.9f, -1.3f};
   const int rc_gpt2 = backward_after_failed_step(m, &b, ds);
   prm_model_free(m);
@@ -982,7 +933,7 @@ static void *tjob_run(void *arg) {
 
 static void test_threads_shared_model(void **state) {
   (void)state;
-  prm_model *m = gpt2_model(32, TH_S, 16, 2, 2, 81);
+  prm_model *m = prmt_gpt2(32, TH_S, 16, 2, 2, 81);
   perturb(m, 82, 0.05);
   static int32_t tok[TH_N][TH_ROUNDS * TH_ROWS * TH_S], len[TH_N][TH_ROUNDS * TH_ROWS];
   prmt_rng r = {83};
@@ -1066,8 +1017,8 @@ static void make_pairs(prmt_rng *r, int32_t *tok, int32_t *len, int n) {
 static void test_learning(void **state) {
   (void)state;
   enum { STEPS = 200, N_TEST = 300 };
-  prm_model *m = gpt2_model(LT_V, LT_S, 16, 2, 2, 91);
-  prm_ctx *c = gctx(m, 2 * LT_PAIRS, LT_S, 0), *ci = gctx(m, 2 * N_TEST, LT_S, 1);
+  prm_model *m = prmt_gpt2(LT_V, LT_S, 16, 2, 2, 91);
+  prm_ctx *c = prmt_tok_ctx(m, 2 * LT_PAIRS, LT_S, 0), *ci = prmt_tok_ctx(m, 2 * N_TEST, LT_S, 1);
   prm_optimizer_options oo = PRM_OPTIMIZER_OPTIONS_INIT;
   oo.lr = 1e-2;
   oo.weight_decay = 0.01;
@@ -1081,13 +1032,13 @@ static void test_learning(void **state) {
   static int32_t test_tok[2 * N_TEST * LT_S], test_len[2 * N_TEST];
   static int32_t tok[2 * LT_PAIRS * LT_S], len[2 * LT_PAIRS];
   make_pairs(&r, test_tok, test_len, N_TEST);
-  const prm_batch tb = tok_batch(test_tok, test_len, 2 * N_TEST, LT_S);
+  const prm_batch tb = prmt_tok_batch(test_tok, test_len, 2 * N_TEST, LT_S);
   prm_loss_stats st = PRM_LOSS_STATS_INIT, ts = PRM_LOSS_STATS_INIT;
   assert_int_equal(prm_evaluate(ci, &tb, NULL, &ts), PRM_OK);
   const double acc0 = ts.accuracy;
   for (int step = 0; step < STEPS; step++) {
     make_pairs(&r, tok, len, LT_PAIRS); /* fresh pairs every step */
-    const prm_batch b = tok_batch(tok, len, 2 * LT_PAIRS, LT_S);
+    const prm_batch b = prmt_tok_batch(tok, len, 2 * LT_PAIRS, LT_S);
     assert_int_equal(prm_train_step(c, opt, &b, NULL, &st), PRM_OK);
   }
   assert_int_equal(prm_evaluate(ci, &tb, NULL, &ts), PRM_OK);
@@ -1105,14 +1056,14 @@ static void test_learning(void **state) {
 static void test_no_allocation_in_steps(void **state) {
   (void)state;
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
-  prm_model *m = gpt2_model(32, 16, 16, 2, 2, 101);
+  prm_model *m = prmt_gpt2(32, 16, 16, 2, 2, 101);
   enum { N = 8, S = 16 };
   int32_t tok[N * S], len[N] = {16, 3, 9, 1, 12, 16, 5, 7};
   prmt_rng r = {102};
   fill_tokens(&r, tok, len, N, S, 32, 0);
-  prm_ctx *c = gctx(m, N, S, 0), *ci = gctx(m, N, S, 1);
+  prm_ctx *c = prmt_tok_ctx(m, N, S, 0), *ci = prmt_tok_ctx(m, N, S, 1);
   prm_optimizer *opt = adamw(m, 1e-3);
-  const prm_batch b = tok_batch(tok, len, N, S);
+  const prm_batch b = prmt_tok_batch(tok, len, N, S);
   prm_loss_stats st = PRM_LOSS_STATS_INIT;
   float s[N];
   assert_int_equal(prm_train_step(c, opt, &b, NULL, &st), PRM_OK);

@@ -41,7 +41,6 @@
  * import torch. Eight reference runs in all (four init, three grads, one
  * training run), about 10 s on 2 cores.
  */
-#define _POSIX_C_SOURCE 200809L /* popen, pclose */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -52,13 +51,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 
+#include "parityutil.h"
 #include "testutil.h"
 
-#define PARITY_TOL 1e-4
-#define PARITY_DELTA_TOL 1e-3
-#define PARITY_TINY 1e-12
 #define ZERO_GRAD_REL 1e-6   /* gradient tensors below this * max|grad| are noise */
 #define UPDATE_MASK_REL 1e-4 /* AdamW: elements below this * tensor max are noise */
 #define TRAIN_LOSS_TOL 1e-3  /* per-step loss, absolute */
@@ -67,9 +63,6 @@
 #define MAX_ROWS (2 * MAX_PAIRS)
 #define TRAIN_STEPS 50
 #define TRAIN_BATCHES 4
-#define PATH_SIZE 1024
-#define CMD_SIZE 16384
-#define OUT_SIZE 65536
 
 /* One parity scenario. */
 typedef struct gpt2_case {
@@ -88,137 +81,12 @@ typedef struct gpt2_case {
   int no_decay_1d;
 } gpt2_case;
 
-/* Paths and handles of one case, released by the teardown even after a
- * failed assertion. */
-typedef struct gpt2_state {
-  const gpt2_case *pc;
-  char ckpt[PATH_SIZE], batch[PATH_SIZE], grads[PATH_SIZE], updated[PATH_SIZE];
-  prm_model *model, *ref_grads, *ref_updated;
-  prm_ctx *ctx;
-  prm_optimizer *opt;
-  int32_t *tokens; /* (TRAIN_BATCHES or 1) x (2P, stride) */
-  char *out;       /* stdout of the reference */
-  float *before;   /* parameters before the optimizer step */
-} gpt2_state;
-
 /* ---- small helpers ------------------------------------------------------ */
-
-static double max_d(double a, double b) { return a > b ? a : b; }
-
-/* max|a - ref| / max(max|ref|, PARITY_TINY) over n elements. */
-static double tensor_err(const float *a, const float *ref, uint64_t n) {
-  double diff = 0.0, mag = 0.0;
-  for (uint64_t i = 0; i < n; i++) {
-    double e = fabs((double)a[i] - (double)ref[i]);
-    if (!(e <= diff)) diff = e; /* NaN propagates as a failure */
-    mag = max_d(mag, fabs((double)ref[i]));
-  }
-  return diff / max_d(mag, PARITY_TINY);
-}
 
 static double max_abs(const float *x, uint64_t n) {
   double m = 0.0;
   for (uint64_t i = 0; i < n; i++)
-    m = max_d(m, fabs((double)x[i]));
-  return m;
-}
-
-static double scalar_err(double a, double ref) {
-  double e = fabs(a - ref) / max_d(fabs(ref), PARITY_TINY);
-  return e == e ? e : INFINITY;
-}
-
-/* Run a shell command; returns its stdout (malloc'd, NUL-terminated) or fails
- * the test when it does not exit with status 0. stderr passes through. */
-static char *run_capture(const char *cmd) {
-  FILE *p = popen(cmd, "r");
-  if (p == NULL) fail_msg("popen failed: %s", cmd);
-  char *out = malloc(OUT_SIZE);
-  assert_non_null(out);
-  size_t n = fread(out, 1, OUT_SIZE - 1, p);
-  out[n] = '\0';
-  /* drain anything beyond the buffer so the child never blocks */
-  char sink[4096];
-  while (fread(sink, 1, sizeof sink, p) > 0) {
-  }
-  int st = pclose(p);
-  if (st == -1 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-    fprintf(stderr, "command failed (status %d): %s\nstdout: %s\n", st, cmd, out);
-    free(out);
-    fail_msg("reference command failed: %s", cmd);
-  }
-  return out;
-}
-
-/* Start of the value after `"key":` in a JSON text, or NULL. */
-static const char *json_value(const char *json, const char *key) {
-  char pat[128];
-  snprintf(pat, sizeof pat, "\"%s\"", key);
-  const char *s = strstr(json, pat);
-  if (s == NULL) return NULL;
-  s += strlen(pat);
-  while (*s == ' ')
-    s++;
-  if (*s != ':') return NULL;
-  s++;
-  while (*s == ' ')
-    s++;
-  return s;
-}
-
-static double json_number(const char *json, const char *key) {
-  const char *s = json_value(json, key);
-  if (s == NULL) fail_msg("reference output lacks \"%s\": %s", key, json);
-  char *end = NULL;
-  double v = strtod(s, &end);
-  if (end == s) fail_msg("reference \"%s\" is not a number: %.40s", key, s);
-  return v;
-}
-
-/* A JSON list of exactly n numbers. */
-static void json_list(const char *json, const char *key, double *out, uint64_t n) {
-  const char *s = json_value(json, key);
-  if (s == NULL || *s != '[') fail_msg("reference output lacks list \"%s\"", key);
-  s++;
-  for (uint64_t i = 0; i < n; i++) {
-    char *end = NULL;
-    out[i] = strtod(s, &end);
-    if (end == s) fail_msg("reference \"%s\"[%lu] is not a number", key, (unsigned long)i);
-    s = end;
-    while (*s == ' ')
-      s++;
-    if (i + 1 < n) {
-      if (*s != ',')
-        fail_msg("reference \"%s\" has %lu entries, expected %lu", key, (unsigned long)(i + 1),
-                 (unsigned long)n);
-      s++;
-    }
-  }
-  if (*s != ']') fail_msg("reference \"%s\" has more than %lu entries", key, (unsigned long)n);
-}
-
-static void shell_quote(char *buf, size_t size, const char *s) {
-  /* single quotes; an embedded ' becomes '\'' */
-  size_t k = 0;
-  if (k + 1 < size) buf[k++] = '\'';
-  for (; *s && k + 5 < size; s++) {
-    if (*s == '\'') {
-      memcpy(buf + k, "'\\''", 4);
-      k += 4;
-    } else {
-      buf[k++] = *s;
-    }
-  }
-  if (k + 1 < size) buf[k++] = '\'';
-  buf[k] = '\0';
-}
-
-static prm_model *load_or_fail(const char *path, const char *what) {
-  prm_model *m = NULL;
-  int st = prm_model_load(&m, path);
-  if (st != PRM_OK)
-    fail_msg("prm_model_load(%s file %s): %s (%s)", what, path, prm_status_string(st),
-             prm_last_errmsg());
+    m = parity_max_d(m, fabs((double)x[i]));
   return m;
 }
 
@@ -246,31 +114,6 @@ typedef struct cmp_result {
   uint64_t n_masked;    /* AdamW: elements left out (noise gradient) */
 } cmp_result;
 
-/* Index of the tensor called `name` in m; fails the test if absent. */
-static uint32_t find_tensor(const prm_model *m, const char *name, const char *what) {
-  uint32_t n = prm_model_num_tensors(m);
-  for (uint32_t i = 0; i < n; i++) {
-    const char *nm = NULL;
-    assert_int_equal(prm_model_tensor_info(m, i, &nm, NULL, NULL, NULL), PRM_OK);
-    if (strcmp(nm, name) == 0) return i;
-  }
-  fail_msg("tensor %s missing from the %s file", name, what);
-  return 0;
-}
-
-/* Offset of tensor `name` in ref, whose shape must be ndim/shape. */
-static uint64_t ref_offset(prm_model *ref, const char *name, const char *what, uint32_t ndim,
-                           const uint64_t shape[2]) {
-  uint64_t roff = 0, rshape[2] = {0, 0};
-  uint32_t rndim = 0;
-  uint32_t j = find_tensor(ref, name, what);
-  assert_int_equal(prm_model_tensor_info(ref, j, NULL, &roff, &rndim, rshape), PRM_OK);
-  assert_int_equal(rndim, ndim);
-  assert_int_equal(rshape[0], shape[0]);
-  assert_int_equal(rshape[1], shape[1]);
-  return roff;
-}
-
 /*
  * max|a - ref| / max(max|ref|, PARITY_TINY) over the elements whose reference
  * gradient g (NULL: all elements) has |g_k| >= thr, or with keep_zero is
@@ -288,7 +131,7 @@ static double masked_err(const float *a, const float *ref, const float *g, doubl
   *masked = 0;
   for (uint64_t k = 0; k < n; k++) {
     int keep = g == NULL || fabs((double)g[k]) >= thr || (keep_zero && g[k] == 0.0f);
-    if (keep || mag_all) mag = max_d(mag, fabs((double)ref[k]));
+    if (keep || mag_all) mag = parity_max_d(mag, fabs((double)ref[k]));
     if (!keep) {
       (*masked)++;
       continue;
@@ -299,7 +142,7 @@ static double masked_err(const float *a, const float *ref, const float *g, doubl
       *worst = k;
     }
   }
-  return diff / max_d(mag, PARITY_TINY);
+  return diff / parity_max_d(mag, PARITY_TINY);
 }
 
 /*
@@ -341,7 +184,7 @@ static void compare_tensors(const char *what, const prm_model *m, const float *m
     uint64_t off = 0, shape[2] = {0, 0};
     uint32_t ndim = 0;
     assert_int_equal(prm_model_tensor_info(m, i, &name, &off, &ndim, shape), PRM_OK);
-    const uint64_t roff = ref_offset(ref, name, what, ndim, shape);
+    const uint64_t roff = parity_ref_offset(ref, name, what, ndim, shape);
     const uint64_t numel = ndim == 1 ? shape[0] : shape[0] * shape[1];
     const float *a = mine + off, *r = ref_flat + roff;
     const int grp = group_of(name);
@@ -354,19 +197,19 @@ static void compare_tensors(const char *what, const prm_model *m, const float *m
                  what, name, max_abs(r, numel), ZERO_GRAD_REL, gmax, mc);
       size_t len = strlen(res->zero_names);
       snprintf(res->zero_names + len, sizeof res->zero_names - len, "%s%s", len ? "," : "", name);
-      res->zero_worst = max_d(res->zero_worst, max_d(mc, max_abs(r, numel)) / gmax);
+      res->zero_worst = parity_max_d(res->zero_worst, parity_max_d(mc, max_abs(r, numel)) / gmax);
       continue;
     }
 
     const float *g = NULL;
     double thr = 0.0;
     if (old != NULL) {
-      g = g_flat + ref_offset(gref, name, "reference gradient", ndim, shape);
+      g = g_flat + parity_ref_offset(gref, name, "reference gradient", ndim, shape);
       if (max_abs(g, numel) <= zero_bound) { /* noise only: nothing to compare */
         res->n_masked += numel;
         continue;
       }
-      thr = max_d(UPDATE_MASK_REL * max_abs(g, numel), zero_bound);
+      thr = parity_max_d(UPDATE_MASK_REL * max_abs(g, numel), zero_bound);
     }
     const int keep_zero = grp == G_EMB;
     uint64_t k = 0, masked = 0;
@@ -376,7 +219,7 @@ static void compare_tensors(const char *what, const prm_model *m, const float *m
                "worst element %lu: c %.9g torch %.9g)",
                what, name, e, PARITY_TOL, max_abs(a, numel), max_abs(r, numel), (unsigned long)k,
                (double)a[k], (double)r[k]);
-    res->worst[grp] = max_d(res->worst[grp], e);
+    res->worst[grp] = parity_max_d(res->worst[grp], e);
     if (e >= res->all) {
       res->all = e;
       snprintf(res->worst_name, sizeof res->worst_name, "%s", name);
@@ -399,7 +242,7 @@ static void compare_tensors(const char *what, const prm_model *m, const float *m
       fail_msg("%s %s: update (new - old) error %.3g > %.0e (worst element %lu: c %.9g torch %.9g, "
                "torch gradient %.3g)",
                what, name, ed, PARITY_DELTA_TOL, (unsigned long)k, cm, cr, (double)g[k]);
-    res->worst_delta[grp] = max_d(res->worst_delta[grp], ed);
+    res->worst_delta[grp] = parity_max_d(res->worst_delta[grp], ed);
     if (ed >= res->all_delta) {
       res->all_delta = ed;
       snprintf(res->worst_delta_name, sizeof res->worst_delta_name, "%s", name);
@@ -417,26 +260,12 @@ static void print_groups(const char *label, const double *w) {
 
 /* ---- availability ------------------------------------------------------ */
 
-static char g_script[PATH_SIZE];    /* torch_ref.py */
-static char g_train_ref[PATH_SIZE]; /* tests/gpt2_train_ref.py, next to this file */
+static char g_script[PARITY_PATH_SIZE];    /* torch_ref.py */
+static char g_train_ref[PARITY_PATH_SIZE]; /* tests/gpt2_train_ref.py, next to this file */
 
 /* 1 when the reference can run; else prints why to stderr and returns 0. */
 static int reference_available(void) {
-  if (!prmt_shared_path(g_script, sizeof g_script, "reference/torch_ref.py")) {
-    fprintf(stderr, "test_parity_gpt2: skipped: shared folder %s is absent\n", PRM_SHARED_DIR);
-    return 0;
-  }
-  FILE *f = fopen(g_script, "r");
-  if (f == NULL) {
-    fprintf(stderr, "test_parity_gpt2: skipped: %s is missing\n", g_script);
-    return 0;
-  }
-  fclose(f);
-  if (!prmt_have_torch()) {
-    fprintf(stderr, "test_parity_gpt2: skipped: %s cannot import torch\n", PRM_PYTHON);
-    return 0;
-  }
-  return 1;
+  return parity_reference_available("test_parity_gpt2", g_script, sizeof g_script);
 }
 
 /* ---- batches ------------------------------------------------------------ */
@@ -490,13 +319,7 @@ static void draw_batch(gpt2_batch *b, prmt_rng *rng, uint64_t V, uint64_t P, uin
 }
 
 static prm_batch as_prm_batch(const gpt2_batch *b) {
-  prm_batch pb;
-  assert_int_equal(prm_batch_init(&pb, PRM_BATCH_VERSION), PRM_OK);
-  pb.n = 2 * b->P;
-  pb.tokens = b->tokens;
-  pb.token_stride = b->stride;
-  pb.lengths = b->lengths;
-  return pb;
+  return prmt_tok_batch(b->tokens, b->lengths, 2 * b->P, b->stride);
 }
 
 /* Rows [r0, r0 + n) as JSON lists of their real tokens only. */
@@ -508,13 +331,6 @@ static void write_ids(FILE *f, const gpt2_batch *b, uint64_t r0, uint64_t n) {
       fprintf(f, "%s%d", t ? ", " : "", (int)b->tokens[i * b->stride + (uint64_t)t]);
     fputc(']', f);
   }
-  fputc(']', f);
-}
-
-static void write_floats(FILE *f, const float *x, uint64_t n) {
-  fputc('[', f);
-  for (uint64_t i = 0; i < n; i++)
-    fprintf(f, "%s%.9g", i ? ", " : "", (double)x[i]);
   fputc(']', f);
 }
 
@@ -534,11 +350,11 @@ static void write_batch_object(FILE *f, const gpt2_batch *b, int margin, int lab
   fputc(']', f);
   if (margin) {
     fputs(",\n \"margin\": ", f);
-    write_floats(f, b->margin, P);
+    parity_write_floats(f, b->margin, P);
   }
   if (label) {
     fputs(",\n \"label\": ", f);
-    write_floats(f, b->label, P);
+    parity_write_floats(f, b->label, P);
   }
   fprintf(f, ",\n \"center_rewards_coefficient\": %.17g}", center);
 }
@@ -547,17 +363,18 @@ static void write_batch_object(FILE *f, const gpt2_batch *b, int margin, int lab
 
 static void torch_init(const char *ckpt, uint64_t V, uint64_t T, uint64_t C, uint64_t L, uint64_t H,
                        uint64_t seed) {
-  char q_py[PATH_SIZE + 16], q_script[2 * PATH_SIZE], q_ckpt[2 * PATH_SIZE], cmd[CMD_SIZE];
-  shell_quote(q_py, sizeof q_py, PRM_PYTHON);
-  shell_quote(q_script, sizeof q_script, g_script);
-  shell_quote(q_ckpt, sizeof q_ckpt, ckpt);
+  char q_py[PARITY_PATH_SIZE + 16], q_script[2 * PARITY_PATH_SIZE], q_ckpt[2 * PARITY_PATH_SIZE],
+      cmd[PARITY_CMD_SIZE];
+  parity_shell_quote(q_py, sizeof q_py, PRM_PYTHON);
+  parity_shell_quote(q_script, sizeof q_script, g_script);
+  parity_shell_quote(q_ckpt, sizeof q_ckpt, ckpt);
   int len = snprintf(cmd, sizeof cmd,
                      "%s %s init --model gpt2 --vocab %lu --ctx %lu --dim %lu --layers %lu "
                      "--heads %lu --seed %lu --out %s >/dev/null",
                      q_py, q_script, (unsigned long)V, (unsigned long)T, (unsigned long)C,
                      (unsigned long)L, (unsigned long)H, (unsigned long)seed, q_ckpt);
   assert_true(len > 0 && (size_t)len < sizeof cmd);
-  free(run_capture(cmd));
+  free(parity_run_capture(cmd));
 }
 
 static void check_loaded_config(const prm_model *m, uint64_t V, uint64_t T, uint64_t C, uint64_t L,
@@ -574,77 +391,25 @@ static void check_loaded_config(const prm_model *m, uint64_t V, uint64_t T, uint
   assert_int_equal(prm_model_trainable_offset(m), 0);
 }
 
-static prm_ctx *gpt2_ctx(const prm_model *m, uint64_t max_rows, uint64_t max_len) {
-  prm_ctx_options o;
-  assert_int_equal(prm_ctx_options_init(&o, PRM_CTX_OPTIONS_VERSION), PRM_OK);
-  o.max_rows = max_rows;
-  o.max_len = max_len;
-  prm_ctx *c = NULL;
-  int st = prm_ctx_new(&c, m, &o);
-  if (st != PRM_OK) fail_msg("prm_ctx_new: %s (%s)", prm_status_string(st), prm_last_errmsg());
-  return c;
-}
-
-static prm_optimizer *adamw(prm_model *m, double lr, double wd, double clip, int no_decay_1d) {
-  prm_optimizer_options oo;
-  assert_int_equal(prm_optimizer_options_init(&oo, PRM_OPTIMIZER_OPTIONS_VERSION), PRM_OK);
-  oo.algorithm = PRM_OPT_ADAMW;
-  oo.lr = lr;
-  oo.beta1 = 0.9;
-  oo.beta2 = 0.999;
-  oo.eps = 1e-8;
-  oo.weight_decay = wd;
-  oo.max_grad_norm = clip;
-  oo.no_decay_1d = no_decay_1d;
-  prm_optimizer *opt = NULL;
-  int st = prm_optimizer_new(&opt, m, &oo);
-  if (st != PRM_OK)
-    fail_msg("prm_optimizer_new: %s (%s)", prm_status_string(st), prm_last_errmsg());
-  return opt;
-}
-
 /* ---- fixtures ----------------------------------------------------------- */
 
 static int case_setup(void **state) {
-  gpt2_state *s = calloc(1, sizeof *s);
-  assert_non_null(s);
-  s->pc = *state;
-  const char *name = s->pc != NULL ? s->pc->name : "train";
-  char tag[128];
-  snprintf(tag, sizeof tag, "parity_gpt2_%s_ckpt.safetensors", name);
-  prmt_tmp_path(s->ckpt, sizeof s->ckpt, tag);
-  snprintf(tag, sizeof tag, "parity_gpt2_%s_batch.json", name);
-  prmt_tmp_path(s->batch, sizeof s->batch, tag);
-  snprintf(tag, sizeof tag, "parity_gpt2_%s_grads.safetensors", name);
-  prmt_tmp_path(s->grads, sizeof s->grads, tag);
-  snprintf(tag, sizeof tag, "parity_gpt2_%s_updated.safetensors", name);
-  prmt_tmp_path(s->updated, sizeof s->updated, tag);
-  *state = s;
+  const gpt2_case *pc = *state;
+  char prefix[128];
+  snprintf(prefix, sizeof prefix, "parity_gpt2_%s", pc != NULL ? pc->name : "train");
+  *state = parity_run_new(pc, prefix);
   return 0;
 }
 
 static int case_teardown(void **state) {
-  gpt2_state *s = *state;
-  prm_optimizer_free(s->opt);
-  prm_ctx_free(s->ctx);
-  prm_model_free(s->model);
-  prm_model_free(s->ref_grads);
-  prm_model_free(s->ref_updated);
-  free(s->tokens);
-  free(s->out);
-  free(s->before);
-  remove(s->ckpt);
-  remove(s->batch);
-  remove(s->grads);
-  remove(s->updated);
-  free(s);
+  parity_run_free(*state);
   return 0;
 }
 
 /* ---- one-step parity ---------------------------------------------------- */
 
 static void test_parity_case(void **state) {
-  gpt2_state *s = *state;
+  parity_run *s = *state;
   const gpt2_case *pc = s->pc;
   if (!reference_available()) skip();
   const uint64_t P = pc->pairs, n = 2 * P, V = pc->vocab;
@@ -654,13 +419,13 @@ static void test_parity_case(void **state) {
 
   /* 1. checkpoint from torch_ref, loaded by the C side */
   torch_init(s->ckpt, V, pc->n_ctx, pc->n_embd, pc->n_layer, pc->n_head, pc->seed);
-  s->model = load_or_fail(s->ckpt, "checkpoint");
+  s->model = parity_load(s->ckpt, "checkpoint");
   check_loaded_config(s->model, V, pc->n_ctx, pc->n_embd, pc->n_layer, pc->n_head);
 
   /* 2. the batch; the JSON holds real tokens only, the C buffer garbage padding */
   prmt_rng rng = {pc->seed * 7919u + 17u};
   gpt2_batch b;
-  s->tokens = b.tokens = malloc(n * pc->stride * sizeof *b.tokens);
+  s->input = b.tokens = malloc(n * pc->stride * sizeof *b.tokens);
   assert_non_null(b.tokens);
   draw_batch(&b, &rng, V, P, pc->max_len, pc->min_len, pc->stride, pc->edge_lengths);
   const float *mp = pc->use_margin ? b.margin : NULL, *lp = pc->use_label ? b.label : NULL;
@@ -671,33 +436,15 @@ static void test_parity_case(void **state) {
   assert_int_equal(fclose(f), 0);
 
   /* 3. the reference: gradients, one AdamW step, loss and scores */
-  char q_py[PATH_SIZE + 16], q_script[2 * PATH_SIZE], q_ckpt[2 * PATH_SIZE], q_batch[2 * PATH_SIZE],
-      q_grads[2 * PATH_SIZE], q_upd[2 * PATH_SIZE], cmd[CMD_SIZE];
-  shell_quote(q_py, sizeof q_py, PRM_PYTHON);
-  shell_quote(q_script, sizeof q_script, g_script);
-  shell_quote(q_ckpt, sizeof q_ckpt, s->ckpt);
-  shell_quote(q_batch, sizeof q_batch, s->batch);
-  shell_quote(q_grads, sizeof q_grads, s->grads);
-  shell_quote(q_upd, sizeof q_upd, s->updated);
-  int len = snprintf(cmd, sizeof cmd,
-                     "%s %s grads --ckpt %s --batch %s --out %s --updated-out %s --lr %.17g "
-                     "--weight-decay %.17g --max-grad-norm %.17g%s",
-                     q_py, q_script, q_ckpt, q_batch, q_grads, q_upd, pc->lr, pc->weight_decay,
-                     pc->max_grad_norm, pc->no_decay_1d ? " --no-decay-1d" : "");
-  assert_true(len > 0 && (size_t)len < sizeof cmd);
-  const char *out = s->out = run_capture(cmd);
-  double ref_loss = json_number(out, "loss");
-  double ref_gnorm = json_number(out, "grad_norm");
-  double ref_rc[MAX_PAIRS], ref_rr[MAX_PAIRS];
-  json_list(out, "rewards_chosen", ref_rc, P);
-  json_list(out, "rewards_rejected", ref_rr, P);
-  s->ref_grads = load_or_fail(s->grads, "reference gradient");
-  s->ref_updated = load_or_fail(s->updated, "reference updated-parameter");
+  double ref_loss = 0.0, ref_gnorm = 0.0;
+  float ref_scores[MAX_ROWS];
+  parity_reference_grads(s, g_script, pc->lr, pc->weight_decay, pc->max_grad_norm, pc->no_decay_1d,
+                         P, &ref_loss, &ref_gnorm, ref_scores);
 
   /* 4. the C side: padding invariance, then forward, loss, backward */
-  s->ctx = gpt2_ctx(s->model, n, pc->max_len);
+  s->ctx = prmt_tok_ctx(s->model, n, pc->max_len, 0);
   prm_batch pb = as_prm_batch(&b);
-  float scores[MAX_ROWS], scores_b[MAX_ROWS], ref_scores[MAX_ROWS];
+  float scores[MAX_ROWS], scores_b[MAX_ROWS];
   fill_padding(&b, &rng, V, 1); /* valid random ids in the padding */
   int st = prm_ctx_forward(s->ctx, &pb, scores_b, n);
   if (st != PRM_OK)
@@ -709,52 +456,21 @@ static void test_parity_case(void **state) {
              prm_ctx_errmsg(s->ctx));
   if (memcmp(scores, scores_b, n * sizeof *scores) != 0)
     fail_msg("scores depend on the padding token ids");
-  for (uint64_t i = 0; i < P; i++) {
-    ref_scores[i] = (float)ref_rc[i];
-    ref_scores[P + i] = (float)ref_rr[i];
-  }
-  double e_scores = tensor_err(scores, ref_scores, n);
-  if (!(e_scores <= PARITY_TOL))
-    fail_msg("scores: max|c - torch| / max|torch| = %.3g > %.0e", e_scores, PARITY_TOL);
+  double e_scores = parity_check_scores(scores, ref_scores, n);
 
-  prm_loss_options lo;
-  assert_int_equal(prm_loss_options_init(&lo, PRM_LOSS_OPTIONS_VERSION), PRM_OK);
-  lo.margin = mp;
-  lo.label = lp;
-  lo.center_coef = pc->center;
-  double loss = NAN;
   float dscores[MAX_ROWS];
-  st = prm_loss_bt(scores, scores + P, P, &lo, &loss, NULL, dscores, dscores + P);
-  if (st != PRM_OK) fail_msg("prm_loss_bt: %s (%s)", prm_status_string(st), prm_last_errmsg());
-  double e_loss = scalar_err(loss, ref_loss);
-  if (!(e_loss <= PARITY_TOL))
-    fail_msg("loss: C %.9g, torch %.9g (rel %.3g > %.0e)", loss, ref_loss, e_loss, PARITY_TOL);
+  double e_loss = parity_check_loss(scores, P, mp, lp, pc->center, ref_loss, dscores);
 
-  st = prm_ctx_backward(s->ctx, dscores, n);
-  if (st != PRM_OK)
-    fail_msg("prm_ctx_backward: %s (%s)", prm_status_string(st), prm_ctx_errmsg(s->ctx));
-  uint64_t n_grads = 0, n_params = 0;
-  const float *grads = prm_ctx_grads(s->ctx, &n_grads);
-  float *params = prm_model_params(s->model, &n_params);
-  assert_non_null(grads);
-  assert_int_equal(n_grads, n_params);
+  uint64_t n_params = 0;
+  const float *grads = parity_backward(s, dscores, n, &n_params);
+  float *params = prm_model_params(s->model, NULL);
   const double gmax = max_abs(prm_model_params(s->ref_grads, NULL), n_params);
   cmp_result rg;
   compare_tensors("gradient", s->model, grads, s->ref_grads, NULL, s->ref_grads, gmax, &rg);
 
   /* 5. one AdamW step */
-  s->before = malloc(n_params * sizeof *s->before);
-  assert_non_null(s->before);
-  memcpy(s->before, params, n_params * sizeof *params);
-  s->opt = adamw(s->model, pc->lr, pc->weight_decay, pc->max_grad_norm, pc->no_decay_1d);
-  st = prm_optimizer_step(s->opt, s->ctx);
-  if (st != PRM_OK)
-    fail_msg("prm_optimizer_step: %s (%s)", prm_status_string(st), prm_optimizer_errmsg(s->opt));
-  assert_int_equal(prm_optimizer_num_updates(s->opt), 1);
-  double e_gnorm = scalar_err(prm_optimizer_last_grad_norm(s->opt), ref_gnorm);
-  if (!(e_gnorm <= PARITY_TOL))
-    fail_msg("grad norm: C %.9g, torch %.9g (rel %.3g > %.0e)",
-             prm_optimizer_last_grad_norm(s->opt), ref_gnorm, e_gnorm, PARITY_TOL);
+  double e_gnorm =
+      parity_adamw_step(s, pc->lr, pc->weight_decay, pc->max_grad_norm, pc->no_decay_1d, ref_gnorm);
   cmp_result ru;
   compare_tensors("AdamW-updated", s->model, params, s->ref_updated, s->before, s->ref_grads, gmax,
                   &ru);
@@ -787,7 +503,7 @@ static void test_parity_case(void **state) {
 #define TR_CLIP 1.0
 
 static void test_train_curve(void **state) {
-  gpt2_state *s = *state;
+  parity_run *s = *state;
   if (!reference_available()) skip();
   /* tests/gpt2_train_ref.py sits next to this file (CMake compiles it by its
    * absolute path) */
@@ -802,20 +518,20 @@ static void test_train_curve(void **state) {
   fclose(f);
 
   torch_init(s->ckpt, TR_V, TR_T, TR_C, TR_L, TR_H, TR_SEED);
-  s->model = load_or_fail(s->ckpt, "checkpoint");
+  s->model = parity_load(s->ckpt, "checkpoint");
   check_loaded_config(s->model, TR_V, TR_T, TR_C, TR_L, TR_H);
 
   /* four ragged batches (one with lengths 1 and T), with margins */
   const uint64_t n = 2 * TR_P;
   prmt_rng rng = {TR_SEED * 104729u + 5u};
   gpt2_batch b[TRAIN_BATCHES];
-  s->tokens = malloc(TRAIN_BATCHES * n * TR_T * sizeof *s->tokens);
-  assert_non_null(s->tokens);
+  int32_t *tokens = s->input = malloc(TRAIN_BATCHES * n * TR_T * sizeof *tokens);
+  assert_non_null(tokens);
   f = fopen(s->batch, "w");
   if (f == NULL) fail_msg("cannot write %s", s->batch);
   fputs("{\"batches\": [", f);
   for (int k = 0; k < TRAIN_BATCHES; k++) {
-    b[k].tokens = s->tokens + (uint64_t)k * n * TR_T;
+    b[k].tokens = tokens + (uint64_t)k * n * TR_T;
     draw_batch(&b[k], &rng, TR_V, TR_P, TR_T, 2, TR_T, k == 0);
     if (k) fputs(",\n", f);
     write_batch_object(f, &b[k], 1, 0, 0.0);
@@ -823,25 +539,25 @@ static void test_train_curve(void **state) {
   fputs("]}\n", f);
   assert_int_equal(fclose(f), 0);
 
-  char q_py[PATH_SIZE + 16], q_script[2 * PATH_SIZE], q_ref[2 * PATH_SIZE], q_ckpt[2 * PATH_SIZE],
-      q_batch[2 * PATH_SIZE], cmd[CMD_SIZE];
-  shell_quote(q_py, sizeof q_py, PRM_PYTHON);
-  shell_quote(q_script, sizeof q_script, g_train_ref);
-  shell_quote(q_ref, sizeof q_ref, g_script);
-  shell_quote(q_ckpt, sizeof q_ckpt, s->ckpt);
-  shell_quote(q_batch, sizeof q_batch, s->batch);
+  char q_py[PARITY_PATH_SIZE + 16], q_script[2 * PARITY_PATH_SIZE], q_ref[2 * PARITY_PATH_SIZE],
+      q_ckpt[2 * PARITY_PATH_SIZE], q_batch[2 * PARITY_PATH_SIZE], cmd[PARITY_CMD_SIZE];
+  parity_shell_quote(q_py, sizeof q_py, PRM_PYTHON);
+  parity_shell_quote(q_script, sizeof q_script, g_train_ref);
+  parity_shell_quote(q_ref, sizeof q_ref, g_script);
+  parity_shell_quote(q_ckpt, sizeof q_ckpt, s->ckpt);
+  parity_shell_quote(q_batch, sizeof q_batch, s->batch);
   int len = snprintf(cmd, sizeof cmd,
                      "%s %s --torch-ref %s --ckpt %s --batches %s --steps %d --lr %.17g "
                      "--weight-decay %.17g --max-grad-norm %.17g",
                      q_py, q_script, q_ref, q_ckpt, q_batch, TRAIN_STEPS, TR_LR, TR_WD, TR_CLIP);
   assert_true(len > 0 && (size_t)len < sizeof cmd);
-  const char *out = s->out = run_capture(cmd);
+  const char *out = s->out = parity_run_capture(cmd);
   double ref_loss[TRAIN_STEPS], ref_norm[TRAIN_STEPS];
-  json_list(out, "losses", ref_loss, TRAIN_STEPS);
-  json_list(out, "grad_norms", ref_norm, TRAIN_STEPS);
+  parity_json_list(out, "losses", ref_loss, TRAIN_STEPS);
+  parity_json_list(out, "grad_norms", ref_norm, TRAIN_STEPS);
 
-  s->ctx = gpt2_ctx(s->model, n, TR_T);
-  s->opt = adamw(s->model, TR_LR, TR_WD, TR_CLIP, 0);
+  s->ctx = prmt_tok_ctx(s->model, n, TR_T, 0);
+  s->opt = parity_adamw(s->model, TR_LR, TR_WD, TR_CLIP, 0);
   double worst = 0.0, worst_norm = 0.0, c_loss[TRAIN_STEPS];
   int worst_step = 0;
   for (int step = 0; step < TRAIN_STEPS; step++) {
@@ -864,11 +580,11 @@ static void test_train_curve(void **state) {
       worst = d;
       worst_step = step;
     }
-    double en = scalar_err(prm_optimizer_last_grad_norm(s->opt), ref_norm[step]);
+    double en = parity_scalar_err(prm_optimizer_last_grad_norm(s->opt), ref_norm[step]);
     if (!(en <= TRAIN_NORM_TOL))
       fail_msg("step %d: grad norm C %.9g, torch %.9g (rel %.3g > %.0e)", step,
                prm_optimizer_last_grad_norm(s->opt), ref_norm[step], en, TRAIN_NORM_TOL);
-    worst_norm = max_d(worst_norm, en);
+    worst_norm = parity_max_d(worst_norm, en);
   }
   assert_int_equal(prm_optimizer_num_updates(s->opt), TRAIN_STEPS);
   print_message("train gpt2 %d steps: loss %.6f -> %.6f (torch %.6f -> %.6f); max |loss diff| "
