@@ -485,6 +485,46 @@ typedef struct gpt2_cfg {
   const char *json_out;
 } gpt2_cfg;
 
+/*
+ * The split API, phase by phase: forward + loss, backward, optimizer step,
+ * cycling through nb batches of 2P rows. Medians in ms of `steps` timed
+ * iterations after `warmup`.
+ */
+static void time_phases(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pbs, long nb,
+                        uint64_t P, long warmup, long steps, double *ms_fwd, double *ms_bwd,
+                        double *ms_opt) {
+  const uint64_t rows = 2 * P;
+  double *tf = xmalloc((size_t)steps * sizeof(double)),
+         *tb = xmalloc((size_t)steps * sizeof(double)),
+         *to = xmalloc((size_t)steps * sizeof(double));
+  float *scores = xmalloc((size_t)rows * sizeof(float)),
+        *dscores = xmalloc((size_t)rows * sizeof(float));
+  for (long it = 0; it < warmup + steps; it++) {
+    const prm_batch *pb = &pbs[it % nb];
+    double t0 = now_s();
+    CHECK(prm_ctx_forward(ctx, pb, scores, rows));
+    CHECK(prm_loss_bt(scores, scores + P, P, NULL, NULL, NULL, dscores, dscores + P));
+    double t1 = now_s();
+    CHECK(prm_ctx_backward(ctx, dscores, rows));
+    double t2 = now_s();
+    CHECK(prm_optimizer_step(opt, ctx));
+    double t3 = now_s();
+    if (it >= warmup) {
+      tf[it - warmup] = t1 - t0;
+      tb[it - warmup] = t2 - t1;
+      to[it - warmup] = t3 - t2;
+    }
+  }
+  *ms_fwd = median(tf, (size_t)steps) * 1e3;
+  *ms_bwd = median(tb, (size_t)steps) * 1e3;
+  *ms_opt = median(to, (size_t)steps) * 1e3;
+  free(tf);
+  free(tb);
+  free(to);
+  free(scores);
+  free(dscores);
+}
+
 static int run_gpt2(const gpt2_cfg *cf) {
   prm_model_options mo;
   CHECK(prm_model_options_init(&mo, PRM_MODEL_OPTIONS_VERSION));
@@ -581,33 +621,7 @@ static int run_gpt2(const gpt2_cfg *cf) {
   /* ---- optional phase loop (split API; training only) ---- */
   double ms_fwd = NAN, ms_bwd = NAN, ms_opt = NAN;
   const int phases = cf->phases && !score;
-  if (phases) {
-    double *tf = xmalloc((size_t)steps * sizeof(double)),
-           *tb = xmalloc((size_t)steps * sizeof(double)),
-           *to = xmalloc((size_t)steps * sizeof(double));
-    for (long it = 0; it < warmup + steps; it++) {
-      const prm_batch *pb = &pbs[it % nb];
-      double t0 = now_s();
-      CHECK(prm_ctx_forward(ctx, pb, scores, rows));
-      CHECK(prm_loss_bt(scores, scores + P, P, NULL, NULL, NULL, dscores, dscores + P));
-      double t1 = now_s();
-      CHECK(prm_ctx_backward(ctx, dscores, rows));
-      double t2 = now_s();
-      CHECK(prm_optimizer_step(opt, ctx));
-      double t3 = now_s();
-      if (it >= warmup) {
-        tf[it - warmup] = t1 - t0;
-        tb[it - warmup] = t2 - t1;
-        to[it - warmup] = t3 - t2;
-      }
-    }
-    ms_fwd = median(tf, (size_t)steps) * 1e3;
-    ms_bwd = median(tb, (size_t)steps) * 1e3;
-    ms_opt = median(to, (size_t)steps) * 1e3;
-    free(tf);
-    free(tb);
-    free(to);
-  }
+  if (phases) time_phases(ctx, opt, pbs, nb, P, warmup, steps, &ms_fwd, &ms_bwd, &ms_opt);
 
   /* ---- accounting: torch_ref's FLOP formula ---- */
   const uint64_t n_params = prm_model_num_params(model);
@@ -962,35 +976,13 @@ int main(int argc, char **argv) {
   /* ---- optional phase loop (split API) ---- */
   double ms_fwd = NAN, ms_bwd = NAN, ms_opt = NAN;
   if (phases) {
-    double *tf = xmalloc((size_t)steps * sizeof(double)),
-           *tb = xmalloc((size_t)steps * sizeof(double)),
-           *to = xmalloc((size_t)steps * sizeof(double));
-    float *scores = xmalloc((size_t)rows * sizeof(float)),
-          *dscores = xmalloc((size_t)rows * sizeof(float));
-    for (long it = 0; it < warmup + steps; it++) {
-      pb.features = xs[it % nb];
-      double t0 = now_s();
-      CHECK(prm_ctx_forward(ctx, &pb, scores, rows));
-      CHECK(prm_loss_bt(scores, scores + P, P, NULL, NULL, NULL, dscores, dscores + P));
-      double t1 = now_s();
-      CHECK(prm_ctx_backward(ctx, dscores, rows));
-      double t2 = now_s();
-      CHECK(prm_optimizer_step(opt, ctx));
-      double t3 = now_s();
-      if (it >= warmup) {
-        tf[it - warmup] = t1 - t0;
-        tb[it - warmup] = t2 - t1;
-        to[it - warmup] = t3 - t2;
-      }
+    prm_batch *pbs = xmalloc((size_t)nb * sizeof *pbs);
+    for (long b = 0; b < nb; b++) {
+      pbs[b] = pb;
+      pbs[b].features = xs[b];
     }
-    ms_fwd = median(tf, (size_t)steps) * 1e3;
-    ms_bwd = median(tb, (size_t)steps) * 1e3;
-    ms_opt = median(to, (size_t)steps) * 1e3;
-    free(tf);
-    free(tb);
-    free(to);
-    free(scores);
-    free(dscores);
+    time_phases(ctx, opt, pbs, nb, P, warmup, steps, &ms_fwd, &ms_bwd, &ms_opt);
+    free(pbs);
   }
 
   /* ---- accounting ---- */
