@@ -263,12 +263,12 @@ struct prmi_gpt2_acts {
   float *d_4c;      /* (max_tok, 4C) */
   float *d_last;    /* (R, C) */
   float *d_lastq;   /* (R, C) */
-  float *blocks[48]; /* every allocation, for free */
-  int n_blocks;
+  float **blocks; /* every allocation, for free: one per full block + 16 */
+  int n_blocks, cap_blocks;
 };
 
 static float *take(prmi_gpt2_acts *g, uint64_t n_floats) {
-  if (g->n_blocks >= (int)(sizeof g->blocks / sizeof g->blocks[0])) return NULL;
+  if (g->n_blocks >= g->cap_blocks) return NULL;
   float *p = prmi_calloc(n_floats, sizeof(float));
   if (p != NULL) g->blocks[g->n_blocks++] = p;
   return p;
@@ -277,6 +277,7 @@ static float *take(prmi_gpt2_acts *g, uint64_t n_floats) {
 void prmi_gpt2_acts_free(prmi_gpt2_acts *g) {
   if (g == NULL) return;
   for (int i = 0; i < g->n_blocks; i++) prmi_free(g->blocks[i]);
+  free(g->blocks);
   free(g->layer);
   free(g->off);
   free(g->ids);
@@ -300,7 +301,9 @@ prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64
   g->layer = calloc(L, sizeof *g->layer);
   g->off = calloc(max_rows + 1, sizeof *g->off);
   g->ids = calloc(T, sizeof *g->ids);
-  int ok = g->layer != NULL && g->off != NULL && g->ids != NULL;
+  g->cap_blocks = (int)L + 16;
+  g->blocks = calloc((size_t)g->cap_blocks, sizeof *g->blocks);
+  int ok = g->layer != NULL && g->off != NULL && g->ids != NULL && g->blocks != NULL;
   /* full blocks: training one set each, inference one set shared by all;
    * the last block gets a smaller set of its own when training */
   const uint64_t full_sets = inference ? (L > 1 ? 1 : 0) : L - 1;

@@ -1053,6 +1053,22 @@ static void test_learning(void **state) {
 /* ---- allocation --------------------------------------------------------------------------- */
 
 /* No heap allocation inside a gpt2 train step after the first (glibc only). */
+/* The deepest model the library accepts gets a context and runs (the
+ * context keeps one allocation per block). */
+static void test_deepest_model(void **state) {
+  (void)state;
+  prm_model *m = prmt_gpt2(8, 4, 4, 128, 2, 1);
+  prm_ctx *c = prmt_tok_ctx(m, 2, 4, 0);
+  int32_t ids[8] = {1, 2, 3, 4, 5, 6, 7, 0}, len[2] = {4, 2};
+  prm_batch b = prmt_tok_batch(ids, len, 2, 4);
+  float s[2], ds[2] = {1.0f, -1.0f};
+  assert_int_equal(prm_ctx_forward(c, &b, s, 2), PRM_OK);
+  assert_int_equal(prm_ctx_backward(c, ds, 2), PRM_OK);
+  assert_true(s[0] == s[0] && s[1] == s[1]);
+  prm_ctx_free(c);
+  prm_model_free(m);
+}
+
 static void test_no_allocation_in_steps(void **state) {
   (void)state;
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
@@ -1104,6 +1120,7 @@ int main(void) {
       cmocka_unit_test(test_freeze_mlp),
       cmocka_unit_test(test_threads_shared_model),
       cmocka_unit_test(test_learning),
+      cmocka_unit_test(test_deepest_model),
       cmocka_unit_test(test_no_allocation_in_steps),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
