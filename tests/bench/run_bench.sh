@@ -244,6 +244,34 @@ alloc_cell() {
   if [ "$a" = true ] && [ -n "$l" ]; then echo "true (libprefrm $l)"; else echo "$a"; fi
 }
 
+# gpt2_rows MODE RATE_FORMAT [TARGET]: the table rows of one gpt2 mode
+# (train or score) for every gpt2 config and thread count; TARGET defaults to
+# the config's training target.
+gpt2_rows() {
+  local mode=$1 rfmt=$2 fixed_tgt=${3:-}
+  local cfg n c t pc pt rc rt tgt ratio met rssok
+  for cfg in $CONFIGS; do
+    is_gpt2 "$cfg" || continue
+    for n in $THREADS; do
+      c=C.$mode.$cfg.$n t=torch.$mode.$cfg.$n
+      pc=${BEST[$c]:-} pt=${BEST[$t]:-} rc=${RSS[$c]:-0} rt=${RSS[$t]:-0}
+      tgt=${fixed_tgt:-$(target_of "$cfg")}
+      ratio="-"; met="-"; rssok="-"
+      if [ -n "$pc" ] && [ -n "$pt" ]; then
+        ratio=$(fmt %.2f "$pc/$pt")
+        met=$(awk "BEGIN{print ($pc / $pt >= $tgt) ? \"met\" : \"MISSED\"}")
+        rssok=$(awk "BEGIN{print ($rc <= 0.5 * $rt) ? \"yes\" : \"NO\"}")
+      fi
+      printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' "$cfg" "$n" \
+        "$(cell "$rfmt" "$pc")" "$(cell %.1f "${MS[$c]:-}")" "$(cell %.1f "${GF[$c]:-}")" \
+        "$(mfu "${GF[$c]:-}" "$n")" "$(cell "$rfmt" "$pt")" "$(cell %.1f "${MS[$t]:-}")" \
+        "$(cell %.1f "${GF[$t]:-}")" "$(mfu "${GF[$t]:-}" "$n")" "$ratio" ">=${tgt}x $met" \
+        "$(fmt %.1f "$rc/1024")" "$( [ -n "$pt" ] && fmt %.1f "$rt/1024" || echo -)" "$rssok" \
+        "$(alloc_cell "$c")"
+    done
+  done
+}
+
 echo
 HAVE_DENSE=0
 for cfg in $CONFIGS; do is_gpt2 "$cfg" || HAVE_DENSE=1; done
@@ -282,52 +310,14 @@ if [ "$HAVE_GPT2" = 1 ]; then
   printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' config thr \
     "C pairs/s" "C ms" "C GF/s" "C MFU" "t pairs/s" "t ms" "t GF/s" "t MFU" "C/t" "target" \
     "C MB" "t MB" "RSS<=t/2" "C allocs in steps"
-  for cfg in $CONFIGS; do
-    is_gpt2 "$cfg" || continue
-    for n in $THREADS; do
-      c=C.train.$cfg.$n t=torch.train.$cfg.$n
-      pc=${BEST[$c]:-} pt=${BEST[$t]:-} rc=${RSS[$c]:-0} rt=${RSS[$t]:-0}
-      tgt=$(target_of "$cfg")
-      ratio="-"; met="-"; rssok="-"
-      if [ -n "$pc" ] && [ -n "$pt" ]; then
-        ratio=$(fmt %.2f "$pc/$pt")
-        met=$(awk "BEGIN{print ($pc / $pt >= $tgt) ? \"met\" : \"MISSED\"}")
-        rssok=$(awk "BEGIN{print ($rc <= 0.5 * $rt) ? \"yes\" : \"NO\"}")
-      fi
-      printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' "$cfg" "$n" \
-        "$(cell %.2f "$pc")" "$(cell %.1f "${MS[$c]:-}")" "$(cell %.1f "${GF[$c]:-}")" \
-        "$(mfu "${GF[$c]:-}" "$n")" "$(cell %.2f "$pt")" "$(cell %.1f "${MS[$t]:-}")" \
-        "$(cell %.1f "${GF[$t]:-}")" "$(mfu "${GF[$t]:-}" "$n")" "$ratio" ">=${tgt}x $met" \
-        "$(fmt %.1f "$rc/1024")" "$( [ -n "$pt" ] && fmt %.1f "$rt/1024" || echo -)" "$rssok" \
-        "$(alloc_cell "$c")"
-    done
-  done
+  gpt2_rows train %.2f
   echo
   echo "gpt2 scoring (prm_ctx_forward, inference context, vs torch no_grad forward; 2P sequences"
   echo " per call)"
   printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' config thr \
     "C seqs/s" "C ms" "C GF/s" "C MFU" "t seqs/s" "t ms" "t GF/s" "t MFU" "C/t" "target" \
     "C MB" "t MB" "RSS<=t/2" "C allocs in calls"
-  for cfg in $CONFIGS; do
-    is_gpt2 "$cfg" || continue
-    for n in $THREADS; do
-      c=C.score.$cfg.$n t=torch.score.$cfg.$n
-      pc=${BEST[$c]:-} pt=${BEST[$t]:-} rc=${RSS[$c]:-0} rt=${RSS[$t]:-0}
-      tgt=$SCORE_TARGET
-      ratio="-"; met="-"; rssok="-"
-      if [ -n "$pc" ] && [ -n "$pt" ]; then
-        ratio=$(fmt %.2f "$pc/$pt")
-        met=$(awk "BEGIN{print ($pc / $pt >= $tgt) ? \"met\" : \"MISSED\"}")
-        rssok=$(awk "BEGIN{print ($rc <= 0.5 * $rt) ? \"yes\" : \"NO\"}")
-      fi
-      printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' "$cfg" "$n" \
-        "$(cell %.1f "$pc")" "$(cell %.1f "${MS[$c]:-}")" "$(cell %.1f "${GF[$c]:-}")" \
-        "$(mfu "${GF[$c]:-}" "$n")" "$(cell %.1f "$pt")" "$(cell %.1f "${MS[$t]:-}")" \
-        "$(cell %.1f "${GF[$t]:-}")" "$(mfu "${GF[$t]:-}" "$n")" "$ratio" ">=${tgt}x $met" \
-        "$(fmt %.1f "$rc/1024")" "$( [ -n "$pt" ] && fmt %.1f "$rt/1024" || echo -)" "$rssok" \
-        "$(alloc_cell "$c")"
-    done
-  done
+  gpt2_rows score %.1f "$SCORE_TARGET"
   echo "(t = torch. FLOPs count every position and the full T x T attention, as torch_ref does;"
   echo " libprefrm skips most of the last block and the masked half of attention, so its MFU"
   echo " is in model FLOPs and may exceed what the cores executed.)"
