@@ -101,7 +101,7 @@ static inline float gelu_sigmoid(float x, float *e) {
 }
 
 PRMI_TARGET_CLONES
-void prmi_act_forward(int32_t act, float *za, uint64_t n) {
+static void prmi_act_forward_kernel(int32_t act, float *za, uint64_t n) {
   switch (act) {
   case PRM_ACT_RELU:
     for (uint64_t i = 0; i < n; i++)
@@ -123,7 +123,8 @@ void prmi_act_forward(int32_t act, float *za, uint64_t n) {
 }
 
 PRMI_TARGET_CLONES
-void prmi_act_forward_grad(int32_t act, float *restrict za, float *restrict dact, uint64_t n) {
+static void prmi_act_forward_grad_kernel(int32_t act, float *restrict za, float *restrict dact,
+                                         uint64_t n) {
   switch (act) {
   case PRM_ACT_RELU:
     for (uint64_t i = 0; i < n; i++) {
@@ -155,6 +156,17 @@ void prmi_act_forward_grad(int32_t act, float *restrict za, float *restrict dact
  * below -80 give exp(-80) instead of a smaller number: negligible against
  * the row maximum's exp(0) = 1 in every sum they enter. */
 PRMI_TARGET_CLONES
-void prmi_exp_shifted(float *x, uint64_t n, float shift) {
-  for (uint64_t i = 0; i < n; i++) x[i] = exp_clipped(x[i] - shift);
+static void prmi_exp_shifted_kernel(float *x, uint64_t n, float shift) {
+  for (uint64_t i = 0; i < n; i++)
+    x[i] = exp_clipped(x[i] - shift);
 }
+
+/* The entry points other files call: plain functions around the static
+ * clones (see PRMI_TARGET_CLONES in internal.h for why). */
+void prmi_act_forward(int32_t act, float *za, uint64_t n) { prmi_act_forward_kernel(act, za, n); }
+
+void prmi_act_forward_grad(int32_t act, float *za, float *dact, uint64_t n) {
+  prmi_act_forward_grad_kernel(act, za, dact, n);
+}
+
+void prmi_exp_shifted(float *x, uint64_t n, float shift) { prmi_exp_shifted_kernel(x, n, shift); }

@@ -36,7 +36,8 @@ void prm_ctx_free(prm_ctx *ctx) {
     for (uint32_t l = 0; l < ctx->model->n_hidden; l++)
       prmi_free(ctx->dact[l]);
   if (ctx->act != NULL)
-    for (uint32_t l = 0; l < ctx->model->n_hidden; l++) prmi_free(ctx->act[l]);
+    for (uint32_t l = 0; l < ctx->model->n_hidden; l++)
+      prmi_free(ctx->act[l]);
   free(ctx->dact);
   free(ctx->act);
   prmi_free(ctx->input);
@@ -150,8 +151,8 @@ static int report_nonfinite_feature(prm_ctx *ctx, const prm_batch *b, uint64_t s
  * the magnitude bits, which vectorises without reassociating float sums.
  */
 PRMI_TARGET_CLONES
-static int copy_finite(float *restrict dst, const float *restrict src, uint64_t n, uint64_t d,
-                       uint64_t stride) {
+static int prmi_copy_finite(float *restrict dst, const float *restrict src, uint64_t n, uint64_t d,
+                            uint64_t stride) {
   uint32_t mx = 0;
   for (uint64_t i = 0; i < n; i++) {
     const float *restrict row = src + i * stride;
@@ -178,7 +179,8 @@ int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {
   if (b->features == NULL)
     return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->features is NULL");
   if (b->n_features != m->opts.input_size)
-    return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "forward: batch has %llu features, model takes %llu",
+    return prmi_fail(ctx->errmsg, PRM_ERR_SIZE,
+                     "forward: batch has %llu features, model takes %llu",
                      (unsigned long long)b->n_features, (unsigned long long)m->opts.input_size);
   if (b->n < 1 || b->n > ctx->max_rows)
     return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "forward: %llu rows, context holds 1..%llu",
@@ -256,7 +258,7 @@ int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, int co
       if (rc != PRM_OK) return rc;
       for (uint64_t i = 0; i < n; i++)
         memcpy(ctx->input + i * d, x + i * stride, d * sizeof(float));
-    } else if (!copy_finite(ctx->input, x, n, d, stride)) {
+    } else if (!prmi_copy_finite(ctx->input, x, n, d, stride)) {
       /* Nothing pending (the usual forward-backward loop): ctx->input is
        * free scratch, so copy and check in one pass; a failure leaves no
        * state behind that anyone can observe. */
@@ -303,8 +305,9 @@ int prm_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, uint64_
  * dz, dact (n, h); ds (n); w, gb (h).
  */
 PRMI_TARGET_CLONES
-static void top_delta(float *restrict dz, float *restrict gb, const float *ds,
-                      const float *restrict w, const float *restrict dact, uint64_t n, uint64_t h) {
+static void prmi_top_delta(float *restrict dz, float *restrict gb, const float *ds,
+                           const float *restrict w, const float *restrict dact, uint64_t n,
+                           uint64_t h) {
   for (uint64_t i = 0; i < n; i++) {
     const float dsi = ds[i];
     float *restrict dzi = dz + i * h;
@@ -320,8 +323,8 @@ static void top_delta(float *restrict dz, float *restrict gb, const float *ds,
 /* Lower hidden layers, one pass: dZ = dA * act'(Z) in place (dz holds dA on
  * entry) and gb += colsum(dZ). dz, dact (n, h); gb (h). */
 PRMI_TARGET_CLONES
-static void hidden_delta(float *restrict dz, float *restrict gb, const float *restrict dact,
-                         uint64_t n, uint64_t h) {
+static void prmi_hidden_delta(float *restrict dz, float *restrict gb, const float *restrict dact,
+                              uint64_t n, uint64_t h) {
   for (uint64_t i = 0; i < n; i++) {
     float *restrict dzi = dz + i * h;
     const float *restrict di = dact + i * h;
@@ -373,9 +376,10 @@ int prm_ctx_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
       const prmi_dense *D = &m->hidden[l];
       if (D->w_off < toff) break; /* frozen, and so is every layer below */
       if (l == L - 1)
-        top_delta(dz, g + (D->b_off - toff), dscores, p + m->head.w_off, ctx->dact[l], n, D->out);
+        prmi_top_delta(dz, g + (D->b_off - toff), dscores, p + m->head.w_off, ctx->dact[l], n,
+                       D->out);
       else
-        hidden_delta(dz, g + (D->b_off - toff), ctx->dact[l], n, D->out);
+        prmi_hidden_delta(dz, g + (D->b_off - toff), ctx->dact[l], n, D->out);
       const float *a_prev = l ? ctx->act[l - 1] : ctx->x;
       const uint64_t ld_prev = l ? D->in : ctx->x_stride;
       prmi_gemm(1, 0, D->out, D->in, n, 1.0f, dz, D->out, a_prev, ld_prev, 1.0f,

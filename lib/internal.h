@@ -31,6 +31,14 @@
  * the loops are compiled once for the target, as they also are when the
  * build defines PRMI_NO_TARGET_CLONES (to test the baseline code path).
  *
+ * Only static functions may carry it, and their names must start with
+ * prmi_: clang (14) names the dispatcher of a cloned external function
+ * "name.ifunc", so a call from another file to "name" does not link; and it
+ * makes the resolver of even a static clone a global symbol
+ * "name.resolver", which in libprefrm.a must stay in our namespace (CI's
+ * symbols and clang jobs check). A file that needs a cloned kernel elsewhere
+ * exports a plain wrapper that calls the static clone (lib/activations.c).
+ *
  * The clones give identical results: the library is built with
  * -ffp-contract=off (no FMA contraction) and these loops only do elementwise
  * arithmetic or keep a fixed summation order, so the vector width cannot

@@ -31,8 +31,8 @@ typedef struct opt_segment {
 struct prm_optimizer {
   prm_model *model;           /* borrowed */
   prm_optimizer_options opts; /* validated copy, newest struct version */
-  uint64_t toff;     /* the model's trainable_offset at creation */
-  uint64_t n_params; /* trainable parameters [toff, toff + n_params) */
+  uint64_t toff;              /* the model's trainable_offset at creation */
+  uint64_t n_params;          /* trainable parameters [toff, toff + n_params) */
   /* Adam(W): first moment m. SGD with momentum: momentum buffer. Else NULL. */
   float *m;          /* [n_params], 64-byte aligned */
   float *v;          /* Adam(W): second moment [n_params]; else NULL */
@@ -54,8 +54,8 @@ static size_t options_size(uint32_t version) {
 
 int prm_optimizer_options_init(prm_optimizer_options *opts, uint32_t version) {
   const prm_optimizer_options d = PRM_OPTIMIZER_OPTIONS_INIT;
-  return prmi_init_struct(opts, &d, options_size(version), version,
-                          PRM_OPTIMIZER_OPTIONS_VERSION, "prm_optimizer_options_init");
+  return prmi_init_struct(opts, &d, options_size(version), version, PRM_OPTIMIZER_OPTIONS_VERSION,
+                          "prm_optimizer_options_init");
 }
 
 /* Check the options; PRM_OK or PRM_ERR_INVALID with a message naming the field. */
@@ -218,7 +218,7 @@ static double scheduled_lr(const prm_optimizer_options *o, uint64_t t) {
 /* Sum of squares in double, 8 independent partial sums so the loop vectorises
  * without reassociation flags and stays deterministic. */
 PRMI_TARGET_CLONES
-static double sum_squares(const float *restrict g, uint64_t n) {
+static double prmi_sum_squares(const float *restrict g, uint64_t n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   uint64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -249,8 +249,8 @@ typedef struct adam_coef {
  *   p *= decay; g += l2 p; m = lerp(m, g, 1-b1); v = v b2 + (1-b2) g g;
  *   p += -step * m / (sqrt(v)/bc2_sqrt + eps); grad = 0 */
 PRMI_TARGET_CLONES
-static void adam_kernel(float *restrict p, float *restrict g, float *restrict m, float *restrict v,
-                        uint64_t n, const adam_coef *c) {
+static void prmi_adam_kernel(float *restrict p, float *restrict g, float *restrict m,
+                             float *restrict v, uint64_t n, const adam_coef *c) {
   const float gscale = c->gscale, decay = c->decay, l2 = c->l2, w1 = c->w1, b2 = c->beta2,
               w2 = c->w2, bc2 = c->bc2_sqrt, eps = c->eps, neg_step = c->neg_step;
   /* Vectorises only with -fno-math-errno (else sqrtf may set errno). */
@@ -271,8 +271,8 @@ static void adam_kernel(float *restrict p, float *restrict g, float *restrict m,
  *   g += wd p; b = mu b + g; g = nesterov ? g + mu b : b; p += -lr g; grad = 0.
  * b == NULL: no momentum. */
 PRMI_TARGET_CLONES
-static void sgd_kernel(float *restrict p, float *restrict g, float *restrict b, uint64_t n,
-                       float gscale, float wd, float mu, int nesterov, float neg_lr) {
+static void prmi_sgd_kernel(float *restrict p, float *restrict g, float *restrict b, uint64_t n,
+                            float gscale, float wd, float mu, int nesterov, float neg_lr) {
   if (b == NULL) {
     for (uint64_t i = 0; i < n; i++) {
       float gi = gscale * g[i] + wd * p[i];
@@ -305,7 +305,7 @@ static int apply_update(prm_optimizer *opt, float *grads) {
   const prm_optimizer_options *o = &opt->opts;
   float *params = opt->model->params + opt->toff;
 
-  double ss = sum_squares(grads, opt->n_params);
+  double ss = prmi_sum_squares(grads, opt->n_params);
   if (!isfinite(ss)) {
     uint64_t bad = 0;
     while (bad < opt->n_params && isfinite(grads[bad]))
@@ -328,8 +328,8 @@ static int apply_update(prm_optimizer *opt, float *grads) {
     for (uint32_t s = 0; s < opt->n_segs; s++) {
       const opt_segment *sg = &opt->segs[s];
       float wd = sg->decay ? (float)o->weight_decay : 0.0f;
-      sgd_kernel(params + sg->offset, grads + sg->offset, opt->m ? opt->m + sg->offset : NULL,
-                 sg->numel, gscale, wd, mu, o->nesterov != 0, neg_lr);
+      prmi_sgd_kernel(params + sg->offset, grads + sg->offset, opt->m ? opt->m + sg->offset : NULL,
+                      sg->numel, gscale, wd, mu, o->nesterov != 0, neg_lr);
     }
   } else {
     double step = (double)(opt->num_updates + 1);
@@ -353,8 +353,8 @@ static int apply_update(prm_optimizer *opt, float *grads) {
         c.decay = 1.0f;
         c.l2 = (float)wd;
       }
-      adam_kernel(params + sg->offset, grads + sg->offset, opt->m + sg->offset, opt->v + sg->offset,
-                  sg->numel, &c);
+      prmi_adam_kernel(params + sg->offset, grads + sg->offset, opt->m + sg->offset,
+                       opt->v + sg->offset, sg->numel, &c);
     }
   }
   opt->last_grad_norm = norm;
