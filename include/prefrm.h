@@ -295,9 +295,11 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
  *         PRM_ERR_UNSUPPORTED (a valid file this build cannot use, e.g. a
  *         gpt2 LayerNorm eps other than 1e-5).
  * Unknown `__metadata__` keys are ignored, so files written by other tools
- * (and gradient files of the PyTorch reference) load as well. gpt2 files
- * need the "n_head" key (docs/checkpoints.md). The trainable set
- * (prm_model_set_trainable) is not stored: a loaded model trains everything.
+ * (and gradient files of the PyTorch reference) load as well; a key given
+ * twice in any JSON object of the header (known or unknown, compared after
+ * decoding escapes) is PRM_ERR_FORMAT. gpt2 files need the "n_head" key
+ * (docs/checkpoints.md). The trainable set (prm_model_set_trainable) is not
+ * stored: a loaded model trains everything.
  */
 PRM_API int prm_model_load(prm_model **out, const char *path);
 

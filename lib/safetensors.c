@@ -390,6 +390,7 @@ fail:
 typedef struct json {
   const unsigned char *base, *p, *end;
   int depth;
+  int nomem; /* failed for lack of memory (not a bad header) */
   char msg[160];
 } json;
 
@@ -513,6 +514,53 @@ static int json_string(json *j, const unsigned char **s, const unsigned char **e
 }
 
 /*
+ * Decode one character of validated string content at *sp into out and
+ * advance *sp; returns the number of bytes written (1 to 4). Raw bytes pass
+ * through one at a time; "\u0000" gives a single 0 byte.
+ */
+static size_t json_decode_one(const unsigned char **sp, unsigned char out[4]) {
+  const unsigned char *s = *sp;
+  size_t k = 0;
+  if (*s != '\\') {
+    out[k++] = *s++;
+  } else if (s[1] != 'u') {
+    switch (s[1]) {
+    case 'b': out[k++] = '\b'; break;
+    case 'f': out[k++] = '\f'; break;
+    case 'n': out[k++] = '\n'; break;
+    case 'r': out[k++] = '\r'; break;
+    case 't': out[k++] = '\t'; break;
+    default: out[k++] = s[1]; break; /* " \ / */
+    }
+    s += 2;
+  } else {
+    uint32_t cp = (uint32_t)hex4(s + 2);
+    s += 6;
+    if (cp >= 0xD800 && cp <= 0xDBFF) { /* validated: a low surrogate follows */
+      cp = 0x10000 + ((cp - 0xD800) << 10) + ((uint32_t)hex4(s + 2) - 0xDC00);
+      s += 6;
+    }
+    if (cp < 0x80) {
+      out[k++] = (unsigned char)cp;
+    } else if (cp < 0x800) {
+      out[k++] = (unsigned char)(0xC0 | (cp >> 6));
+      out[k++] = (unsigned char)(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+      out[k++] = (unsigned char)(0xE0 | (cp >> 12));
+      out[k++] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+      out[k++] = (unsigned char)(0x80 | (cp & 0x3F));
+    } else {
+      out[k++] = (unsigned char)(0xF0 | (cp >> 18));
+      out[k++] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
+      out[k++] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+      out[k++] = (unsigned char)(0x80 | (cp & 0x3F));
+    }
+  }
+  *sp = s;
+  return k;
+}
+
+/*
  * Decode validated string content [s, e) into out (NUL-terminated, at most
  * cap-1 bytes). Returns the length, or -1 when it does not fit or holds a
  * NUL character (which no name or value of ours may contain).
@@ -521,43 +569,8 @@ static long json_decode(const unsigned char *s, const unsigned char *e, char *ou
   size_t n = 0;
   while (s < e) {
     unsigned char buf[4];
-    size_t k = 0;
-    if (*s != '\\') {
-      buf[k++] = *s++;
-    } else if (s[1] != 'u') {
-      switch (s[1]) {
-      case 'b': buf[k++] = '\b'; break;
-      case 'f': buf[k++] = '\f'; break;
-      case 'n': buf[k++] = '\n'; break;
-      case 'r': buf[k++] = '\r'; break;
-      case 't': buf[k++] = '\t'; break;
-      default: buf[k++] = s[1]; break; /* " \ / */
-      }
-      s += 2;
-    } else {
-      uint32_t cp = (uint32_t)hex4(s + 2);
-      s += 6;
-      if (cp >= 0xD800 && cp <= 0xDBFF) { /* validated: a low surrogate follows */
-        cp = 0x10000 + ((cp - 0xD800) << 10) + ((uint32_t)hex4(s + 2) - 0xDC00);
-        s += 6;
-      }
-      if (cp == 0) return -1;
-      if (cp < 0x80) {
-        buf[k++] = (unsigned char)cp;
-      } else if (cp < 0x800) {
-        buf[k++] = (unsigned char)(0xC0 | (cp >> 6));
-        buf[k++] = (unsigned char)(0x80 | (cp & 0x3F));
-      } else if (cp < 0x10000) {
-        buf[k++] = (unsigned char)(0xE0 | (cp >> 12));
-        buf[k++] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-        buf[k++] = (unsigned char)(0x80 | (cp & 0x3F));
-      } else {
-        buf[k++] = (unsigned char)(0xF0 | (cp >> 18));
-        buf[k++] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
-        buf[k++] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-        buf[k++] = (unsigned char)(0x80 | (cp & 0x3F));
-      }
-    }
+    size_t k = json_decode_one(&s, buf);
+    if (buf[0] == 0) return -1;
     if (k > cap - 1 - n) return -1;
     memcpy(out + n, buf, k);
     n += k;
@@ -645,6 +658,183 @@ static int json_literal(json *j, const char *lit) {
   return 0;
 }
 
+/*
+ * Objects. Every object of the header, known or not (the top level,
+ * __metadata__, tensor entries, objects nested in unknown fields), is read
+ * through json_obj_next, which remembers each key and rejects one given
+ * twice: parsers disagree on which of two values wins (Python's json takes
+ * the last), so a file with a repeated key means different things to
+ * different readers, and we refuse it. Keys are compared decoded ("a" and
+ * "\u0061" are the same key). An object has at most JSON_MAX_KEYS keys.
+ */
+#define JSON_MAX_KEYS 8192
+#define JSON_KEYS_INLINE 8 /* keys kept without allocating (tensor entries have 3) */
+
+/* One key: raw content [s, e) of its validated literal; FNV-1a hash and
+ * length of its decoded bytes (so most comparisons never decode). */
+typedef struct json_key {
+  const unsigned char *s, *e;
+  uint64_t hash;
+  size_t len;
+} json_key;
+
+typedef struct json_obj {
+  json_key inl[JSON_KEYS_INLINE];
+  json_key *keys; /* inl, or the heap beyond JSON_KEYS_INLINE keys */
+  uint32_t n, cap;
+  const char *what;   /* a key in messages: "tensor", "field", ... */
+  const char *tensor; /* for a tensor entry's fields: its name, else NULL */
+} json_obj;
+
+/* Decoded bytes of validated string content, one at a time. */
+typedef struct json_chars {
+  const unsigned char *s, *e;
+  unsigned char b[4];
+  size_t n, i;
+} json_chars;
+
+static json_chars json_chars_of(const json_key *k) {
+  json_chars c;
+  c.s = k->s;
+  c.e = k->e;
+  c.n = c.i = 0;
+  return c;
+}
+
+/* The next decoded byte, or -1 at the end. */
+static int json_char_next(json_chars *c) {
+  if (c->i == c->n) {
+    if (c->s >= c->e) return -1;
+    c->n = json_decode_one(&c->s, c->b);
+    c->i = 0;
+  }
+  return c->b[c->i++];
+}
+
+/* Order by (hash, length, decoded bytes); 0 only for the same key. */
+static int cmp_key(const void *pa, const void *pb) {
+  const json_key *a = pa, *b = pb;
+  json_chars x, y;
+  if (a->hash != b->hash) return a->hash < b->hash ? -1 : 1;
+  if (a->len != b->len) return a->len < b->len ? -1 : 1;
+  x = json_chars_of(a);
+  y = json_chars_of(b);
+  for (;;) {
+    int u = json_char_next(&x), v = json_char_next(&y);
+    if (u != v) return u < v ? -1 : 1;
+    if (u < 0) return 0;
+  }
+}
+
+/* The decoded key for a message: control bytes as '?', cut with "..."
+ * (never inside a UTF-8 sequence). */
+static void key_for_message(const json_key *k, char *out, size_t cap) {
+  json_chars c = json_chars_of(k);
+  size_t n = 0;
+  int b;
+  while ((b = json_char_next(&c)) >= 0) {
+    if (n + 4 >= cap) {
+      while (n > 0 && ((unsigned char)out[n - 1] & 0xC0u) == 0x80u)
+        n--;
+      if (n > 0 && (unsigned char)out[n - 1] >= 0xC0u) n--;
+      memcpy(out + n, "...", 3);
+      n += 3;
+      break;
+    }
+    out[n++] = b < 0x20 || b == 0x7F ? '?' : (char)b;
+  }
+  out[n] = '\0';
+}
+
+/* Consume '{' and start an empty key set. Always json_obj_free afterwards. */
+static int json_obj_open(json *j, json_obj *o, const char *what, const char *tensor) {
+  o->keys = o->inl;
+  o->n = 0;
+  o->cap = JSON_KEYS_INLINE;
+  o->what = what;
+  o->tensor = tensor;
+  return json_expect(j, '{');
+}
+
+static void json_obj_free(json_obj *o) {
+  if (o->keys != o->inl) free(o->keys);
+  o->keys = o->inl;
+}
+
+static int json_obj_add(json *j, json_obj *o, const unsigned char *s, const unsigned char *e) {
+  json_key *k;
+  json_chars c;
+  int b;
+  if (o->n == o->cap) {
+    uint32_t cap = 2 * o->cap;
+    json_key *grown;
+    if (o->n >= JSON_MAX_KEYS) {
+      char m[64];
+      snprintf(m, sizeof m, "object has more than %d keys", JSON_MAX_KEYS);
+      return json_err(j, m);
+    }
+    if (cap > JSON_MAX_KEYS) cap = JSON_MAX_KEYS;
+    grown = o->keys == o->inl ? malloc(cap * sizeof *grown) : realloc(o->keys, cap * sizeof *grown);
+    if (grown == NULL) {
+      j->nomem = 1;
+      snprintf(j->msg, sizeof j->msg, "out of memory");
+      return -1;
+    }
+    if (o->keys == o->inl) memcpy(grown, o->inl, sizeof o->inl);
+    o->keys = grown;
+    o->cap = cap;
+  }
+  k = &o->keys[o->n++];
+  k->s = s;
+  k->e = e;
+  k->hash = 0xCBF29CE484222325ull;
+  k->len = 0;
+  c = json_chars_of(k);
+  while ((b = json_char_next(&c)) >= 0) {
+    k->hash = (k->hash ^ (uint64_t)b) * 0x100000001B3ull;
+    k->len++;
+  }
+  return 0;
+}
+
+/* At the closing '}': no key twice. Sorting bounds the work by
+ * O(n log n) comparisons even for keys crafted to share a hash. */
+static int json_obj_unique(json *j, json_obj *o) {
+  if (o->n < 2) return 0;
+  qsort(o->keys, o->n, sizeof *o->keys, cmp_key);
+  for (uint32_t i = 1; i < o->n; i++) {
+    const json_key *a = &o->keys[i - 1], *b = &o->keys[i];
+    char name[PRMI_NAME_SIZE];
+    if (cmp_key(a, b) != 0) continue;
+    if (a->s > b->s) b = a; /* report the second occurrence */
+    key_for_message(b, name, sizeof name);
+    if (o->tensor != NULL)
+      snprintf(j->msg, sizeof j->msg, "duplicate %s '%s' in tensor %s at header byte %zu", o->what,
+               name, o->tensor, (size_t)(b->s - 1 - j->base));
+    else
+      snprintf(j->msg, sizeof j->msg, "duplicate %s '%s' at header byte %zu", o->what, name,
+               (size_t)(b->s - 1 - j->base));
+    return -1;
+  }
+  return 0;
+}
+
+/*
+ * The next member of an object opened with json_obj_open. Returns 1 with
+ * the key's raw content in [*s, *e) and the cursor after the ':' (the caller
+ * reads the value next), 0 after the closing '}' when no key repeats, -1 on
+ * an error.
+ */
+static int json_obj_next(json *j, json_obj *o, const unsigned char **s, const unsigned char **e) {
+  int more = o->n == 0 ? !json_accept(j, '}') : json_accept(j, ',');
+  if (!more) {
+    if (o->n > 0 && json_expect(j, '}') != 0) return -1;
+    return json_obj_unique(j, o);
+  }
+  if (json_string(j, s, e) != 0 || json_expect(j, ':') != 0) return -1;
+  return json_obj_add(j, o, *s, *e) != 0 ? -1 : 1;
+}
+
 /* Skip any value (validating it); nesting limited to JSON_MAX_DEPTH. */
 static int json_skip(json *j) {
   const unsigned char *s, *e;
@@ -656,21 +846,27 @@ static int json_skip(json *j) {
   case 't': return json_literal(j, "true");
   case 'f': return json_literal(j, "false");
   case 'n': return json_literal(j, "null");
-  case '{':
-  case '[': {
-    char close = *j->p == '{' ? '}' : ']';
+  case '{': {
+    json_obj o;
     if (++j->depth > JSON_MAX_DEPTH) return json_err(j, "JSON nested too deeply");
-    j->p++;
-    if (!json_accept(j, close)) {
-      do {
-        if (close == '}' && (json_string(j, &s, &e) != 0 || json_expect(j, ':') != 0)) return -1;
-        if (json_skip(j) != 0) return -1;
-      } while (json_accept(j, ','));
-      rc = json_expect(j, close);
-    }
+    rc = json_obj_open(j, &o, "key", NULL);
+    while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1)
+      rc = json_skip(j);
+    json_obj_free(&o);
     j->depth--;
     return rc;
   }
+  case '[':
+    if (++j->depth > JSON_MAX_DEPTH) return json_err(j, "JSON nested too deeply");
+    j->p++;
+    if (!json_accept(j, ']')) {
+      do {
+        if (json_skip(j) != 0) return -1;
+      } while (json_accept(j, ','));
+      rc = json_expect(j, ']');
+    }
+    j->depth--;
+    return rc;
   default: return json_number(j);
   }
 }
@@ -792,67 +988,65 @@ static st_entry *new_entry(json *j, st_header *h) {
 }
 
 static int parse_metadata(json *j, st_header *h) {
+  const unsigned char *s, *e;
+  json_obj o;
+  int rc;
   json_ws(j);
   if (j->p < j->end && *j->p == 'n') return json_literal(j, "null");
-  if (json_expect(j, '{') != 0) return -1;
-  if (json_accept(j, '}')) return 0;
-  do {
+  rc = json_obj_open(j, &o, "__metadata__ key", NULL);
+  while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1) {
     char key[PRMI_NAME_SIZE];
-    const unsigned char *s, *e;
     int k = -1;
-    if (json_string(j, &s, &e) != 0) return -1;
     if (json_decode(s, e, key, sizeof key) >= 0)
       for (int i = 0; i < META_COUNT; i++)
         if (strcmp(key, meta_keys[i]) == 0) k = i;
-    if (json_expect(j, ':') != 0) return -1;
     json_ws(j);
-    if (j->p >= j->end || *j->p != '"') return json_err(j, "__metadata__ values must be strings");
-    if (k < 0) {
-      if (json_string(j, &s, &e) != 0) return -1; /* someone else's key: validate, ignore */
-      continue;
+    if (j->p >= j->end || *j->p != '"') {
+      rc = json_err(j, "__metadata__ values must be strings");
+    } else if (k < 0) {
+      rc = json_string(j, &s, &e); /* someone else's key: validate, ignore */
+    } else {
+      rc = json_string_into(j, h->meta[k], sizeof h->meta[k], "__metadata__ value");
+      h->have_meta[k] = 1; /* a repeated key fails at the closing brace */
     }
-    if (h->have_meta[k]) {
-      snprintf(j->msg, sizeof j->msg, "duplicate __metadata__ key '%s'", meta_keys[k]);
-      return -1;
-    }
-    if (json_string_into(j, h->meta[k], sizeof h->meta[k], "__metadata__ value") != 0) return -1;
-    h->have_meta[k] = 1;
-  } while (json_accept(j, ','));
-  return json_expect(j, '}');
+  }
+  json_obj_free(&o);
+  return rc;
 }
 
 /* {"dtype":..., "shape":[...], "data_offsets":[b, e]} (other fields skipped). */
 static int parse_tensor(json *j, st_entry *t) {
+  const unsigned char *s, *e;
   int have_dtype = 0, have_shape = 0, have_offsets = 0;
-  if (json_expect(j, '{') != 0) return -1;
-  if (!json_accept(j, '}')) {
-    do {
-      char key[32];
-      const unsigned char *s, *e;
-      if (json_string(j, &s, &e) != 0) return -1;
-      if (json_decode(s, e, key, sizeof key) < 0) key[0] = '\0';
-      if (json_expect(j, ':') != 0) return -1;
-      if (strcmp(key, "dtype") == 0) {
-        if (have_dtype++) return json_err(j, "duplicate field 'dtype'");
-        if (json_string(j, &s, &e) != 0) return -1;
-        if (json_decode(s, e, t->dtype, sizeof t->dtype) < 0) strcpy(t->dtype, "(too long)");
-      } else if (strcmp(key, "shape") == 0) {
-        if (have_shape++) return json_err(j, "duplicate field 'shape'");
-        if (json_uint_array(j, t->shape, ST_MAX_DIMS, &t->ndim) != 0) return -1;
-      } else if (strcmp(key, "data_offsets") == 0) {
-        uint64_t off[2];
-        uint32_t n;
-        if (have_offsets++) return json_err(j, "duplicate field 'data_offsets'");
-        if (json_uint_array(j, off, 2, &n) != 0) return -1;
-        if (n != 2) return json_err(j, "data_offsets must have two elements");
+  json_obj o;
+  int rc = json_obj_open(j, &o, "field", t->name);
+  while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1) {
+    char key[32];
+    if (json_decode(s, e, key, sizeof key) < 0) key[0] = '\0';
+    if (strcmp(key, "dtype") == 0) {
+      have_dtype = 1;
+      rc = json_string(j, &s, &e);
+      if (rc == 0 && json_decode(s, e, t->dtype, sizeof t->dtype) < 0)
+        strcpy(t->dtype, "(too long)");
+    } else if (strcmp(key, "shape") == 0) {
+      have_shape = 1;
+      rc = json_uint_array(j, t->shape, ST_MAX_DIMS, &t->ndim);
+    } else if (strcmp(key, "data_offsets") == 0) {
+      uint64_t off[2];
+      uint32_t n;
+      have_offsets = 1;
+      rc = json_uint_array(j, off, 2, &n);
+      if (rc == 0 && n != 2) rc = json_err(j, "data_offsets must have two elements");
+      if (rc == 0) {
         t->begin = off[0];
         t->end = off[1];
-      } else if (json_skip(j) != 0) {
-        return -1;
       }
-    } while (json_accept(j, ','));
-    if (json_expect(j, '}') != 0) return -1;
+    } else {
+      rc = json_skip(j);
+    }
   }
+  json_obj_free(&o);
+  if (rc != 0) return -1;
   if (!have_dtype || !have_shape || !have_offsets) {
     snprintf(j->msg, sizeof j->msg, "tensor %s lacks '%s'", t->name,
              !have_dtype   ? "dtype"
@@ -870,37 +1064,46 @@ static int parse_tensor(json *j, st_entry *t) {
  * entries are indexed by name and duplicates rejected.
  */
 static int parse_header(json *j, st_header *h) {
+  const unsigned char *s, *e;
+  json_obj o;
+  int rc;
   j->depth = 1;
-  if (json_expect(j, '{') != 0) return -1;
-  if (!json_accept(j, '}')) {
-    do {
-      char name[PRMI_NAME_SIZE];
-      const unsigned char *s, *e;
-      if (json_string(j, &s, &e) != 0) return -1;
-      if (json_decode(s, e, name, sizeof name) < 0)
-        return json_err(j, "unexpected tensor (name too long or contains NUL)");
-      if (json_expect(j, ':') != 0) return -1;
-      if (strcmp(name, "__metadata__") == 0) {
-        if (h->seen_metadata++) return json_err(j, "duplicate __metadata__");
-        if (parse_metadata(j, h) != 0) return -1;
-        continue;
+  rc = json_obj_open(j, &o, "tensor", NULL);
+  while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1) {
+    char name[PRMI_NAME_SIZE];
+    st_entry *t;
+    uint64_t l;
+    const char *rest;
+    if (json_decode(s, e, name, sizeof name) < 0) {
+      rc = json_err(j, "unexpected tensor (name too long or contains NUL)");
+      break;
+    }
+    if (strcmp(name, "__metadata__") == 0) {
+      if (h->seen_metadata++)
+        rc = json_err(j, "duplicate __metadata__");
+      else
+        rc = parse_metadata(j, h);
+      continue;
+    }
+    if ((t = new_entry(j, h)) == NULL) {
+      rc = -1;
+      break;
+    }
+    if (is_bare_gpt2_name(name)) {
+      if ((size_t)snprintf(t->name, sizeof t->name, "transformer.%s", name) >= sizeof t->name) {
+        rc = json_err(j, "unexpected tensor (name too long)");
+        break;
       }
-      st_entry *t = new_entry(j, h);
-      if (t == NULL) return -1;
-      if (is_bare_gpt2_name(name)) {
-        if ((size_t)snprintf(t->name, sizeof t->name, "transformer.%s", name) >= sizeof t->name)
-          return json_err(j, "unexpected tensor (name too long)");
-      } else {
-        strcpy(t->name, name);
-      }
-      if (parse_tensor(j, t) != 0) return -1;
-      uint64_t l;
-      const char *rest = gpt2_block_name(t->name, &l);
-      t->ignorable = rest != NULL && (strcmp(rest, "attn.masked_bias") == 0 ||
-                                      (strcmp(rest, "attn.bias") == 0 && t->ndim == 4));
-    } while (json_accept(j, ','));
-    if (json_expect(j, '}') != 0) return -1;
+    } else {
+      strcpy(t->name, name);
+    }
+    rc = parse_tensor(j, t);
+    rest = gpt2_block_name(t->name, &l);
+    t->ignorable = rest != NULL && (strcmp(rest, "attn.masked_bias") == 0 ||
+                                    (strcmp(rest, "attn.bias") == 0 && t->ndim == 4));
   }
+  json_obj_free(&o);
+  if (rc != 0) return -1;
   json_ws(j);
   if (j->p != j->end) return json_err(j, "trailing bytes after the JSON object");
 
@@ -916,7 +1119,8 @@ static int parse_header(json *j, st_header *h) {
   qsort(h->by_name, h->n_entries, sizeof *h->by_name, cmp_entry_name);
   for (uint32_t i = 1; i < h->n_entries; i++)
     if (strcmp(h->by_name[i - 1]->name, h->by_name[i]->name) == 0) {
-      snprintf(j->msg, sizeof j->msg, "duplicate tensor %s", h->by_name[i]->name);
+      snprintf(j->msg, sizeof j->msg, "duplicate tensor '%s' (with and without 'transformer.')",
+               h->by_name[i]->name);
       return -1;
     }
   return 0;
@@ -1186,6 +1390,7 @@ static int config_from_header(st_header *h, prm_model_options *o) {
     j.base = j.p = (const unsigned char *)s;
     j.end = j.base + strlen(s);
     j.depth = 0;
+    j.nomem = 0;
     j.msg[0] = '\0';
     int bad = json_uint_array(&j, o->hidden, PRM_MAX_HIDDEN, &o->n_hidden) != 0;
     if (!bad) {
@@ -1352,10 +1557,12 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size) 
   j.base = j.p = b + 8;
   j.end = b + 8 + hlen;
   j.depth = 0;
+  j.nomem = 0;
   j.msg[0] = '\0';
   if (parse_header(&j, h) != 0) {
-    rc = h->nomem ? prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint header")
-                  : prmi_fail(NULL, PRM_ERR_FORMAT, "bad safetensors header: %s", j.msg);
+    rc = h->nomem || j.nomem
+             ? prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint header")
+             : prmi_fail(NULL, PRM_ERR_FORMAT, "bad safetensors header: %s", j.msg);
     header_free(h);
     return rc;
   }

@@ -389,7 +389,7 @@ static const bad_case k_bad[] = {
     {"{\"score.weight\":{\"shape\":[1,2],\"data_offsets\":[0,8]}}", PRM_ERR_FORMAT, "dtype"},
     {"{\"score.weight\":{\"dtype\":\"F32\",\"dtype\":\"F32\",\"shape\":[1,2],"
      "\"data_offsets\":[0,8]}}",
-     PRM_ERR_FORMAT, "duplicate"},
+     PRM_ERR_FORMAT, "duplicate field 'dtype' in tensor score.weight"},
     {"{\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8],"
      "\"x\":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["
      "]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}}",
@@ -399,8 +399,34 @@ static const bad_case k_bad[] = {
      PRM_ERR_FORMAT, NULL},
     {"{\"__metadata__\":{\"model\":1}," T_LIN "}", PRM_ERR_FORMAT, "strings"},
     {"{\"__metadata__\":{\"model\":\"linear\",\"model\":\"linear\"}," T_LIN "}", PRM_ERR_FORMAT,
-     "duplicate"},
+     "duplicate __metadata__ key 'model'"},
     {"{" M_LIN "," M_LIN "," T_LIN "}", PRM_ERR_FORMAT, "duplicate __metadata__"},
+    /* a repeated key is refused in every object, known key or not (readers
+     * disagree on which value wins); keys compare decoded */
+    {"{\"__metadata__\":{\"note\":\"a\",\"format\":\"pt\",\"note\":\"b\"}," T_LIN "}",
+     PRM_ERR_FORMAT, "duplicate __metadata__ key 'note'"},
+    {"{\"__metadata__\":{\"format\":\"pt\",\"form\\u0061t\":\"pt\"}," T_LIN "}", PRM_ERR_FORMAT,
+     "duplicate __metadata__ key 'format'"},
+    {"{\"__metadata__\":{\"\":\"a\",\"\":\"b\"}," T_LIN "}", PRM_ERR_FORMAT,
+     "duplicate __metadata__ key ''"},
+    {"{\"score.weight\":{\"x\":1,\"dtype\":\"F32\",\"shape\":[1,2],\"x\":2,"
+     "\"data_offsets\":[0,8]}}",
+     PRM_ERR_FORMAT, "duplicate field 'x' in tensor score.weight"},
+    {"{\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8],"
+     "\"d\\u0074ype\":\"F32\"}}",
+     PRM_ERR_FORMAT, "duplicate field 'dtype'"},
+    {"{\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"shape\":[1,2],"
+     "\"data_offsets\":[0,8]}}",
+     PRM_ERR_FORMAT, "duplicate field 'shape'"},
+    {"{\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8],"
+     "\"data_offsets\":[0,8]}}",
+     PRM_ERR_FORMAT, "duplicate field 'data_offsets'"},
+    {"{\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8],"
+     "\"x\":[{\"a\":1,\"b\":{\"c\":true,\"c\":false}}]}}",
+     PRM_ERR_FORMAT, "duplicate key 'c'"},
+    {"{\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8],"
+     "\"x\":{\"\\n\":1,\"\\u000a\":2}}}",
+     PRM_ERR_FORMAT, "duplicate key '?'"},
     /* tensors */
     {"{\"score.weight\":{\"dtype\":\"F16\",\"shape\":[1,2],\"data_offsets\":[0,4]}}",
      PRM_ERR_FORMAT, "tensor score.weight has dtype F16, expected F32"},
@@ -433,10 +459,10 @@ static const bad_case k_bad[] = {
     {"{" M_MLP "," T_W0 "," T_B0 "}", PRM_ERR_FORMAT, "missing tensor score.weight"},
     {"{" T_LIN ",\"extra.weight\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}",
      PRM_ERR_FORMAT, "unexpected tensor extra.weight"},
-    {"{" T_LIN "," T_LIN "}", PRM_ERR_FORMAT, "duplicate tensor score.weight"},
+    {"{" T_LIN "," T_LIN "}", PRM_ERR_FORMAT, "duplicate tensor 'score.weight'"},
     {"{\"score\\u002eweight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8]}," T_LIN
      "}",
-     PRM_ERR_FORMAT, "duplicate tensor score.weight"},
+     PRM_ERR_FORMAT, "duplicate tensor 'score.weight'"},
     {"{" M_MLP "," T_W0 "," T_B0 "," T_S
      ",\"layers.1.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[32,40]}}",
      PRM_ERR_FORMAT, "unexpected tensor layers.1.weight for an mlp model"},
@@ -542,6 +568,10 @@ static void test_valid_variants(void **state) {
       "{\"__metadata__\":null," T_LIN "}",
       "{\"__metadata__\":{\"model\":\"mlp\",\"d\":\"2\",\"hidden\":\" [ 2 ] \",\"act\":\"relu\","
       "\"loss\":\"0.5\"}," T_W0 "," T_B0 "," T_S "}",
+      /* keys that are alike but not the same, in every kind of object */
+      "{\"__metadata__\":{\"note\":\"a\",\"Note\":\"b\",\"note \":\"c\",\"\":\"d\"},"
+      "\"score.weight\":{\"x\":{\"a\":1,\"A\":{\"a\":2}},\"X\":[{\"a\":1},{\"a\":2}],"
+      "\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8]}}",
   };
   fill_data();
   for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
@@ -667,6 +697,53 @@ static void test_atomic_save(void **state) {
   assert_null(back);
   remove(path);
   prm_model_free(m);
+}
+
+/* Metadata of n distinct keys "k0".."k<n-1>" (key `dup` repeats key 0 when
+ * >= 0) on the small linear file: the bounds of the per-object key set. */
+static unsigned char *many_keys(int n, int dup, size_t *size) {
+  size_t cap = 64 + (size_t)n * 24 + sizeof T_LIN, len = 0;
+  char *h = malloc(cap);
+  unsigned char *buf;
+  assert_non_null(h);
+  len += (size_t)snprintf(h + len, cap - len, "{\"__metadata__\":{");
+  for (int i = 0; i < n; i++)
+    len +=
+        (size_t)snprintf(h + len, cap - len, "%s\"k%d\":\"v\"", i > 0 ? "," : "", i == dup ? 0 : i);
+  snprintf(h + len, cap - len, "}," T_LIN "}");
+  fill_data();
+  buf = make_st(h, k_data, sizeof k_data, size);
+  free(h);
+  return buf;
+}
+
+static void test_duplicate_keys_bounds(void **state) {
+  (void)state;
+  size_t n;
+  prm_model *m = NULL;
+  /* 8192 keys in one object are allowed; keys are kept on the heap past 8 */
+  unsigned char *buf = many_keys(8192, -1, &n);
+  assert_int_equal(prm_model_load_buffer(&m, buf, n), PRM_OK);
+  prm_model_free(m);
+  free(buf);
+  buf = many_keys(8193, -1, &n);
+  expect_fail(buf, n, PRM_ERR_FORMAT, "object has more than 8192 keys");
+  free(buf);
+  /* a repeat far from the first occurrence is found too */
+  buf = many_keys(3000, 2999, &n);
+  expect_fail(buf, n, PRM_ERR_FORMAT, "duplicate __metadata__ key 'k0'");
+  free(buf);
+
+  /* a long repeated key is named, shortened */
+  char key[400], header[1024];
+  memset(key, 'z', sizeof key - 1);
+  key[sizeof key - 1] = '\0';
+  snprintf(header, sizeof header, "{\"__metadata__\":{\"%s\":\"a\",\"%s\":\"b\"}," T_LIN "}", key,
+           key);
+  buf = make_st(header, k_data, sizeof k_data, &n);
+  expect_fail(buf, n, PRM_ERR_FORMAT, "duplicate __metadata__ key 'zzzzzzzzzz");
+  assert_non_null(strstr(prm_last_errmsg(), "...'"));
+  free(buf);
 }
 
 /* ---- gpt2 ------------------------------------------------------------------------ */
@@ -946,7 +1023,7 @@ static const gpt2_case k_gpt2_cases[] = {
     {"\"transformer.h.1.mlp.c_fc.bias\"", "\"transformer.h.1.mlp.c_fc.bias_\"", PRM_ERR_FORMAT,
      "missing tensor transformer.h.1.mlp.c_fc.bias"},
     {"\"transformer.h.0.mlp.c_fc.bias\"", "\"transformer.h.1.mlp.c_fc.bias\"", PRM_ERR_FORMAT,
-     "duplicate tensor transformer.h.1.mlp.c_fc.bias"},
+     "duplicate tensor 'transformer.h.1.mlp.c_fc.bias'"},
     /* a block beyond n_layer: with n_layer in the metadata the counts disagree... */
     {"\"transformer.h.1.ln_2.bias\"", "\"transformer.h.2.ln_2.bias\"", PRM_ERR_FORMAT,
      "n_layer=2 disagrees"},
@@ -1015,7 +1092,7 @@ static void test_gpt2_malformed(void **state) {
   free(j);
   /* ... but not both spellings of one tensor */
   j = replace_once(p.json, "\"transformer.ln_f.bias\"", "\"ln_f.weight\"");
-  gpt2_case_run(&p, j, PRM_ERR_FORMAT, "duplicate tensor transformer.ln_f.weight", m);
+  gpt2_case_run(&p, j, PRM_ERR_FORMAT, "duplicate tensor 'transformer.ln_f.weight'", m);
   free(j);
 
   /* only n_head in the metadata: everything else from the shapes */
@@ -1425,6 +1502,7 @@ int main(void) {
       cmocka_unit_test(test_nonfinite_values),
       cmocka_unit_test(test_header_mutations),
       cmocka_unit_test(test_atomic_save),
+      cmocka_unit_test(test_duplicate_keys_bounds),
       cmocka_unit_test(test_roundtrip_gpt2),
       cmocka_unit_test(test_roundtrip_gpt2_deep),
       cmocka_unit_test(test_gpt2_malformed),
