@@ -25,6 +25,10 @@
  *     prm_status. On failure nothing observable changes: out-pointers of
  *     constructors are set to NULL, caller buffers may hold partial output
  *     only where a function says so, handles are left as they were.
+ *     The one exception is named where it applies: prm_train_step and
+ *     prm_evaluate, once their arguments are valid, run a forward, and a
+ *     forward that fails part-way (NaN/Inf features are found during the
+ *     computation) has replaced a forward pending from prm_ctx_forward.
  *   - A human-readable reason for the last failure is kept per handle
  *     (prm_ctx_errmsg, prm_optimizer_errmsg, prm_model_errmsg) and per thread
  *     (prm_last_errmsg), so callers without a handle (constructors, loss
@@ -186,7 +190,9 @@ PRM_API int prm_model_options_init(prm_model_options *opts, uint32_t version);
 PRM_API int prm_model_new(prm_model **out, const prm_model_options *opts);
 
 /** Release a model. NULL is a no-op. Contexts and optimizers created for it
- *  must be freed first (they borrow it). */
+ *  borrow it: they must not be used after this call, but they may be freed
+ *  before or after it (freeing reads nothing of the model). Not thread-safe
+ *  with any other call that uses the model. */
 PRM_API void prm_model_free(prm_model *model);
 
 /**
@@ -369,7 +375,20 @@ PRM_API int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version);
 /**
  * Create a context for `model`. All memory a forward/backward needs for up to
  * opts->max_rows rows is allocated here; later calls never allocate. The
- * model is borrowed: it must outlive the context.
+ * model is borrowed: it must outlive every use of the context.
+ *
+ * Memory, in fp32 floats, with R = max_rows (linear/mlp: d = input_size,
+ * h_l = hidden widths, w = the widest; gpt2: T = max_len, C = n_embd,
+ * L = n_layer, NH = n_head), linear in every size:
+ *   mlp inference:  2 R w                 (linear: 0)
+ *   mlp training:   R d + 2 R w + 2 R sum(h_l) + trainable parameters
+ *   gpt2 training:  R T [(L-1)(16C + 4 + NH) + 14C + 2] + R (19C + 4 + NH)
+ *                   + 64 T + trainable parameters
+ *   gpt2 inference: R T (12C + 4 + NH) + R (13C + 4 + NH) + 64 T   (L >= 2)
+ *                   R T (5C + 2)       + R (13C + 4 + NH) + 64 T   (L = 1)
+ * plus 2R floats of scores (R for inference) and, for gpt2, R T int32 ids.
+ * docs/gpt2.md explains each term. PRM_ERR_NOMEM's message says how many
+ * MiB were needed, for activations and for gradients.
  * @param out  receives the context (caller owns), NULL on failure.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (max_rows
  *         0, max_len > n_ctx, more than 2^30 tokens), PRM_ERR_NOMEM.
@@ -378,7 +397,9 @@ PRM_API int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version);
 PRM_API int prm_ctx_new(prm_ctx **out, const prm_model *model,
                         const prm_ctx_options *opts);
 
-/** Release a context. NULL is a no-op. */
+/** Release a context. NULL is a no-op. Reads nothing of the model, so it
+ *  may come before or after prm_model_free. Other threads may go on using
+ *  the model (and their own contexts) meanwhile. */
 PRM_API void prm_ctx_free(prm_ctx *ctx);
 
 /** The model this context was created for (NULL for NULL). */
@@ -397,8 +418,9 @@ PRM_API const char *prm_ctx_errmsg(const prm_ctx *ctx);
  *         above token_stride), PRM_ERR_NONFINITE (NaN/Inf feature),
  *         PRM_ERR_INVALID (gpt2: a token id outside [0, vocab_size)).
  * The features are copied into the context (training) so the caller may
- * reuse its buffer before prm_ctx_backward. Invalid input is rejected before
- * anything is written: a pending forward stays ready for its backward.
+ * reuse its buffer before prm_ctx_backward. On any failure, `scores` is not
+ * written and a pending forward stays ready for its backward (NaN/Inf
+ * features included: the scores reach the caller only on success).
  * A model whose parameters overflow can yield NaN/Inf scores from finite
  * features; they are returned as they are (PRM_OK) and prm_loss_bt rejects
  * them.
@@ -448,7 +470,9 @@ typedef struct prm_loss_options {
   const float *margin;  /**< m_i: loss uses z_i = r_c - r_r - m_i (finite) */
   const float *label;   /**< p_i in [0,1]: soft target P(chosen wins) */
   const float *weight;  /**< w_i >= 0, finite: per-pair weight */
-  double center_coef;   /**< c >= 0: adds c * mean((r_c + r_r)^2) */
+  double center_coef;   /**< c in [0, 1e30]: adds c * mean((r_c + r_r)^2)
+                             (the bound keeps the loss finite for every
+                             finite score; TRL's default is 0.01) */
 } prm_loss_options;
 
 #define PRM_LOSS_OPTIONS_INIT { PRM_LOSS_OPTIONS_VERSION, NULL, NULL, NULL, 0.0 }
@@ -491,10 +515,14 @@ PRM_API int prm_loss_stats_init(prm_loss_stats *stats, uint32_t version);
  * @param d_chosen    optional (with d_rejected: both or neither); receives
  *                    d(loss)/d(r_c[i]). May not alias the inputs.
  * @param d_rejected  optional; receives d(loss)/d(r_r[i]).
+ * The loss and statistics are finite for every accepted input; a gradient
+ * beyond the float range (only reward centring with scores near FLT_MAX
+ * gets there) saturates at +-FLT_MAX.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_SIZE (n_pairs 0), PRM_ERR_NONFINITE
  *         (NaN/Inf score or option value), PRM_ERR_INVALID (label outside
- *         [0,1], negative weight or coefficient, only one gradient
- *         pointer), PRM_ERR_VERSION. Outputs are untouched on failure.
+ *         [0,1], negative weight, center_coef outside [0, 1e30], only one
+ *         gradient pointer), PRM_ERR_VERSION. Outputs are untouched on
+ *         failure.
  * Thread-safe (pure; uses no state besides the thread's error message).
  */
 PRM_API int prm_loss_bt(const float *r_chosen, const float *r_rejected,
@@ -531,7 +559,8 @@ typedef struct prm_optimizer_options {
   double lr;              /**< peak learning rate (default 1e-3) */
   double beta1;           /**< Adam(W) (default 0.9) */
   double beta2;           /**< Adam(W) (default 0.999) */
-  double eps;             /**< Adam(W) (default 1e-8) */
+  double eps;             /**< Adam(W) (default 1e-8); > 0 as a float, so at
+                               least 1.4e-45 (the update runs in float) */
   double weight_decay;    /**< (default 0) */
   double momentum;        /**< SGD (default 0) */
   int32_t nesterov;       /**< SGD: non-zero for Nesterov momentum */
@@ -556,18 +585,24 @@ PRM_API int prm_optimizer_options_init(prm_optimizer_options *opts,
                                        uint32_t version);
 
 /**
- * Create an optimizer that updates `model` (borrowed: it must outlive the
- * optimizer). Moments are allocated here.
+ * Create an optimizer that updates `model` (borrowed: it must outlive every
+ * use of the optimizer). Moments are allocated here. Options are checked in
+ * the precision the update uses: every real-valued option must be finite as
+ * a float (|x| <= FLT_MAX) and eps must stay > 0 when rounded to float.
+ * On failure the message goes to the calling thread (prm_last_errmsg) and
+ * to the model (prm_model_errmsg), which this call takes non-const.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (unknown
- *         algorithm or schedule, lr < 0, betas outside [0,1), eps <= 0,
- *         negative decay/momentum/clip, Nesterov without momentum,
- *         accumulation_steps 0, linear/cosine without total_steps or with
- *         warmup_steps > total_steps), PRM_ERR_NOMEM.
+ *         algorithm or schedule, lr < 0, betas outside [0,1), eps that is
+ *         0 as a float, a value not finite as a float, negative
+ *         decay/momentum/clip, Nesterov without momentum,
+ *         accumulation_steps 0, linear/cosine without total_steps, with
+ *         warmup_steps > total_steps or min_lr > lr), PRM_ERR_NOMEM.
  */
 PRM_API int prm_optimizer_new(prm_optimizer **out, prm_model *model,
                               const prm_optimizer_options *opts);
 
-/** Release an optimizer. NULL is a no-op. */
+/** Release an optimizer. NULL is a no-op. Reads nothing of the model, so it
+ *  may come before or after prm_model_free. */
 PRM_API void prm_optimizer_free(prm_optimizer *opt);
 
 /**
@@ -577,7 +612,11 @@ PRM_API void prm_optimizer_free(prm_optimizer *opt);
  * divided by k. After an applied update the context's gradients are zeroed.
  * Order of an update: check gradients (any NaN/Inf: return
  * PRM_ERR_NONFINITE_GRAD, change nothing, gradients kept for inspection),
- * scale by 1/k, clip to max_grad_norm, compute the scheduled lr, update.
+ * scale by 1/k, clip to max_grad_norm, compute the scheduled lr, check that
+ * the update leaves every parameter and moment finite (finite gradients can
+ * still overflow float, e.g. a huge lr times a large gradient: also
+ * PRM_ERR_NONFINITE_GRAD, nothing changed), update. A step never writes a
+ * non-finite parameter.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_MISMATCH (ctx of another model),
  *         PRM_ERR_STATE (inference context), PRM_ERR_NONFINITE_GRAD.
  * Not thread-safe with other calls that use the model.
@@ -611,13 +650,20 @@ PRM_API const char *prm_optimizer_errmsg(const prm_optimizer *opt);
  * The features are not copied: the batch is only read during the call.
  * @return any status of the four calls above, PRM_ERR_SIZE for an odd or zero
  *         batch->n, PRM_ERR_MISMATCH when opt and ctx belong to different
- *         models or predate a prm_model_set_trainable change (checked before
- *         anything runs), PRM_ERR_STATE for an inference context. Failures before the
- *         backward leave the gradients and the model unchanged; if the
- *         optimizer step fails (PRM_ERR_NONFINITE_GRAD) the model is
- *         unchanged and this batch's gradients stay accumulated in ctx (call
- *         prm_ctx_zero_grad to drop them). Either way a forward pending from
- *         prm_ctx_forward is dropped.
+ *         models or predate a prm_model_set_trainable change, PRM_ERR_STATE
+ *         for an inference context.
+ * Failures, in order:
+ *   1. Invalid arguments -- pointers, versions, the batch's sizes, stride
+ *      and token ids, the loss options and stats version -- are all
+ *      checked before anything runs: nothing changes, and a forward pending
+ *      from prm_ctx_forward stays ready for its backward.
+ *   2. Once the arguments are valid the forward runs and a pending forward
+ *      is dropped, whatever follows. NaN/Inf features or scores
+ *      (PRM_ERR_NONFINITE) then leave the gradients and the model
+ *      unchanged.
+ *   3. If the optimizer step fails (PRM_ERR_NONFINITE_GRAD) the model is
+ *      unchanged and this batch's gradients stay accumulated in ctx (call
+ *      prm_ctx_zero_grad to drop them).
  */
 PRM_API int prm_train_step(prm_ctx *ctx, prm_optimizer *opt,
                            const prm_batch *pairs,
@@ -626,10 +672,11 @@ PRM_API int prm_train_step(prm_ctx *ctx, prm_optimizer *opt,
 
 /**
  * Forward a pair batch and compute loss statistics without gradients. Works
- * on training and inference contexts. On a training context it replaces the
- * saved activations: a forward pending before evaluate can no longer be
- * back-propagated (prm_ctx_backward answers PRM_ERR_STATE). Gradients and
- * the model are untouched.
+ * on training and inference contexts. Gradients and the model are
+ * untouched. The same rule as prm_train_step for a pending forward:
+ * invalid arguments (checked before anything runs, loss options included)
+ * keep it; once the forward runs it is replaced, so after a call that got
+ * that far -- successful or not -- prm_ctx_backward answers PRM_ERR_STATE.
  * @return as prm_ctx_forward and prm_loss_bt, PRM_ERR_SIZE for an odd or
  *         zero batch->n.
  */

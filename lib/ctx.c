@@ -32,11 +32,13 @@ int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version) {
 
 void prm_ctx_free(prm_ctx *ctx) {
   if (ctx == NULL) return;
+  /* Nothing of the model is read: contexts and models may be freed in any
+   * order. */
   if (ctx->dact != NULL)
-    for (uint32_t l = 0; l < ctx->model->n_hidden; l++)
+    for (uint32_t l = 0; l < ctx->n_hidden; l++)
       prmi_free(ctx->dact[l]);
   if (ctx->act != NULL)
-    for (uint32_t l = 0; l < ctx->model->n_hidden; l++)
+    for (uint32_t l = 0; l < ctx->n_hidden; l++)
       prmi_free(ctx->act[l]);
   free(ctx->dact);
   free(ctx->act);
@@ -48,6 +50,40 @@ void prm_ctx_free(prm_ctx *ctx) {
   prmi_free(ctx->dscores);
   prmi_gpt2_acts_free(ctx->gpt2);
   free(ctx);
+}
+
+/*
+ * The NOMEM message: how much the context needed, and for what. Sizes of
+ * the buffers prm_ctx_new allocates, in bytes (double: only for the message).
+ */
+static int fail_nomem(const prm_model *m, const prm_ctx_options *opts, uint64_t max_len) {
+  const double n = (double)opts->max_rows, f = sizeof(float);
+  const int train = opts->inference == 0;
+  double acts = 0.0;
+  if (m->opts.arch == PRM_ARCH_GPT2) {
+    acts = f * (double)prmi_gpt2_acts_floats(m, opts->max_rows, max_len, !train);
+  } else {
+    acts = (m->n_hidden > 0 ? 2.0 * n * (double)m->max_width * f : 0.0);
+    if (train) {
+      acts += n * (double)m->opts.input_size * f;
+      for (uint32_t l = 0; l < m->n_hidden; l++)
+        acts += 2.0 * n * (double)m->hidden[l].out * f;
+    }
+  }
+  const double grads = train ? (double)(m->n_params - m->trainable_offset) * f : 0.0;
+  const double MiB = 1024.0 * 1024.0;
+  if (m->opts.arch == PRM_ARCH_GPT2)
+    return prmi_fail(NULL, PRM_ERR_NOMEM,
+                     "prm_ctx_new: cannot allocate %.1f MiB for a %s context of %llu rows x %llu "
+                     "tokens (activations %.1f MiB, gradients %.1f MiB)",
+                     (acts + grads) / MiB, train ? "training" : "inference",
+                     (unsigned long long)opts->max_rows, (unsigned long long)max_len, acts / MiB,
+                     grads / MiB);
+  return prmi_fail(NULL, PRM_ERR_NOMEM,
+                   "prm_ctx_new: cannot allocate %.1f MiB for a %s context of %llu rows "
+                   "(activations %.1f MiB, gradients %.1f MiB)",
+                   (acts + grads) / MiB, train ? "training" : "inference",
+                   (unsigned long long)opts->max_rows, acts / MiB, grads / MiB);
 }
 
 int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *opts) {
@@ -74,6 +110,7 @@ int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *op
   prm_ctx *c = calloc(1, sizeof *c);
   if (c == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_ctx_new: out of memory");
   c->model = model;
+  c->n_hidden = model->n_hidden;
   c->inference = opts->inference != 0;
   c->max_rows = opts->max_rows;
   c->max_len = max_len;
@@ -111,8 +148,7 @@ int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *op
   }
   if (!ok) {
     prm_ctx_free(c);
-    return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_ctx_new: cannot allocate buffers for %llu rows",
-                     (unsigned long long)n);
+    return fail_nomem(model, opts, max_len);
   }
   *out = c;
   return PRM_OK;
@@ -185,10 +221,14 @@ int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {
   if (b->n < 1 || b->n > ctx->max_rows)
     return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "forward: %llu rows, context holds 1..%llu",
                      (unsigned long long)b->n, (unsigned long long)ctx->max_rows);
-  *stride = b->row_stride ? b->row_stride : b->n_features;
-  if (*stride < b->n_features || *stride > PRMI_MAX_DIM)
+  const uint64_t st = b->row_stride ? b->row_stride : b->n_features;
+  if (st < b->n_features)
     return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "forward: row_stride %llu < n_features %llu",
-                     (unsigned long long)*stride, (unsigned long long)b->n_features);
+                     (unsigned long long)st, (unsigned long long)b->n_features);
+  if (st > PRMI_MAX_DIM)
+    return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "forward: row_stride %llu exceeds 2^30",
+                     (unsigned long long)st);
+  *stride = st;
   return PRM_OK;
 }
 
@@ -230,10 +270,9 @@ static int forward_rows(prm_ctx *ctx, const float *x, uint64_t ldx, uint64_t n, 
   return 1;
 }
 
-int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, int copy_input) {
-  uint64_t stride = 0;
-  int rc = prmi_check_batch(ctx, batch, &stride);
-  if (rc != PRM_OK) return rc;
+int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, uint64_t stride, float *scores,
+                     int copy_input) {
+  int rc;
   if (ctx->gpt2 != NULL) {
     /* token ids are validated before anything is written, and packed into
      * the context: no borrowed input survives the call */
@@ -295,7 +334,16 @@ int prm_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, uint64_
   if (batch->version >= 1 && batch->version <= PRM_BATCH_VERSION && n_scores < batch->n)
     return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "prm_ctx_forward: scores holds %llu < %llu rows",
                      (unsigned long long)n_scores, (unsigned long long)batch->n);
-  return prmi_ctx_forward(ctx, batch, scores, 1);
+  uint64_t stride = 0;
+  int rc = prmi_check_batch(ctx, batch, &stride);
+  if (rc != PRM_OK) return rc;
+  /* The scores go to the context's buffer first and reach the caller only on
+   * success: non-finite features are found during the computation (after
+   * the first linear map), and a failed call must not have written them. */
+  rc = prmi_ctx_forward(ctx, batch, stride, ctx->scores, 1);
+  if (rc != PRM_OK) return rc;
+  memcpy(scores, ctx->scores, batch->n * sizeof(float));
+  return PRM_OK;
 }
 
 /* ---- backward ---------------------------------------------------------------------- */

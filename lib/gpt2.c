@@ -128,8 +128,9 @@ static void dense_backward(float *dx, int dx_accumulate, float *dw, float *db, c
 
 /*
  * Causal attention of one sequence (T tokens starting at packed row `row`)
- * for every head. qkv rows have stride 3C, atty rows stride C. S is (T, T)
- * scratch. lse[h * ld_lse + row + i] receives log sum_j exp(s_ij).
+ * for every head. qkv rows have stride 3C, atty rows stride C. S is
+ * (ATT_BLOCK, T) scratch, one query block at a time, so that it grows
+ * linearly with the sequence length. lse[h * ld_lse + row + i] receives log sum_j exp(s_ij).
  */
 static void attention_forward(float *atty, float *lse, uint64_t ld_lse, const float *qkv,
                               float *S, uint64_t row, uint64_t T, uint64_t C, uint64_t NH) {
@@ -139,10 +140,10 @@ static void attention_forward(float *atty, float *lse, uint64_t ld_lse, const fl
     const float *q = qkv + row * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
     for (uint64_t i0 = 0; i0 < T; i0 += ATT_BLOCK) {
       const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
-      float *Sb = S + i0 * T; /* rows i0..i1, columns 0..i1 */
-      prmi_gemm(0, 1, i1 - i0, i1, hs, scale, q + i0 * 3 * C, 3 * C, k, 3 * C, 0.0f, Sb, T);
+      /* S holds this block only: row i - i0, columns 0..i1 */
+      prmi_gemm(0, 1, i1 - i0, i1, hs, scale, q + i0 * 3 * C, 3 * C, k, 3 * C, 0.0f, S, T);
       for (uint64_t i = i0; i < i1; i++) {
-        float *si = S + i * T;
+        float *si = S + (i - i0) * T;
         float m = si[0];
         for (uint64_t j = 1; j <= i; j++) m = si[j] > m ? si[j] : m;
         prmi_exp_shifted(si, i + 1, m);
@@ -153,7 +154,7 @@ static void attention_forward(float *atty, float *lse, uint64_t ld_lse, const fl
         for (uint64_t j = i + 1; j < i1; j++) si[j] = 0.0f;
         if (lse != NULL) lse[h * ld_lse + row + i] = m + logf(sum);
       }
-      prmi_gemm(0, 0, i1 - i0, hs, i1, 1.0f, Sb, T, v, 3 * C, 0.0f,
+      prmi_gemm(0, 0, i1 - i0, hs, i1, 1.0f, S, T, v, 3 * C, 0.0f,
                 atty + (row + i0) * C + h * hs, C);
     }
   }
@@ -161,7 +162,7 @@ static void attention_forward(float *atty, float *lse, uint64_t ld_lse, const fl
 
 /*
  * Backward of attention_forward for one sequence: dqkv rows of the sequence
- * are overwritten (q, k and v parts). P and dP are (T, T) scratch. Blocks
+ * are overwritten (q, k and v parts). P and dP are (ATT_BLOCK, T) scratch. Blocks
  * run last to first, so the first one (which sees every key) initialises
  * dk and dv and the others accumulate.
  */
@@ -180,11 +181,11 @@ static void attention_backward(float *dqkv, const float *datty, const float *qkv
       const uint64_t i0 = b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
       const uint64_t m = i1 - i0;
       const float beta = b + 1 == n_blocks ? 0.0f : 1.0f;
-      float *Pb = P + i0 * T, *dPb = dP + i0 * T;
+      float *Pb = P, *dPb = dP; /* this block's rows only */
       /* P = exp(q k^T scale - lse), causal */
       prmi_gemm(0, 1, m, i1, hs, scale, q + i0 * 3 * C, 3 * C, k, 3 * C, 0.0f, Pb, T);
       for (uint64_t i = i0; i < i1; i++) {
-        float *pi = P + i * T;
+        float *pi = P + (i - i0) * T;
         prmi_exp_shifted(pi, i + 1, l[i]);
         for (uint64_t j = i + 1; j < i1; j++) pi[j] = 0.0f;
       }
@@ -193,7 +194,7 @@ static void attention_backward(float *dqkv, const float *datty, const float *qkv
       prmi_gemm(0, 1, m, i1, hs, 1.0f, dout + i0 * C, C, v, 3 * C, 0.0f, dPb, T);
       /* dS = P (dP - rowsum(P dP)) * scale */
       for (uint64_t i = i0; i < i1; i++) {
-        float *pi = P + i * T, *dpi = dP + i * T;
+        float *pi = P + (i - i0) * T, *dpi = dP + (i - i0) * T;
         float dsum = 0.0f;
         for (uint64_t j = 0; j <= i; j++) dsum += pi[j] * dpi[j];
         for (uint64_t j = 0; j <= i; j++) dpi[j] = pi[j] * (dpi[j] - dsum) * scale;
@@ -255,7 +256,7 @@ struct prmi_gpt2_acts {
   gpt2_last_acts last;
   float *lnf;       /* (R, C) final LayerNorm at the pooled tokens */
   float *lnf_stat;  /* (R, 2) */
-  float *att_a, *att_b; /* (max_len, max_len) attention scratch */
+  float *att_a, *att_b; /* (ATT_BLOCK, max_len) attention scratch */
   /* backward scratch (training only) */
   float *d_res;     /* (max_tok, C) */
   float *d_c;       /* (max_tok, C) */
@@ -290,6 +291,19 @@ void prmi_gpt2_acts_free(prmi_gpt2_acts *g) {
  * LayerNorm stats (4), lse (NH). The last block keeps res, ln1, ln1 stats and
  * qkv per token (5C + 2) plus compact per-sequence buffers.
  */
+uint64_t prmi_gpt2_acts_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
+                               int inference) {
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
+  const uint64_t R = max_rows, T = max_rows * max_len;
+  const uint64_t full_sets = inference ? (L > 1 ? 1 : 0) : L - 1;
+  uint64_t f = full_sets * T * ((inference ? 12 : 16) * C + 4 + NH);
+  if (!inference || L == 1) f += T * (5 * C + 2);
+  f += R * (12 * C + 2 + NH) + (inference ? 0 : R * 4 * C); /* last block, compact */
+  f += R * C + R * 2 + 2 * ATT_BLOCK * max_len;              /* ln_f, attention scratch */
+  if (!inference) f += T * 9 * C + 2 * R * C;                 /* backward scratch */
+  return f;
+}
+
 prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
                                    int inference) {
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
@@ -361,8 +375,8 @@ prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64
   if (ok) {
     g->lnf = take(g, R * C);
     g->lnf_stat = take(g, R * 2);
-    g->att_a = take(g, max_len * max_len);
-    g->att_b = take(g, max_len * max_len);
+    g->att_a = take(g, ATT_BLOCK * max_len);
+    g->att_b = take(g, ATT_BLOCK * max_len);
     ok = g->lnf && g->lnf_stat && g->att_a && g->att_b;
   }
   if (ok && !inference) {

@@ -182,6 +182,7 @@ struct prm_ctx {
   uint64_t max_rows;
   uint64_t max_len;          /* gpt2: longest sequence */
   uint64_t trainable_offset; /* the model's, when this context was created */
+  uint32_t n_hidden;         /* the model's (mlp), so that freeing needs no model */
   prmi_gpt2_acts *gpt2;      /* gpt2 activations and scratch */
   /* Buffers (all NULL in what a mode does not need). Shapes in rows x cols. */
   float *input;   /* (max_rows, d) copy of the last forward's features;
@@ -205,12 +206,16 @@ struct prm_ctx {
 int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride);
 
 /*
- * Forward `batch` through ctx's model. copy_input: keep a private copy of the
- * features for backward (public prm_ctx_forward); 0: only reference them (the
- * one-call train step, where the batch outlives the backward).
- * Validation of batch is done here. Returns a prm_status.
+ * Forward a batch already validated by prmi_check_batch (`stride` is what it
+ * returned) through ctx's model into scores (n). copy_input: keep a private
+ * copy of the features for backward (public prm_ctx_forward); 0: only
+ * reference them (the one-call paths, where the batch outlives the
+ * backward). The only failure is PRM_ERR_NONFINITE for a NaN/Inf feature,
+ * found during the computation: scores may then be partly written, and a
+ * pending forward is dropped unless copy_input (which checks before
+ * overwriting it).
  */
-int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores,
+int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, uint64_t stride, float *scores,
                      int copy_input);
 
 /* ---- gpt2 (gpt2.c) -------------------------------------------------------- */
@@ -220,6 +225,11 @@ int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores,
 prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
                                    int inference);
 void prmi_gpt2_acts_free(prmi_gpt2_acts *g);
+/* Floats prmi_gpt2_acts_new allocates for these sizes (docs/gpt2.md gives
+ * the formula; linear in max_rows * max_len). Overflow-free for the sizes
+ * prm_ctx_new accepts (at most 2^30 tokens, width and layers bounded). */
+uint64_t prmi_gpt2_acts_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
+                               int inference);
 /* Validate the token fields of a batch (ids, lengths, stride). */
 int prmi_gpt2_check_batch(prm_ctx *ctx, const prm_batch *b);
 /* Forward a validated batch; scores (n). */
@@ -257,5 +267,20 @@ void prmi_free(void *p);
 
 /* 1 when all n floats are finite. */
 int prmi_all_finite(const float *x, uint64_t n);
+
+/*
+ * Largest reward-centring coefficient accepted. With |r| <= FLT_MAX,
+ * c (r_c + r_r)^2 <= 1e30 * 4.7e77, so the loss stays finite in double for
+ * any finite input; real runs use about 0.01 (docs/losses.md).
+ */
+#define PRMI_MAX_CENTER_COEF 1e30
+
+/*
+ * Everything prm_loss_bt checks that is not a score: n_pairs >= 1, struct
+ * versions, the option arrays (finite, labels in [0,1], weights >= 0) and
+ * center_coef. The one-call paths run it before their forward, so that a bad
+ * option changes nothing. Thread error only; returns a prm_status.
+ */
+int prmi_loss_check_args(const prm_loss_options *opts, const prm_loss_stats *stats, uint64_t n);
 
 #endif /* PRM_INTERNAL_H */

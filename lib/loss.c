@@ -89,26 +89,15 @@ static int check_finite(const float *x, uint64_t n, const char *name) {
                    i, (double)x[i]);
 }
 
-static int validate(const float *r_chosen, const float *r_rejected, uint64_t n,
-                    const prm_loss_options *opts, const prm_loss_stats *stats,
-                    const float *d_chosen, const float *d_rejected) {
+int prmi_loss_check_args(const prm_loss_options *opts, const prm_loss_stats *stats, uint64_t n) {
   int rc;
-  if (r_chosen == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_loss_bt: r_chosen is NULL");
-  if (r_rejected == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_loss_bt: r_rejected is NULL");
   if (n == 0) return prmi_fail(NULL, PRM_ERR_SIZE, "prm_loss_bt: n_pairs is 0");
-  if ((d_chosen == NULL) != (d_rejected == NULL))
-    return prmi_fail(NULL, PRM_ERR_INVALID,
-                     "prm_loss_bt: give both d_chosen and d_rejected or neither (%s is NULL)",
-                     d_chosen == NULL ? "d_chosen" : "d_rejected");
   if (opts != NULL && (rc = prmi_check_version(NULL, opts, PRM_LOSS_OPTIONS_VERSION,
                                                "prm_loss_bt: opts")) != PRM_OK)
     return rc;
   if (stats != NULL && (rc = prmi_check_version(NULL, stats, PRM_LOSS_STATS_VERSION,
                                                 "prm_loss_bt: stats")) != PRM_OK)
     return rc;
-
-  if ((rc = check_finite(r_chosen, n, "r_chosen")) != PRM_OK) return rc;
-  if ((rc = check_finite(r_rejected, n, "r_rejected")) != PRM_OK) return rc;
   if (opts == NULL) return PRM_OK;
 
   if ((rc = check_finite(opts->margin, n, "margin")) != PRM_OK) return rc;
@@ -129,10 +118,25 @@ static int validate(const float *r_chosen, const float *r_rejected, uint64_t n,
       if (opts->weight[i] < 0.0f)
         return prmi_fail(NULL, PRM_ERR_INVALID, "prm_loss_bt: weight[%" PRIu64 "] = %g is negative",
                          i, (double)opts->weight[i]);
-  if (opts->center_coef < 0.0)
-    return prmi_fail(NULL, PRM_ERR_INVALID, "prm_loss_bt: center_coef = %g is negative",
-                     opts->center_coef);
+  if (!(opts->center_coef >= 0.0 && opts->center_coef <= PRMI_MAX_CENTER_COEF))
+    return prmi_fail(NULL, PRM_ERR_INVALID, "prm_loss_bt: center_coef = %g is outside [0, %g]",
+                     opts->center_coef, PRMI_MAX_CENTER_COEF);
   return PRM_OK;
+}
+
+static int validate(const float *r_chosen, const float *r_rejected, uint64_t n,
+                    const prm_loss_options *opts, const prm_loss_stats *stats,
+                    const float *d_chosen, const float *d_rejected) {
+  int rc;
+  if (r_chosen == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_loss_bt: r_chosen is NULL");
+  if (r_rejected == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_loss_bt: r_rejected is NULL");
+  if ((d_chosen == NULL) != (d_rejected == NULL))
+    return prmi_fail(NULL, PRM_ERR_INVALID,
+                     "prm_loss_bt: give both d_chosen and d_rejected or neither (%s is NULL)",
+                     d_chosen == NULL ? "d_chosen" : "d_rejected");
+  if ((rc = prmi_loss_check_args(opts, stats, n)) != PRM_OK) return rc;
+  if ((rc = check_finite(r_chosen, n, "r_chosen")) != PRM_OK) return rc;
+  return check_finite(r_rejected, n, "r_rejected");
 }
 
 /*

@@ -7,16 +7,22 @@
  * PyTorch rounds a Python float scalar), so a run matches the PyTorch
  * reference to rounding. docs/optimizers.md has the formulas.
  *
- * An applied update costs two passes over the arena:
+ * An applied update costs three passes over the arena:
  *   1. sum of squares of the raw gradient in double: gives the global norm,
  *      and doubles as the NaN/Inf check (the sum is finite iff every gradient
  *      is: a float squared is below 1.2e77, so a double sum cannot overflow);
- *   2. one fused loop per segment: scale, decay, moments, parameter update
- *      and zeroing of the gradient.
+ *   2. a dry run of the update that writes nothing and only checks that every
+ *      new parameter and moment is finite: finite gradients and options can
+ *      still overflow float (a huge lr, a tiny eps, a huge gradient squared
+ *      into v), and a step must never leave a non-finite parameter;
+ *   3. one fused loop per segment: scale, decay, moments, parameter update
+ *      and zeroing of the gradient -- the same arithmetic as pass 2 (one
+ *      inline function), so what was checked is what gets written.
  * Nothing is allocated after prm_optimizer_new. The kernels are compiled per
  * ISA (PRMI_TARGET_CLONES) with identical results: elementwise arithmetic, no
  * FMA contraction, and a fixed order of the partial sums.
  */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -58,49 +64,60 @@ int prm_optimizer_options_init(prm_optimizer_options *opts, uint32_t version) {
                           "prm_optimizer_options_init");
 }
 
-/* Check the options; PRM_OK or PRM_ERR_INVALID with a message naming the field. */
-static int validate_options(const prm_optimizer_options *o) {
+/* A double option that the kernels use as a float: finite after rounding. */
+static int float_finite(double x) { return isfinite(x) && fabs(x) <= (double)FLT_MAX; }
+
+/*
+ * Check the options; PRM_OK or PRM_ERR_INVALID with a message naming the
+ * field, written to the thread and to `msg` (the model's message). Every
+ * option is checked in the precision the update uses: the kernels run in
+ * float, so eps = 1e-50 (0 as a float) is refused, not only eps <= 0.
+ */
+static int validate_options(char *msg, const prm_optimizer_options *o) {
   const char *fn = "prm_optimizer_new";
   if (o->algorithm != PRM_OPT_SGD && o->algorithm != PRM_OPT_ADAM && o->algorithm != PRM_OPT_ADAMW)
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: unknown algorithm %d", fn, (int)o->algorithm);
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: unknown algorithm %d", fn, (int)o->algorithm);
   if (o->schedule != PRM_SCHED_CONSTANT && o->schedule != PRM_SCHED_LINEAR &&
       o->schedule != PRM_SCHED_COSINE)
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: unknown schedule %d", fn, (int)o->schedule);
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: unknown schedule %d", fn, (int)o->schedule);
   /* Written as !(ok) so that NaN fails every test. */
-  if (!(isfinite(o->lr) && o->lr >= 0.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: lr = %g must be finite and >= 0", fn, o->lr);
+  if (!(float_finite(o->lr) && o->lr >= 0.0))
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: lr = %g must be >= 0 and finite as a float", fn,
+                     o->lr);
   if (!(o->beta1 >= 0.0 && o->beta1 < 1.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: beta1 = %g is outside [0, 1)", fn, o->beta1);
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: beta1 = %g is outside [0, 1)", fn, o->beta1);
   if (!(o->beta2 >= 0.0 && o->beta2 < 1.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: beta2 = %g is outside [0, 1)", fn, o->beta2);
-  if (!(isfinite(o->eps) && o->eps > 0.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: eps = %g must be finite and > 0", fn, o->eps);
-  if (!(isfinite(o->weight_decay) && o->weight_decay >= 0.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: weight_decay = %g must be finite and >= 0", fn,
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: beta2 = %g is outside [0, 1)", fn, o->beta2);
+  if (!(float_finite(o->eps) && (float)o->eps > 0.0f))
+    return prmi_fail(msg, PRM_ERR_INVALID,
+                     "%s: eps = %g must be > 0 and finite as a float (the smallest is %g)", fn,
+                     o->eps, (double)FLT_TRUE_MIN);
+  if (!(float_finite(o->weight_decay) && o->weight_decay >= 0.0))
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: weight_decay = %g must be finite and >= 0", fn,
                      o->weight_decay);
-  if (!(isfinite(o->momentum) && o->momentum >= 0.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: momentum = %g must be finite and >= 0", fn,
+  if (!(float_finite(o->momentum) && o->momentum >= 0.0))
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: momentum = %g must be finite and >= 0", fn,
                      o->momentum);
   if (o->nesterov != 0 && !(o->momentum > 0.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: nesterov requires momentum > 0", fn);
-  if (!(isfinite(o->max_grad_norm) && o->max_grad_norm >= 0.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID,
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: nesterov requires momentum > 0", fn);
+  if (!(float_finite(o->max_grad_norm) && o->max_grad_norm >= 0.0))
+    return prmi_fail(msg, PRM_ERR_INVALID,
                      "%s: max_grad_norm = %g must be finite and >= 0 (0 = off)", fn,
                      o->max_grad_norm);
   if (o->accumulation_steps == 0)
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: accumulation_steps must be >= 1", fn);
-  if (!(isfinite(o->min_lr) && o->min_lr >= 0.0))
-    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: min_lr = %g must be finite and >= 0", fn,
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: accumulation_steps must be >= 1", fn);
+  if (!(float_finite(o->min_lr) && o->min_lr >= 0.0))
+    return prmi_fail(msg, PRM_ERR_INVALID, "%s: min_lr = %g must be finite and >= 0", fn,
                      o->min_lr);
   if (o->schedule == PRM_SCHED_LINEAR || o->schedule == PRM_SCHED_COSINE) {
     if (o->total_steps == 0)
-      return prmi_fail(NULL, PRM_ERR_INVALID, "%s: linear/cosine schedule needs total_steps >= 1",
+      return prmi_fail(msg, PRM_ERR_INVALID, "%s: linear/cosine schedule needs total_steps >= 1",
                        fn);
     if (o->warmup_steps > o->total_steps)
-      return prmi_fail(NULL, PRM_ERR_INVALID, "%s: warmup_steps = %llu exceeds total_steps = %llu",
+      return prmi_fail(msg, PRM_ERR_INVALID, "%s: warmup_steps = %llu exceeds total_steps = %llu",
                        fn, (unsigned long long)o->warmup_steps, (unsigned long long)o->total_steps);
     if (o->min_lr > o->lr)
-      return prmi_fail(NULL, PRM_ERR_INVALID, "%s: min_lr = %g exceeds lr = %g", fn, o->min_lr,
+      return prmi_fail(msg, PRM_ERR_INVALID, "%s: min_lr = %g exceeds lr = %g", fn, o->min_lr,
                        o->lr);
   }
   return PRM_OK;
@@ -117,14 +134,15 @@ static int build_segments(prm_optimizer *opt) {
   const prm_model *model = opt->model;
   uint32_t cap = 2 * model->n_tensors + 1;
   opt->segs = prmi_calloc(cap, sizeof *opt->segs);
-  if (opt->segs == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory");
+  if (opt->segs == NULL)
+    return prmi_fail(opt->model->errmsg, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory");
   uint64_t cursor = 0;
   for (uint32_t i = 0; i <= model->n_tensors; i++) {
     if (i < model->n_tensors && model->tensors[i].offset < opt->toff) continue; /* frozen */
     uint64_t off = (i < model->n_tensors ? model->tensors[i].offset : model->n_params) - opt->toff;
     uint64_t numel = i < model->n_tensors ? model->tensors[i].numel : 0;
     if (off < cursor || numel > opt->n_params - off)
-      return prmi_fail(NULL, PRM_ERR_INVALID,
+      return prmi_fail(opt->model->errmsg, PRM_ERR_INVALID,
                        "prm_optimizer_new: model tensor %u lies outside the arena", (unsigned)i);
     opt_segment run[2] = {{cursor, off - cursor, 1}, {off, numel, 1}};
     if (i < model->n_tensors)
@@ -155,18 +173,21 @@ int prm_optimizer_new(prm_optimizer **out, prm_model *model, const prm_optimizer
   if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_new: out is NULL");
   *out = NULL;
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_new: model is NULL");
-  int rc = prmi_check_version(NULL, opts, PRM_OPTIMIZER_OPTIONS_VERSION,
+  /* From here on failures also go to the model's message: the call takes
+   * the model non-const, and a host that checks prm_model_errmsg finds why. */
+  int rc = prmi_check_version(model->errmsg, opts, PRM_OPTIMIZER_OPTIONS_VERSION,
                               "prm_optimizer_new: prm_optimizer_options");
   if (rc != PRM_OK) return rc;
   /* Fields a caller's older struct version lacks keep their defaults. */
   prm_optimizer_options o = PRM_OPTIMIZER_OPTIONS_INIT;
   memcpy(&o, opts, options_size(opts->version));
   o.version = PRM_OPTIMIZER_OPTIONS_VERSION;
-  rc = validate_options(&o);
+  rc = validate_options(model->errmsg, &o);
   if (rc != PRM_OK) return rc;
 
   prm_optimizer *opt = prmi_calloc(1, sizeof *opt);
-  if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory");
+  if (opt == NULL)
+    return prmi_fail(model->errmsg, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory");
   opt->model = model;
   opt->opts = o;
   opt->toff = model->trainable_offset;
@@ -184,7 +205,10 @@ int prm_optimizer_new(prm_optimizer **out, prm_model *model, const prm_optimizer
   if (need_v) opt->v = prmi_calloc(opt->n_params, sizeof(float));
   if ((need_m && opt->m == NULL) || (need_v && opt->v == NULL)) {
     prm_optimizer_free(opt);
-    return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory for %llu moments",
+    return prmi_fail(model->errmsg, PRM_ERR_NOMEM,
+                     "prm_optimizer_new: cannot allocate %.1f MiB for the moments of %llu "
+                     "parameters",
+                     (double)((need_m + need_v) * opt->n_params * sizeof(float)) / 1048576.0,
                      (unsigned long long)opt->n_params);
   }
   *out = opt;
@@ -245,54 +269,112 @@ typedef struct adam_coef {
   float neg_step; /* -lr / (1 - beta1^step) */
 } adam_coef;
 
-/* Adam(W) over n elements, PyTorch's operation order:
+/* Magnitude bits of a float: finite iff below 0x7f800000. */
+static inline uint32_t mag_bits(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return u & 0x7fffffffu;
+}
+
+/* One element of Adam(W), PyTorch's operation order:
  *   p *= decay; g += l2 p; m = lerp(m, g, 1-b1); v = v b2 + (1-b2) g g;
- *   p += -step * m / (sqrt(v)/bc2_sqrt + eps); grad = 0 */
+ *   p += -step * m / (sqrt(v)/bc2_sqrt + eps) */
+static inline void adam_elem(float p, float g, float m, float v, const adam_coef *c, float *po,
+                             float *mo, float *vo) {
+  float pi = p * c->decay;
+  float gi = c->gscale * g + c->l2 * pi;
+  float mi = m + c->w1 * (gi - m);
+  float vi = v * c->beta2 + c->w2 * gi * gi;
+  float denom = sqrtf(vi) / c->bc2_sqrt + c->eps;
+  *po = pi + c->neg_step * mi / denom;
+  *mo = mi;
+  *vo = vi;
+}
+
+/* Pass 2 for Adam(W): 1 when the update of these n elements leaves every
+ * parameter and moment finite. Writes nothing. */
+PRMI_TARGET_CLONES
+static int prmi_adam_check(const float *restrict p, const float *restrict g,
+                           const float *restrict m, const float *restrict v, uint64_t n,
+                           const adam_coef *c) {
+  const adam_coef k = *c;
+  uint32_t mx = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    float po, mo, vo;
+    adam_elem(p[i], g[i], m[i], v[i], &k, &po, &mo, &vo);
+    uint32_t a = mag_bits(po), b = mag_bits(mo), d = mag_bits(vo);
+    a = a > b ? a : b; /* a max, not an OR: OR-ing finite patterns can */
+    a = a > d ? a : d; /* set every exponent bit */
+    mx = a > mx ? a : mx;
+  }
+  return mx < 0x7f800000u;
+}
+
+/* Pass 3 for Adam(W): the update, and grad = 0. Vectorises only with
+ * -fno-math-errno (else sqrtf may set errno). */
 PRMI_TARGET_CLONES
 static void prmi_adam_kernel(float *restrict p, float *restrict g, float *restrict m,
                              float *restrict v, uint64_t n, const adam_coef *c) {
-  const float gscale = c->gscale, decay = c->decay, l2 = c->l2, w1 = c->w1, b2 = c->beta2,
-              w2 = c->w2, bc2 = c->bc2_sqrt, eps = c->eps, neg_step = c->neg_step;
-  /* Vectorises only with -fno-math-errno (else sqrtf may set errno). */
+  const adam_coef k = *c;
   for (uint64_t i = 0; i < n; i++) {
-    float pi = p[i] * decay;
-    float gi = gscale * g[i] + l2 * pi;
-    float mi = m[i] + w1 * (gi - m[i]);
-    float vi = v[i] * b2 + w2 * gi * gi;
-    float denom = sqrtf(vi) / bc2 + eps;
-    p[i] = pi + neg_step * mi / denom;
-    m[i] = mi;
-    v[i] = vi;
+    adam_elem(p[i], g[i], m[i], v[i], &k, &p[i], &m[i], &v[i]);
     g[i] = 0.0f;
   }
 }
 
-/* SGD over n elements (torch.optim.SGD, dampening 0):
- *   g += wd p; b = mu b + g; g = nesterov ? g + mu b : b; p += -lr g; grad = 0.
- * b == NULL: no momentum. */
+/* Per-update fp32 coefficients of SGD. */
+typedef struct sgd_coef {
+  float gscale, wd, mu, neg_lr;
+} sgd_coef;
+
+/* One element of SGD (torch.optim.SGD, dampening 0):
+ *   g += wd p; b = mu b + g; g = nesterov ? g + mu b : b; p += -lr g.
+ * momentum 0: b is unused (*bo = 0). The branches on the loop-invariant
+ * `momentum` and `nesterov` are hoisted by the compiler. */
+static inline void sgd_elem(float p, float g, float b, const sgd_coef *c, int momentum,
+                            int nesterov, float *po, float *bo) {
+  float gi = c->gscale * g + c->wd * p;
+  if (!momentum) {
+    *po = p + c->neg_lr * gi;
+    *bo = 0.0f;
+    return;
+  }
+  float bi = b * c->mu + gi;
+  *bo = bi;
+  *po = p + c->neg_lr * (nesterov ? gi + c->mu * bi : bi);
+}
+
+/* Pass 2 for SGD (b NULL: no momentum): 1 when every new parameter and
+ * momentum value is finite. Writes nothing. */
+PRMI_TARGET_CLONES
+static int prmi_sgd_check(const float *restrict p, const float *restrict g, const float *restrict b,
+                          uint64_t n, const sgd_coef *c, int nesterov) {
+  const sgd_coef k = *c;
+  uint32_t mx = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    float po, bo;
+    sgd_elem(p[i], g[i], b != NULL ? b[i] : 0.0f, &k, b != NULL, nesterov, &po, &bo);
+    uint32_t a = mag_bits(po), e = mag_bits(bo);
+    a = a > e ? a : e;
+    mx = a > mx ? a : mx;
+  }
+  return mx < 0x7f800000u;
+}
+
+/* Pass 3 for SGD: the update, and grad = 0. */
 PRMI_TARGET_CLONES
 static void prmi_sgd_kernel(float *restrict p, float *restrict g, float *restrict b, uint64_t n,
-                            float gscale, float wd, float mu, int nesterov, float neg_lr) {
+                            const sgd_coef *c, int nesterov) {
+  const sgd_coef k = *c;
   if (b == NULL) {
     for (uint64_t i = 0; i < n; i++) {
-      float gi = gscale * g[i] + wd * p[i];
-      p[i] = p[i] + neg_lr * gi;
-      g[i] = 0.0f;
-    }
-  } else if (!nesterov) {
-    for (uint64_t i = 0; i < n; i++) {
-      float gi = gscale * g[i] + wd * p[i];
-      float bi = b[i] * mu + gi;
-      b[i] = bi;
-      p[i] = p[i] + neg_lr * bi;
+      float bo;
+      sgd_elem(p[i], g[i], 0.0f, &k, 0, 0, &p[i], &bo);
       g[i] = 0.0f;
     }
   } else {
     for (uint64_t i = 0; i < n; i++) {
-      float gi = gscale * g[i] + wd * p[i];
-      float bi = b[i] * mu + gi;
-      b[i] = bi;
-      p[i] = p[i] + neg_lr * (gi + mu * bi);
+      sgd_elem(p[i], g[i], b[i], &k, 1, nesterov, &p[i], &b[i]);
       g[i] = 0.0f;
     }
   }
@@ -313,7 +395,7 @@ static int apply_update(prm_optimizer *opt, float *grads) {
     return prmi_fail(opt->errmsg, PRM_ERR_NONFINITE_GRAD,
                      "prm_optimizer_step: non-finite gradient at parameter %llu; "
                      "nothing was updated",
-                     (unsigned long long)bad);
+                     (unsigned long long)(opt->toff + bad));
   }
   double inv_k = 1.0 / (double)o->accumulation_steps;
   double norm = sqrt(ss) * inv_k;
@@ -322,39 +404,56 @@ static int apply_update(prm_optimizer *opt, float *grads) {
   double lr = scheduled_lr(o, opt->num_updates);
   float gscale = (float)(inv_k * clip);
 
-  if (o->algorithm == PRM_OPT_SGD) {
-    float mu = (float)o->momentum;
-    float neg_lr = (float)(-lr);
-    for (uint32_t s = 0; s < opt->n_segs; s++) {
-      const opt_segment *sg = &opt->segs[s];
-      float wd = sg->decay ? (float)o->weight_decay : 0.0f;
-      prmi_sgd_kernel(params + sg->offset, grads + sg->offset, opt->m ? opt->m + sg->offset : NULL,
-                      sg->numel, gscale, wd, mu, o->nesterov != 0, neg_lr);
-    }
-  } else {
+  /* Coefficients per segment (they differ only in weight decay). */
+  sgd_coef sc = {gscale, 0.0f, (float)o->momentum, (float)(-lr)};
+  adam_coef ac;
+  if (o->algorithm != PRM_OPT_SGD) {
     double step = (double)(opt->num_updates + 1);
     double bc1 = 1.0 - pow(o->beta1, step);
     double bc2 = 1.0 - pow(o->beta2, step);
-    adam_coef c;
-    c.gscale = gscale;
-    c.w1 = (float)(1.0 - o->beta1);
-    c.beta2 = (float)o->beta2;
-    c.w2 = (float)(1.0 - o->beta2);
-    c.bc2_sqrt = (float)sqrt(bc2);
-    c.eps = (float)o->eps;
-    c.neg_step = (float)(-(lr / bc1));
+    ac.gscale = gscale;
+    ac.w1 = (float)(1.0 - o->beta1);
+    ac.beta2 = (float)o->beta2;
+    ac.w2 = (float)(1.0 - o->beta2);
+    ac.bc2_sqrt = (float)sqrt(bc2);
+    ac.eps = (float)o->eps;
+    ac.neg_step = (float)(-(lr / bc1));
+  }
+  /* pass 2 (check, write == 0), then pass 3 (write == 1) */
+  for (int write = 0; write < 2; write++) {
     for (uint32_t s = 0; s < opt->n_segs; s++) {
       const opt_segment *sg = &opt->segs[s];
-      double wd = sg->decay ? o->weight_decay : 0.0;
-      if (o->algorithm == PRM_OPT_ADAMW) {
-        c.decay = (float)(1.0 - lr * wd);
-        c.l2 = 0.0f;
+      const double wd = sg->decay ? o->weight_decay : 0.0;
+      float *p = params + sg->offset, *g = grads + sg->offset;
+      int ok = 1;
+      if (o->algorithm == PRM_OPT_SGD) {
+        float *b = opt->m ? opt->m + sg->offset : NULL;
+        sc.wd = (float)wd;
+        if (write)
+          prmi_sgd_kernel(p, g, b, sg->numel, &sc, o->nesterov != 0);
+        else
+          ok = prmi_sgd_check(p, g, b, sg->numel, &sc, o->nesterov != 0);
       } else {
-        c.decay = 1.0f;
-        c.l2 = (float)wd;
+        if (o->algorithm == PRM_OPT_ADAMW) {
+          ac.decay = (float)(1.0 - lr * wd);
+          ac.l2 = 0.0f;
+        } else {
+          ac.decay = 1.0f;
+          ac.l2 = (float)wd;
+        }
+        float *m = opt->m + sg->offset, *v = opt->v + sg->offset;
+        if (write)
+          prmi_adam_kernel(p, g, m, v, sg->numel, &ac);
+        else
+          ok = prmi_adam_check(p, g, m, v, sg->numel, &ac);
       }
-      prmi_adam_kernel(params + sg->offset, grads + sg->offset, opt->m + sg->offset,
-                       opt->v + sg->offset, sg->numel, &c);
+      if (!ok)
+        return prmi_fail(opt->errmsg, PRM_ERR_NONFINITE_GRAD,
+                         "prm_optimizer_step: the update would overflow a parameter or moment "
+                         "to Inf/NaN in parameters [%llu, %llu) (lr %g; gradient norm %g); "
+                         "nothing was updated",
+                         (unsigned long long)(opt->toff + sg->offset),
+                         (unsigned long long)(opt->toff + sg->offset + sg->numel), lr, norm);
     }
   }
   opt->last_grad_norm = norm;

@@ -7,8 +7,15 @@
  */
 #include "internal.h"
 
-/* Checks common to both entry points; returns P (pairs) through *n_pairs. */
-static int check_pairs(prm_ctx *ctx, const prm_batch *pairs, uint64_t *n_pairs) {
+/*
+ * Every check of both entry points that can be made before the forward: the
+ * batch (as a forward checks it), its pair layout, the loss options and the
+ * statistics struct. Until these pass nothing is changed -- not even a
+ * forward pending from prm_ctx_forward. Returns P (pairs) through *n_pairs
+ * and the row stride through *stride.
+ */
+static int check_pairs(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options *loss_opts,
+                       const prm_loss_stats *stats, uint64_t *n_pairs, uint64_t *stride) {
   if (pairs == NULL) return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "pairs is NULL");
   int rc = prmi_check_version(ctx->errmsg, pairs, PRM_BATCH_VERSION, "prm_batch");
   if (rc != PRM_OK) return rc;
@@ -17,6 +24,10 @@ static int check_pairs(prm_ctx *ctx, const prm_batch *pairs, uint64_t *n_pairs) 
                      "pair batch needs an even number of rows >= 2 (P chosen, then P rejected), "
                      "got %llu",
                      (unsigned long long)pairs->n);
+  rc = prmi_check_batch(ctx, pairs, stride);
+  if (rc != PRM_OK) return rc;
+  rc = prmi_loss_check_args(loss_opts, stats, pairs->n / 2);
+  if (rc != PRM_OK) return prmi_adopt_error(ctx->errmsg, rc);
   *n_pairs = pairs->n / 2;
   return PRM_OK;
 }
@@ -51,14 +62,15 @@ static int linear_grad_blocked(prm_ctx *ctx, const prm_batch *pairs, uint64_t P,
   prm_loss_options bo = PRM_LOSS_OPTIONS_INIT;
   if (loss_opts != NULL) bo = *loss_opts;
 
-  for (uint64_t j = 0; j < d; j++) gs[j] = 0.0f;
+  for (uint64_t j = 0; j < d; j++)
+    gs[j] = 0.0f;
   for (uint64_t i0 = 0; i0 < P; i0 += block) {
     const uint64_t nb = P - i0 < block ? P - i0 : block;
     const float *xc = pairs->features + i0 * ld, *xr = pairs->features + (P + i0) * ld;
     prmi_gemv(0, nb, d, 1.0f, xc, ld, w, 0.0f, s + i0);
     prmi_gemv(0, nb, d, 1.0f, xr, ld, w, 0.0f, s + P + i0);
     if (!prmi_all_finite(s + i0, nb) || !prmi_all_finite(s + P + i0, nb)) {
-      int rc = prmi_ctx_forward(ctx, pairs, s, 0); /* names a bad feature */
+      int rc = prmi_ctx_forward(ctx, pairs, ld, s, 0); /* names a bad feature */
       ctx->have_forward = 0;
       if (rc == PRM_OK) rc = prm_loss_bt(s, s + P, P, loss_opts, NULL, NULL, NULL, NULL);
       return prmi_adopt_error(ctx->errmsg, rc != PRM_OK ? rc : PRM_ERR_NONFINITE);
@@ -68,6 +80,9 @@ static int linear_grad_blocked(prm_ctx *ctx, const prm_batch *pairs, uint64_t P,
       bo.label = loss_opts->label ? loss_opts->label + i0 : NULL;
       bo.weight = loss_opts->weight ? loss_opts->weight + i0 : NULL;
     }
+    /* cannot fail: the scores are finite and check_pairs validated the
+     * options over the whole batch (so messages index the batch, not the
+     * block) */
     int rc = prm_loss_bt(s + i0, s + P + i0, nb, loss_opts ? &bo : NULL, NULL, NULL, ds + i0,
                          ds + P + i0);
     if (rc != PRM_OK) return prmi_adopt_error(ctx->errmsg, rc);
@@ -83,7 +98,8 @@ static int linear_grad_blocked(prm_ctx *ctx, const prm_batch *pairs, uint64_t P,
   int rc = prm_loss_bt(s, s + P, P, loss_opts, NULL, stats, NULL, NULL);
   if (rc != PRM_OK) return prmi_adopt_error(ctx->errmsg, rc);
   float *g = ctx->grads + (m->head.w_off - ctx->trainable_offset);
-  for (uint64_t j = 0; j < d; j++) g[j] += gs[j];
+  for (uint64_t j = 0; j < d; j++)
+    g[j] += gs[j];
   return PRM_OK;
 }
 
@@ -102,20 +118,21 @@ int prm_train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
     return prmi_fail(ctx->errmsg, PRM_ERR_MISMATCH,
                      "prm_train_step: the model's trainable parameters changed since the context "
                      "or the optimizer was created; create new ones");
-  uint64_t P = 0;
-  int rc = check_pairs(ctx, pairs, &P);
+  uint64_t P = 0, stride = 0;
+  int rc = check_pairs(ctx, pairs, loss_opts, stats, &P, &stride);
   if (rc != PRM_OK) return rc;
 
+  /* From here on the call computes: a pending forward is dropped. */
+  ctx->have_forward = 0;
   if (ctx->model->opts.arch == PRM_ARCH_LINEAR) {
-    /* validate the batch exactly as a forward would, then take the fast path */
-    uint64_t stride;
-    ctx->have_forward = 0;
-    rc = prmi_check_batch(ctx, pairs, &stride);
-    if (rc == PRM_OK) rc = linear_grad_blocked(ctx, pairs, P, loss_opts, stats);
+    rc = linear_grad_blocked(ctx, pairs, P, loss_opts, stats);
     if (rc != PRM_OK) return rc;
   } else {
-    rc = prmi_ctx_forward(ctx, pairs, ctx->scores, 0);
-    if (rc != PRM_OK) return rc;
+    rc = prmi_ctx_forward(ctx, pairs, stride, ctx->scores, 0);
+    if (rc != PRM_OK) {
+      ctx->have_forward = 0;
+      return rc;
+    }
     rc = prm_loss_bt(ctx->scores, ctx->scores + P, P, loss_opts, NULL, stats, ctx->dscores,
                      ctx->dscores + P);
     if (rc != PRM_OK) {
@@ -136,10 +153,10 @@ int prm_train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
 int prm_evaluate(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options *loss_opts,
                  prm_loss_stats *stats) {
   if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_evaluate: ctx is NULL");
-  uint64_t P = 0;
-  int rc = check_pairs(ctx, pairs, &P);
+  uint64_t P = 0, stride = 0;
+  int rc = check_pairs(ctx, pairs, loss_opts, stats, &P, &stride);
   if (rc != PRM_OK) return rc;
-  rc = prmi_ctx_forward(ctx, pairs, ctx->scores, 0);
+  rc = prmi_ctx_forward(ctx, pairs, stride, ctx->scores, 0);
   ctx->have_forward = 0; /* borrowed features: no backward after evaluate */
   if (rc != PRM_OK) return rc;
   rc = prm_loss_bt(ctx->scores, ctx->scores + P, P, loss_opts, NULL, stats, NULL, NULL);
