@@ -271,10 +271,27 @@ PRM_API const char *prm_model_errmsg(const prm_model *model);
 /**
  * Save the model as a safetensors file. Tensor names follow PyTorch
  * (`score.weight` [1, d]; `layers.{i}.weight` [out, in], `layers.{i}.bias`);
- * the configuration goes into `__metadata__` as strings. Atomic: the file is
- * written to "<path>.tmp.<random>", flushed and renamed over `path`; on failure
- * `path` is untouched and the temporary file removed.
- * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO, PRM_ERR_NOMEM.
+ * the configuration goes into `__metadata__` as strings.
+ *
+ * Atomic and durable: the bytes go to "<path>.tmp" (a fresh file, mode
+ * 0666 & ~umask), which is fsynced and renamed over `path`, and then the
+ * directory is fsynced. A reader of `path` sees the old file or the new one,
+ * never a mix. On failure `path` is unchanged and "<path>.tmp" removed. A
+ * crash or kill during the save leaves `path` old or new plus, at most, one
+ * "<path>.tmp", which the next save to `path` replaces (litter never grows
+ * beyond that one file). The name "<path>.tmp" belongs to this call: a file
+ * of your own there is deleted; a symbolic link, directory, FIFO or other
+ * non-regular file there makes the save fail and is left alone.
+ *
+ * Two saves to the same `path` at once (threads or processes) do not mix:
+ * the temporary file is held under flock(), and a save that finds it locked
+ * returns PRM_ERR_IO ("another save to '<path>' is in progress") at once,
+ * without waiting and without touching either file.
+ *
+ * @return PRM_OK; PRM_ERR_NULL; PRM_ERR_NOMEM; PRM_ERR_IO (cannot create,
+ *         write, sync or rename the file, another save in progress; or,
+ *         after `path` was already replaced, the fsync of its directory
+ *         failed: the message says so). Details in prm_last_errmsg().
  * Thread-safe with respect to concurrent forward calls on the model.
  */
 PRM_API int prm_model_save(const prm_model *model, const char *path);
@@ -296,10 +313,18 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
  * validated (header bounds, offsets, overlaps, dtype F32, shapes against the
  * configuration, missing or unknown tensors, non-finite values).
  * @param out  receives the model (caller owns), NULL on failure.
- * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO (cannot open or read, or not a
- *         regular file), PRM_ERR_FORMAT, PRM_ERR_NOMEM,
- *         PRM_ERR_UNSUPPORTED (a valid file this build cannot use, e.g. a
- *         gpt2 LayerNorm eps other than 1e-5).
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO (cannot open or read; not a
+ *         regular file; the file changed while being read), PRM_ERR_FORMAT,
+ *         PRM_ERR_NOMEM, PRM_ERR_UNSUPPORTED (a valid file this build cannot
+ *         use, e.g. a gpt2 LayerNorm eps other than 1e-5).
+ *
+ * Never blocks on a special file: `path` is opened non-blocking and
+ * anything but a regular file (a FIFO without a writer, a directory, a
+ * device such as /dev/zero) gives PRM_ERR_IO at once. The file is read as
+ * the st_size bytes fstat reports on opening; if it shrinks, grows or its
+ * modification time changes before the read is done, the load fails with
+ * PRM_ERR_IO ("changed while being read") instead of parsing a torn copy.
+ *
  * Unknown `__metadata__` keys are ignored, so files written by other tools
  * (and gradient files of the PyTorch reference) load as well; a key given
  * twice in any JSON object of the header (known or unknown, compared after
@@ -309,7 +334,8 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
  */
 PRM_API int prm_model_load(prm_model **out, const char *path);
 
-/** As prm_model_load, from `size` bytes at `buf` (borrowed, not kept). */
+/** As prm_model_load, from `size` bytes at `buf` (borrowed, not kept): the
+ *  same validation and return codes, except that PRM_ERR_IO cannot occur. */
 PRM_API int prm_model_load_buffer(prm_model **out, const void *buf,
                                   size_t size);
 

@@ -283,4 +283,42 @@ int prmi_all_finite(const float *x, uint64_t n);
  */
 int prmi_loss_check_args(const prm_loss_options *opts, const prm_loss_stats *stats, uint64_t n);
 
+/* ---- file I/O (fileio.c) ------------------------------------------------ */
+
+/*
+ * Every path the library opens goes through these. Opening never blocks
+ * (O_NONBLOCK, then fstat: anything but a regular file is PRM_ERR_IO), and
+ * messages go to the thread's last error and to handle_msg when not NULL.
+ */
+
+/*
+ * Read the whole regular file `path` into *buf (malloc'd, the caller frees
+ * it; non-NULL even for an empty file) of *size bytes: exactly the st_size
+ * that fstat reported when it was opened. A file that shrinks, grows or is
+ * rewritten while being read gives PRM_ERR_IO ("changed while being read").
+ * Returns PRM_OK, PRM_ERR_IO or PRM_ERR_NOMEM; on failure *buf is NULL.
+ */
+int prmi_file_read_all(const char *path, unsigned char **buf, size_t *size, char *handle_msg);
+
+/* Writes a file's contents to fd (a blocking, regular file opened for
+ * writing, positioned at 0). Returns 0, or an errno value (ENOMEM gives
+ * PRM_ERR_NOMEM, anything else PRM_ERR_IO). */
+typedef int (*prmi_write_fn)(void *arg, int fd);
+
+/*
+ * Replace `path` atomically and durably with what write_fn(arg, fd) writes:
+ * into a fresh "<path>.tmp" (mode 0666 & ~umask) held under flock(LOCK_EX),
+ * then fsync, rename over `path`, fsync of the directory. A crash leaves at
+ * most "<path>.tmp", which the next call for `path` removes. Another call
+ * for the same path in progress (any thread or process) gives PRM_ERR_IO
+ * "another save to '<path>' is in progress". On any failure before the
+ * rename, `path` is unchanged and the temporary file removed.
+ * Returns PRM_OK, PRM_ERR_IO or PRM_ERR_NOMEM.
+ */
+int prmi_file_write_atomic(const char *path, prmi_write_fn write_fn, void *arg,
+                           char *handle_msg);
+
+/* write() all n bytes, retrying EINTR and short writes; 0 or an errno value. */
+int prmi_fd_write_all(int fd, const void *buf, size_t n);
+
 #endif /* PRM_INTERNAL_H */

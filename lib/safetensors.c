@@ -9,7 +9,8 @@
  *   data                   raw little-endian fp32; [b, e) is relative to the data start
  *
  * Writing is streamed (header, then the arena converted to little-endian in
- * chunks) and atomic for files. Reading never trusts the file: the JSON header
+ * chunks); files are replaced atomically and durably by lib/fileio.c, which
+ * also reads them. Reading never trusts the file: the JSON header
  * is parsed by the small strict parser below (bounded, no recursion beyond
  * JSON_MAX_DEPTH, never reads past the buffer) and every number is checked
  * before it is used as a size or an offset. See docs/checkpoints.md.
@@ -17,14 +18,10 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
-#include <fcntl.h>
 #include <float.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <time.h>
-#include <unistd.h>
 
 #include "internal.h"
 
@@ -238,143 +235,41 @@ int prm_model_save_buffer(const prm_model *model, void *buf, size_t capacity, si
 /* Atomic file save                                                          */
 /* ------------------------------------------------------------------------ */
 
-static void errno_text(int err, char *buf, size_t size) {
-  if (strerror_r(err, buf, size) != 0) snprintf(buf, size, "errno %d", err);
-}
+typedef struct st_writer {
+  const prm_model *m;
+  size_t header_len;
+} st_writer;
 
-static uint64_t mix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-/*
- * Create "<path>.tmp.<12 hex>" exclusively. The suffix mixes pid, clock,
- * a stack address and the attempt number, so no shared counter is needed;
- * O_EXCL makes a collision a retry, never a clobber. Mode 0666 & ~umask, as a
- * plain fopen would give (mkstemp would force 0600 onto the final file).
- */
-static int open_temp(const char *path, char *tmp, size_t tmp_size, int *err) {
-  static const char hex[] = "0123456789abcdef";
-  struct timespec ts;
-  uint64_t seed;
-  if (clock_gettime(CLOCK_REALTIME, &ts) != 0) ts.tv_sec = ts.tv_nsec = 0;
-  seed =
-      mix64((uint64_t)getpid() ^ mix64((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec) ^
-            mix64((uint64_t)(uintptr_t)&ts));
-  for (uint64_t attempt = 0; attempt < 100; attempt++) {
-    uint64_t r = mix64(seed + attempt);
-    char suffix[13];
-    int fd;
-    for (int i = 0; i < 12; i++)
-      suffix[i] = hex[(r >> (4 * i)) & 15u];
-    suffix[12] = '\0';
-    snprintf(tmp, tmp_size, "%s.tmp.%s", path, suffix);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd >= 0) return fd;
-    if (errno != EEXIST) break;
-  }
-  *err = errno;
-  return -1;
-}
-
-/* Make the rename durable: fsync the directory holding `path` (best effort;
- * some file systems refuse fsync on directories). */
-static void sync_parent_dir(const char *path) {
-  const char *slash = strrchr(path, '/');
-  char *dir;
-  int fd;
-  size_t n;
-  if (slash == NULL) {
-    fd = open(".", O_RDONLY | O_CLOEXEC);
-  } else {
-    n = slash == path ? 1 : (size_t)(slash - path);
-    dir = malloc(n + 1);
-    if (dir == NULL) return;
-    memcpy(dir, path, n);
-    dir[n] = '\0';
-    fd = open(dir, O_RDONLY | O_CLOEXEC);
-    free(dir);
-  }
-  if (fd >= 0) {
-    (void)fsync(fd);
-    close(fd);
-  }
-}
-
-/* Stream the checkpoint to f. Returns 0, or an errno value. */
-static int write_stream(const prm_model *m, FILE *f, size_t header_len) {
-  unsigned char len8[8];
+/* prmi_write_fn: stream the checkpoint to fd (header, then the arena in
+ * little-endian chunks). Returns 0, or an errno value. */
+static int write_checkpoint(void *arg, int fd) {
+  const st_writer *w = arg;
   unsigned char chunk[4 * ST_CHUNK_FLOATS];
-  char *header = malloc(header_len);
-  size_t done = 0, n = (size_t)m->n_params;
-  if (header == NULL) return ENOMEM;
-  put_u64_le(len8, header_len);
-  write_header(m, header, header_len);
-  errno = 0;
-  if (fwrite(len8, 1, 8, f) != 8 || fwrite(header, 1, header_len, f) != header_len) {
-    free(header);
-    return errno != 0 ? errno : EIO;
-  }
-  free(header);
-  while (done < n) {
+  unsigned char *head = malloc(8 + w->header_len);
+  size_t done = 0, n = (size_t)w->m->n_params;
+  int err;
+  if (head == NULL) return ENOMEM;
+  put_u64_le(head, w->header_len);
+  write_header(w->m, (char *)head + 8, w->header_len);
+  err = prmi_fd_write_all(fd, head, 8 + w->header_len);
+  free(head);
+  while (err == 0 && done < n) {
     size_t k = n - done < ST_CHUNK_FLOATS ? n - done : ST_CHUNK_FLOATS;
-    put_f32_le(chunk, m->params + done, k);
-    if (fwrite(chunk, 4, k, f) != k) return errno != 0 ? errno : EIO;
+    put_f32_le(chunk, w->m->params + done, k);
+    err = prmi_fd_write_all(fd, chunk, 4 * k);
     done += k;
   }
-  if (fflush(f) != 0) return errno != 0 ? errno : EIO;
-  if (fsync(fileno(f)) != 0) return errno != 0 ? errno : EIO;
-  return 0;
+  return err;
 }
 
 int prm_model_save(const prm_model *model, const char *path) {
-  size_t hlen, tmp_size;
-  char *tmp;
-  char why[128];
-  int fd, err = 0;
-  FILE *f;
+  st_writer w;
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: model is NULL");
   if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: path is NULL");
-  if (checkpoint_size(model, &hlen) == 0)
+  if (checkpoint_size(model, &w.header_len) == 0)
     return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_model_save: checkpoint exceeds SIZE_MAX");
-  tmp_size = strlen(path) + sizeof ".tmp.XXXXXXXXXXXX";
-  tmp = malloc(tmp_size);
-  if (tmp == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_model_save: out of memory");
-
-  fd = open_temp(path, tmp, tmp_size, &err);
-  if (fd < 0) {
-    errno_text(err, why, sizeof why);
-    prmi_fail(NULL, PRM_ERR_IO, "prm_model_save: cannot create a temporary file next to '%s': %s",
-              path, why);
-    free(tmp);
-    return PRM_ERR_IO;
-  }
-  f = fdopen(fd, "wb");
-  if (f == NULL) {
-    err = errno;
-    close(fd);
-    goto fail;
-  }
-  err = write_stream(model, f, hlen);
-  if (fclose(f) != 0 && err == 0) err = errno != 0 ? errno : EIO;
-  if (err != 0) goto fail;
-  if (rename(tmp, path) != 0) {
-    err = errno;
-    goto fail;
-  }
-  sync_parent_dir(path);
-  free(tmp);
-  return PRM_OK;
-
-fail:
-  (void)unlink(tmp);
-  errno_text(err, why, sizeof why);
-  prmi_fail(NULL, err == ENOMEM ? PRM_ERR_NOMEM : PRM_ERR_IO,
-            "prm_model_save: writing '%s' failed: %s (file left unchanged)", path, why);
-  free(tmp);
-  return err == ENOMEM ? PRM_ERR_NOMEM : PRM_ERR_IO;
+  w.m = model;
+  return prmi_file_write_atomic(path, write_checkpoint, &w, NULL);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1612,52 +1507,14 @@ int prm_model_load_buffer(prm_model **out, const void *buf, size_t size) {
 }
 
 int prm_model_load(prm_model **out, const char *path) {
-  char why[128];
-  struct stat st;
   unsigned char *buf;
-  size_t size, got;
-  FILE *f;
+  size_t size;
   int rc;
   if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load: out is NULL");
   *out = NULL;
   if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load: path is NULL");
-  f = fopen(path, "rb");
-  if (f == NULL) {
-    errno_text(errno, why, sizeof why);
-    return prmi_fail(NULL, PRM_ERR_IO, "cannot open '%s': %s", path, why);
-  }
-  if (fstat(fileno(f), &st) != 0) {
-    errno_text(errno, why, sizeof why);
-    fclose(f);
-    return prmi_fail(NULL, PRM_ERR_IO, "cannot stat '%s': %s", path, why);
-  }
-  if (!S_ISREG(st.st_mode)) {
-    fclose(f);
-    return prmi_fail(NULL, PRM_ERR_IO, "'%s' is %s, not a regular file", path,
-                     S_ISDIR(st.st_mode) ? "a directory" : "special");
-  }
-  if (st.st_size < 0 || (uint64_t)st.st_size > SIZE_MAX - 1) {
-    fclose(f);
-    return prmi_fail(NULL, PRM_ERR_NOMEM, "'%s' is too large to load", path);
-  }
-  size = (size_t)st.st_size;
-  buf = malloc(size + 1);
-  if (buf == NULL) {
-    fclose(f);
-    return prmi_fail(NULL, PRM_ERR_NOMEM, "cannot allocate %zu bytes for '%s'", size, path);
-  }
-  errno = 0;
-  got = fread(buf, 1, size + 1, f); /* one extra byte notices a file that grew */
-  if (ferror(f) || got != size) {
-    int err = errno;
-    free(buf);
-    fclose(f);
-    if (got != size && err == 0)
-      return prmi_fail(NULL, PRM_ERR_IO, "'%s' changed size while being read", path);
-    errno_text(err != 0 ? err : EIO, why, sizeof why);
-    return prmi_fail(NULL, PRM_ERR_IO, "cannot read '%s': %s", path, why);
-  }
-  fclose(f);
+  rc = prmi_file_read_all(path, &buf, &size, NULL);
+  if (rc != PRM_OK) return rc;
   rc = load_validated(out, buf, size);
   free(buf);
   return rc;

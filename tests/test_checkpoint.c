@@ -2,9 +2,13 @@
  * test_checkpoint.c - safetensors save/load of linear, mlp and gpt2 models: round
  * trips, buffer API, atomic saves, interoperability with the PyTorch reference
  * (both directions), and corpora of malformed files that must be rejected with
- * a clear PRM_ERR_FORMAT / PRM_ERR_UNSUPPORTED, never a crash.
+ * a clear PRM_ERR_FORMAT / PRM_ERR_UNSUPPORTED, never a crash. File I/O: loads
+ * of special files (FIFO, directory, devices) that must fail at once, a file
+ * growing while read, the "<path>.tmp" of a save (leftovers, locks, links),
+ * concurrent saves, and saves killed with SIGKILL.
  */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* flock */
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -13,12 +17,19 @@
 #include <cmocka.h> /* after the three above, which it needs */
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "testutil.h"
@@ -661,7 +672,7 @@ static void test_atomic_save(void **state) {
   assert_int_equal(stat(dir, &st), 0);
   assert_true(S_ISDIR(st.st_mode));
   char tmp_prefix[300];
-  snprintf(tmp_prefix, sizeof tmp_prefix, "%s.tmp.", base);
+  snprintf(tmp_prefix, sizeof tmp_prefix, "%s.tmp", base);
   assert_int_equal(count_prefixed(tmp_prefix), 0);
   /* loading a directory is an I/O error */
   assert_int_equal(prm_model_load(&back, dir), PRM_ERR_IO);
@@ -675,7 +686,7 @@ static void test_atomic_save(void **state) {
   write_whole(path, "old contents that are not a checkpoint", 38);
   assert_int_equal(prm_model_load(&back, path), PRM_ERR_FORMAT);
   assert_int_equal(prm_model_save(m, path), PRM_OK);
-  snprintf(tmp_prefix, sizeof tmp_prefix, "%s.tmp.", base);
+  snprintf(tmp_prefix, sizeof tmp_prefix, "%s.tmp", base);
   assert_int_equal(count_prefixed(tmp_prefix), 0);
   size_t nf, nb;
   unsigned char *file = read_whole(path, &nf), *mem = save_mem(m, &nb);
@@ -744,6 +755,319 @@ static void test_duplicate_keys_bounds(void **state) {
   expect_fail(buf, n, PRM_ERR_FORMAT, "duplicate __metadata__ key 'zzzzzzzzzz");
   assert_non_null(strstr(prm_last_errmsg(), "...'"));
   free(buf);
+}
+
+/* The load of a path that is not a regular file fails fast with PRM_ERR_IO
+ * and a message containing `needle`. */
+static void expect_load_io(const char *path, const char *needle) {
+  prm_model *m = (prm_model *)(uintptr_t)1;
+  int rc;
+  alarm(20); /* a regression that blocks in open() kills the test, not the CI job */
+  rc = prm_model_load(&m, path);
+  alarm(0);
+  if (rc != PRM_ERR_IO)
+    fail_msg("loading %s: expected PRM_ERR_IO, got %s (%s)", path, prm_status_string(rc),
+             prm_last_errmsg());
+  assert_null(m);
+  if (strstr(prm_last_errmsg(), needle) == NULL)
+    fail_msg("message '%s' lacks '%s'", prm_last_errmsg(), needle);
+}
+
+static void test_load_special_files(void **state) {
+  (void)state;
+  char path[512];
+  prmt_tmp_path(path, sizeof path, "ckpt_fifo");
+  unlink(path);
+  assert_int_equal(mkfifo(path, 0600), 0);
+  expect_load_io(path, "is a FIFO, not a regular file"); /* no writer: must not block */
+  unlink(path);
+  prmt_tmp_path(path, sizeof path, "ckpt_dir");
+  assert_int_equal(mkdir(path, 0700), 0);
+  expect_load_io(path, "is a directory, not a regular file");
+  rmdir(path);
+  if (access("/dev/zero", R_OK) == 0) expect_load_io("/dev/zero", "character device");
+  if (access("/dev/null", R_OK) == 0) expect_load_io("/dev/null", "character device");
+  /* a "regular" file whose st_size (0) understates what read() returns */
+  if (access("/proc/self/status", R_OK) == 0)
+    expect_load_io("/proc/self/status", "changed while being read");
+  prmt_tmp_path(path, sizeof path, "ckpt_missing");
+  expect_load_io(path, "cannot open");
+}
+
+/* ---- a file that grows while being read ---------------------------------------- */
+
+typedef struct appender {
+  const char *path;
+  atomic_int stop;
+  long appended;
+} appender;
+
+static void *append_loop(void *arg) {
+  appender *a = arg;
+  int fd = open(a->path, O_WRONLY | O_APPEND | O_CLOEXEC);
+  static const char junk[4096] = {0};
+  if (fd < 0) return NULL;
+  /* at most 16 MB beyond the checkpoint, in small steps */
+  while (!atomic_load(&a->stop) && a->appended < 16L << 20) {
+    if (write(fd, junk, 256) != 256) break;
+    a->appended += 256;
+  }
+  close(fd);
+  return NULL;
+}
+
+static void test_load_growing_file(void **state) {
+  (void)state;
+  const uint64_t h[1] = {256};
+  prm_model *m = prmt_mlp(512, h, 1, PRM_ACT_RELU, 21); /* about 0.5 MB */
+  char path[512];
+  pthread_t t;
+  appender a;
+  int ok = 0, changed = 0;
+  prmt_tmp_path(path, sizeof path, "ckpt_growing");
+  assert_int_equal(prm_model_save(m, path), PRM_OK);
+  a.path = path;
+  a.appended = 0;
+  atomic_init(&a.stop, 0);
+  assert_int_equal(pthread_create(&t, NULL, append_loop, &a), 0);
+  /* Whatever the interleaving: the checkpoint (bytes after it are allowed)
+   * or PRM_ERR_IO "changed while being read"; never a torn model. */
+  for (int i = 0; i < 8; i++) {
+    prm_model *back = NULL;
+    int rc = prm_model_load(&back, path);
+    if (rc == PRM_OK) {
+      assert_same_model(m, back);
+      prm_model_free(back);
+      ok++;
+    } else {
+      if (rc != PRM_ERR_IO || strstr(prm_last_errmsg(), "changed while being read") == NULL)
+        fail_msg("load of a growing file: %s (%s)", prm_status_string(rc), prm_last_errmsg());
+      assert_null(back);
+      changed++;
+    }
+  }
+  atomic_store(&a.stop, 1);
+  assert_int_equal(pthread_join(t, NULL), 0);
+  prm_model *back = NULL; /* at rest: the checkpoint with bytes after it */
+  assert_int_equal(prm_model_load(&back, path), PRM_OK);
+  assert_same_model(m, back);
+  prm_model_free(back);
+  if (getenv("PRM_TEST_VERBOSE") != NULL)
+    print_message("growing file: %d loads, %d refused as changed, %ld bytes appended\n", ok,
+                  changed, a.appended);
+  unlink(path);
+  prm_model_free(m);
+}
+
+/* ---- the temporary file of a save -------------------------------------------------- */
+
+static int file_equals(const char *path, const unsigned char *bytes, size_t n) {
+  size_t nf;
+  unsigned char *f = read_whole(path, &nf);
+  int same = nf == n && memcmp(f, bytes, n) == 0;
+  free(f);
+  return same;
+}
+
+/* Entries "<base>.tmp*" beside <base> (any temporary-file naming). */
+static int count_temps(const char *base) {
+  char prefix[300];
+  snprintf(prefix, sizeof prefix, "%s.tmp", base);
+  return count_prefixed(prefix);
+}
+
+static void test_save_temp_file(void **state) {
+  (void)state;
+  char base[256], path[512], tmp[600], link_target[600];
+  prm_model *a = prmt_linear(6, 1), *b = prmt_linear(6, 2);
+  size_t na, nb;
+  unsigned char *bytes_a = save_mem(a, &na), *bytes_b = save_mem(b, &nb);
+  struct stat st;
+  snprintf(base, sizeof base, "ckpt_tmpfile.%ld", (long)getpid());
+  snprintf(path, sizeof path, "%s/%s", PRM_TEST_TMPDIR, base);
+  snprintf(tmp, sizeof tmp, "%s.tmp", path);
+  assert_int_equal(prm_model_save(a, path), PRM_OK);
+
+  /* a crashed save's leftover (garbage, mode 0600) is replaced: the new file
+   * has the mode of a fresh file, 0666 & ~umask, and no leftover remains */
+  write_whole(tmp, "half a checkpoint", 17);
+  assert_int_equal(chmod(tmp, 0600), 0);
+  mode_t old_mask = umask(022);
+  assert_int_equal(prm_model_save(b, path), PRM_OK);
+  umask(old_mask);
+  assert_true(file_equals(path, bytes_b, nb));
+  assert_int_equal(stat(path, &st), 0);
+  assert_int_equal(st.st_mode & 0777, 0644);
+  assert_int_equal(count_temps(base), 0);
+
+  /* a save in progress (it holds the lock on <path>.tmp): PRM_ERR_IO, and
+   * neither the target nor the other save's file is touched */
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  assert_true(fd >= 0);
+  assert_int_equal(flock(fd, LOCK_EX | LOCK_NB), 0);
+  assert_int_equal(write(fd, "partial", 7), 7);
+  assert_int_equal(prm_model_save(a, path), PRM_ERR_IO);
+  assert_non_null(strstr(prm_last_errmsg(), "another save to"));
+  assert_non_null(strstr(prm_last_errmsg(), "is in progress"));
+  assert_non_null(strstr(prm_last_errmsg(), base));
+  assert_true(file_equals(path, bytes_b, nb));
+  assert_true(file_equals(tmp, (const unsigned char *)"partial", 7));
+  close(fd); /* that save "died": its lock is gone, its file stays */
+  assert_int_equal(count_temps(base), 1);
+  assert_int_equal(prm_model_save(a, path), PRM_OK);
+  assert_true(file_equals(path, bytes_a, na));
+  assert_int_equal(count_temps(base), 0);
+
+  /* "<path>.tmp" that is not a regular file is refused, quickly, and kept */
+  assert_int_equal(mkfifo(tmp, 0600), 0);
+  alarm(20);
+  assert_int_equal(prm_model_save(b, path), PRM_ERR_IO);
+  alarm(0);
+  assert_non_null(strstr(prm_last_errmsg(), "is a FIFO, not a regular file"));
+  assert_true(file_equals(path, bytes_a, na));
+  assert_int_equal(lstat(tmp, &st), 0);
+  assert_true(S_ISFIFO(st.st_mode));
+  unlink(tmp);
+  assert_int_equal(mkdir(tmp, 0700), 0);
+  assert_int_equal(prm_model_save(b, path), PRM_ERR_IO);
+  assert_true(file_equals(path, bytes_a, na));
+  assert_int_equal(rmdir(tmp), 0);
+  /* ... and a symbolic link is never written through */
+  snprintf(link_target, sizeof link_target, "%s.target", path);
+  write_whole(link_target, "keep me", 7);
+  assert_int_equal(symlink(link_target, tmp), 0);
+  assert_int_equal(prm_model_save(b, path), PRM_ERR_IO);
+  assert_non_null(strstr(prm_last_errmsg(), "symbolic link"));
+  assert_true(file_equals(link_target, (const unsigned char *)"keep me", 7));
+  assert_true(file_equals(path, bytes_a, na));
+  unlink(tmp);
+  unlink(link_target);
+
+  unlink(path);
+  free(bytes_a);
+  free(bytes_b);
+  prm_model_free(a);
+  prm_model_free(b);
+}
+
+/* Several threads save to one target at once: each save succeeds or says
+ * another is in progress; the file is always one whole checkpoint. */
+typedef struct saver {
+  const prm_model *m;
+  const char *path;
+  int ok, busy, other;
+} saver;
+
+static void *save_loop(void *arg) {
+  saver *s = arg;
+  for (int i = 0; i < 20; i++) {
+    int rc = prm_model_save(s->m, s->path);
+    if (rc == PRM_OK)
+      s->ok++;
+    else if (rc == PRM_ERR_IO && strstr(prm_last_errmsg(), "in progress") != NULL)
+      s->busy++;
+    else
+      s->other++;
+  }
+  return NULL;
+}
+
+static void test_concurrent_saves(void **state) {
+  (void)state;
+  enum { T = 4 };
+  const uint64_t h[1] = {64};
+  prm_model *m[2] = {prmt_mlp(64, h, 1, PRM_ACT_TANH, 31), prmt_mlp(64, h, 1, PRM_ACT_TANH, 32)};
+  size_t n[2];
+  unsigned char *bytes[2] = {save_mem(m[0], &n[0]), save_mem(m[1], &n[1])};
+  char base[256], path[512];
+  pthread_t t[T];
+  saver s[T];
+  int ok = 0;
+  snprintf(base, sizeof base, "ckpt_concurrent.%ld", (long)getpid());
+  snprintf(path, sizeof path, "%s/%s", PRM_TEST_TMPDIR, base);
+  for (int i = 0; i < T; i++) {
+    s[i] = (saver){m[i % 2], path, 0, 0, 0};
+    assert_int_equal(pthread_create(&t[i], NULL, save_loop, &s[i]), 0);
+  }
+  for (int i = 0; i < T; i++) {
+    assert_int_equal(pthread_join(t[i], NULL), 0);
+    assert_int_equal(s[i].other, 0);
+    ok += s[i].ok;
+  }
+  assert_true(ok > 0);
+  assert_true(file_equals(path, bytes[0], n[0]) || file_equals(path, bytes[1], n[1]));
+  assert_int_equal(count_temps(base), 0);
+  unlink(path);
+  for (int i = 0; i < 2; i++) {
+    free(bytes[i]);
+    prm_model_free(m[i]);
+  }
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/*
+ * SIGKILL a process that saves two models to one path in turns, at 30
+ * moments spread over about two saves. After each kill the path holds one
+ * whole checkpoint, old or new, and at most one temporary file lies beside
+ * it (the next save removes it): crashes cannot pile up litter.
+ */
+static void test_killed_saves(void **state) {
+  (void)state;
+  enum { KILLS = 30 };
+  const uint64_t h[1] = {1024};
+  prm_model *m[2] = {prmt_mlp(512, h, 1, PRM_ACT_RELU, 41), prmt_mlp(512, h, 1, PRM_ACT_RELU, 42)};
+  size_t n[2];
+  unsigned char *bytes[2] = {save_mem(m[0], &n[0]), save_mem(m[1], &n[1])}; /* 2 MB each */
+  char base[256], path[512];
+  int leftovers = 0;
+  double t0, one_save;
+  snprintf(base, sizeof base, "ckpt_killed.%ld", (long)getpid());
+  snprintf(path, sizeof path, "%s/%s", PRM_TEST_TMPDIR, base);
+  t0 = now_s();
+  assert_int_equal(prm_model_save(m[1], path), PRM_OK);
+  assert_int_equal(prm_model_save(m[0], path), PRM_OK);
+  one_save = (now_s() - t0) / 2;
+  for (int k = 0; k < KILLS; k++) {
+    double delay = one_save * 2.0 * k / KILLS;
+    struct timespec ts = {(time_t)delay, (long)((delay - (double)(time_t)delay) * 1e9)};
+    int status;
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) { /* child: no cmocka here, only saves until killed */
+      for (;;)
+        for (int i = 1; i >= 0; i--)
+          if (prm_model_save(m[i], path) != PRM_OK) _exit(3);
+    }
+    nanosleep(&ts, NULL);
+    assert_int_equal(kill(pid, SIGKILL), 0);
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    if (!WIFSIGNALED(status)) fail_msg("kill %d: the saving child exited (status %d)", k, status);
+
+    prm_model *back = NULL;
+    assert_int_equal(prm_model_load(&back, path), PRM_OK);
+    prm_model_free(back);
+    if (!file_equals(path, bytes[0], n[0]) && !file_equals(path, bytes[1], n[1]))
+      fail_msg("kill %d: the target is neither the old nor the new checkpoint", k);
+    int temps = count_temps(base);
+    if (temps > 1) fail_msg("kill %d: %d temporary files beside the target", k, temps);
+    leftovers += temps;
+  }
+  if (getenv("PRM_TEST_VERBOSE") != NULL)
+    print_message("killed saves: one save %.1f ms, %d kills left a temporary file\n",
+                  one_save * 1e3, leftovers);
+  assert_int_equal(prm_model_save(m[0], path), PRM_OK);
+  assert_true(file_equals(path, bytes[0], n[0]));
+  assert_int_equal(count_temps(base), 0);
+  unlink(path);
+  for (int i = 0; i < 2; i++) {
+    free(bytes[i]);
+    prm_model_free(m[i]);
+  }
 }
 
 /* ---- gpt2 ------------------------------------------------------------------------ */
@@ -1503,6 +1827,11 @@ int main(void) {
       cmocka_unit_test(test_header_mutations),
       cmocka_unit_test(test_atomic_save),
       cmocka_unit_test(test_duplicate_keys_bounds),
+      cmocka_unit_test(test_load_special_files),
+      cmocka_unit_test(test_load_growing_file),
+      cmocka_unit_test(test_save_temp_file),
+      cmocka_unit_test(test_concurrent_saves),
+      cmocka_unit_test(test_killed_saves),
       cmocka_unit_test(test_roundtrip_gpt2),
       cmocka_unit_test(test_roundtrip_gpt2_deep),
       cmocka_unit_test(test_gpt2_malformed),
