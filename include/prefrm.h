@@ -127,8 +127,11 @@ typedef struct prm_model prm_model;
 typedef enum prm_arch {
   PRM_ARCH_LINEAR = 1, /**< r = w . x over dense features */
   PRM_ARCH_MLP = 2,    /**< h <- act(W h + b) per hidden layer, r = w . h */
-  PRM_ARCH_GPT2 = 3    /**< GPT-2 transformer over token ids (Hugging Face
+  PRM_ARCH_GPT2 = 3,   /**< GPT-2 transformer over token ids (Hugging Face
                             GPT2ForSequenceClassification, num_labels 1) */
+  PRM_ARCH_LLAMA = 4   /**< Llama-family transformer over token ids (Hugging
+                            Face LlamaForSequenceClassification, num_labels
+                            1; Qwen2 and Qwen3 variants as options) */
 } prm_arch;
 
 /** Activation functions of the mlp architecture. Values pinned. */
@@ -140,7 +143,7 @@ typedef enum prm_activation {
 
 #define PRM_MAX_HIDDEN 16 /**< most hidden layers an mlp may have */
 
-#define PRM_MODEL_OPTIONS_VERSION 1
+#define PRM_MODEL_OPTIONS_VERSION 2
 
 /** Model configuration. Initialise with prm_model_options_init. */
 typedef struct prm_model_options {
@@ -152,17 +155,31 @@ typedef struct prm_model_options {
   int32_t activation;   /**< prm_activation (default PRM_ACT_GELU_TANH) */
   uint32_t n_hidden;    /**< hidden layers, 1..PRM_MAX_HIDDEN */
   uint64_t hidden[PRM_MAX_HIDDEN]; /**< width of each hidden layer (>= 1) */
-  /* gpt2 */
+  /* gpt2 and llama */
   uint64_t vocab_size;  /**< token ids are 0 .. vocab_size-1 */
-  uint64_t n_ctx;       /**< positions (wpe rows): longest sequence */
+  uint64_t n_ctx;       /**< longest sequence (gpt2: wpe rows; llama: HF
+                             max_position_embeddings, no table) */
   uint64_t n_embd;      /**< width C */
   uint64_t n_layer;     /**< transformer blocks, 1..128 */
-  uint64_t n_head;      /**< attention heads; must divide n_embd */
+  uint64_t n_head;      /**< attention heads; gpt2: must divide n_embd */
+  /* ---- version 2 ---- */
+  /* llama (HF config.json name in brackets) */
+  uint64_t n_kv_head;   /**< key/value heads [num_key_value_heads]; must
+                             divide n_head; 0: n_head (plain multi-head) */
+  uint64_t head_dim;    /**< width of one head [head_dim], even; 0:
+                             n_embd / n_head (which must then divide) */
+  uint64_t n_ffn;       /**< SwiGLU width [intermediate_size]; 0: Meta's
+                             rule 256 * ceil(8 n_embd / 3 / 256) */
+  double rope_theta;    /**< RoPE base [rope_theta] (default 10000) */
+  double rms_eps;       /**< RMSNorm eps [rms_norm_eps] (default 1e-6) */
+  int32_t attn_bias;    /**< non-zero: q/k/v projections have biases (Qwen2) */
+  int32_t qk_norm;      /**< non-zero: per-head RMSNorm of q and k before
+                             the rotation (Qwen3) */
 } prm_model_options;
 
 #define PRM_MODEL_OPTIONS_INIT \
   { PRM_MODEL_OPTIONS_VERSION, PRM_ARCH_LINEAR, 0, 0, PRM_ACT_GELU_TANH, 0, \
-    {0}, 0, 0, 0, 0, 0 }
+    {0}, 0, 0, 0, 0, 0, 0, 0, 0, 10000.0, 1e-6, 0, 0 }
 
 /**
  * Fill *opts with defaults (linear, seed 0, gelu-tanh activation, every size

@@ -28,12 +28,32 @@
  * the backward recomputes the probabilities from q, k and it.
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 
 #define LN_EPS 1e-5f
+
+/* Parameter offsets of one GPT-2 block (Conv1D weights are [in, out]). */
+typedef struct gpt2_block {
+  uint64_t start;            /* first parameter of the block */
+  uint64_t ln1_w, ln1_b;     /* [C] */
+  uint64_t attn_w, attn_b;   /* [C, 3C], [3C]: q | k | v */
+  uint64_t aproj_w, aproj_b; /* [C, C], [C] */
+  uint64_t ln2_w, ln2_b;     /* [C] */
+  uint64_t fc_w, fc_b;       /* [C, 4C], [4C] */
+  uint64_t mproj_w, mproj_b; /* [4C, C], [C] */
+} gpt2_block;
+
+typedef struct gpt2_layout {
+  uint64_t wte, wpe;     /* [V, C], [n_ctx, C] */
+  uint64_t lnf_w, lnf_b; /* [C] */
+  gpt2_block blocks[];   /* [n_layer] */
+} gpt2_layout;
+
+#define LAYOUT(m) ((const gpt2_layout *)(m)->layout)
 
 /* ---- LayerNorm ------------------------------------------------------------------------ */
 
@@ -246,7 +266,7 @@ typedef struct gpt2_last_acts {
   float *out;      /* (R, C) residual stream leaving the last block */
 } gpt2_last_acts;
 
-struct prmi_gpt2_acts {
+typedef struct gpt2_acts {
   uint64_t max_tok; /* max_rows * max_len */
   uint64_t max_rows;
   uint64_t n_tok;   /* tokens of the last forward */
@@ -266,16 +286,16 @@ struct prmi_gpt2_acts {
   float *d_lastq;   /* (R, C) */
   float **blocks; /* every allocation, for free: one per full block + 16 */
   int n_blocks, cap_blocks;
-};
+} gpt2_acts;
 
-static float *take(prmi_gpt2_acts *g, uint64_t n_floats) {
+static float *take(gpt2_acts *g, uint64_t n_floats) {
   if (g->n_blocks >= g->cap_blocks) return NULL;
   float *p = prmi_calloc(n_floats, sizeof(float));
   if (p != NULL) g->blocks[g->n_blocks++] = p;
   return p;
 }
 
-void prmi_gpt2_acts_free(prmi_gpt2_acts *g) {
+static void gpt2_acts_free(gpt2_acts *g) {
   if (g == NULL) return;
   for (int i = 0; i < g->n_blocks; i++) prmi_free(g->blocks[i]);
   free(g->blocks);
@@ -291,8 +311,8 @@ void prmi_gpt2_acts_free(prmi_gpt2_acts *g) {
  * LayerNorm stats (4), lse (NH). The last block keeps res, ln1, ln1 stats and
  * qkv per token (5C + 2) plus compact per-sequence buffers.
  */
-uint64_t prmi_gpt2_acts_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
-                               int inference) {
+static uint64_t gpt2_acts_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
+                                 int inference) {
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
   const uint64_t R = max_rows, T = max_rows * max_len;
   const uint64_t full_sets = inference ? (L > 1 ? 1 : 0) : L - 1;
@@ -304,11 +324,11 @@ uint64_t prmi_gpt2_acts_floats(const prm_model *m, uint64_t max_rows, uint64_t m
   return f;
 }
 
-prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
-                                   int inference) {
+static gpt2_acts *gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
+                                int inference) {
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
   const uint64_t T = max_rows * max_len, R = max_rows;
-  prmi_gpt2_acts *g = calloc(1, sizeof *g);
+  gpt2_acts *g = calloc(1, sizeof *g);
   if (g == NULL) return NULL;
   g->max_tok = T;
   g->max_rows = R;
@@ -389,7 +409,7 @@ prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64
     ok = g->d_res && g->d_c && g->d_3c && g->d_4c && g->d_last && g->d_lastq;
   }
   if (!ok) {
-    prmi_gpt2_acts_free(g);
+    gpt2_acts_free(g);
     return NULL;
   }
   return g;
@@ -397,7 +417,8 @@ prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64
 
 /* ---- validation ------------------------------------------------------------------------- */
 
-int prmi_gpt2_check_batch(prm_ctx *ctx, const prm_batch *b) {
+static int gpt2_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {
+  *stride = 0;
   const prm_model *m = ctx->model;
   if (b->tokens == NULL) return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->tokens is NULL");
   if (b->lengths == NULL)
@@ -429,11 +450,11 @@ int prmi_gpt2_check_batch(prm_ctx *ctx, const prm_batch *b) {
 /* ---- forward -------------------------------------------------------------------------- */
 
 /* A full block l: every token. */
-static void block_forward(const prm_model *m, prmi_gpt2_acts *g, uint64_t l, float *res_next,
+static void block_forward(const prm_model *m, gpt2_acts *g, uint64_t l, float *res_next,
                           int inference, uint64_t n) {
   const float *p = m->params;
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, N = g->n_tok;
-  const prmi_block *B = &m->blocks[l];
+  const gpt2_block *B = &LAYOUT(m)->blocks[l];
   gpt2_layer_acts *a = &g->layer[l];
   layernorm_forward(a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
   dense_forward(a->qkv, a->ln1, p + B->attn_w, p + B->attn_b, N, C, 3 * C, 0);
@@ -457,12 +478,12 @@ static void block_forward(const prm_model *m, prmi_gpt2_acts *g, uint64_t l, flo
  * token r_i of each sequence only (compact rows i = 0..n-1). Attention of one
  * query: s_j = q.k_j / sqrt(hs) over the sequence's tokens j.
  */
-static void last_block_forward(const prm_model *m, prmi_gpt2_acts *g, uint64_t n) {
+static void last_block_forward(const prm_model *m, gpt2_acts *g, uint64_t n) {
   const float *p = m->params;
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer, N = g->n_tok;
   const uint64_t hs = C / NH;
   const float scale = 1.0f / sqrtf((float)hs);
-  const prmi_block *B = &m->blocks[L - 1];
+  const gpt2_block *B = &LAYOUT(m)->blocks[L - 1];
   gpt2_layer_acts *a = &g->layer[L - 1];
   gpt2_last_acts *z = &g->last;
   layernorm_forward(a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
@@ -506,9 +527,14 @@ static void last_block_forward(const prm_model *m, prmi_gpt2_acts *g, uint64_t n
   dense_forward(z->out, z->fch, p + B->mproj_w, p + B->mproj_b, n, 4 * C, C, 1);
 }
 
-void prmi_gpt2_forward(prm_ctx *ctx, const prm_batch *b, float *scores) {
+/* Token ids were validated before anything is written, and are packed into
+ * the context: no borrowed input survives the call, and nothing can fail. */
+static int gpt2_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, float *scores,
+                        int copy_input) {
+  (void)stride;
+  (void)copy_input;
   const prm_model *m = ctx->model;
-  prmi_gpt2_acts *g = ctx->gpt2;
+  gpt2_acts *g = ctx->acts;
   const float *p = m->params;
   const uint64_t C = m->opts.n_embd, L = m->opts.n_layer;
   const uint64_t n = b->n;
@@ -526,8 +552,8 @@ void prmi_gpt2_forward(prm_ctx *ctx, const prm_batch *b, float *scores) {
   float *res0 = g->layer[0].res;
   for (uint64_t i = 0; i < n; i++)
     for (uint64_t r = g->off[i]; r < g->off[i + 1]; r++) {
-      const float *te = p + m->wte + (uint64_t)g->ids[r] * C;
-      const float *pe = p + m->wpe + (r - g->off[i]) * C;
+      const float *te = p + LAYOUT(m)->wte + (uint64_t)g->ids[r] * C;
+      const float *pe = p + LAYOUT(m)->wpe + (r - g->off[i]) * C;
       float *o = res0 + r * C;
       for (uint64_t j = 0; j < C; j++) o[j] = te[j] + pe[j];
     }
@@ -536,28 +562,30 @@ void prmi_gpt2_forward(prm_ctx *ctx, const prm_batch *b, float *scores) {
     block_forward(m, g, l, g->layer[l + 1].res, ctx->inference, n);
   last_block_forward(m, g, n);
   /* head: final LayerNorm and score at the last token of each sequence */
-  const float *w = p + m->head.w_off;
-  layernorm_forward(g->lnf, g->lnf_stat, g->last.out, p + m->lnf_w, p + m->lnf_b, n, C);
+  const float *w = p + m->head_w;
+  layernorm_forward(g->lnf, g->lnf_stat, g->last.out, p + LAYOUT(m)->lnf_w, p + LAYOUT(m)->lnf_b,
+                    n, C);
   for (uint64_t i = 0; i < n; i++) {
     float s = 0.0f;
     for (uint64_t j = 0; j < C; j++) s += g->lnf[i * C + j] * w[j];
     scores[i] = s;
   }
+  return PRM_OK;
 }
 
 /* ---- backward ------------------------------------------------------------------------- */
 
 /* Gradient slot of the parameter at arena offset `off`, or NULL if frozen. */
 static float *gslot(const prm_ctx *ctx, uint64_t off) {
-  return off >= ctx->trainable_offset ? ctx->grads + (off - ctx->trainable_offset) : NULL;
+  return prmi_grad_slot((prm_ctx *)ctx, off);
 }
 
 /* Backward of a full block l; g->d_res holds d(res_{l+1}) and receives d(res_l). */
-static void block_backward(const prm_ctx *ctx, prmi_gpt2_acts *g, uint64_t l, uint64_t n) {
+static void block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t l, uint64_t n) {
   const prm_model *m = ctx->model;
   const float *p = m->params;
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, N = g->n_tok;
-  const prmi_block *B = &m->blocks[l];
+  const gpt2_block *B = &LAYOUT(m)->blocks[l];
   const gpt2_layer_acts *a = &g->layer[l];
   /* res_{l+1} = res2 + fch Wm + bm */
   dense_backward(g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), g->d_res, a->fch,
@@ -583,13 +611,13 @@ static void block_backward(const prm_ctx *ctx, prmi_gpt2_acts *g, uint64_t l, ui
 
 /* Backward of the last block: g->d_last holds d(out) (n, C); g->d_res
  * receives d(res_{L-1}) for all N tokens. */
-static void last_block_backward(const prm_ctx *ctx, prmi_gpt2_acts *g, uint64_t n) {
+static void last_block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
   const prm_model *m = ctx->model;
   const float *p = m->params;
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer, N = g->n_tok;
   const uint64_t hs = C / NH;
   const float scale = 1.0f / sqrtf((float)hs);
-  const prmi_block *B = &m->blocks[L - 1];
+  const gpt2_block *B = &LAYOUT(m)->blocks[L - 1];
   const gpt2_layer_acts *a = &g->layer[L - 1];
   const gpt2_last_acts *z = &g->last;
   float *dz = g->d_last; /* d(out), then d(res2): out = res2 + ... */
@@ -654,34 +682,34 @@ static void last_block_backward(const prm_ctx *ctx, prmi_gpt2_acts *g, uint64_t 
                      p + B->ln1_w, a->ln1_stat, N, C);
 }
 
-void prmi_gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
+static void gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   const prm_model *m = ctx->model;
-  prmi_gpt2_acts *g = ctx->gpt2;
+  gpt2_acts *g = ctx->acts;
   const float *p = m->params;
   const uint64_t C = m->opts.n_embd, L = m->opts.n_layer;
-  const float *w = p + m->head.w_off;
+  const float *w = p + m->head_w;
 
   /* head: score_i = w . lnf_i */
-  float *gw = gslot(ctx, m->head.w_off);
+  float *gw = gslot(ctx, m->head_w);
   if (gw != NULL)
     for (uint64_t i = 0; i < n; i++)
       for (uint64_t j = 0; j < C; j++) gw[j] += dscores[i] * g->lnf[i * C + j];
-  if (ctx->trainable_offset > m->lnf_w) return; /* nothing below the head trains */
+  if (ctx->trainable_offset > LAYOUT(m)->lnf_w) return; /* nothing below the head trains */
 
   /* final LayerNorm: d(out) of the last block, compact */
   memset(g->d_last, 0, n * C * sizeof(float));
   for (uint64_t i = 0; i < n; i++)
     for (uint64_t j = 0; j < C; j++) g->d_c[i * C + j] = dscores[i] * w[j];
-  layernorm_backward(g->d_last, gslot(ctx, m->lnf_w), gslot(ctx, m->lnf_b), g->d_c, g->last.out,
-                     p + m->lnf_w, g->lnf_stat, n, C);
-  if (m->blocks[L - 1].start < ctx->trainable_offset) return; /* blocks frozen */
+  layernorm_backward(g->d_last, gslot(ctx, LAYOUT(m)->lnf_w), gslot(ctx, LAYOUT(m)->lnf_b), g->d_c, g->last.out,
+                     p + LAYOUT(m)->lnf_w, g->lnf_stat, n, C);
+  if (LAYOUT(m)->blocks[L - 1].start < ctx->trainable_offset) return; /* blocks frozen */
   last_block_backward(ctx, g, n);
   for (uint64_t l = L - 1; l-- > 0;) {
-    if (m->blocks[l].start < ctx->trainable_offset) return; /* this and all below frozen */
+    if (LAYOUT(m)->blocks[l].start < ctx->trainable_offset) return; /* this and all below frozen */
     block_backward(ctx, g, l, n);
   }
   /* embeddings (only when everything trains) */
-  float *gte = gslot(ctx, m->wte), *gpe = gslot(ctx, m->wpe);
+  float *gte = gslot(ctx, LAYOUT(m)->wte), *gpe = gslot(ctx, LAYOUT(m)->wpe);
   if (gte == NULL) return;
   for (uint64_t i = 0; i < n; i++)
     for (uint64_t r = g->off[i]; r < g->off[i + 1]; r++) {
@@ -693,3 +721,304 @@ void prmi_gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
       }
     }
 }
+
+/* ---- model ---------------------------------------------------------------------------- */
+
+static int gpt2_normalise(prm_model_options *o, uint64_t *n_params, uint32_t *n_tensors) {
+  int rc;
+  if ((rc = prmi_check_dim(o->vocab_size, "vocab_size")) != PRM_OK ||
+      (rc = prmi_check_dim(o->n_ctx, "n_ctx")) != PRM_OK ||
+      (rc = prmi_check_dim(o->n_embd, "n_embd")) != PRM_OK ||
+      (rc = prmi_check_dim(o->n_head, "n_head")) != PRM_OK)
+    return rc;
+  if (o->n_layer < 1 || o->n_layer > PRMI_GPT2_MAX_LAYER)
+    return prmi_fail(NULL, PRM_ERR_INVALID, "model: n_layer = %llu not in [1, %d]",
+                     (unsigned long long)o->n_layer, PRMI_GPT2_MAX_LAYER);
+  if (o->n_embd % o->n_head != 0)
+    return prmi_fail(NULL, PRM_ERR_INVALID, "model: n_head = %llu does not divide n_embd = %llu",
+                     (unsigned long long)o->n_head, (unsigned long long)o->n_embd);
+  if (o->n_ctx > PRMI_GPT2_MAX_CTX || o->n_embd > PRMI_GPT2_MAX_CTX * 16)
+    return prmi_fail(NULL, PRM_ERR_INVALID, "model: n_ctx or n_embd too large");
+  const prm_model_options d = PRM_MODEL_OPTIONS_INIT;
+  o->input_size = 0;
+  o->activation = PRM_ACT_GELU_TANH; /* GPT-2's MLP: gelu, tanh form */
+  o->n_hidden = 0;
+  for (uint32_t i = 0; i < PRM_MAX_HIDDEN; i++) o->hidden[i] = 0;
+  o->n_kv_head = o->head_dim = o->n_ffn = 0;
+  o->rope_theta = d.rope_theta;
+  o->rms_eps = d.rms_eps;
+  o->attn_bias = o->qk_norm = 0;
+  const uint64_t C = o->n_embd;
+  uint64_t per_block = 12 * C * C + 13 * C; /* 2 LN, qkv, proj, fc, fc proj */
+  if (o->vocab_size > PRMI_MAX_PARAMS / C || o->n_layer > PRMI_MAX_PARAMS / per_block)
+    return prmi_fail(NULL, PRM_ERR_INVALID, "model: more than 2^34 parameters");
+  *n_params = (o->vocab_size + o->n_ctx) * C + o->n_layer * per_block + 3 * C;
+  *n_tensors = 2 + 12 * (uint32_t)o->n_layer + 3;
+  return PRM_OK;
+}
+
+/* Hugging Face GPT2ForSequenceClassification names and shapes, in the order
+ * of its state_dict (layer-major, so "the last k blocks + head" is a suffix
+ * of the arena). Conv1D weights are [in, out]. */
+static int gpt2_layout_new(prm_model *m) {
+  const uint64_t C = m->opts.n_embd, L = m->opts.n_layer;
+  gpt2_layout *Ly = calloc(1, sizeof *Ly + L * sizeof(gpt2_block));
+  if (Ly == NULL) return PRM_ERR_NOMEM;
+  m->layout = Ly;
+  char name[PRMI_NAME_SIZE];
+  Ly->wte = prmi_model_add_tensor(m, "transformer.wte.weight", 2, m->opts.vocab_size, C);
+  Ly->wpe = prmi_model_add_tensor(m, "transformer.wpe.weight", 2, m->opts.n_ctx, C);
+  for (uint64_t l = 0; l < L; l++) {
+    gpt2_block *b = &Ly->blocks[l];
+#define T2(field, suffix, d0, d1)                                                                  \
+  snprintf(name, sizeof name, "transformer.h.%llu.%s", (unsigned long long)l, suffix);             \
+  b->field = prmi_model_add_tensor(m, name, 2, d0, d1)
+#define T1(field, suffix, d0)                                                                      \
+  snprintf(name, sizeof name, "transformer.h.%llu.%s", (unsigned long long)l, suffix);             \
+  b->field = prmi_model_add_tensor(m, name, 1, d0, 0)
+    b->start = m->n_params;
+    T1(ln1_w, "ln_1.weight", C);
+    T1(ln1_b, "ln_1.bias", C);
+    T2(attn_w, "attn.c_attn.weight", C, 3 * C);
+    T1(attn_b, "attn.c_attn.bias", 3 * C);
+    T2(aproj_w, "attn.c_proj.weight", C, C);
+    T1(aproj_b, "attn.c_proj.bias", C);
+    T1(ln2_w, "ln_2.weight", C);
+    T1(ln2_b, "ln_2.bias", C);
+    T2(fc_w, "mlp.c_fc.weight", C, 4 * C);
+    T1(fc_b, "mlp.c_fc.bias", 4 * C);
+    T2(mproj_w, "mlp.c_proj.weight", 4 * C, C);
+    T1(mproj_b, "mlp.c_proj.bias", C);
+#undef T1
+#undef T2
+  }
+  Ly->lnf_w = prmi_model_add_tensor(m, "transformer.ln_f.weight", 1, C, 0);
+  Ly->lnf_b = prmi_model_add_tensor(m, "transformer.ln_f.bias", 1, C, 0);
+  m->head_in = C;
+  m->head_w = prmi_model_add_tensor(m, "score.weight", 2, 1, C);
+  return PRM_OK;
+}
+
+static void gpt2_layout_free(void *layout) { free(layout); }
+
+/* 1 when `name` ends with `suffix`. */
+static int ends_with(const char *name, const char *suffix) {
+  size_t n = strlen(name), k = strlen(suffix);
+  return n >= k && strcmp(name + n - k, suffix) == 0;
+}
+
+/* GPT-2: LayerNorm 1/0, biases 0, weights N(0, 0.02), the two residual
+ * projections N(0, 0.02 / sqrt(2 n_layer)). */
+static void gpt2_init(prm_model *m, uint64_t seed) {
+  for (uint32_t t = 0; t < m->n_tensors; t++) {
+    const prmi_tensor *T = &m->tensors[t];
+    uint64_t s = prmi_init_stream(seed, t);
+    float *p = m->params + T->offset;
+    if (ends_with(T->name, "ln_1.weight") || ends_with(T->name, "ln_2.weight") ||
+        ends_with(T->name, "ln_f.weight")) {
+      for (uint64_t i = 0; i < T->numel; i++) p[i] = 1.0f;
+    } else if (ends_with(T->name, ".bias")) {
+      for (uint64_t i = 0; i < T->numel; i++) p[i] = 0.0f;
+    } else {
+      double sd =
+          ends_with(T->name, "c_proj.weight") ? 0.02 / sqrt(2.0 * (double)m->opts.n_layer) : 0.02;
+      for (uint64_t i = 0; i < T->numel; i++) p[i] = prmi_init_normal(&s, sd);
+    }
+  }
+}
+
+static int gpt2_trainable_from_block(prm_model *m, uint64_t k, uint64_t *off) {
+  const uint64_t L = m->opts.n_layer;
+  if (k > L)
+    return prmi_fail(m->errmsg, PRM_ERR_INVALID,
+                     "prm_model_set_trainable: %llu blocks, the model has %llu",
+                     (unsigned long long)k, (unsigned long long)L);
+  *off = LAYOUT(m)->blocks[L - k].start;
+  return PRM_OK;
+}
+
+/* ---- checkpoints ------------------------------------------------------------------------ */
+
+/* torch_ref's config_metadata: str() of each config value, in its order. */
+static void gpt2_meta_write(const prm_model_options *o, prmi_meta_out *out) {
+  prmi_meta_put_u64(out, "vocab_size", o->vocab_size);
+  prmi_meta_put_u64(out, "n_positions", o->n_ctx);
+  prmi_meta_put_u64(out, "n_embd", o->n_embd);
+  prmi_meta_put_u64(out, "n_layer", o->n_layer);
+  prmi_meta_put_u64(out, "n_head", o->n_head);
+  prmi_meta_put(out, "layer_norm_epsilon", "1e-05"); /* Python's str(1e-5): the only eps */
+}
+
+static int gpt2_detect(const prmi_ckpt *c) {
+  for (uint32_t i = 0; i < prmi_ckpt_count(c); i++)
+    if (strncmp(prmi_ckpt_name(c, i), "transformer.", 12) == 0) return 1;
+  return 0;
+}
+
+/* A bare GPT2Model name (no "transformer." prefix), as torch_ref accepts. */
+static int gpt2_tensor_alias(const char *n, char *buf, size_t cap) {
+  if (!(strncmp(n, "h.", 2) == 0 || strncmp(n, "ln_f.", 5) == 0 || strcmp(n, "wte.weight") == 0 ||
+        strcmp(n, "wpe.weight") == 0))
+    return 0;
+  return (size_t)snprintf(buf, cap, "transformer.%s", n) < cap;
+}
+
+/* HF's non-persistent attention buffers (a [1,1,T,T] mask, a scalar). */
+static int gpt2_ignorable(const char *name, uint32_t ndim) {
+  uint64_t l;
+  const char *rest = prmi_layer_name(name, "transformer.h.", &l);
+  return rest != NULL &&
+         (strcmp(rest, "attn.masked_bias") == 0 || (strcmp(rest, "attn.bias") == 0 && ndim == 4));
+}
+
+/*
+ * Is the decimal number s exactly 1e-5 ("1e-05" as Python's str(1e-5)
+ * writes it, "0.00001", "1E-5", "1.0e-5", ...)? 1: yes, 0: another number,
+ * -1: not a number. Compared as decimals (digits and exponent), so no
+ * locale-dependent strtod and no rounding: value = int(sig) * 10^scale.
+ */
+static int decimal_is_1e5(const char *s) {
+  char sig[1024];
+  size_t nsig = 0, ndigits = 0;
+  long scale = 0;
+  int neg = 0, frac = 0;
+  if (*s == '+' || *s == '-') neg = *s++ == '-';
+  for (;; s++) {
+    if (*s == '.' && !frac) {
+      frac = 1;
+      continue;
+    }
+    if (*s < '0' || *s > '9') break;
+    ndigits++;
+    if (frac) scale--;
+    if ((nsig > 0 || *s != '0') && nsig < sizeof sig) sig[nsig++] = *s;
+  }
+  if (ndigits == 0) return -1;
+  if (*s == 'e' || *s == 'E') {
+    long e = 0;
+    int eneg = 0;
+    s++;
+    if (*s == '+' || *s == '-') eneg = *s++ == '-';
+    if (*s < '0' || *s > '9') return -1;
+    for (; *s >= '0' && *s <= '9'; s++)
+      if (e < 1000000) e = e * 10 + (*s - '0'); /* clamp: far from -5 either way */
+    scale += eneg ? -e : e;
+  }
+  if (*s != '\0') return -1;
+  while (nsig > 0 && sig[nsig - 1] == '0') {
+    nsig--;
+    scale++;
+  }
+  return !neg && nsig == 1 && sig[0] == '1' && scale == -5;
+}
+
+/*
+ * gpt2 configuration, as torch_ref.model_from_state derives it: V and C from
+ * wte's shape, n_ctx from wpe's, n_layer from the blocks present, n_head from
+ * __metadata__ (required: shapes cannot tell it). Metadata that repeats a
+ * shape-derived value must agree with it.
+ */
+static int gpt2_config(const prmi_ckpt *c, prm_model_options *o) {
+  uint32_t nd;
+  uint64_t wte[2], wpe[2], n_blocks = 0;
+  int rc;
+  if (!prmi_ckpt_shape(c, "transformer.wte.weight", &nd, wte))
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor transformer.wte.weight");
+  if (nd != 2 || wte[0] == 0 || wte[1] == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "tensor transformer.wte.weight must be 2-D and non-empty");
+  if (!prmi_ckpt_shape(c, "transformer.wpe.weight", &nd, wpe))
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor transformer.wpe.weight");
+  if (nd != 2 || wpe[0] == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "tensor transformer.wpe.weight must be 2-D and non-empty");
+  o->vocab_size = wte[0];
+  o->n_embd = wte[1];
+  o->n_ctx = wpe[0];
+
+  /* n_layer = 1 + the highest block index: a gap is then a missing tensor */
+  for (uint32_t i = 0; i < prmi_ckpt_count(c); i++) {
+    uint64_t l;
+    const char *name = prmi_ckpt_name(c, i);
+    if (prmi_layer_name(name, "transformer.h.", &l) == NULL) continue;
+    if (l >= PRMI_GPT2_MAX_LAYER)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s: gpt2 models have at most %d blocks",
+                       name, PRMI_GPT2_MAX_LAYER);
+    if (l + 1 > n_blocks) n_blocks = l + 1;
+  }
+  if (n_blocks == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "gpt2 checkpoint has no transformer block (transformer.h.0.*)");
+  o->n_layer = n_blocks;
+
+  if ((rc = prmi_ckpt_meta_agrees(c, "vocab_size", o->vocab_size,
+                                  "transformer.wte.weight rows")) != PRM_OK ||
+      (rc = prmi_ckpt_meta_agrees(c, "n_embd", o->n_embd, "transformer.wte.weight columns")) !=
+          PRM_OK ||
+      (rc = prmi_ckpt_meta_agrees(c, "n_positions", o->n_ctx, "transformer.wpe.weight rows")) !=
+          PRM_OK ||
+      (rc = prmi_ckpt_meta_agrees(c, "n_layer", o->n_layer,
+                                  "the blocks transformer.h.* present")) != PRM_OK)
+    return rc;
+
+  rc = prmi_ckpt_meta_u64(c, "n_head", &o->n_head);
+  if (rc < 0) return rc;
+  if (rc == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "gpt2 checkpoint lacks the 'n_head' __metadata__ key (the number of "
+                     "attention heads cannot be inferred from the tensor shapes)");
+  if (o->n_embd % o->n_head != 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ n_head=%llu does not divide n_embd=%llu",
+                     (unsigned long long)o->n_head, (unsigned long long)o->n_embd);
+
+  const char *eps = prmi_ckpt_meta(c, "layer_norm_epsilon");
+  if (eps != NULL) {
+    int is = decimal_is_1e5(eps);
+    if (is < 0)
+      return prmi_fail(NULL, PRM_ERR_FORMAT,
+                       "__metadata__ layer_norm_epsilon='%.64s' is not a number", eps);
+    if (is == 0)
+      return prmi_fail(NULL, PRM_ERR_UNSUPPORTED,
+                       "__metadata__ layer_norm_epsilon=%.64s: only 1e-05 (GPT-2's) is supported",
+                       eps);
+  }
+  return PRM_OK;
+}
+
+/* ---- contexts ------------------------------------------------------------------------- */
+
+static int gpt2_ctx_new(prm_ctx *c) {
+  c->acts = gpt2_acts_new(c->model, c->max_rows, c->max_len, c->inference);
+  return c->acts != NULL ? PRM_OK : PRM_ERR_NOMEM;
+}
+
+static void gpt2_ctx_free(void *acts) { gpt2_acts_free(acts); }
+
+static double gpt2_ctx_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
+                              int inference) {
+  return (double)gpt2_acts_floats(m, max_rows, max_len, inference);
+}
+
+const prmi_arch prmi_arch_gpt2 = {
+    .id = PRM_ARCH_GPT2,
+    .name = "gpt2",
+    .article = "a gpt2",
+    .tokens = 1,
+    .normalise = gpt2_normalise,
+    .layout = gpt2_layout_new,
+    .layout_free = gpt2_layout_free,
+    .init = gpt2_init,
+    .trainable_from_block = gpt2_trainable_from_block,
+    .meta_write = gpt2_meta_write,
+    .detect = gpt2_detect,
+    .config = gpt2_config,
+    .tensor_alias = gpt2_tensor_alias,
+    .ignorable = gpt2_ignorable,
+    .ctx_new = gpt2_ctx_new,
+    .ctx_free = gpt2_ctx_free,
+    .ctx_floats = gpt2_ctx_floats,
+    .check_batch = gpt2_check_batch,
+    .forward = gpt2_forward,
+    .backward = gpt2_backward,
+    .pair_grad = NULL,
+};

@@ -94,6 +94,8 @@ int prmi_check_version(char *handle_msg, const void *versioned,
 
 /* ---- models (model.c) --------------------------------------------------- */
 
+#include "arch.h"
+
 typedef struct prmi_tensor {
   char name[PRMI_NAME_SIZE];
   uint64_t offset; /* element offset in the parameter arena */
@@ -102,53 +104,38 @@ typedef struct prmi_tensor {
   uint64_t numel;
 } prmi_tensor;
 
-/* One dense layer y = x W^T + b inside the arena; W is [out, in] row-major. */
-typedef struct prmi_dense {
-  uint64_t in, out;
-  uint64_t w_off; /* [out, in] */
-  uint64_t b_off; /* [out]; unused (0) for the score head */
-} prmi_dense;
-
-/* Parameter offsets of one GPT-2 block (Conv1D weights are [in, out]). */
-typedef struct prmi_block {
-  uint64_t start; /* first parameter of the block */
-  uint64_t ln1_w, ln1_b;     /* [C] */
-  uint64_t attn_w, attn_b;   /* [C, 3C], [3C]: q | k | v */
-  uint64_t aproj_w, aproj_b; /* [C, C], [C] */
-  uint64_t ln2_w, ln2_b;     /* [C] */
-  uint64_t fc_w, fc_b;       /* [C, 4C], [4C] */
-  uint64_t mproj_w, mproj_b; /* [4C, C], [C] */
-} prmi_block;
-
+/* Bounds shared by the transformer architectures. */
 #define PRMI_GPT2_MAX_LAYER 128
 #define PRMI_GPT2_MAX_CTX 65536
 
+/* Most parameters a model may have: keeps every size product far from
+ * overflow. */
+#define PRMI_MAX_PARAMS ((uint64_t)1 << 34)
+
 struct prm_model {
   prm_model_options opts; /* normalised copy, newest struct version */
+  const prmi_arch *arch;  /* never NULL */
   uint64_t n_params;
-  float *params; /* [n_params], 64-byte aligned */
-  uint32_t n_tensors;
+  float *params;   /* [n_params], 64-byte aligned; NULL until allocated */
+  uint32_t n_tensors, cap_tensors;
   prmi_tensor *tensors; /* [n_tensors] in arena order */
-  /* mlp: hidden layers 0..n_hidden-1; linear: none */
-  uint32_t n_hidden;
-  prmi_dense hidden[PRM_MAX_HIDDEN];
-  prmi_dense head; /* score.weight [1, in], no bias */
-  /* gpt2 */
-  uint64_t wte, wpe;     /* [V, C], [n_ctx, C] */
-  prmi_block *blocks;    /* [n_layer] */
-  uint64_t lnf_w, lnf_b; /* [C] */
-  uint64_t max_width; /* widest hidden layer (0 for linear) */
+  uint64_t head_w;      /* offset of score.weight [1, head_in] (every arch has one) */
+  uint64_t head_in;
+  void *layout; /* the architecture's private offsets (arch->layout) */
   uint64_t trainable_offset; /* parameters [trainable_offset, n_params) train */
   char errmsg[PRMI_ERRMSG_SIZE];
 };
 
 /*
  * Validate `opts` (any supported version; fields missing from older versions
- * take defaults) and build a model with its layout and a zeroed arena.
- * Parameters are NOT initialised; prm_model_new and the checkpoint loader
- * fill them. On failure *out is NULL and the thread error is set.
+ * take defaults) and build a model with its layout. alloc_params: also a
+ * zeroed arena (0: tensors only, params NULL -- the checkpoint loader
+ * checks a file against the layout before it allocates). Parameters are NOT
+ * initialised. On failure *out is NULL and the thread error is set.
  */
-int prmi_model_alloc(prm_model **out, const prm_model_options *opts);
+int prmi_model_alloc(prm_model **out, const prm_model_options *opts, int alloc_params);
+/* Allocate the zeroed arena of a model made with alloc_params = 0. */
+int prmi_model_alloc_params(prm_model *m);
 
 /* Canonical lowercase name of an activation ("relu", "gelu", "tanh"), or NULL. */
 const char *prmi_activation_name(int32_t act);
@@ -174,24 +161,14 @@ void prmi_exp_shifted(float *x, uint64_t n, float shift);
 
 /* ---- contexts (ctx.c) ---------------------------------------------------- */
 
-typedef struct prmi_gpt2_acts prmi_gpt2_acts; /* gpt2.c */
-
 struct prm_ctx {
   const prm_model *model;
+  const prmi_arch *arch; /* the model's */
   int inference;
   uint64_t max_rows;
-  uint64_t max_len;          /* gpt2: longest sequence */
+  uint64_t max_len;          /* token models: longest sequence; else 0 */
   uint64_t trainable_offset; /* the model's, when this context was created */
-  uint32_t n_hidden;         /* the model's (mlp), so that freeing needs no model */
-  prmi_gpt2_acts *gpt2;      /* gpt2 activations and scratch */
-  /* Buffers (all NULL in what a mode does not need). Shapes in rows x cols. */
-  float *input;   /* (max_rows, d) copy of the last forward's features;
-                     training + public forward only */
-  const float *x; /* features of the last forward: `input` or borrowed */
-  uint64_t x_stride;
-  float **dact;   /* per hidden layer: (max_rows, h_l) act'(Z_l), saved by forward */
-  float **act;    /* per hidden layer: (max_rows, h_l) activations A_l */
-  float *scratch_a, *scratch_b; /* (max_rows, max_width) deltas / inference */
+  void *acts;                /* the architecture's activations and scratch */
   float *grads;   /* [n_params - trainable_offset] gradient accumulator of the
                      trainable suffix (training only) */
   float *scores;  /* (max_rows) scores for train_step / evaluate */
@@ -201,8 +178,13 @@ struct prm_ctx {
   char errmsg[PRMI_ERRMSG_SIZE];
 };
 
-/* Validate a batch for ctx's model (version, pointers, sizes, stride); the
- * effective row stride goes to *stride. Returns a prm_status. */
+/* The gradient slot of parameter offset `off`, NULL when it is frozen. */
+static inline float *prmi_grad_slot(prm_ctx *ctx, uint64_t off) {
+  return off >= ctx->trainable_offset ? ctx->grads + (off - ctx->trainable_offset) : NULL;
+}
+
+/* Validate a batch for ctx's model (version, pointers, sizes, stride, ids);
+ * the row stride of a feature batch goes to *stride. Returns a prm_status. */
 int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride);
 
 /*
@@ -213,29 +195,10 @@ int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride);
  * backward). The only failure is PRM_ERR_NONFINITE for a NaN/Inf feature,
  * found during the computation: scores may then be partly written, and a
  * pending forward is dropped unless copy_input (which checks before
- * overwriting it).
+ * overwriting it). Sets have_forward / last_n on success (training).
  */
 int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, uint64_t stride, float *scores,
                      int copy_input);
-
-/* ---- gpt2 (gpt2.c) -------------------------------------------------------- */
-
-/* Activation and scratch buffers for up to max_rows sequences of max_len
- * tokens; NULL when out of memory. */
-prmi_gpt2_acts *prmi_gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
-                                   int inference);
-void prmi_gpt2_acts_free(prmi_gpt2_acts *g);
-/* Floats prmi_gpt2_acts_new allocates for these sizes (docs/gpt2.md gives
- * the formula; linear in max_rows * max_len). Overflow-free for the sizes
- * prm_ctx_new accepts (at most 2^30 tokens, width and layers bounded). */
-uint64_t prmi_gpt2_acts_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
-                               int inference);
-/* Validate the token fields of a batch (ids, lengths, stride). */
-int prmi_gpt2_check_batch(prm_ctx *ctx, const prm_batch *b);
-/* Forward a validated batch; scores (n). */
-void prmi_gpt2_forward(prm_ctx *ctx, const prm_batch *b, float *scores);
-/* Backward of the last forward of n sequences into ctx->grads. */
-void prmi_gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n);
 
 /* ---- optimizers (optim.c) ------------------------------------------------ */
 

@@ -19,6 +19,7 @@
 
 #include <errno.h>
 #include <float.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,50 +128,33 @@ static void sink_meta(st_sink *s, const char *key, int first) {
   sink_put(s, ":", 1);
 }
 
-/* The JSON header, padded with spaces to a multiple of 8. Returns its length. */
+/* The configuration keys of meta_write go through this sink (lib/arch.h). */
+struct prmi_meta_out {
+  st_sink *sink;
+};
+
+void prmi_meta_put(prmi_meta_out *out, const char *key, const char *value) {
+  sink_meta(out->sink, key, 0);
+  sink_jstr(out->sink, value);
+}
+
+void prmi_meta_put_u64(prmi_meta_out *out, const char *key, uint64_t v) {
+  sink_meta(out->sink, key, 0);
+  sink_put(out->sink, "\"", 1);
+  sink_u64(out->sink, v);
+  sink_put(out->sink, "\"", 1);
+}
+
+/* The JSON header, padded with spaces to a multiple of 8. Returns its length.
+ * __metadata__: "model" (the architecture's name), its configuration keys,
+ * "format": "pt" and the library version. */
 static size_t write_header(const prm_model *m, char *dst, size_t cap) {
   st_sink s = {dst, cap, 0};
-  const prm_model_options *o = &m->opts;
+  prmi_meta_out out = {&s};
   sink_str(&s, "{\"__metadata__\":{");
   sink_meta(&s, "model", 1);
-  sink_jstr(&s, o->arch == PRM_ARCH_GPT2 ? "gpt2" : o->arch == PRM_ARCH_MLP ? "mlp" : "linear");
-  if (o->arch == PRM_ARCH_GPT2) {
-    /* torch_ref's config_metadata: str() of each config value, in its order */
-    const struct {
-      const char *key;
-      uint64_t v;
-    } cfg[5] = {{"vocab_size", o->vocab_size},
-                {"n_positions", o->n_ctx},
-                {"n_embd", o->n_embd},
-                {"n_layer", o->n_layer},
-                {"n_head", o->n_head}};
-    for (int i = 0; i < 5; i++) {
-      sink_meta(&s, cfg[i].key, 0);
-      sink_put(&s, "\"", 1);
-      sink_u64(&s, cfg[i].v);
-      sink_put(&s, "\"", 1);
-    }
-    sink_meta(&s, "layer_norm_epsilon", 0);
-    sink_jstr(&s, "1e-05"); /* Python's str(1e-5); the only eps the library implements */
-  } else {
-    sink_meta(&s, "d", 0);
-    sink_put(&s, "\"", 1);
-    sink_u64(&s, o->input_size);
-    sink_put(&s, "\"", 1);
-  }
-  if (o->arch == PRM_ARCH_MLP) {
-    /* json.dumps style: "[1024, 256]" */
-    const char *act = prmi_activation_name(o->activation);
-    sink_meta(&s, "hidden", 0);
-    sink_put(&s, "\"[", 2);
-    for (uint32_t i = 0; i < o->n_hidden; i++) {
-      if (i > 0) sink_put(&s, ", ", 2);
-      sink_u64(&s, o->hidden[i]);
-    }
-    sink_put(&s, "]\"", 2);
-    sink_meta(&s, "act", 0);
-    sink_jstr(&s, act != NULL ? act : "");
-  }
+  sink_jstr(&s, m->arch->name);
+  m->arch->meta_write(&m->opts, &out);
   sink_meta(&s, "format", 0);
   sink_jstr(&s, "pt");
   sink_meta(&s, "prefrm_version", 0);
@@ -474,18 +458,6 @@ static long json_decode(const unsigned char *s, const unsigned char *e, char *ou
   return (long)n;
 }
 
-/* A string literal decoded into out; too long or NUL: error naming `what`. */
-static int json_string_into(json *j, char *out, size_t cap, const char *what) {
-  const unsigned char *s, *e;
-  char m[96];
-  if (json_string(j, &s, &e) != 0) return -1;
-  if (json_decode(s, e, out, cap) < 0) {
-    snprintf(m, sizeof m, "%s is longer than %zu bytes or contains NUL", what, cap - 1);
-    return json_err(j, m);
-  }
-  return 0;
-}
-
 /* Non-negative JSON integer without fraction or exponent, within uint64. */
 static int json_uint(json *j, uint64_t *v) {
   uint64_t x = 0;
@@ -782,55 +754,44 @@ typedef struct st_entry {
   uint64_t shape[ST_MAX_DIMS];
   uint64_t begin, end; /* data_offsets */
   int used;            /* matched by a model tensor */
-  int ignorable;       /* an HF GPT-2 non-persistent buffer (attn.bias / attn.masked_bias) */
+  int ignorable;       /* a tensor some architecture's files may carry and a load skips
+                          (HF buffers such as gpt2's attn.bias), any dtype */
 } st_entry;
 
-enum {
-  META_MODEL,
-  META_D,
-  META_HIDDEN,
-  META_ACT,
-  META_VOCAB,
-  META_NPOS,
-  META_NEMBD,
-  META_NLAYER,
-  META_NHEAD,
-  META_EPS,
-  META_COUNT
-};
-static const char *const meta_keys[META_COUNT] = {
-    "model",       "d",      "hidden",  "act",    "vocab_size",
-    "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon"};
+/* One __metadata__ key. Values longer than ST_META_VALUE_MAX - 1 bytes are
+ * kept as "too long" (lookups of that key fail); keys longer than a tensor
+ * name are validated and skipped (no architecture reads such a key). */
+typedef struct st_meta {
+  char key[PRMI_NAME_SIZE];
+  char value[ST_META_VALUE_MAX];
+  int too_long;
+} st_meta;
 
-typedef struct st_header {
+#define ST_MAX_META 8192 /* stored keys: as many as a JSON object may hold */
+
+typedef struct prmi_ckpt {
   st_entry *entries; /* [cap], n_entries used; heap, grows while parsing */
   uint32_t n_entries, cap;
   st_entry **by_name; /* [n_entries] sorted by name, built after parsing */
   int nomem;          /* parsing stopped for lack of memory */
   int seen_metadata;
-  int have_meta[META_COUNT];
-  char meta[META_COUNT][ST_META_VALUE_MAX];
+  st_meta *meta; /* [n_meta], heap */
+  uint32_t n_meta, cap_meta;
 } st_header;
 
 static void header_free(st_header *h) {
   if (h == NULL) return;
+  free(h->meta);
   free(h->entries);
   free(h->by_name);
   free(h);
 }
 
-/* A bare GPT2Model name (no "transformer." prefix), as torch_ref accepts. */
-static int is_bare_gpt2_name(const char *n) {
-  return strncmp(n, "h.", 2) == 0 || strncmp(n, "ln_f.", 5) == 0 || strcmp(n, "wte.weight") == 0 ||
-         strcmp(n, "wpe.weight") == 0;
-}
-
-/* "transformer.h.<l>.<rest>" with a canonical decimal l: returns rest and
- * sets *l, else NULL. */
-static const char *gpt2_block_name(const char *n, uint64_t *l) {
-  const char *p = n + 14;
+const char *prmi_layer_name(const char *n, const char *prefix, uint64_t *l) {
+  const size_t k = strlen(prefix);
+  const char *p = n + k;
   uint64_t v = 0;
-  if (strncmp(n, "transformer.h.", 14) != 0 || *p < '0' || *p > '9') return NULL;
+  if (strncmp(n, prefix, k) != 0 || *p < '0' || *p > '9') return NULL;
   if (p[0] == '0' && p[1] != '.') return NULL;
   for (; *p >= '0' && *p <= '9'; p++) {
     if (v > 1000000) return NULL; /* far beyond any layer count; avoids overflow */
@@ -891,18 +852,34 @@ static int parse_metadata(json *j, st_header *h) {
   rc = json_obj_open(j, &o, "__metadata__ key", NULL);
   while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1) {
     char key[PRMI_NAME_SIZE];
-    int k = -1;
-    if (json_decode(s, e, key, sizeof key) >= 0)
-      for (int i = 0; i < META_COUNT; i++)
-        if (strcmp(key, meta_keys[i]) == 0) k = i;
+    const int keep = json_decode(s, e, key, sizeof key) >= 0;
     json_ws(j);
     if (j->p >= j->end || *j->p != '"') {
       rc = json_err(j, "__metadata__ values must be strings");
-    } else if (k < 0) {
-      rc = json_string(j, &s, &e); /* someone else's key: validate, ignore */
+    } else if (!keep) {
+      rc = json_string(j, &s, &e); /* a key nobody reads: validate, ignore */
     } else {
-      rc = json_string_into(j, h->meta[k], sizeof h->meta[k], "__metadata__ value");
-      h->have_meta[k] = 1; /* a repeated key fails at the closing brace */
+      if (h->n_meta == h->cap_meta) {
+        uint32_t cap = h->cap_meta == 0 ? 16 : 2 * h->cap_meta;
+        st_meta *m;
+        if (h->n_meta >= ST_MAX_META) {
+          rc = json_err(j, "too many __metadata__ keys");
+          break;
+        }
+        m = realloc(h->meta, cap * sizeof *m);
+        if (m == NULL) {
+          h->nomem = 1;
+          rc = json_err(j, "out of memory");
+          break;
+        }
+        h->meta = m;
+        h->cap_meta = cap;
+      }
+      st_meta *m = &h->meta[h->n_meta++];
+      memcpy(m->key, key, sizeof key);
+      rc = json_string(j, &s, &e); /* a repeated key fails at the closing brace */
+      m->too_long = rc == 0 && json_decode(s, e, m->value, sizeof m->value) < 0;
+      if (m->too_long) m->value[0] = '\0';
     }
   }
   json_obj_free(&o);
@@ -953,10 +930,11 @@ static int parse_tensor(json *j, st_entry *t) {
 }
 
 /*
- * Parse the whole header: one object of metadata and tensor entries. Bare
- * GPT2Model names get the "transformer." prefix (as torch_ref does); HF's
- * non-persistent attention buffers are marked ignorable. Afterwards the
- * entries are indexed by name and duplicates rejected.
+ * Parse the whole header: one object of metadata and tensor entries.
+ * Aliases get the architecture's own name (a bare GPT2Model name gets the
+ * "transformer." prefix, as torch_ref does); tensors that an architecture's
+ * files may carry and a load skips (HF buffers) are marked ignorable.
+ * Afterwards the entries are indexed by name and duplicates rejected.
  */
 static int parse_header(json *j, st_header *h) {
   const unsigned char *s, *e;
@@ -967,8 +945,6 @@ static int parse_header(json *j, st_header *h) {
   while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1) {
     char name[PRMI_NAME_SIZE];
     st_entry *t;
-    uint64_t l;
-    const char *rest;
     if (json_decode(s, e, name, sizeof name) < 0) {
       rc = json_err(j, "unexpected tensor (name too long or contains NUL)");
       break;
@@ -984,18 +960,18 @@ static int parse_header(json *j, st_header *h) {
       rc = -1;
       break;
     }
-    if (is_bare_gpt2_name(name)) {
-      if ((size_t)snprintf(t->name, sizeof t->name, "transformer.%s", name) >= sizeof t->name) {
-        rc = json_err(j, "unexpected tensor (name too long)");
-        break;
-      }
-    } else {
+    /* another spelling of an architecture's name (a bare GPT2Model name) */
+    strcpy(t->name, name);
+    for (uint32_t a = 0; prmi_arch_at(a) != NULL; a++) {
+      const prmi_arch *arch = prmi_arch_at(a);
+      if (arch->tensor_alias != NULL && arch->tensor_alias(name, t->name, sizeof t->name)) break;
       strcpy(t->name, name);
     }
     rc = parse_tensor(j, t);
-    rest = gpt2_block_name(t->name, &l);
-    t->ignorable = rest != NULL && (strcmp(rest, "attn.masked_bias") == 0 ||
-                                    (strcmp(rest, "attn.bias") == 0 && t->ndim == 4));
+    for (uint32_t a = 0; prmi_arch_at(a) != NULL; a++) {
+      const prmi_arch *arch = prmi_arch_at(a);
+      if (arch->ignorable != NULL && arch->ignorable(t->name, t->ndim)) t->ignorable = 1;
+    }
   }
   json_obj_free(&o);
   if (rc != 0) return -1;
@@ -1047,282 +1023,123 @@ static int parse_decimal(const char *s, uint64_t *v) {
   return 0;
 }
 
-/*
- * Is the decimal number s exactly 1e-5 ("1e-05" as Python's str(1e-5)
- * writes it, "0.00001", "1E-5", "1.0e-5", ...)? 1: yes, 0: another number,
- * -1: not a number. Compared as decimals (digits and exponent), so no
- * locale-dependent strtod and no rounding: value = int(sig) * 10^scale.
- */
-static int decimal_is_1e5(const char *s) {
-  char sig[ST_META_VALUE_MAX];
-  size_t nsig = 0, ndigits = 0;
-  long scale = 0;
-  int neg = 0, frac = 0;
-  if (*s == '+' || *s == '-') neg = *s++ == '-';
-  for (;; s++) {
-    if (*s == '.' && !frac) {
-      frac = 1;
-      continue;
+/* ---- the checkpoint view of lib/arch.h ---- */
+
+const char *prmi_ckpt_meta(const prmi_ckpt *c, const char *key) {
+  for (uint32_t i = 0; i < c->n_meta; i++)
+    if (strcmp(c->meta[i].key, key) == 0) return c->meta[i].value;
+  return NULL;
+}
+
+/* Like prmi_ckpt_meta, but a value that was too long to keep is an error. */
+static int meta_lookup(const prmi_ckpt *c, const char *key, const char **value) {
+  *value = NULL;
+  for (uint32_t i = 0; i < c->n_meta; i++)
+    if (strcmp(c->meta[i].key, key) == 0) {
+      if (c->meta[i].too_long)
+        return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ %s: value longer than %d bytes", key,
+                         ST_META_VALUE_MAX - 1);
+      *value = c->meta[i].value;
+      return 1;
     }
-    if (*s < '0' || *s > '9') break;
-    ndigits++;
-    if (frac) scale--;
-    if (nsig > 0 || *s != '0') sig[nsig++] = *s;
-  }
-  if (ndigits == 0) return -1;
-  if (*s == 'e' || *s == 'E') {
-    long e = 0;
-    int eneg = 0;
-    s++;
-    if (*s == '+' || *s == '-') eneg = *s++ == '-';
-    if (*s < '0' || *s > '9') return -1;
-    for (; *s >= '0' && *s <= '9'; s++)
-      if (e < 1000000) e = e * 10 + (*s - '0'); /* clamp: far from -5 either way */
-    scale += eneg ? -e : e;
-  }
-  if (*s != '\0') return -1;
-  while (nsig > 0 && sig[nsig - 1] == '0') {
-    nsig--;
-    scale++;
-  }
-  return !neg && nsig == 1 && sig[0] == '1' && scale == -5;
+  return 0;
 }
 
-static const char *arch_name(int32_t arch) {
-  return arch == PRM_ARCH_GPT2 ? "gpt2" : arch == PRM_ARCH_MLP ? "mlp" : "linear";
+uint32_t prmi_ckpt_count(const prmi_ckpt *c) { return c->n_entries; }
+
+const char *prmi_ckpt_name(const prmi_ckpt *c, uint32_t i) { return c->entries[i].name; }
+
+int prmi_ckpt_shape(const prmi_ckpt *c, const char *name, uint32_t *ndim, uint64_t shape[2]) {
+  const st_entry *t = find_entry((st_header *)c, name);
+  if (t == NULL || t->ignorable) return 0;
+  *ndim = t->ndim;
+  shape[0] = t->ndim > 0 ? t->shape[0] : 0;
+  shape[1] = t->ndim > 1 ? t->shape[1] : 0;
+  return 1;
 }
 
-static const char *arch_article(int32_t arch) {
-  return arch == PRM_ARCH_GPT2 ? "a gpt2" : arch == PRM_ARCH_MLP ? "an mlp" : "a linear";
-}
-
-/* Expected tensors of a configuration, in the model's order. */
-typedef struct st_expect {
-  char name[PRMI_NAME_SIZE];
-  uint32_t ndim;
-  uint64_t shape[2];
-} st_expect;
-
-static void expect_one(st_expect *x, const char *name, uint32_t ndim, uint64_t d0, uint64_t d1) {
-  snprintf(x->name, sizeof x->name, "%s", name);
-  x->ndim = ndim;
-  x->shape[0] = d0;
-  x->shape[1] = d1;
-}
-
-/* Number of tensors of a configuration (bounded: n_hidden and n_layer are). */
-static uint32_t expected_count(const prm_model_options *o) {
-  if (o->arch == PRM_ARCH_GPT2) return 2 + 12 * (uint32_t)o->n_layer + 3;
-  return (o->arch == PRM_ARCH_MLP ? 2 * o->n_hidden : 0) + 1;
-}
-
-/* Fill x[expected_count(o)]: the names and shapes of lib/model.c's layouts,
- * derived independently so that a disagreement is caught after allocation. */
-static void expected_tensors(const prm_model_options *o, st_expect *x) {
-  uint32_t n = 0;
-  uint64_t in = o->input_size;
-  char name[PRMI_NAME_SIZE];
-  if (o->arch == PRM_ARCH_GPT2) {
-    static const struct {
-      const char *suffix;
-      uint32_t ndim;
-      uint64_t d0, d1; /* in units of C (0: 1) */
-    } blk[12] = {{"ln_1.weight", 1, 1, 0},        {"ln_1.bias", 1, 1, 0},
-                 {"attn.c_attn.weight", 2, 1, 3}, {"attn.c_attn.bias", 1, 3, 0},
-                 {"attn.c_proj.weight", 2, 1, 1}, {"attn.c_proj.bias", 1, 1, 0},
-                 {"ln_2.weight", 1, 1, 0},        {"ln_2.bias", 1, 1, 0},
-                 {"mlp.c_fc.weight", 2, 1, 4},    {"mlp.c_fc.bias", 1, 4, 0},
-                 {"mlp.c_proj.weight", 2, 4, 1},  {"mlp.c_proj.bias", 1, 1, 0}};
-    const uint64_t C = o->n_embd;
-    expect_one(&x[n++], "transformer.wte.weight", 2, o->vocab_size, C);
-    expect_one(&x[n++], "transformer.wpe.weight", 2, o->n_ctx, C);
-    for (uint64_t l = 0; l < o->n_layer; l++)
-      for (int k = 0; k < 12; k++) {
-        snprintf(name, sizeof name, "transformer.h.%llu.%s", (unsigned long long)l, blk[k].suffix);
-        expect_one(&x[n++], name, blk[k].ndim, blk[k].d0 * C, blk[k].d1 * C);
-      }
-    expect_one(&x[n++], "transformer.ln_f.weight", 1, C, 0);
-    expect_one(&x[n++], "transformer.ln_f.bias", 1, C, 0);
-    expect_one(&x[n++], "score.weight", 2, 1, C);
-    return;
-  }
-  if (o->arch == PRM_ARCH_MLP) {
-    for (uint32_t i = 0; i < o->n_hidden; i++) {
-      snprintf(name, sizeof name, "layers.%u.weight", (unsigned)i);
-      expect_one(&x[n++], name, 2, o->hidden[i], in); /* nn.Linear: [out, in] */
-      snprintf(name, sizeof name, "layers.%u.bias", (unsigned)i);
-      expect_one(&x[n++], name, 1, o->hidden[i], 0);
-      in = o->hidden[i];
-    }
-  }
-  expect_one(&x[n++], "score.weight", 2, 1, in);
-}
-
-/* Optional integer metadata `key` must agree with what the tensors say. */
-static int check_meta_count(st_header *h, int key, uint64_t actual, const char *source) {
-  uint64_t v;
-  if (!h->have_meta[key]) return PRM_OK;
-  if (parse_decimal(h->meta[key], &v) != 0 || v == 0)
+int prmi_ckpt_meta_u64(const prmi_ckpt *c, const char *key, uint64_t *v) {
+  const char *s;
+  uint64_t x;
+  int rc = meta_lookup(c, key, &s);
+  if (rc <= 0) return rc;
+  if (parse_decimal(s, &x) != 0 || x == 0)
     return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ %s='%.64s' is not a positive integer",
-                     meta_keys[key], h->meta[key]);
-  if (v != actual)
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ %s=%llu disagrees with %s (%llu)",
-                     meta_keys[key], (unsigned long long)v, source, (unsigned long long)actual);
+                     key, s);
+  *v = x;
+  return 1;
+}
+
+/* A plain decimal ("10000.0", "1e-06", "-2.5E+3"): strict syntax checked
+ * here, so that strtod (locale-dependent decimal point) is never relied on
+ * for anything but digits, '.', 'e'. */
+int prmi_ckpt_meta_double(const prmi_ckpt *c, const char *key, double *v) {
+  const char *s, *p;
+  int rc = meta_lookup(c, key, &s);
+  if (rc <= 0) return rc;
+  int digits = 0;
+  p = s;
+  if (*p == '+' || *p == '-') p++;
+  for (; *p >= '0' && *p <= '9'; p++) digits++;
+  if (*p == '.')
+    for (p++; *p >= '0' && *p <= '9'; p++) digits++;
+  if (digits > 0 && (*p == 'e' || *p == 'E')) {
+    p++;
+    if (*p == '+' || *p == '-') p++;
+    if (*p < '0' || *p > '9') digits = 0;
+    while (*p >= '0' && *p <= '9') p++;
+  }
+  if (digits == 0 || *p != '\0')
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ %s='%.64s' is not a number", key, s);
+  /* the C locale's strtod on the validated text; '.' is the radix point
+   * unless the host changed LC_NUMERIC, which we detect and refuse */
+  char *end;
+  double x = strtod(s, &end);
+  if (*end != '\0' || !isfinite(x))
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "__metadata__ %s='%.64s' is not a finite number (in this locale)", key, s);
+  *v = x;
+  return 1;
+}
+
+int prmi_ckpt_meta_agrees(const prmi_ckpt *c, const char *key, uint64_t actual,
+                          const char *source) {
+  uint64_t v = 0;
+  int rc = prmi_ckpt_meta_u64(c, key, &v);
+  if (rc < 0) return rc;
+  if (rc == 1 && v != actual)
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ %s=%llu disagrees with %s (%llu)", key,
+                     (unsigned long long)v, source, (unsigned long long)actual);
   return PRM_OK;
 }
 
 /*
- * gpt2 configuration, as torch_ref.model_from_state derives it: V and C from
- * wte's shape, n_ctx from wpe's, n_layer from the blocks present, n_head from
- * __metadata__ (required: shapes cannot tell it). Metadata that repeats a
- * shape-derived value must agree with it.
+ * The architecture of a file: its "model" key, else the first architecture,
+ * from the most specific (the last registered) down, whose detect hook
+ * recognises the tensor names; linear (any file with score.weight) last.
+ * Then the configuration from the architecture's config hook.
  */
-static int gpt2_config(st_header *h, prm_model_options *o) {
-  const st_entry *wte = find_entry(h, "transformer.wte.weight");
-  const st_entry *wpe = find_entry(h, "transformer.wpe.weight");
-  uint64_t n_blocks = 0;
-  int rc;
-  o->arch = PRM_ARCH_GPT2;
-  if (wte == NULL) return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor transformer.wte.weight");
-  if (wte->ndim != 2 || wte->shape[0] == 0 || wte->shape[1] == 0)
-    return prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "tensor transformer.wte.weight must be 2-D and non-empty");
-  if (wpe == NULL) return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor transformer.wpe.weight");
-  if (wpe->ndim != 2 || wpe->shape[0] == 0)
-    return prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "tensor transformer.wpe.weight must be 2-D and non-empty");
-  o->vocab_size = wte->shape[0];
-  o->n_embd = wte->shape[1];
-  o->n_ctx = wpe->shape[0];
-
-  /* n_layer = 1 + the highest block index: a gap is then a missing tensor */
-  for (uint32_t i = 0; i < h->n_entries; i++) {
-    uint64_t l;
-    if (h->entries[i].ignorable || gpt2_block_name(h->entries[i].name, &l) == NULL) continue;
-    if (l >= PRMI_GPT2_MAX_LAYER)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s: gpt2 models have at most %d blocks",
-                       h->entries[i].name, PRMI_GPT2_MAX_LAYER);
-    if (l + 1 > n_blocks) n_blocks = l + 1;
+static int config_from_header(st_header *h, prm_model_options *o, const prmi_arch **arch) {
+  const char *kind = NULL;
+  const prmi_arch *a = NULL;
+  int rc = meta_lookup(h, "model", &kind);
+  if (rc < 0) return rc;
+  if (kind != NULL) {
+    a = prmi_arch_by_name(kind);
+    if (a == NULL)
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "unknown model type '%.64s' in __metadata__", kind);
+  } else {
+    uint32_t n = 0;
+    while (prmi_arch_at(n) != NULL) n++;
+    for (uint32_t i = n; a == NULL && i-- > 0;)
+      if (prmi_arch_at(i)->detect(h)) a = prmi_arch_at(i);
+    if (a == NULL) a = prmi_arch_find(PRM_ARCH_LINEAR); /* its config names what is missing */
   }
-  if (n_blocks == 0)
-    return prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "gpt2 checkpoint has no transformer block (transformer.h.0.*)");
-  o->n_layer = n_blocks;
-
-  if ((rc = check_meta_count(h, META_VOCAB, o->vocab_size, "transformer.wte.weight rows")) ||
-      (rc = check_meta_count(h, META_NEMBD, o->n_embd, "transformer.wte.weight columns")) ||
-      (rc = check_meta_count(h, META_NPOS, o->n_ctx, "transformer.wpe.weight rows")) ||
-      (rc = check_meta_count(h, META_NLAYER, o->n_layer, "the blocks transformer.h.* present")))
-    return rc;
-
-  if (!h->have_meta[META_NHEAD])
-    return prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "gpt2 checkpoint lacks the 'n_head' __metadata__ key (the number of "
-                     "attention heads cannot be inferred from the tensor shapes)");
-  if (parse_decimal(h->meta[META_NHEAD], &o->n_head) != 0 || o->n_head == 0)
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ n_head='%.64s' is not a positive integer",
-                     h->meta[META_NHEAD]);
-  if (o->n_embd % o->n_head != 0)
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ n_head=%llu does not divide n_embd=%llu",
-                     (unsigned long long)o->n_head, (unsigned long long)o->n_embd);
-
-  if (h->have_meta[META_EPS]) {
-    int is = decimal_is_1e5(h->meta[META_EPS]);
-    if (is < 0)
-      return prmi_fail(NULL, PRM_ERR_FORMAT,
-                       "__metadata__ layer_norm_epsilon='%.64s' is not a number",
-                       h->meta[META_EPS]);
-    if (is == 0)
-      return prmi_fail(NULL, PRM_ERR_UNSUPPORTED,
-                       "__metadata__ layer_norm_epsilon=%.64s: only 1e-05 (GPT-2's) is supported",
-                       h->meta[META_EPS]);
-  }
-  return PRM_OK;
-}
-
-/* Configuration from __metadata__, missing values inferred from shapes as
- * torch_ref.model_from_state does. Returns a status. */
-static int config_from_header(st_header *h, prm_model_options *o) {
-  const char *kind = h->have_meta[META_MODEL] ? h->meta[META_MODEL] : NULL;
-  st_entry *t;
-  int rc = prm_model_options_init(o, PRM_MODEL_OPTIONS_VERSION);
+  rc = prm_model_options_init(o, PRM_MODEL_OPTIONS_VERSION);
   if (rc != PRM_OK) return rc;
-  if (kind == NULL) {
-    int gpt2 = 0;
-    for (uint32_t i = 0; i < h->n_entries && !gpt2; i++)
-      gpt2 = strncmp(h->entries[i].name, "transformer.", 12) == 0;
-    kind = gpt2 ? "gpt2" : find_entry(h, "layers.0.weight") != NULL ? "mlp" : "linear";
-  }
-  if (strcmp(kind, "gpt2") == 0) return gpt2_config(h, o);
-  if (strcmp(kind, "linear") == 0) {
-    o->arch = PRM_ARCH_LINEAR;
-  } else if (strcmp(kind, "mlp") == 0) {
-    o->arch = PRM_ARCH_MLP;
-  } else {
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "unknown model type '%.64s' in __metadata__", kind);
-  }
-
-  /* input size */
-  if (h->have_meta[META_D]) {
-    if (parse_decimal(h->meta[META_D], &o->input_size) != 0 || o->input_size == 0)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ d='%.64s' is not a positive integer",
-                       h->meta[META_D]);
-  } else {
-    t = find_entry(h, o->arch == PRM_ARCH_MLP ? "layers.0.weight" : "score.weight");
-    if (t == NULL)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s",
-                       o->arch == PRM_ARCH_MLP ? "layers.0.weight" : "score.weight");
-    if (t->ndim != 2 || t->shape[1] == 0)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s must be 2-D and non-empty", t->name);
-    o->input_size = t->shape[1];
-  }
-  if (o->arch != PRM_ARCH_MLP) return PRM_OK;
-
-  /* hidden widths */
-  if (h->have_meta[META_HIDDEN]) {
-    const char *s = h->meta[META_HIDDEN];
-    json j;
-    j.base = j.p = (const unsigned char *)s;
-    j.end = j.base + strlen(s);
-    j.depth = 0;
-    j.nomem = 0;
-    j.msg[0] = '\0';
-    int bad = json_uint_array(&j, o->hidden, PRM_MAX_HIDDEN, &o->n_hidden) != 0;
-    if (!bad) {
-      json_ws(&j);
-      bad = j.p != j.end;
-    }
-    if (bad)
-      return prmi_fail(NULL, PRM_ERR_FORMAT,
-                       "__metadata__ hidden='%.64s' is not a list of at most %d integers", s,
-                       PRM_MAX_HIDDEN);
-  } else {
-    char name[PRMI_NAME_SIZE];
-    for (o->n_hidden = 0;; o->n_hidden++) {
-      snprintf(name, sizeof name, "layers.%u.weight", (unsigned)o->n_hidden);
-      if ((t = find_entry(h, name)) == NULL) break;
-      if (o->n_hidden == PRM_MAX_HIDDEN)
-        return prmi_fail(NULL, PRM_ERR_FORMAT, "mlp has more than %d hidden layers",
-                         PRM_MAX_HIDDEN);
-      if (t->ndim != 2) return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s must be 2-D", t->name);
-      o->hidden[o->n_hidden] = t->shape[0];
-    }
-  }
-  if (o->n_hidden == 0)
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "mlp checkpoint has no hidden layer");
-  for (uint32_t i = 0; i < o->n_hidden; i++)
-    if (o->hidden[i] == 0)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "hidden layer %u has width 0", (unsigned)i);
-
-  /* activation: required, as in torch_ref (no silent default) */
-  if (!h->have_meta[META_ACT])
-    return prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "mlp checkpoint lacks the 'act' __metadata__ key (relu, gelu or tanh)");
-  o->activation = prmi_activation_from_name(h->meta[META_ACT]);
-  if (o->activation == 0)
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "unknown activation '%.64s' in __metadata__",
-                     h->meta[META_ACT]);
-  return PRM_OK;
+  o->arch = a->id;
+  *arch = a;
+  return a->config(h, o);
 }
 
 /* Entry-level checks that need no configuration: dtype, sizes, bounds,
@@ -1380,43 +1197,41 @@ static int check_entries(st_header *h, uint64_t data_len) {
   return rc;
 }
 
-/* Every expected tensor present with its exact shape; nothing else (but the
- * ignorable HF buffers of a gpt2 file). Runs before the model is allocated,
- * so a small file cannot make us allocate a large model. */
-static int check_against_config(st_header *h, const prm_model_options *o) {
-  const uint32_t n = expected_count(o);
-  st_expect *x = malloc(n * sizeof *x);
-  int rc = PRM_OK;
-  if (x == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint");
-  expected_tensors(o, x);
-  for (uint32_t i = 0; i < n && rc == PRM_OK; i++) {
-    st_entry *t = find_entry(h, x[i].name);
+/*
+ * Every tensor of the model's layout present with its exact shape; nothing
+ * else but the ignorable tensors of its architecture. m has its layout but
+ * no parameters yet: a file that does not hold every parameter is refused
+ * before the arena is allocated, so a small file cannot make us allocate a
+ * large model.
+ */
+static int check_against_layout(st_header *h, const prm_model *m) {
+  for (uint32_t i = 0; i < m->n_tensors; i++) {
+    const prmi_tensor *x = &m->tensors[i];
+    st_entry *t = find_entry(h, x->name);
     char got[96], want[64];
     if (t == NULL || t->ignorable) {
-      if (o->arch == PRM_ARCH_GPT2 && strcmp(x[i].name, "score.weight") == 0)
-        rc = prmi_fail(NULL, PRM_ERR_FORMAT,
-                       "missing tensor score.weight (loading a GPT-2 language model without a "
-                       "reward head is not supported yet)");
-      else
-        rc = prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s", x[i].name);
-    } else if (t->ndim != x[i].ndim || t->shape[0] != x[i].shape[0] ||
-               (x[i].ndim == 2 && t->shape[1] != x[i].shape[1])) {
-      format_shape(got, sizeof got, t->shape, t->ndim);
-      format_shape(want, sizeof want, x[i].shape, x[i].ndim);
-      rc = prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "tensor %s has shape %s, expected %s for the %s configuration", t->name, got,
-                     want, arch_name(o->arch));
-    } else {
-      t->used = 1;
+      if (strcmp(x->name, "score.weight") == 0 && m->arch->tokens)
+        return prmi_fail(NULL, PRM_ERR_FORMAT,
+                         "missing tensor score.weight (loading a language model without a "
+                         "reward head is not supported yet)");
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s", x->name);
     }
+    if (t->ndim != x->ndim || t->shape[0] != x->shape[0] ||
+        (x->ndim == 2 && t->shape[1] != x->shape[1])) {
+      format_shape(got, sizeof got, t->shape, t->ndim);
+      format_shape(want, sizeof want, x->shape, x->ndim);
+      return prmi_fail(NULL, PRM_ERR_FORMAT,
+                       "tensor %s has shape %s, expected %s for the %s configuration", t->name,
+                       got, want, m->arch->name);
+    }
+    t->used = 1;
   }
-  free(x);
-  if (rc != PRM_OK) return rc;
   for (uint32_t i = 0; i < h->n_entries; i++) {
     const st_entry *t = &h->entries[i];
-    if (!t->used && !(t->ignorable && o->arch == PRM_ARCH_GPT2))
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model", t->name,
-                       arch_article(o->arch));
+    if (t->used) continue;
+    if (t->ignorable && m->arch->ignorable != NULL && m->arch->ignorable(t->name, t->ndim)) continue;
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model", t->name,
+                     m->arch->article);
   }
   return PRM_OK;
 }
@@ -1424,6 +1239,7 @@ static int check_against_config(st_header *h, const prm_model_options *o) {
 static int load_validated(prm_model **out, const unsigned char *b, size_t size) {
   uint64_t hlen, data_len;
   const unsigned char *data;
+  const prmi_arch *arch = NULL;
   prm_model *m = NULL;
   prm_model_options o;
   st_header *h;
@@ -1462,33 +1278,21 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size) 
     return rc;
   }
   rc = check_entries(h, data_len);
-  if (rc == PRM_OK) rc = config_from_header(h, &o);
-  if (rc == PRM_OK) rc = check_against_config(h, &o);
-  if (rc != PRM_OK) {
-    header_free(h);
-    return rc;
-  }
-  rc = prmi_model_alloc(&m, &o);
-  if (rc != PRM_OK) {
-    header_free(h);
-    if (rc == PRM_ERR_NOMEM) return rc;
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "checkpoint configuration rejected: %s",
+  if (rc == PRM_OK) rc = config_from_header(h, &o, &arch);
+  if (rc == PRM_OK) {
+    rc = prmi_model_alloc(&m, &o, 0);
+    if (rc != PRM_OK && rc != PRM_ERR_NOMEM)
+      rc = prmi_fail(NULL, PRM_ERR_FORMAT, "checkpoint configuration rejected: %s",
                      prm_last_errmsg());
   }
-  for (uint32_t i = 0; i < m->n_tensors; i++) {
+  if (rc == PRM_OK) rc = check_against_layout(h, m);
+  if (rc == PRM_OK) rc = prmi_model_alloc_params(m);
+  for (uint32_t i = 0; rc == PRM_OK && i < m->n_tensors; i++) {
     const prmi_tensor *tn = &m->tensors[i];
-    const st_entry *t = find_entry(h, tn->name);
-    if (t == NULL || t->ignorable || t->end - t->begin != 4 * tn->numel) {
-      /* layout disagrees with expected_tensors: a bug */
-      rc = prmi_fail(NULL, PRM_ERR_FORMAT, "internal: tensor %s does not match the layout",
-                     tn->name);
-      break;
-    }
+    const st_entry *t = find_entry(h, tn->name); /* present and sized: checked above */
     get_f32_le(m->params + tn->offset, data + t->begin, (size_t)tn->numel);
-    if (!prmi_all_finite(m->params + tn->offset, tn->numel)) {
+    if (!prmi_all_finite(m->params + tn->offset, tn->numel))
       rc = prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", tn->name);
-      break;
-    }
   }
   header_free(h);
   if (rc != PRM_OK) {

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <string.h>
+
 #include "prefrm.h"
 
 static void test_status_values(void **state) {
@@ -33,6 +35,7 @@ static void test_enum_values(void **state) {
   assert_int_equal(PRM_ARCH_LINEAR, 1);
   assert_int_equal(PRM_ARCH_MLP, 2);
   assert_int_equal(PRM_ARCH_GPT2, 3);
+  assert_int_equal(PRM_ARCH_LLAMA, 4);
   assert_int_equal(PRM_ACT_RELU, 1);
   assert_int_equal(PRM_ACT_GELU_TANH, 2);
   assert_int_equal(PRM_ACT_TANH, 3);
@@ -45,8 +48,8 @@ static void test_enum_values(void **state) {
   assert_int_equal(PRM_MAX_HIDDEN, 16);
 }
 
-/* Version 1 of every versioned struct: the version field first, and the
- * offsets FFI bindings hard-code. */
+/* Every versioned struct: the version field first, the current versions, and
+ * the offsets FFI bindings hard-code. */
 static void test_struct_layouts(void **state) {
   (void)state;
   assert_int_equal(offsetof(prm_model_options, version), 0);
@@ -55,15 +58,19 @@ static void test_struct_layouts(void **state) {
   assert_int_equal(offsetof(prm_loss_options, version), 0);
   assert_int_equal(offsetof(prm_loss_stats, version), 0);
   assert_int_equal(offsetof(prm_optimizer_options, version), 0);
-  assert_int_equal(PRM_MODEL_OPTIONS_VERSION, 1);
+  assert_int_equal(PRM_MODEL_OPTIONS_VERSION, 2);
   assert_int_equal(PRM_CTX_OPTIONS_VERSION, 1);
   assert_int_equal(PRM_BATCH_VERSION, 1);
   assert_int_equal(PRM_LOSS_OPTIONS_VERSION, 1);
   assert_int_equal(PRM_LOSS_STATS_VERSION, 1);
   assert_int_equal(PRM_OPTIMIZER_OPTIONS_VERSION, 1);
 #if UINTPTR_MAX == 0xFFFFFFFFFFFFFFFFu
-  assert_int_equal(sizeof(prm_model_options), 200);
+  assert_int_equal(sizeof(prm_model_options), 248);
   assert_int_equal(offsetof(prm_model_options, hidden), 32);
+  /* version 2 appended the llama fields after n_head (version 1 ends at 200) */
+  assert_int_equal(offsetof(prm_model_options, n_kv_head), 200);
+  assert_int_equal(offsetof(prm_model_options, rope_theta), 224);
+  assert_int_equal(offsetof(prm_model_options, qk_norm), 244);
   assert_int_equal(sizeof(prm_ctx_options), 24);
   assert_int_equal(sizeof(prm_batch), 64);
   assert_int_equal(offsetof(prm_batch, lengths), 56);
@@ -103,12 +110,46 @@ static void test_init_macros_match_functions(void **state) {
   assert_int_equal(o1.schedule, o2.schedule);
 }
 
+/* A caller compiled against version 1 of prm_model_options (200 bytes on
+ * LP64) keeps working: the library reads and writes only those bytes, and the
+ * fields version 2 appended take their defaults. */
+static void test_model_options_version_1(void **state) {
+  (void)state;
+  const size_t v1 = offsetof(prm_model_options, n_kv_head);
+  union {
+    prm_model_options o;
+    unsigned char b[sizeof(prm_model_options) + 16];
+  } u;
+  memset(&u, 0xAB, sizeof u);
+  assert_int_equal(prm_model_options_init(&u.o, 1), PRM_OK);
+  for (size_t i = v1; i < sizeof u; i++) assert_int_equal(u.b[i], 0xAB);
+  assert_int_equal(u.o.version, 1);
+  u.o.arch = PRM_ARCH_GPT2;
+  u.o.vocab_size = 11;
+  u.o.n_ctx = 8;
+  u.o.n_embd = 8;
+  u.o.n_layer = 1;
+  u.o.n_head = 2;
+  prm_model *m = NULL;
+  assert_int_equal(prm_model_new(&m, &u.o), PRM_OK); /* bytes past v1 are 0xAB garbage */
+  memset(&u, 0xAB, sizeof u);
+  u.o.version = 1;
+  assert_int_equal(prm_model_get_options(m, &u.o), PRM_OK);
+  for (size_t i = v1; i < sizeof u; i++) assert_int_equal(u.b[i], 0xAB);
+  assert_int_equal(u.o.n_head, 2);
+  prm_model_options v2 = PRM_MODEL_OPTIONS_INIT;
+  assert_int_equal(prm_model_get_options(m, &v2), PRM_OK);
+  assert_true(v2.rope_theta == 10000.0 && v2.rms_eps == 1e-6 && v2.n_kv_head == 0);
+  prm_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_status_values),
       cmocka_unit_test(test_enum_values),
       cmocka_unit_test(test_struct_layouts),
       cmocka_unit_test(test_init_macros_match_functions),
+      cmocka_unit_test(test_model_options_version_1),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1359,7 +1359,7 @@ static const gpt2_case k_gpt2_cases[] = {
     {"\"transformer.ln_f.bias\"", "\"transformer.ln_f.bias.x\"", PRM_ERR_FORMAT,
      "missing tensor transformer.ln_f.bias"},
     {"\"score.weight\"", "\"lm_head.weight\"", PRM_ERR_FORMAT,
-     "missing tensor score.weight (loading a GPT-2 language model without a reward head is not "
+     "missing tensor score.weight (loading a language model without a reward head is not "
      "supported yet)"},
     {"\"transformer.wte.weight\"", "\"transformer.wte.weightx\"", PRM_ERR_FORMAT,
      "missing tensor transformer.wte.weight"},
