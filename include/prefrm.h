@@ -357,6 +357,95 @@ PRM_API int prm_model_load_buffer(prm_model **out, const void *buf,
                                   size_t size);
 
 /* ------------------------------------------------------------------------ */
+/* Starting from a pretrained language model                                 */
+/* ------------------------------------------------------------------------ */
+
+#define PRM_PRETRAINED_OPTIONS_VERSION 1
+
+/** Options of prm_model_load_pretrained. Initialise with
+ *  prm_pretrained_options_init. */
+typedef struct prm_pretrained_options {
+  uint32_t version;                /**< PRM_PRETRAINED_OPTIONS_VERSION */
+  const prm_model_options *config; /**< optional (borrowed): the model's
+      configuration, for files that do not carry it (most hub files have
+      only {"format": "pt"} metadata). Used for what the file cannot tell:
+      its arch when the file has no "model" key, n_head, and for llama n_ctx,
+      rope_theta and rms_eps. Whatever the file does tell (its __metadata__
+      and the tensor shapes) must agree with it: PRM_ERR_FORMAT otherwise.
+      NULL: everything from the file. */
+  uint64_t seed;      /**< initialisation of tensors the file lacks (the
+                           score head), as prm_model_new with this seed */
+  int32_t fresh_head; /**< non-zero: initialise score.weight even when the
+                           file has one (start a new reward head on a
+                           reward model's backbone) */
+} prm_pretrained_options;
+
+#define PRM_PRETRAINED_OPTIONS_INIT { PRM_PRETRAINED_OPTIONS_VERSION, NULL, 0, 0 }
+
+/** Fill *opts with defaults (configuration from the file, seed 0, keep a
+ *  head the file has). @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
+PRM_API int prm_pretrained_options_init(prm_pretrained_options *opts,
+                                        uint32_t version);
+
+#define PRM_LOAD_REPORT_VERSION 1
+
+/** What prm_model_load_pretrained did with each tensor. */
+typedef struct prm_load_report {
+  uint32_t version;       /**< set by the caller: PRM_LOAD_REPORT_VERSION */
+  uint32_t n_loaded;      /**< model tensors read from the file */
+  uint32_t n_initialised; /**< model tensors initialised from the seed */
+  uint32_t n_ignored;     /**< file tensors not used (an LM head, buffers) */
+  char *text;             /**< optional caller buffer (NULL: counts only):
+                               one line per tensor, "loaded <name>",
+                               "initialised <name>" or "ignored <name>",
+                               '\n'-terminated, in file-name order for
+                               ignored and model order for the others;
+                               NUL-terminated, cut to text_size */
+  size_t text_size;       /**< bytes at text */
+  size_t text_needed;     /**< receives the bytes the whole text needs
+                               (including the NUL) */
+} prm_load_report;
+
+#define PRM_LOAD_REPORT_INIT { PRM_LOAD_REPORT_VERSION, 0, 0, 0, NULL, 0, 0 }
+
+/**
+ * Create a reward model from a Hugging Face checkpoint of a language model:
+ * the backbone from the file, a score head from the file when it has one
+ * (and opts->fresh_head is 0), else freshly initialised. Accepts every
+ * layout prm_model_load does and, for token models, the language-model
+ * layouts: gpt2 -- GPT2LMHeadModel and GPT2Model names, with or without the
+ * "transformer." prefix, with HF's attn.bias / attn.masked_bias buffers,
+ * with or without a (tied) lm_head.weight; llama -- LlamaForCausalLM and
+ * LlamaModel names (with or without "model."), lm_head.weight, the
+ * rotary_emb.inv_freq buffers, and ...ForSequenceClassification files.
+ * lm_head.weight and the buffers are ignored. The file's tensors are
+ * validated as by prm_model_load (F32 only, bounds, shapes, finite values).
+ * @param out     receives the model (caller owns), NULL on failure.
+ * @param path    a safetensors file (opened without blocking, as
+ *                prm_model_load).
+ * @param opts    optional (NULL: defaults).
+ * @param report  optional; report->version set by the caller. Filled on
+ *                success (and text_needed also on failure when the file
+ *                was readable).
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID
+ *         (opts->config is not a valid configuration, as prm_model_new
+ *         would say), PRM_ERR_IO, PRM_ERR_FORMAT (a malformed file, a tensor
+ *         missing or of the wrong shape, a configuration the file and
+ *         opts->config disagree on, n_head unknown), PRM_ERR_UNSUPPORTED,
+ *         PRM_ERR_NOMEM.
+ * Thread-safe.
+ */
+PRM_API int prm_model_load_pretrained(prm_model **out, const char *path,
+                                      const prm_pretrained_options *opts,
+                                      prm_load_report *report);
+
+/** As prm_model_load_pretrained, from `size` bytes at `buf` (borrowed). */
+PRM_API int prm_model_load_pretrained_buffer(prm_model **out, const void *buf,
+                                             size_t size,
+                                             const prm_pretrained_options *opts,
+                                             prm_load_report *report);
+
+/* ------------------------------------------------------------------------ */
 /* Batches                                                                   */
 /* ------------------------------------------------------------------------ */
 

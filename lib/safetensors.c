@@ -128,21 +128,30 @@ static void sink_meta(st_sink *s, const char *key, int first) {
   sink_put(s, ":", 1);
 }
 
-/* The configuration keys of meta_write go through this sink (lib/arch.h). */
+/* The configuration keys of meta_write go through this (lib/arch.h): into
+ * a file's JSON header (sink), or into a key list (collect: the caller's
+ * configuration of prm_model_load_pretrained, see below). */
+typedef struct st_kv_list st_kv_list;
+static void kv_add(st_kv_list *l, const char *key, const char *value);
+
 struct prmi_meta_out {
   st_sink *sink;
+  st_kv_list *collect;
 };
 
 void prmi_meta_put(prmi_meta_out *out, const char *key, const char *value) {
+  if (out->collect != NULL) {
+    kv_add(out->collect, key, value);
+    return;
+  }
   sink_meta(out->sink, key, 0);
   sink_jstr(out->sink, value);
 }
 
 void prmi_meta_put_u64(prmi_meta_out *out, const char *key, uint64_t v) {
-  sink_meta(out->sink, key, 0);
-  sink_put(out->sink, "\"", 1);
-  sink_u64(out->sink, v);
-  sink_put(out->sink, "\"", 1);
+  char buf[24];
+  snprintf(buf, sizeof buf, "%llu", (unsigned long long)v);
+  prmi_meta_put(out, key, buf);
 }
 
 /* The JSON header, padded with spaces to a multiple of 8. Returns its length.
@@ -150,7 +159,7 @@ void prmi_meta_put_u64(prmi_meta_out *out, const char *key, uint64_t v) {
  * "format": "pt" and the library version. */
 static size_t write_header(const prm_model *m, char *dst, size_t cap) {
   st_sink s = {dst, cap, 0};
-  prmi_meta_out out = {&s};
+  prmi_meta_out out = {&s, NULL};
   sink_str(&s, "{\"__metadata__\":{");
   sink_meta(&s, "model", 1);
   sink_jstr(&s, m->arch->name);
@@ -769,6 +778,22 @@ typedef struct st_meta {
 
 #define ST_MAX_META 8192 /* stored keys: as many as a JSON object may hold */
 
+/* Configuration keys given by the caller (prm_pretrained_options.config),
+ * consulted when the file lacks a key. Few: one architecture's keys. */
+#define ST_MAX_KV 32
+struct st_kv_list {
+  uint32_t n;
+  char key[ST_MAX_KV][PRMI_NAME_SIZE];
+  char value[ST_MAX_KV][64];
+};
+
+static void kv_add(st_kv_list *l, const char *key, const char *value) {
+  if (l->n == ST_MAX_KV) return; /* no architecture has that many keys */
+  snprintf(l->key[l->n], sizeof l->key[l->n], "%s", key);
+  snprintf(l->value[l->n], sizeof l->value[l->n], "%s", value);
+  l->n++;
+}
+
 typedef struct prmi_ckpt {
   st_entry *entries; /* [cap], n_entries used; heap, grows while parsing */
   uint32_t n_entries, cap;
@@ -777,6 +802,7 @@ typedef struct prmi_ckpt {
   int seen_metadata;
   st_meta *meta; /* [n_meta], heap */
   uint32_t n_meta, cap_meta;
+  st_kv_list *given; /* the caller's configuration as keys, or NULL */
 } st_header;
 
 static void header_free(st_header *h) {
@@ -1025,13 +1051,9 @@ static int parse_decimal(const char *s, uint64_t *v) {
 
 /* ---- the checkpoint view of lib/arch.h ---- */
 
-const char *prmi_ckpt_meta(const prmi_ckpt *c, const char *key) {
-  for (uint32_t i = 0; i < c->n_meta; i++)
-    if (strcmp(c->meta[i].key, key) == 0) return c->meta[i].value;
-  return NULL;
-}
-
-/* Like prmi_ckpt_meta, but a value that was too long to keep is an error. */
+/* The file's key, else the caller's (prm_pretrained_options.config): the
+ * hooks read one set of keys whatever their source. A file value that was too
+ * long to keep is an error. */
 static int meta_lookup(const prmi_ckpt *c, const char *key, const char **value) {
   *value = NULL;
   for (uint32_t i = 0; i < c->n_meta; i++)
@@ -1042,7 +1064,18 @@ static int meta_lookup(const prmi_ckpt *c, const char *key, const char **value) 
       *value = c->meta[i].value;
       return 1;
     }
+  if (c->given != NULL)
+    for (uint32_t i = 0; i < c->given->n; i++)
+      if (strcmp(c->given->key[i], key) == 0) {
+        *value = c->given->value[i];
+        return 1;
+      }
   return 0;
+}
+
+const char *prmi_ckpt_meta(const prmi_ckpt *c, const char *key) {
+  const char *v;
+  return meta_lookup(c, key, &v) == 1 ? v : NULL;
 }
 
 uint32_t prmi_ckpt_count(const prmi_ckpt *c) { return c->n_entries; }
@@ -1197,23 +1230,52 @@ static int check_entries(st_header *h, uint64_t data_len) {
   return rc;
 }
 
+/* prm_model_load_pretrained's options and report; NULL for prm_model_load. */
+typedef struct st_pretrained {
+  const prm_pretrained_options *opts;
+  prm_load_report *report;
+  st_kv_list given; /* opts->config as keys (when given) */
+} st_pretrained;
+
+/* The fate of each tensor, for the report. */
+enum { FATE_LOADED = 1, FATE_INITIALISED, FATE_IGNORED };
+
+/* Append "<what> <name>\n" to the report's text (counting what it needs). */
+static void report_line(prm_load_report *r, const char *what, const char *name) {
+  const size_t n = strlen(what) + 1 + strlen(name) + 1;
+  if (r->text != NULL && r->text_size > 0 && r->text_needed - 1 + n < r->text_size)
+    snprintf(r->text + r->text_needed - 1, r->text_size - (r->text_needed - 1), "%s %s\n", what,
+             name);
+  r->text_needed += n;
+}
+
 /*
  * Every tensor of the model's layout present with its exact shape; nothing
  * else but the ignorable tensors of its architecture. m has its layout but
  * no parameters yet: a file that does not hold every parameter is refused
  * before the arena is allocated, so a small file cannot make us allocate a
- * large model.
+ * large model. In pretrained mode (pt != NULL) score.weight may be missing
+ * (or, with fresh_head, is not read) and an LM head (lm_head.weight) is
+ * ignored; fate[i] receives what happens to model tensor i.
  */
-static int check_against_layout(st_header *h, const prm_model *m) {
+static int check_against_layout(st_header *h, const prm_model *m, const st_pretrained *pt,
+                                uint8_t *fate) {
   for (uint32_t i = 0; i < m->n_tensors; i++) {
     const prmi_tensor *x = &m->tensors[i];
     st_entry *t = find_entry(h, x->name);
+    const int head = strcmp(x->name, "score.weight") == 0;
     char got[96], want[64];
+    fate[i] = FATE_LOADED;
+    if (pt != NULL && head && (t == NULL || t->ignorable || pt->opts->fresh_head)) {
+      fate[i] = FATE_INITIALISED;
+      if (t != NULL) t->used = 1; /* a head the caller replaces is not "unexpected" */
+      continue;
+    }
     if (t == NULL || t->ignorable) {
-      if (strcmp(x->name, "score.weight") == 0 && m->arch->tokens)
+      if (head && m->arch->tokens)
         return prmi_fail(NULL, PRM_ERR_FORMAT,
-                         "missing tensor score.weight (loading a language model without a "
-                         "reward head is not supported yet)");
+                         "missing tensor score.weight (a language-model checkpoint has no reward "
+                         "head: load it with prm_model_load_pretrained)");
       return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s", x->name);
     }
     if (t->ndim != x->ndim || t->shape[0] != x->shape[0] ||
@@ -1230,18 +1292,48 @@ static int check_against_layout(st_header *h, const prm_model *m) {
     const st_entry *t = &h->entries[i];
     if (t->used) continue;
     if (t->ignorable && m->arch->ignorable != NULL && m->arch->ignorable(t->name, t->ndim)) continue;
+    if (pt != NULL && m->arch->tokens && strcmp(t->name, "lm_head.weight") == 0) continue;
     return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model", t->name,
                      m->arch->article);
   }
   return PRM_OK;
 }
 
-static int load_validated(prm_model **out, const unsigned char *b, size_t size) {
+/*
+ * With a caller's configuration, the file must not contradict it: its
+ * architecture must be the configured one, and every configuration key of
+ * the resolved model must read as the caller's does (both are written by the
+ * same meta_write, so equal configurations give equal strings).
+ */
+static int check_given_config(const st_pretrained *pt, const prm_model *m) {
+  const prm_model_options *c = pt->opts->config;
+  if (c->arch != m->arch->id) {
+    const prmi_arch *want = prmi_arch_find(c->arch);
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "the file is %s checkpoint, the configuration says %s",
+                     m->arch->article, want != NULL ? want->article : "an unknown architecture");
+  }
+  st_kv_list mine;
+  prmi_meta_out out = {NULL, &mine};
+  mine.n = 0;
+  m->arch->meta_write(&m->opts, &out);
+  for (uint32_t i = 0; i < pt->given.n; i++)
+    for (uint32_t k = 0; k < mine.n; k++)
+      if (strcmp(pt->given.key[i], mine.key[k]) == 0 &&
+          strcmp(pt->given.value[i], mine.value[k]) != 0)
+        return prmi_fail(NULL, PRM_ERR_FORMAT,
+                         "the file says %s = %s, the configuration says %s = %s", mine.key[k],
+                         mine.value[k], pt->given.key[i], pt->given.value[i]);
+  return PRM_OK;
+}
+
+static int load_validated(prm_model **out, const unsigned char *b, size_t size,
+                          st_pretrained *pt) {
   uint64_t hlen, data_len;
   const unsigned char *data;
   const prmi_arch *arch = NULL;
   prm_model *m = NULL;
   prm_model_options o;
+  uint8_t *fate = NULL;
   st_header *h;
   json j;
   int rc;
@@ -1265,6 +1357,7 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size) 
 
   h = calloc(1, sizeof *h);
   if (h == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint");
+  if (pt != NULL && pt->opts->config != NULL) h->given = &pt->given;
   j.base = j.p = b + 8;
   j.end = b + 8 + hlen;
   j.depth = 0;
@@ -1285,15 +1378,41 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size) 
       rc = prmi_fail(NULL, PRM_ERR_FORMAT, "checkpoint configuration rejected: %s",
                      prm_last_errmsg());
   }
-  if (rc == PRM_OK) rc = check_against_layout(h, m);
+  if (rc == PRM_OK && pt != NULL && pt->opts->config != NULL) rc = check_given_config(pt, m);
+  if (rc == PRM_OK) {
+    fate = calloc(m->n_tensors, 1);
+    if (fate == NULL) rc = prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint");
+  }
+  if (rc == PRM_OK) rc = check_against_layout(h, m, pt, fate);
   if (rc == PRM_OK) rc = prmi_model_alloc_params(m);
+  /* tensors the file does not provide start as a new model's would */
+  if (rc == PRM_OK && pt != NULL) m->arch->init(m, pt->opts->seed);
   for (uint32_t i = 0; rc == PRM_OK && i < m->n_tensors; i++) {
     const prmi_tensor *tn = &m->tensors[i];
+    if (fate[i] != FATE_LOADED) continue;
     const st_entry *t = find_entry(h, tn->name); /* present and sized: checked above */
     get_f32_le(m->params + tn->offset, data + t->begin, (size_t)tn->numel);
     if (!prmi_all_finite(m->params + tn->offset, tn->numel))
       rc = prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", tn->name);
   }
+  if (rc == PRM_OK && pt != NULL && pt->report != NULL) {
+    prm_load_report *r = pt->report;
+    r->n_loaded = r->n_initialised = r->n_ignored = 0;
+    r->text_needed = 1;
+    if (r->text != NULL && r->text_size > 0) r->text[0] = '\0';
+    for (uint32_t i = 0; i < m->n_tensors; i++) {
+      const int loaded = fate[i] == FATE_LOADED;
+      *(loaded ? &r->n_loaded : &r->n_initialised) += 1;
+      report_line(r, loaded ? "loaded" : "initialised", m->tensors[i].name);
+    }
+    for (uint32_t i = 0; i < h->n_entries; i++) {
+      const st_entry *t = h->by_name[i];
+      if (t->used) continue;
+      r->n_ignored++;
+      report_line(r, "ignored", t->name);
+    }
+  }
+  free(fate);
   header_free(h);
   if (rc != PRM_OK) {
     prm_model_free(m);
@@ -1307,7 +1426,7 @@ int prm_model_load_buffer(prm_model **out, const void *buf, size_t size) {
   if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load_buffer: out is NULL");
   *out = NULL;
   if (buf == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load_buffer: buf is NULL");
-  return load_validated(out, (const unsigned char *)buf, size);
+  return load_validated(out, (const unsigned char *)buf, size, NULL);
 }
 
 int prm_model_load(prm_model **out, const char *path) {
@@ -1319,7 +1438,78 @@ int prm_model_load(prm_model **out, const char *path) {
   if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_load: path is NULL");
   rc = prmi_file_read_all(path, &buf, &size, NULL);
   if (rc != PRM_OK) return rc;
-  rc = load_validated(out, buf, size);
+  rc = load_validated(out, buf, size, NULL);
+  free(buf);
+  return rc;
+}
+
+/* ---- pretrained language models ---------------------------------------------------------- */
+
+int prm_pretrained_options_init(prm_pretrained_options *opts, uint32_t version) {
+  const prm_pretrained_options d = PRM_PRETRAINED_OPTIONS_INIT;
+  return prmi_init_struct(opts, &d, sizeof d, version, PRM_PRETRAINED_OPTIONS_VERSION,
+                          "prm_pretrained_options_init");
+}
+
+/* Validate the options and the report; turn a given configuration into keys
+ * (validated as prm_model_new would, so that a bad one is named as such). */
+static int pretrained_setup(st_pretrained *pt, const prm_pretrained_options *opts,
+                            prm_load_report *report, prm_pretrained_options *defaults,
+                            const char *fn) {
+  int rc;
+  if (opts == NULL) {
+    prm_pretrained_options_init(defaults, PRM_PRETRAINED_OPTIONS_VERSION);
+    opts = defaults;
+  }
+  if ((rc = prmi_check_version(NULL, opts, PRM_PRETRAINED_OPTIONS_VERSION, fn)) != PRM_OK)
+    return rc;
+  if (report != NULL &&
+      (rc = prmi_check_version(NULL, report, PRM_LOAD_REPORT_VERSION, "prm_load_report")) !=
+          PRM_OK)
+    return rc;
+  pt->opts = opts;
+  pt->report = report;
+  pt->given.n = 0;
+  if (opts->config != NULL) {
+    prm_model *probe = NULL;
+    rc = prmi_model_alloc(&probe, opts->config, 0);
+    if (rc != PRM_OK) return rc;
+    prmi_meta_out out = {NULL, &pt->given};
+    kv_add(&pt->given, "model", probe->arch->name);
+    probe->arch->meta_write(&probe->opts, &out);
+    prm_model_free(probe);
+  }
+  return PRM_OK;
+}
+
+int prm_model_load_pretrained_buffer(prm_model **out, const void *buf, size_t size,
+                                     const prm_pretrained_options *opts, prm_load_report *report) {
+  const char *fn = "prm_model_load_pretrained_buffer";
+  prm_pretrained_options d;
+  st_pretrained pt;
+  if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: out is NULL", fn);
+  *out = NULL;
+  if (buf == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: buf is NULL", fn);
+  int rc = pretrained_setup(&pt, opts, report, &d, fn);
+  if (rc != PRM_OK) return rc;
+  return load_validated(out, (const unsigned char *)buf, size, &pt);
+}
+
+int prm_model_load_pretrained(prm_model **out, const char *path,
+                              const prm_pretrained_options *opts, prm_load_report *report) {
+  const char *fn = "prm_model_load_pretrained";
+  prm_pretrained_options d;
+  st_pretrained pt;
+  unsigned char *buf;
+  size_t size;
+  if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: out is NULL", fn);
+  *out = NULL;
+  if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: path is NULL", fn);
+  int rc = pretrained_setup(&pt, opts, report, &d, fn);
+  if (rc != PRM_OK) return rc;
+  rc = prmi_file_read_all(path, &buf, &size, NULL);
+  if (rc != PRM_OK) return rc;
+  rc = load_validated(out, buf, size, &pt);
   free(buf);
   return rc;
 }

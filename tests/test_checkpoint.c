@@ -1359,8 +1359,8 @@ static const gpt2_case k_gpt2_cases[] = {
     {"\"transformer.ln_f.bias\"", "\"transformer.ln_f.bias.x\"", PRM_ERR_FORMAT,
      "missing tensor transformer.ln_f.bias"},
     {"\"score.weight\"", "\"lm_head.weight\"", PRM_ERR_FORMAT,
-     "missing tensor score.weight (loading a language model without a reward head is not "
-     "supported yet)"},
+     "missing tensor score.weight (a language-model checkpoint has no reward head: load it with "
+     "prm_model_load_pretrained)"},
     {"\"transformer.wte.weight\"", "\"transformer.wte.weightx\"", PRM_ERR_FORMAT,
      "missing tensor transformer.wte.weight"},
 };
@@ -1812,6 +1812,95 @@ static void test_gpt2_torch_interop(void **state) {
     remove(tmp[i]);
 }
 
+/* prm_model_load_pretrained on files the library writes (no torch needed):
+ * the head kept or replaced, the report and its truncation, every error. */
+static void test_load_pretrained(void **state) {
+  (void)state;
+  prm_model_options cfg = prmt_gpt2_options(20, 8, 8, 2, 2, 4);
+  prm_model *m = prmt_gpt2(20, 8, 8, 2, 2, 4), *back = NULL;
+  size_t n = 0;
+  assert_int_equal(prm_model_save_buffer(m, NULL, 0, &n), PRM_OK);
+  unsigned char *buf = malloc(n);
+  assert_non_null(buf);
+  assert_int_equal(prm_model_save_buffer(m, buf, n, &n), PRM_OK);
+  uint64_t np = 0;
+  const float *p = prm_model_params(m, &np);
+  const uint64_t head = np - 8;
+
+  /* a reward model's file: everything loaded, nothing else */
+  prm_load_report rep = PRM_LOAD_REPORT_INIT;
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, buf, n, NULL, &rep), PRM_OK);
+  assert_memory_equal(prm_model_params(back, NULL), p, np * sizeof(float));
+  assert_int_equal(rep.n_loaded, prm_model_num_tensors(m));
+  assert_int_equal(rep.n_initialised, 0);
+  assert_int_equal(rep.n_ignored, 0);
+  prm_model_free(back);
+
+  /* fresh_head: the head as prm_model_new(seed) draws it, the rest loaded;
+   * a report text too small is cut, NUL-terminated, and says what it needs */
+  prm_pretrained_options po = PRM_PRETRAINED_OPTIONS_INIT;
+  po.fresh_head = 1;
+  po.seed = 77;
+  char text[40];
+  memset(text, 'x', sizeof text);
+  rep.text = text;
+  rep.text_size = sizeof text;
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, buf, n, &po, &rep), PRM_OK);
+  assert_int_equal(rep.n_initialised, 1);
+  assert_int_equal(rep.n_loaded, prm_model_num_tensors(m) - 1);
+  assert_true(rep.text_needed > sizeof text);
+  assert_true(strlen(text) < sizeof text);
+  assert_int_equal(strncmp(text, "loaded transformer.wte.weight\n", strlen(text)), 0);
+  char *full = malloc(rep.text_needed);
+  assert_non_null(full);
+  rep.text = full;
+  rep.text_size = rep.text_needed;
+  prm_model_free(back);
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, buf, n, &po, &rep), PRM_OK);
+  assert_int_equal(strlen(full) + 1, rep.text_needed);
+  assert_non_null(strstr(full, "\ninitialised score.weight\n"));
+  free(full);
+  cfg.seed = 77;
+  prm_model *fresh = NULL;
+  assert_int_equal(prm_model_new(&fresh, &cfg), PRM_OK);
+  assert_memory_equal(prm_model_params(back, NULL), p, head * sizeof(float));
+  assert_memory_equal(prm_model_params(back, NULL) + head, prm_model_params(fresh, NULL) + head,
+                      8 * sizeof(float));
+  prm_model_free(fresh);
+  prm_model_free(back);
+
+  /* errors: arguments, versions, a configuration that is invalid or that the
+   * file contradicts */
+  rep = (prm_load_report)PRM_LOAD_REPORT_INIT;
+  assert_int_equal(prm_model_load_pretrained_buffer(NULL, buf, n, NULL, NULL), PRM_ERR_NULL);
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, NULL, n, NULL, NULL), PRM_ERR_NULL);
+  assert_null(back);
+  assert_int_equal(prm_model_load_pretrained(&back, NULL, NULL, NULL), PRM_ERR_NULL);
+  po = (prm_pretrained_options)PRM_PRETRAINED_OPTIONS_INIT;
+  po.version = 9;
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, buf, n, &po, NULL), PRM_ERR_VERSION);
+  rep.version = 0;
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, buf, n, NULL, &rep), PRM_ERR_VERSION);
+  assert_int_equal(prm_pretrained_options_init(&po, 2), PRM_ERR_VERSION);
+  assert_int_equal(prm_pretrained_options_init(NULL, 1), PRM_ERR_NULL);
+  assert_int_equal(prm_pretrained_options_init(&po, PRM_PRETRAINED_OPTIONS_VERSION), PRM_OK);
+  prm_model_options bad = cfg;
+  bad.n_head = 3; /* does not divide n_embd */
+  po.config = &bad;
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, buf, n, &po, NULL), PRM_ERR_INVALID);
+  bad = cfg;
+  bad.n_embd = 16; /* the file's tensors are 8 wide */
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, buf, n, &po, NULL), PRM_ERR_FORMAT);
+  prm_model_options lin = PRM_MODEL_OPTIONS_INIT;
+  lin.input_size = 8;
+  po.config = &lin;
+  assert_int_equal(prm_model_load_pretrained_buffer(&back, buf, n, &po, NULL), PRM_ERR_FORMAT);
+  assert_non_null(strstr(prm_last_errmsg(), "a gpt2 checkpoint"));
+  assert_null(back);
+  free(buf);
+  prm_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_roundtrip_linear),
@@ -1838,6 +1927,7 @@ int main(void) {
       cmocka_unit_test(test_torch_written_checkpoint),
       cmocka_unit_test(test_prefrm_checkpoint_in_torch),
       cmocka_unit_test(test_gpt2_torch_interop),
+      cmocka_unit_test(test_load_pretrained),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
