@@ -2,15 +2,18 @@
  * bench_train.c - time libprefrm training steps, the C twin of
  * `torch_ref.py bench` (../shared/reference/torch_ref.py).
  *
- *   bench_train [--model linear|mlp|gpt2] [--d D] [--hidden 1024,256] [--act gelu|relu|tanh]
- *               [--batch P] [--steps S] [--warmup W] [--lr 1e-4] [--seed 0]
- *               [--batches NB] [--threads N] [--no-phases] [--blas-probe]
+ *   bench_train [--model linear|mlp|gpt2|llama] [--d D] [--hidden 1024,256]
+ *               [--act gelu|relu|tanh] [--batch P] [--steps S] [--warmup W] [--lr 1e-4]
+ *               [--seed 0] [--batches NB] [--threads N] [--no-phases] [--blas-probe]
  *               [--json-out FILE]
- *   gpt2:       [--vocab 512] [--ctx 128] [--dim 128] [--layers 4] [--heads 4]
+ *   gpt2/llama: [--vocab 512] [--ctx 128] [--dim 128] [--layers 4] [--heads 4]
  *               [--seq-len T] [--min-len M] [--score]
+ *   llama:      [--kv-heads G] [--head-dim HD] [--ffn F] [--rope-theta 10000]
+ *               [--rms-eps 1e-6] [--attn-bias] [--qk-norm]
  *
- * gpt2 (torch_ref's gpt2 bench: 16 pairs of full-length sequences per step;
- * --score times scoring instead of training) is described at run_gpt2.
+ * gpt2 and llama (torch_ref's token-model benches: 16 pairs of full-length
+ * sequences per step; --score times scoring instead of training) are
+ * described at run_tok.
  *
  * Defaults are torch_ref's: linear d=4096 with 256 pairs per step; mlp
  * 768 -> 1024 -> 256 (gelu-tanh) with 64 pairs per step; AdamW lr 1e-4, no
@@ -456,43 +459,52 @@ static void json_alloc_keys(char *json, size_t cap, size_t *u, long peak_rss_kb,
                          d->used, d->arena, d->hblks, d->hblkhd, d->minflt);
 }
 
-/* ---- gpt2 -------------------------------------------------------------------------------- */
+/* ---- token models: gpt2 and llama ------------------------------------------------------ */
 
 /*
- * --model gpt2: the twin of `torch_ref.py bench --model gpt2`. Defaults are
- * torch_ref's (vocab 512, ctx 128, dim 128, 4 layers, 4 heads, 16 pairs per
- * step, every sequence ctx tokens long). NB batches of 2P sequences of
- * uniform random ids are made up front and cycled; with --min-len m the
+ * --model gpt2 | llama: the twins of `torch_ref.py bench --model gpt2|llama`.
+ * Defaults are torch_ref's (vocab 512, ctx 128, dim 128, 4 layers, 4 heads,
+ * 16 pairs per step, every sequence ctx tokens long; llama: kv heads = heads,
+ * head_dim = dim / heads, SwiGLU width 256 ceil(8 dim / 3 / 256), rope_theta
+ * 10000, rms_eps 1e-6, no biases, no q/k norm). NB batches of 2P sequences
+ * of uniform random ids are made up front and cycled; with --min-len m the
  * lengths are uniform in [m, seq_len] (padding ids are 0 and never read).
  *
- * FLOPs are torch_ref's formula, so the GFLOP/s of the two programs compare
- * like for like: train = 6 N_nonemb tok + 12 L T D tok with tok = 2P T and
- * T = seq_len (torch_ref counts every position, also with --min-len, and
- * the full T x T attention). The score (forward) figure is its forward third:
- * 2 N_nonemb tok + 4 L T D tok. libprefrm does less work than the formula
- * says (padding is never computed; the last block runs at the pooled tokens
- * only; attention is causal), so its GFLOP/s is "model FLOPs per second", the
- * rate that matters for comparing step times, not what the cores executed.
+ * FLOPs are torch_ref's formulas, so the GFLOP/s of the two programs compare
+ * like for like: train = 6 N_nonemb tok + 12 L T A tok with tok = 2P T,
+ * T = seq_len and A the attention width (gpt2: D; llama: H head_dim, which
+ * GQA does not change); torch_ref counts every position, also with
+ * --min-len, and the full T x T attention. The score (forward) figure is its
+ * forward third: 2 N_nonemb tok + 4 L T A tok. N_nonemb leaves out the
+ * embeddings (gpt2: wte and wpe; llama: embed_tokens). libprefrm does less
+ * work than the formula says (padding is never computed; the last block
+ * runs at the pooled tokens only; attention is causal), so its GFLOP/s is
+ * "model FLOPs per second", the rate that matters for comparing step times,
+ * not what the cores executed.
  *
  * --score times prm_ctx_forward on an inference context (2P sequences per
  * call: what a pair batch costs to score) instead of training steps; the twin
  * on the torch side is tests/bench/torch_score.py.
  */
-typedef struct gpt2_cfg {
+typedef struct tok_cfg {
+  int llama; /* 0: gpt2 */
   long vocab, n_ctx, dim, layers, heads, batch, seq_len, min_len, steps, warmup, seed, nbatches;
+  /* llama; 0 (or a negative real) for "not given": the library's default */
+  long kv_heads, head_dim, ffn;
+  double rope_theta, rms_eps;
+  int attn_bias, qk_norm;
   double lr;
   int phases, probe, score;
   const char *json_out;
-} gpt2_cfg;
+} tok_cfg;
 
 /*
  * The split API, phase by phase: forward + loss, backward, optimizer step,
  * cycling through nb batches of 2P rows. Medians in ms of `steps` timed
  * iterations after `warmup`.
  */
-static void time_phases(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pbs, long nb,
-                        uint64_t P, long warmup, long steps, double *ms_fwd, double *ms_bwd,
-                        double *ms_opt) {
+static void time_phases(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pbs, long nb, uint64_t P,
+                        long warmup, long steps, double *ms_fwd, double *ms_bwd, double *ms_opt) {
   const uint64_t rows = 2 * P;
   double *tf = xmalloc((size_t)steps * sizeof(double)),
          *tb = xmalloc((size_t)steps * sizeof(double)),
@@ -525,16 +537,26 @@ static void time_phases(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pbs, 
   free(dscores);
 }
 
-static int run_gpt2(const gpt2_cfg *cf) {
+static int run_tok(const tok_cfg *cf) {
+  const char *const name = cf->llama ? "llama" : "gpt2";
   prm_model_options mo;
   CHECK(prm_model_options_init(&mo, PRM_MODEL_OPTIONS_VERSION));
-  mo.arch = PRM_ARCH_GPT2;
+  mo.arch = cf->llama ? PRM_ARCH_LLAMA : PRM_ARCH_GPT2;
   mo.seed = (uint64_t)cf->seed;
   mo.vocab_size = (uint64_t)cf->vocab;
   mo.n_ctx = (uint64_t)cf->n_ctx;
   mo.n_embd = (uint64_t)cf->dim;
   mo.n_layer = (uint64_t)cf->layers;
   mo.n_head = (uint64_t)cf->heads;
+  if (cf->llama) {
+    mo.n_kv_head = (uint64_t)cf->kv_heads;
+    mo.head_dim = (uint64_t)cf->head_dim;
+    mo.n_ffn = (uint64_t)cf->ffn;
+    if (cf->rope_theta > 0) mo.rope_theta = cf->rope_theta;
+    if (cf->rms_eps >= 0) mo.rms_eps = cf->rms_eps;
+    mo.attn_bias = cf->attn_bias;
+    mo.qk_norm = cf->qk_norm;
+  }
   const uint64_t P = (uint64_t)cf->batch, rows = 2 * P;
   const uint64_t T = (uint64_t)(cf->seq_len ? cf->seq_len : cf->n_ctx);
   const uint64_t min_len = (uint64_t)cf->min_len;
@@ -551,6 +573,8 @@ static int run_gpt2(const gpt2_cfg *cf) {
   prm_ctx *ctx = NULL;
   prm_optimizer *opt = NULL;
   CHECK(prm_model_new(&model, &mo));
+  /* the configuration the library settled on (llama defaults filled in) */
+  CHECK(prm_model_get_options(model, &mo));
   prm_ctx_options co;
   CHECK(prm_ctx_options_init(&co, PRM_CTX_OPTIONS_VERSION));
   co.max_rows = rows;
@@ -627,23 +651,31 @@ static int run_gpt2(const gpt2_cfg *cf) {
   const uint64_t n_params = prm_model_num_params(model);
   uint64_t n_emb = 0;
   for (uint32_t t = 0; t < prm_model_num_tensors(model); t++) {
-    const char *name = NULL;
+    const char *tname = NULL;
     uint64_t shape[2] = {0, 0};
     uint32_t ndim = 0;
-    CHECK(prm_model_tensor_info(model, t, &name, NULL, &ndim, shape));
-    if (strstr(name, "wte.weight") != NULL || strstr(name, "wpe.weight") != NULL)
+    CHECK(prm_model_tensor_info(model, t, &tname, NULL, &ndim, shape));
+    if (strstr(tname, "wte.weight") != NULL || strstr(tname, "wpe.weight") != NULL ||
+        strstr(tname, "embed_tokens.weight") != NULL)
       n_emb += shape[0] * (ndim > 1 ? shape[1] : 1);
   }
   const uint64_t n_ne = n_params - n_emb;
   const double tok = (double)rows * (double)T; /* torch_ref: every position counts */
-  const double L = (double)cf->layers, Dm = (double)cf->dim, Td = (double)T;
-  const double flops = score ? 2.0 * n_ne * tok + 4.0 * L * Td * Dm * tok
-                             : 6.0 * n_ne * tok + 12.0 * L * Td * Dm * tok;
+  /* attention width A: gpt2 D, llama H * head_dim */
+  const double L = (double)cf->layers, Td = (double)T,
+               A = cf->llama ? (double)mo.n_head * (double)mo.head_dim : (double)cf->dim;
+  const double flops = score ? 2.0 * n_ne * tok + 4.0 * L * Td * A * tok
+                             : 6.0 * n_ne * tok + 12.0 * L * Td * A * tok;
   const char *formula =
-      score ? "2*N_nonemb*tok + 4*L*T*D*tok (forward third of torch_ref's training formula), "
-              "tok = 2P*T"
-            : "6*N_nonemb*tok + 12*L*T*D*tok (torch_ref's formula: dense T x T attention), "
-              "tok = 2P*T";
+      cf->llama
+          ? (score ? "2*N_nonemb*tok + 4*L*T*(H*hd)*tok (forward third of torch_ref's training "
+                     "formula), tok = 2P*T"
+                   : "6*N_nonemb*tok + 12*L*T*(H*hd)*tok (torch_ref's formula: dense T x T "
+                     "attention), tok = 2P*T")
+          : (score ? "2*N_nonemb*tok + 4*L*T*D*tok (forward third of torch_ref's training "
+                     "formula), tok = 2P*T"
+                   : "6*N_nonemb*tok + 12*L*T*D*tok (torch_ref's formula: dense T x T "
+                     "attention), tok = 2P*T");
   alloc_delta ad = diff_snapshots(&before, &after);
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
@@ -653,12 +685,12 @@ static int run_gpt2(const gpt2_cfg *cf) {
   /* ---- report ---- */
   const char *threads_env = env_or("OPENBLAS_NUM_THREADS", "(unset)");
   if (score)
-    printf("gpt2 score %llu seqs x %llu tok threads=%s: %.3f ms/forward (median of %ld), %.1f "
+    printf("%s score %llu seqs x %llu tok threads=%s: %.3f ms/forward (median of %ld), %.1f "
            "seqs/s, %.0f tokens/s computed",
-           (unsigned long long)rows, (unsigned long long)T, threads_env, med * 1e3, steps,
+           name, (unsigned long long)rows, (unsigned long long)T, threads_env, med * 1e3, steps,
            (double)rows / med, tok_real / med);
   else
-    printf("gpt2 P=%llu T=%llu threads=%s: %.3f ms/step (median of %ld), %.2f pairs/s",
+    printf("%s P=%llu T=%llu threads=%s: %.3f ms/step (median of %ld), %.2f pairs/s", name,
            (unsigned long long)P, (unsigned long long)T, threads_env, med * 1e3, steps,
            (double)P / med);
   if (phases) printf(", split-API fwd+loss %.3f / bwd %.3f / opt %.3f ms", ms_fwd, ms_bwd, ms_opt);
@@ -673,12 +705,22 @@ static int run_gpt2(const gpt2_cfg *cf) {
   size_t u = 0;
   u += (size_t)snprintf(
       json + u, sizeof json - u,
-      "{\"impl\": \"libprefrm\", \"model\": \"gpt2\", \"mode\": \"%s\", \"config\": {\"model\": "
-      "\"gpt2\", \"vocab_size\": %ld, \"n_positions\": %ld, \"n_embd\": %ld, \"n_layer\": %ld, "
-      "\"n_head\": %ld, \"seq_len\": %llu, \"min_len\": %llu}, \"pairs_per_step\": %llu, "
-      "\"threads\": %s, \"steps\": %ld, \"warmup\": %ld, \"batches\": %d, "
-      "\"tokens_per_step_computed\": %.1f, ",
-      score ? "score" : "train", cf->vocab, cf->n_ctx, cf->dim, cf->layers, cf->heads,
+      "{\"impl\": \"libprefrm\", \"model\": \"%s\", \"mode\": \"%s\", \"config\": {\"model\": "
+      "\"%s\", \"vocab_size\": %ld, \"n_positions\": %ld, \"n_embd\": %ld, \"n_layer\": %ld, "
+      "\"n_head\": %ld, ",
+      name, score ? "score" : "train", name, cf->vocab, cf->n_ctx, cf->dim, cf->layers, cf->heads);
+  if (cf->llama)
+    u += (size_t)snprintf(json + u, sizeof json - u,
+                          "\"n_kv_head\": %llu, \"head_dim\": %llu, \"n_ffn\": %llu, "
+                          "\"rope_theta\": %.17g, \"rms_eps\": %.17g, \"attn_bias\": %d, "
+                          "\"qk_norm\": %d, ",
+                          (unsigned long long)mo.n_kv_head, (unsigned long long)mo.head_dim,
+                          (unsigned long long)mo.n_ffn, mo.rope_theta, mo.rms_eps,
+                          mo.attn_bias != 0, mo.qk_norm != 0);
+  u += (size_t)snprintf(
+      json + u, sizeof json - u,
+      "\"seq_len\": %llu, \"min_len\": %llu}, \"pairs_per_step\": %llu, \"threads\": %s, "
+      "\"steps\": %ld, \"warmup\": %ld, \"batches\": %d, \"tokens_per_step_computed\": %.1f, ",
       (unsigned long long)T, (unsigned long long)min_len, (unsigned long long)P,
       strcmp(threads_env, "(unset)") ? threads_env : "null", steps, warmup, nb, tok_real);
   if (score)
@@ -712,13 +754,16 @@ static int run_gpt2(const gpt2_cfg *cf) {
     if (sgemm == NULL) {
       printf("blas probe: cblas_sgemm not found in the process; skipped\n");
     } else {
-      const int C = (int)cf->dim, hs = (int)(cf->dim / cf->heads), N = (int)(rows * T);
-      /* the square peak, then the step's shapes: c_fc forward (N, 4C) = (N, C)(C, 4C),
-       * its weight gradient (C, 4C) = (N, C)^T (N, 4C), one head's scores (T, T) = q k^T */
+      /* the square peak, then the step's shapes: the MLP's first projection forward
+       * (N, F) = (N, C)(C, F) (gpt2 c_fc, F = 4C; llama gate_proj/up_proj, F = n_ffn),
+       * its weight gradient (C, F) = (N, C)^T (N, F), one head's scores (T, T) = q k^T */
+      const int C = (int)cf->dim, N = (int)(rows * T);
+      const int Fw = cf->llama ? (int)mo.n_ffn : 4 * C;
+      const int hs = cf->llama ? (int)mo.head_dim : (int)(cf->dim / cf->heads);
       const gemm_shape shapes[4] = {
           {"sgemm_1024_gflops", 0, 0, 1024, 1024, 1024},
-          {"sgemm_fc_fwd_gflops", 0, 0, N, 4 * C, C},
-          {"sgemm_fc_wgrad_gflops", 1, 0, C, 4 * C, N},
+          {"sgemm_fc_fwd_gflops", 0, 0, N, Fw, C},
+          {"sgemm_fc_wgrad_gflops", 1, 0, C, Fw, N},
           {"sgemm_attn_scores_gflops", 0, 1, (int)T, (int)T, hs},
       };
       u += (size_t)snprintf(json + u, sizeof json - u, "\"blas_probe\": {");
@@ -758,12 +803,15 @@ static int run_gpt2(const gpt2_cfg *cf) {
  */
 
 static void usage(void) {
-  fprintf(stderr, "usage: bench_train [--model linear|mlp|gpt2] [--d D] [--hidden H1,H2,...]\n"
-                  "                   [--act gelu|relu|tanh] [--batch P] [--steps S] [--warmup W]\n"
-                  "                   [--lr LR] [--seed N] [--batches NB] [--threads N]\n"
-                  "                   [--no-phases] [--blas-probe] [--json-out FILE]\n"
-                  "       gpt2:       [--vocab V] [--ctx T] [--dim D] [--layers L] [--heads H]\n"
-                  "                   [--seq-len T] [--min-len M] [--score]\n");
+  fprintf(stderr,
+          "usage: bench_train [--model linear|mlp|gpt2|llama] [--d D] [--hidden H1,H2,...]\n"
+          "                   [--act gelu|relu|tanh] [--batch P] [--steps S] [--warmup W]\n"
+          "                   [--lr LR] [--seed N] [--batches NB] [--threads N]\n"
+          "                   [--no-phases] [--blas-probe] [--json-out FILE]\n"
+          "       gpt2/llama: [--vocab V] [--ctx T] [--dim D] [--layers L] [--heads H]\n"
+          "                   [--seq-len T] [--min-len M] [--score]\n"
+          "       llama:      [--kv-heads G] [--head-dim HD] [--ffn F] [--rope-theta X]\n"
+          "                   [--rms-eps E] [--attn-bias] [--qk-norm]\n");
   exit(2);
 }
 
@@ -778,10 +826,25 @@ static long parse_long(const char *flag, const char *s, long lo, long hi) {
   return v;
 }
 
+/* A real in [lo, hi] (finite), else a usage error naming the flag. */
+static double parse_real(const char *flag, const char *s, double lo, double hi) {
+  char *end = NULL;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (errno != 0 || end == s || *end != '\0' || !(v >= lo && v <= hi)) {
+    fprintf(stderr, "bench_train: %s wants a number in [%g, %g], got '%s'\n", flag, lo, hi, s);
+    exit(2);
+  }
+  return v;
+}
+
 int main(int argc, char **argv) {
   const char *model_name = "linear", *act_name = "gelu", *hidden_arg = NULL, *json_out = NULL;
   long d = 0, batch = 0, steps = 20, warmup = 3, seed = 0, nbatches = 0, threads = 0;
   long vocab = 512, n_ctx = 128, dim = 128, layers = 4, heads = 4, seq_len = 0, min_len = 0;
+  long kv_heads = 0, head_dim = 0, ffn = 0; /* llama; 0: the library's default */
+  double rope_theta = 0.0, rms_eps = -1.0;  /* llama; not given: the library's default */
+  int attn_bias = 0, qk_norm = 0, llama_flags = 0;
   double lr = 1e-4;
   int phases = 1, probe = 0, score = 0;
   for (int i = 1; i < argc; i++) {
@@ -849,6 +912,32 @@ int main(int argc, char **argv) {
     } else if (!strcmp(a, "--min-len")) {
       NEED_VALUE;
       min_len = parse_long(a, v, 1, 1L << 20);
+    } else if (!strcmp(a, "--kv-heads")) {
+      NEED_VALUE;
+      kv_heads = parse_long(a, v, 1, 1L << 16);
+      llama_flags = 1;
+    } else if (!strcmp(a, "--head-dim")) {
+      NEED_VALUE;
+      head_dim = parse_long(a, v, 1, 1L << 16);
+      llama_flags = 1;
+    } else if (!strcmp(a, "--ffn")) {
+      NEED_VALUE;
+      ffn = parse_long(a, v, 1, 1L << 24);
+      llama_flags = 1;
+    } else if (!strcmp(a, "--rope-theta")) {
+      NEED_VALUE;
+      rope_theta = parse_real(a, v, 1e-300, 1e300);
+      llama_flags = 1;
+    } else if (!strcmp(a, "--rms-eps")) {
+      NEED_VALUE;
+      rms_eps = parse_real(a, v, 0.0, 1.0);
+      llama_flags = 1;
+    } else if (!strcmp(a, "--attn-bias")) {
+      attn_bias = 1;
+      llama_flags = 1;
+    } else if (!strcmp(a, "--qk-norm")) {
+      qk_norm = 1;
+      llama_flags = 1;
     } else if (!strcmp(a, "--score"))
       score = 1;
     else if (!strcmp(a, "--no-phases"))
@@ -874,13 +963,41 @@ int main(int argc, char **argv) {
     }
   }
 
-  if (!strcmp(model_name, "gpt2")) {
-    const gpt2_cfg cf = {vocab,   n_ctx,   dim,   layers, heads,   batch ? batch : 16,
-                         seq_len, min_len, steps, warmup, seed,    nbatches,
-                         lr,      phases,  probe, score,  json_out};
-    return run_gpt2(&cf);
+  const int is_llama = !strcmp(model_name, "llama");
+  if (llama_flags && !is_llama) {
+    fprintf(stderr, "bench_train: --kv-heads/--head-dim/--ffn/--rope-theta/--rms-eps/"
+                    "--attn-bias/--qk-norm only apply to --model llama\n");
+    return 2;
   }
-  if (score) usage(); /* scoring mode exists for gpt2 only */
+  if (is_llama || !strcmp(model_name, "gpt2")) {
+    const tok_cfg cf = {.llama = is_llama,
+                        .vocab = vocab,
+                        .n_ctx = n_ctx,
+                        .dim = dim,
+                        .layers = layers,
+                        .heads = heads,
+                        .batch = batch ? batch : 16,
+                        .seq_len = seq_len,
+                        .min_len = min_len,
+                        .steps = steps,
+                        .warmup = warmup,
+                        .seed = seed,
+                        .nbatches = nbatches,
+                        .kv_heads = kv_heads,
+                        .head_dim = head_dim,
+                        .ffn = ffn,
+                        .rope_theta = rope_theta,
+                        .rms_eps = rms_eps,
+                        .attn_bias = attn_bias,
+                        .qk_norm = qk_norm,
+                        .lr = lr,
+                        .phases = phases,
+                        .probe = probe,
+                        .score = score,
+                        .json_out = json_out};
+    return run_tok(&cf);
+  }
+  if (score) usage(); /* scoring mode exists for the token models only */
 
   /* ---- configuration ---- */
   prm_model_options mo;

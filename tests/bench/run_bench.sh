@@ -5,14 +5,17 @@
 #   tests/bench/run_bench.sh [BUILD_DIR]        (default: build)
 #
 # Environment knobs: STEPS (50), WARMUP (5), ROUNDS (2), THREADS ("1 2"),
-# CONFIGS ("linear mlp gpt2-tiny gpt2-small"; any subset, e.g.
-# CONFIGS="gpt2-tiny gpt2-small"), PYTHON (/usr/bin/python3), TORCH_REF (path
-# to torch_ref.py; default <repo>/../shared/reference/torch_ref.py), PROBE (1:
-# also print the BLAS ceilings measured by bench_train --blas-probe).
-# gpt2 knobs (a torch gpt2-small step takes about 2 s, so few steps):
+# CONFIGS ("linear mlp gpt2-tiny gpt2-small llama-tiny llama-small"; any
+# subset, e.g. CONFIGS="gpt2-tiny gpt2-small" or CONFIGS="llama-tiny
+# llama-small"), PYTHON (/usr/bin/python3), TORCH_REF (path to torch_ref.py;
+# default <repo>/../shared/reference/torch_ref.py), PROBE (1: also print the
+# BLAS ceilings measured by bench_train --blas-probe).
+# Token-model knobs (a torch gpt2-small step takes about 2 s, so few steps):
 # GPT2_TINY_STEPS (10), GPT2_SMALL_STEPS (5), GPT2_WARMUP (2) for training,
-# SCORE_TINY_STEPS (20), SCORE_SMALL_STEPS (8) forwards for scoring,
-# SCORE_TARGET (1.5).
+# LLAMA_TINY_STEPS, LLAMA_SMALL_STEPS (default: the gpt2 values), the warm-up
+# GPT2_WARMUP for both, SCORE_TINY_STEPS (20), SCORE_SMALL_STEPS (8) forwards
+# for scoring (both families), SCORE_TARGET (1.5, gpt2), LLAMA_SCORE_TARGET
+# (1.6).
 #
 # For each config and thread count N it runs, ROUNDS times in alternation,
 #   bench_train --model M            with OPENBLAS_NUM_THREADS=OMP_NUM_THREADS=N
@@ -24,18 +27,23 @@
 # peak RSS below torch's. A missed target is reported, never an exit status:
 # the script fails only when a program cannot be run.
 #
-# gpt2 configs (torch_ref's gpt2 flags; every sequence full length):
+# Token-model configs (torch_ref's flags; every sequence full length):
 #   gpt2-tiny   vocab 512,  ctx 128, dim 128, 4 layers, 4 heads, 16 pairs/step
 #   gpt2-small  vocab 8192, ctx 256, dim 256, 6 layers, 8 heads,  8 pairs/step
-# For each thread count and round: training (bench_train --model gpt2 vs
-# torch_ref.py bench --model gpt2) and scoring of 2P sequences per call
-# (bench_train --model gpt2 --score, an inference context, vs
-# tests/bench/torch_score.py, torch's no_grad forward). Targets: training
-# >= 1.5x (tiny) and >= 1.25x (small) torch's pairs/s, scoring >= 1.5x
-# torch's seqs/s, peak RSS at most half of torch's. GFLOP/s use torch_ref's
-# FLOP formula on both sides; MFU = GFLOP/s / (threads x the single-thread
-# cblas_sgemm 1024^3 peak), the peak measured in the same run (before and
-# after the gpt2 runs; the larger is used).
+#   llama-tiny  vocab 512,  ctx 128, dim 128, 4 layers, 4 heads, 2 kv heads,
+#               SwiGLU 384, 16 pairs/step
+#   llama-small vocab 8192, ctx 256, dim 256, 6 layers, 8 heads, 2 kv heads,
+#               SwiGLU 768,  8 pairs/step
+# For each thread count and round: training (bench_train --model M vs
+# torch_ref.py bench --model M) and scoring of 2P sequences per call
+# (bench_train --model M --score, an inference context, vs
+# tests/bench/torch_score.py --model M, torch's no_grad forward). Targets:
+# training >= 1.5x (gpt2-tiny), >= 1.25x (gpt2-small), >= 1.6x (llama-tiny),
+# >= 1.4x (llama-small) torch's pairs/s; scoring >= 1.5x (gpt2), >= 1.6x
+# (llama) torch's seqs/s; peak RSS at most half of torch's. GFLOP/s use
+# torch_ref's FLOP formula on both sides; MFU = GFLOP/s / (threads x the
+# single-thread cblas_sgemm 1024^3 peak), the peak measured in the same run
+# (before and after the token-model runs; the larger is used).
 set -u
 
 BUILD=${1:-build}
@@ -45,13 +53,16 @@ STEPS=${STEPS:-50}
 WARMUP=${WARMUP:-5}
 ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-"1 2"}
-CONFIGS=${CONFIGS:-"linear mlp gpt2-tiny gpt2-small"}
+CONFIGS=${CONFIGS:-"linear mlp gpt2-tiny gpt2-small llama-tiny llama-small"}
 GPT2_TINY_STEPS=${GPT2_TINY_STEPS:-10}
 GPT2_SMALL_STEPS=${GPT2_SMALL_STEPS:-5}
 GPT2_WARMUP=${GPT2_WARMUP:-2}
+LLAMA_TINY_STEPS=${LLAMA_TINY_STEPS:-$GPT2_TINY_STEPS}
+LLAMA_SMALL_STEPS=${LLAMA_SMALL_STEPS:-$GPT2_SMALL_STEPS}
 SCORE_TINY_STEPS=${SCORE_TINY_STEPS:-20}
 SCORE_SMALL_STEPS=${SCORE_SMALL_STEPS:-8}
 SCORE_TARGET=${SCORE_TARGET:-1.5}
+LLAMA_SCORE_TARGET=${LLAMA_SCORE_TARGET:-1.6}
 PYTHON=${PYTHON:-/usr/bin/python3}
 TORCH_REF=${TORCH_REF:-$ROOT/../shared/reference/torch_ref.py}
 PROBE=${PROBE:-1}
@@ -115,16 +126,20 @@ json_word() {
 
 target_of() {
   case $1 in
-    linear) echo 5.0 ;; mlp) echo 1.6 ;; gpt2-tiny) echo 1.5 ;; gpt2-small) echo 1.25 ;; *) echo 1.0 ;;
+    linear) echo 5.0 ;; mlp) echo 1.6 ;; gpt2-tiny) echo 1.5 ;; gpt2-small) echo 1.25 ;;
+    llama-tiny) echo 1.6 ;; llama-small) echo 1.4 ;; *) echo 1.0 ;;
   esac
 }
+# scoring target of a token-model config
+score_target_of() { case $1 in llama-*) echo "$LLAMA_SCORE_TARGET" ;; *) echo "$SCORE_TARGET" ;; esac; }
 
 FAILED=0
 declare -A BEST MS GF RSS ALLOC LIBALLOC
 echo "libprefrm benchmark: $(uname -n), $(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
 echo "BLAS: $(ldd "$BENCH" | sed -n 's/^[[:space:]]*\(lib[a-z]*blas[^ ]*\) => \([^ ]*\).*/\1 -> \2/p' | head -n 2 | tr '\n' ' ')"
 echo "steps: linear/mlp $STEPS (+$WARMUP warm-up); gpt2 training $GPT2_TINY_STEPS/$GPT2_SMALL_STEPS," \
-  "scoring $SCORE_TINY_STEPS/$SCORE_SMALL_STEPS forwards (tiny/small, +$GPT2_WARMUP warm-up)"
+  "llama training $LLAMA_TINY_STEPS/$LLAMA_SMALL_STEPS, scoring $SCORE_TINY_STEPS/$SCORE_SMALL_STEPS" \
+  "forwards (tiny/small, +$GPT2_WARMUP warm-up)"
 echo "$ROUNDS interleaved rounds per side, peak RSS via $RSS_METHOD"
 echo
 
@@ -161,22 +176,34 @@ measure() {
   return 0
 }
 
-# gpt2 configs: model flags shared by bench_train and torch_ref/torch_score,
-# steps and warm-up of training and of scoring.
-gpt2_flags() {
+# Token-model configs (gpt2-*, llama-*): the model (the part before "-"),
+# the model flags shared by bench_train, torch_ref and torch_score, steps and
+# warm-up of training and of scoring.
+tok_model() { echo "${1%%-*}"; }
+tok_flags() {
   case $1 in
     gpt2-tiny) echo "--vocab 512 --ctx 128 --dim 128 --layers 4 --heads 4 --batch 16" ;;
     gpt2-small) echo "--vocab 8192 --ctx 256 --dim 256 --layers 6 --heads 8 --batch 8" ;;
+    llama-tiny)
+      echo "--vocab 512 --ctx 128 --dim 128 --layers 4 --heads 4 --kv-heads 2 --ffn 384 --batch 16" ;;
+    llama-small)
+      echo "--vocab 8192 --ctx 256 --dim 256 --layers 6 --heads 8 --kv-heads 2 --ffn 768 --batch 8" ;;
   esac
 }
-gpt2_steps() { case $1 in gpt2-tiny) echo "$GPT2_TINY_STEPS" ;; *) echo "$GPT2_SMALL_STEPS" ;; esac; }
-gpt2_score_steps() {
-  case $1 in gpt2-tiny) echo "$SCORE_TINY_STEPS" ;; *) echo "$SCORE_SMALL_STEPS" ;; esac
+tok_steps() {
+  case $1 in
+    gpt2-tiny) echo "$GPT2_TINY_STEPS" ;; gpt2-small) echo "$GPT2_SMALL_STEPS" ;;
+    llama-tiny) echo "$LLAMA_TINY_STEPS" ;; *) echo "$LLAMA_SMALL_STEPS" ;;
+  esac
 }
-is_gpt2() { case $1 in gpt2-*) return 0 ;; *) return 1 ;; esac; }
+tok_score_steps() {
+  case $1 in *-tiny) echo "$SCORE_TINY_STEPS" ;; *) echo "$SCORE_SMALL_STEPS" ;; esac
+}
+is_tok() { case $1 in gpt2-* | llama-*) return 0 ;; *) return 1 ;; esac; }
 
 # sgemm_peak: prints the single-thread cblas_sgemm 1024^3 GFLOP/s (bench_train --blas-probe
-# on the gpt2 defaults; one training step plus the probe, about 2 s); nothing on failure.
+# on the gpt2 defaults, whatever configs run; one training step plus the probe, about 2 s);
+# nothing on failure.
 sgemm_peak() {
   local f=$TMP/peak.$RANDOM
   if OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$BENCH" --model gpt2 \
@@ -188,34 +215,35 @@ sgemm_peak() {
   fi
 }
 
-HAVE_GPT2=0
-for cfg in $CONFIGS; do is_gpt2 "$cfg" && HAVE_GPT2=1; done
+HAVE_TOK=0
+for cfg in $CONFIGS; do is_tok "$cfg" && HAVE_TOK=1; done
 PEAK1=""
-if [ "$HAVE_GPT2" = 1 ]; then
+if [ "$HAVE_TOK" = 1 ]; then
   PEAK1=$(sgemm_peak)
   [ -n "$PEAK1" ] || FAILED=1
-  echo "single-thread cblas_sgemm 1024^3 peak (before the gpt2 runs): ${PEAK1:-?} GFLOP/s"
+  echo "single-thread cblas_sgemm 1024^3 peak (before the token-model runs): ${PEAK1:-?} GFLOP/s"
 fi
 
 for cfg in $CONFIGS; do
   for n in $THREADS; do
     for r in $(seq 1 "$ROUNDS"); do
       export OPENBLAS_NUM_THREADS=$n OMP_NUM_THREADS=$n MKL_NUM_THREADS=$n
-      if is_gpt2 "$cfg"; then
+      if is_tok "$cfg"; then
+        mdl=$(tok_model "$cfg")
         # shellcheck disable=SC2046
-        set -- $(gpt2_flags "$cfg")
-        s=$(gpt2_steps "$cfg")
-        ss=$(gpt2_score_steps "$cfg")
+        set -- $(tok_flags "$cfg")
+        s=$(tok_steps "$cfg")
+        ss=$(tok_score_steps "$cfg")
         measure "C.train.$cfg.$n" "C     $cfg train threads=$n" "$r" \
-          "$BENCH" --model gpt2 "$@" --steps "$s" --warmup "$GPT2_WARMUP" --no-phases
+          "$BENCH" --model "$mdl" "$@" --steps "$s" --warmup "$GPT2_WARMUP" --no-phases
         [ "$HAVE_TORCH" = 1 ] && measure "torch.train.$cfg.$n" "torch $cfg train threads=$n" "$r" \
-          "$PYTHON" "$TORCH_REF" bench --model gpt2 "$@" --threads "$n" --steps "$s" \
+          "$PYTHON" "$TORCH_REF" bench --model "$mdl" "$@" --threads "$n" --steps "$s" \
           --warmup "$GPT2_WARMUP"
         measure "C.score.$cfg.$n" "C     $cfg score threads=$n" "$r" \
-          "$BENCH" --model gpt2 "$@" --score --steps "$ss" --warmup "$GPT2_WARMUP"
+          "$BENCH" --model "$mdl" "$@" --score --steps "$ss" --warmup "$GPT2_WARMUP"
         [ "$HAVE_TORCH" = 1 ] && measure "torch.score.$cfg.$n" "torch $cfg score threads=$n" "$r" \
-          "$PYTHON" "$HERE/torch_score.py" --ref "$TORCH_REF" "$@" --threads "$n" --steps "$ss" \
-          --warmup "$GPT2_WARMUP"
+          "$PYTHON" "$HERE/torch_score.py" --ref "$TORCH_REF" --model "$mdl" "$@" --threads "$n" \
+          --steps "$ss" --warmup "$GPT2_WARMUP"
       else
         measure "C.train.$cfg.$n" "C     $cfg threads=$n" "$r" \
           "$BENCH" --model "$cfg" --steps "$STEPS" --warmup "$WARMUP" --no-phases
@@ -228,10 +256,10 @@ for cfg in $CONFIGS; do
   done
 done
 
-if [ "$HAVE_GPT2" = 1 ]; then
+if [ "$HAVE_TOK" = 1 ]; then
   p2=$(sgemm_peak)
   [ -n "$p2" ] || FAILED=1
-  echo "single-thread cblas_sgemm 1024^3 peak (after the gpt2 runs): ${p2:-?} GFLOP/s"
+  echo "single-thread cblas_sgemm 1024^3 peak (after the token-model runs): ${p2:-?} GFLOP/s"
   # the less disturbed of the two measurements
   if [ -z "$PEAK1" ] || { [ -n "$p2" ] && awk "BEGIN{exit !($p2 > $PEAK1)}"; }; then PEAK1=$p2; fi
 fi
@@ -244,25 +272,26 @@ alloc_cell() {
   if [ "$a" = true ] && [ -n "$l" ]; then echo "true (libprefrm $l)"; else echo "$a"; fi
 }
 
-# gpt2_rows MODE RATE_FORMAT [TARGET]: the table rows of one gpt2 mode
-# (train or score) for every gpt2 config and thread count; TARGET defaults to
-# the config's training target.
-gpt2_rows() {
-  local mode=$1 rfmt=$2 fixed_tgt=${3:-}
+# tok_rows MODE RATE_FORMAT FAMILY: the table rows of one mode (train or
+# score) for every config of FAMILY (gpt2 or llama) and thread count; the
+# target is the config's training or scoring target.
+tok_rows() {
+  local mode=$1 rfmt=$2 fam=$3
   local cfg n c t pc pt rc rt tgt ratio met rssok
   for cfg in $CONFIGS; do
-    is_gpt2 "$cfg" || continue
+    is_tok "$cfg" || continue
+    [ "$(tok_model "$cfg")" = "$fam" ] || continue
     for n in $THREADS; do
       c=C.$mode.$cfg.$n t=torch.$mode.$cfg.$n
       pc=${BEST[$c]:-} pt=${BEST[$t]:-} rc=${RSS[$c]:-0} rt=${RSS[$t]:-0}
-      tgt=${fixed_tgt:-$(target_of "$cfg")}
+      if [ "$mode" = score ]; then tgt=$(score_target_of "$cfg"); else tgt=$(target_of "$cfg"); fi
       ratio="-"; met="-"; rssok="-"
       if [ -n "$pc" ] && [ -n "$pt" ]; then
         ratio=$(fmt %.2f "$pc/$pt")
         met=$(awk "BEGIN{print ($pc / $pt >= $tgt) ? \"met\" : \"MISSED\"}")
         rssok=$(awk "BEGIN{print ($rc <= 0.5 * $rt) ? \"yes\" : \"NO\"}")
       fi
-      printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' "$cfg" "$n" \
+      printf '%-11s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' "$cfg" "$n" \
         "$(cell "$rfmt" "$pc")" "$(cell %.1f "${MS[$c]:-}")" "$(cell %.1f "${GF[$c]:-}")" \
         "$(mfu "${GF[$c]:-}" "$n")" "$(cell "$rfmt" "$pt")" "$(cell %.1f "${MS[$t]:-}")" \
         "$(cell %.1f "${GF[$t]:-}")" "$(mfu "${GF[$t]:-}" "$n")" "$ratio" ">=${tgt}x $met" \
@@ -274,13 +303,13 @@ gpt2_rows() {
 
 echo
 HAVE_DENSE=0
-for cfg in $CONFIGS; do is_gpt2 "$cfg" || HAVE_DENSE=1; done
+for cfg in $CONFIGS; do is_tok "$cfg" || HAVE_DENSE=1; done
 if [ "$HAVE_DENSE" = 1 ]; then
   printf '%-7s %3s %11s %8s %13s %9s %8s %13s %9s %10s %9s %s\n' config thr "C pairs/s" "C ms" \
     "torch pairs/s" "torch ms" "C/torch" "target" "C RSS MB" "torch MB" "RSS<torch" \
     "C allocs in steps"
   for cfg in $CONFIGS; do
-    is_gpt2 "$cfg" && continue
+    is_tok "$cfg" && continue
     for n in $THREADS; do
       c=C.train.$cfg.$n t=torch.train.$cfg.$n
       pc=${BEST[$c]:-} pt=${BEST[$t]:-} rc=${RSS[$c]:-0} rt=${RSS[$t]:-0}
@@ -301,23 +330,28 @@ if [ "$HAVE_DENSE" = 1 ]; then
   echo " array per call -- bench_train's output splits the count by caller, libprefrm vs other.)"
 fi
 
-if [ "$HAVE_GPT2" = 1 ]; then
+if [ "$HAVE_TOK" = 1 ]; then
   # mfu GFLOPS N: GFLOP/s / (N x single-thread sgemm peak)
   mfu() { if [ -n "$1" ] && [ -n "$PEAK1" ]; then fmt %.0f%% "100*$1/($2*$PEAK1)"; else echo -; fi; }
-  echo
-  echo "gpt2 training (prm_train_step vs torch_ref bench; GFLOP/s from torch_ref's formula;"
-  echo " MFU = GFLOP/s / (threads x single-thread sgemm 1024^3 peak ${PEAK1:-?} GFLOP/s))"
-  printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' config thr \
-    "C pairs/s" "C ms" "C GF/s" "C MFU" "t pairs/s" "t ms" "t GF/s" "t MFU" "C/t" "target" \
-    "C MB" "t MB" "RSS<=t/2" "C allocs in steps"
-  gpt2_rows train %.2f
-  echo
-  echo "gpt2 scoring (prm_ctx_forward, inference context, vs torch no_grad forward; 2P sequences"
-  echo " per call)"
-  printf '%-10s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' config thr \
-    "C seqs/s" "C ms" "C GF/s" "C MFU" "t seqs/s" "t ms" "t GF/s" "t MFU" "C/t" "target" \
-    "C MB" "t MB" "RSS<=t/2" "C allocs in calls"
-  gpt2_rows score %.1f "$SCORE_TARGET"
+  for fam in gpt2 llama; do
+    have=0
+    for cfg in $CONFIGS; do is_tok "$cfg" && [ "$(tok_model "$cfg")" = "$fam" ] && have=1; done
+    [ "$have" = 1 ] || continue
+    echo
+    echo "$fam training (prm_train_step vs torch_ref bench; GFLOP/s from torch_ref's formula;"
+    echo " MFU = GFLOP/s / (threads x single-thread sgemm 1024^3 peak ${PEAK1:-?} GFLOP/s))"
+    printf '%-11s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' config thr \
+      "C pairs/s" "C ms" "C GF/s" "C MFU" "t pairs/s" "t ms" "t GF/s" "t MFU" "C/t" "target" \
+      "C MB" "t MB" "RSS<=t/2" "C allocs in steps"
+    tok_rows train %.2f "$fam"
+    echo
+    echo "$fam scoring (prm_ctx_forward, inference context, vs torch no_grad forward; 2P"
+    echo " sequences per call)"
+    printf '%-11s %3s %9s %9s %7s %5s %9s %9s %7s %5s %7s %12s %7s %7s %8s %s\n' config thr \
+      "C seqs/s" "C ms" "C GF/s" "C MFU" "t seqs/s" "t ms" "t GF/s" "t MFU" "C/t" "target" \
+      "C MB" "t MB" "RSS<=t/2" "C allocs in calls"
+    tok_rows score %.1f "$fam"
+  done
   echo "(t = torch. FLOPs count every position and the full T x T attention, as torch_ref does;"
   echo " libprefrm skips most of the last block and the masked half of attention, so its MFU"
   echo " is in model FLOPs and may exceed what the cores executed.)"
@@ -328,9 +362,9 @@ if [ "$PROBE" = 1 ]; then
   echo
   echo "BLAS ceilings (bench_train --blas-probe: the BLAS called directly, benchmark shapes)"
   for cfg in $CONFIGS; do
-    if is_gpt2 "$cfg"; then
+    if is_tok "$cfg"; then
       # shellcheck disable=SC2046
-      set -- --model gpt2 $(gpt2_flags "$cfg") --steps 1 --warmup 1
+      set -- --model "$(tok_model "$cfg")" $(tok_flags "$cfg") --steps 1 --warmup 1
     else
       set -- --model "$cfg" --steps 2 --warmup 1 --batches 8
     fi
