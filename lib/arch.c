@@ -10,6 +10,7 @@ static const prmi_arch *const registry[] = {
     &prmi_arch_linear,
     &prmi_arch_mlp,
     &prmi_arch_gpt2,
+    &prmi_arch_llama,
 };
 
 #define N_ARCH (sizeof registry / sizeof registry[0])

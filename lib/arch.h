@@ -126,6 +126,7 @@ const prmi_arch *prmi_arch_at(uint32_t i);
 extern const prmi_arch prmi_arch_linear; /* linear.c */
 extern const prmi_arch prmi_arch_mlp;    /* mlp.c */
 extern const prmi_arch prmi_arch_gpt2;   /* gpt2.c */
+extern const prmi_arch prmi_arch_llama;  /* llama.c */
 
 /* ---- helpers for the hooks ---------------------------------------------------------------- */
 
