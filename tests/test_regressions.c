@@ -84,7 +84,12 @@ static void test_ctx_memory_linear_in_max_len(void **state) {
     double other = R * 4 + Tf * 4 + 16; /* scores, ids, offsets */
     if (!inference) other += (double)prm_model_num_params(m) * 4 + R * 4;
     const double expect = floats * 4 + other;
-    if (!(grown >= expect && grown <= expect * 1.01 + 65536))
+    /* ASan and valgrind replace malloc, and glibc's mallinfo2 then sees
+     * nothing: the formula is checked in the plain builds (the readme, clang
+     * and netlib jobs), the rest of the test runs everywhere. */
+    if (grown == 0.0)
+      fprintf(stderr, "heap growth not measurable with this allocator; formula not checked\n");
+    else if (!(grown >= expect && grown <= expect * 1.01 + 65536))
       fail_msg("%s context grew the heap by %.0f bytes, the formula says %.0f",
                inference ? "inference" : "training", grown, expect);
 #endif
