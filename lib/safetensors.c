@@ -12,7 +12,7 @@
  * chunks); files are replaced atomically and durably by lib/fileio.c, which
  * also reads them. Reading never trusts the file: the JSON header
  * is parsed by the small strict parser below (bounded, no recursion beyond
- * JSON_MAX_DEPTH, never reads past the buffer) and every number is checked
+ * PRMI_JSON_MAX_DEPTH, never reads past the buffer) and every number is checked
  * before it is used as a size or an offset. See docs/checkpoints.md.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "json.h"
 
 /* The format stores IEEE-754 binary32; we move floats as 32-bit patterns. */
 _Static_assert(sizeof(float) == 4 && FLT_MANT_DIG == 24 && FLT_MAX_EXP == 128,
@@ -33,7 +34,6 @@ _Static_assert(sizeof(float) == 4 && FLT_MANT_DIG == 24 && FLT_MAX_EXP == 128,
 #define ST_HEADER_MAX ((uint64_t)100 * 1000 * 1000) /* same cap as the Rust crate */
 #define ST_MAX_DIMS 8                               /* more dimensions than any tensor we accept */
 #define ST_META_VALUE_MAX 1024
-#define JSON_MAX_DEPTH 64
 #define ST_CHUNK_FLOATS 4096 /* floats converted per write when streaming */
 
 /* ------------------------------------------------------------------------ */
@@ -266,488 +266,6 @@ int prm_model_save(const prm_model *model, const char *path) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* A small strict JSON reader                                                */
-/* ------------------------------------------------------------------------ */
-
-/*
- * Cursor over [p, end). Every function returns 0 or -1; on -1 `msg` says
- * what was wrong and where (byte offset from `base`). Strings are validated
- * in place (escapes, control characters, UTF-8) and decoded only when their
- * value is needed, into a caller buffer of fixed size.
- */
-typedef struct json {
-  const unsigned char *base, *p, *end;
-  int depth;
-  int nomem; /* failed for lack of memory (not a bad header) */
-  char msg[160];
-} json;
-
-static int json_err(json *j, const char *what) {
-  snprintf(j->msg, sizeof j->msg, "%s at header byte %zu", what, (size_t)(j->p - j->base));
-  return -1;
-}
-
-static void json_ws(json *j) {
-  while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
-    j->p++;
-}
-
-/* Skip whitespace, then consume c if it is next. */
-static int json_accept(json *j, char c) {
-  json_ws(j);
-  if (j->p < j->end && *j->p == (unsigned char)c) {
-    j->p++;
-    return 1;
-  }
-  return 0;
-}
-
-static int json_expect(json *j, char c) {
-  char what[32];
-  if (json_accept(j, c)) return 0;
-  snprintf(what, sizeof what, "expected '%c'", c);
-  return json_err(j, what);
-}
-
-static int hex_val(unsigned char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
-/* Four hex digits at s (caller ensured 4 bytes exist). */
-static long hex4(const unsigned char *s) {
-  long v = 0;
-  for (int i = 0; i < 4; i++) {
-    int h = hex_val(s[i]);
-    if (h < 0) return -1;
-    v = v * 16 + h;
-  }
-  return v;
-}
-
-/* Length of the valid UTF-8 sequence at s (< end), or 0 if invalid. */
-static size_t utf8_len(const unsigned char *s, const unsigned char *end) {
-  unsigned char c = s[0];
-  size_t n, i;
-  uint32_t cp;
-  if (c < 0x80) return 1;
-  if (c >= 0xC2 && c <= 0xDF) {
-    n = 2;
-    cp = c & 0x1Fu;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    n = 3;
-    cp = c & 0x0Fu;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    n = 4;
-    cp = c & 0x07u;
-  } else {
-    return 0;
-  }
-  if ((size_t)(end - s) < n) return 0;
-  for (i = 1; i < n; i++) {
-    if ((s[i] & 0xC0u) != 0x80u) return 0;
-    cp = (cp << 6) | (s[i] & 0x3Fu);
-  }
-  if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-      (cp >= 0xD800 && cp <= 0xDFFF))
-    return 0;
-  return n;
-}
-
-/*
- * Validate a string literal at the cursor; *s, *e receive the raw content
- * (between the quotes). Surrogate escapes must pair up.
- */
-static int json_string(json *j, const unsigned char **s, const unsigned char **e) {
-  json_ws(j);
-  if (j->p >= j->end || *j->p != '"') return json_err(j, "expected a string");
-  j->p++;
-  *s = j->p;
-  while (j->p < j->end && *j->p != '"') {
-    unsigned char c = *j->p;
-    if (c < 0x20) return json_err(j, "control character in string");
-    if (c == '\\') {
-      if (j->end - j->p < 2) return json_err(j, "unterminated escape");
-      c = j->p[1];
-      if (c == 'u') {
-        long u;
-        if (j->end - j->p < 6 || (u = hex4(j->p + 2)) < 0) return json_err(j, "bad \\u escape");
-        if (u >= 0xDC00 && u <= 0xDFFF) return json_err(j, "unpaired low surrogate");
-        if (u >= 0xD800 && u <= 0xDBFF) {
-          long lo;
-          if (j->end - j->p < 12 || j->p[6] != '\\' || j->p[7] != 'u' ||
-              (lo = hex4(j->p + 8)) < 0xDC00 || lo > 0xDFFF)
-            return json_err(j, "unpaired high surrogate");
-          j->p += 6;
-        }
-        j->p += 6;
-      } else if (c == '"' || c == '\\' || c == '/' || c == 'b' || c == 'f' || c == 'n' ||
-                 c == 'r' || c == 't') {
-        j->p += 2;
-      } else {
-        return json_err(j, "invalid escape");
-      }
-    } else {
-      size_t n = utf8_len(j->p, j->end);
-      if (n == 0) return json_err(j, "invalid UTF-8 in string");
-      j->p += n;
-    }
-  }
-  if (j->p >= j->end) return json_err(j, "unterminated string");
-  *e = j->p;
-  j->p++;
-  return 0;
-}
-
-/*
- * Decode one character of validated string content at *sp into out and
- * advance *sp; returns the number of bytes written (1 to 4). Raw bytes pass
- * through one at a time; "\u0000" gives a single 0 byte.
- */
-static size_t json_decode_one(const unsigned char **sp, unsigned char out[4]) {
-  const unsigned char *s = *sp;
-  size_t k = 0;
-  if (*s != '\\') {
-    out[k++] = *s++;
-  } else if (s[1] != 'u') {
-    switch (s[1]) {
-    case 'b': out[k++] = '\b'; break;
-    case 'f': out[k++] = '\f'; break;
-    case 'n': out[k++] = '\n'; break;
-    case 'r': out[k++] = '\r'; break;
-    case 't': out[k++] = '\t'; break;
-    default: out[k++] = s[1]; break; /* " \ / */
-    }
-    s += 2;
-  } else {
-    uint32_t cp = (uint32_t)hex4(s + 2);
-    s += 6;
-    if (cp >= 0xD800 && cp <= 0xDBFF) { /* validated: a low surrogate follows */
-      cp = 0x10000 + ((cp - 0xD800) << 10) + ((uint32_t)hex4(s + 2) - 0xDC00);
-      s += 6;
-    }
-    if (cp < 0x80) {
-      out[k++] = (unsigned char)cp;
-    } else if (cp < 0x800) {
-      out[k++] = (unsigned char)(0xC0 | (cp >> 6));
-      out[k++] = (unsigned char)(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out[k++] = (unsigned char)(0xE0 | (cp >> 12));
-      out[k++] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-      out[k++] = (unsigned char)(0x80 | (cp & 0x3F));
-    } else {
-      out[k++] = (unsigned char)(0xF0 | (cp >> 18));
-      out[k++] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
-      out[k++] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
-      out[k++] = (unsigned char)(0x80 | (cp & 0x3F));
-    }
-  }
-  *sp = s;
-  return k;
-}
-
-/*
- * Decode validated string content [s, e) into out (NUL-terminated, at most
- * cap-1 bytes). Returns the length, or -1 when it does not fit or holds a
- * NUL character (which no name or value of ours may contain).
- */
-static long json_decode(const unsigned char *s, const unsigned char *e, char *out, size_t cap) {
-  size_t n = 0;
-  while (s < e) {
-    unsigned char buf[4];
-    size_t k = json_decode_one(&s, buf);
-    if (buf[0] == 0) return -1;
-    if (k > cap - 1 - n) return -1;
-    memcpy(out + n, buf, k);
-    n += k;
-  }
-  out[n] = '\0';
-  return (long)n;
-}
-
-/* Non-negative JSON integer without fraction or exponent, within uint64. */
-static int json_uint(json *j, uint64_t *v) {
-  uint64_t x = 0;
-  json_ws(j);
-  if (j->p >= j->end || *j->p < '0' || *j->p > '9')
-    return json_err(j, "expected a non-negative integer");
-  if (*j->p == '0' && j->end - j->p > 1 && j->p[1] >= '0' && j->p[1] <= '9')
-    return json_err(j, "leading zero in number");
-  while (j->p < j->end && *j->p >= '0' && *j->p <= '9') {
-    unsigned d = (unsigned)(*j->p - '0');
-    if (x > (UINT64_MAX - d) / 10) return json_err(j, "integer too large");
-    x = x * 10 + d;
-    j->p++;
-  }
-  if (j->p < j->end && (*j->p == '.' || *j->p == 'e' || *j->p == 'E'))
-    return json_err(j, "expected an integer, found a fraction or exponent");
-  *v = x;
-  return 0;
-}
-
-/* [u, u, ...] with at most max elements (more: error). */
-static int json_uint_array(json *j, uint64_t *out, uint32_t max, uint32_t *n) {
-  *n = 0;
-  if (json_expect(j, '[') != 0) return -1;
-  if (json_accept(j, ']')) return 0;
-  do {
-    if (*n >= max) return json_err(j, "array has too many elements");
-    if (json_uint(j, &out[*n]) != 0) return -1;
-    (*n)++;
-  } while (json_accept(j, ','));
-  return json_expect(j, ']');
-}
-
-static int json_number(json *j) {
-  const unsigned char *p = j->p;
-  if (p < j->end && *p == '-') p++;
-  if (p >= j->end || *p < '0' || *p > '9') return json_err(j, "invalid number");
-  if (*p == '0')
-    p++;
-  else
-    while (p < j->end && *p >= '0' && *p <= '9')
-      p++;
-  if (p < j->end && *p == '.') {
-    p++;
-    if (p >= j->end || *p < '0' || *p > '9') return json_err(j, "invalid number");
-    while (p < j->end && *p >= '0' && *p <= '9')
-      p++;
-  }
-  if (p < j->end && (*p == 'e' || *p == 'E')) {
-    p++;
-    if (p < j->end && (*p == '+' || *p == '-')) p++;
-    if (p >= j->end || *p < '0' || *p > '9') return json_err(j, "invalid number");
-    while (p < j->end && *p >= '0' && *p <= '9')
-      p++;
-  }
-  j->p = p;
-  return 0;
-}
-
-static int json_literal(json *j, const char *lit) {
-  size_t n = strlen(lit);
-  if ((size_t)(j->end - j->p) < n || memcmp(j->p, lit, n) != 0)
-    return json_err(j, "invalid JSON value");
-  j->p += n;
-  return 0;
-}
-
-/*
- * Objects. Every object of the header, known or not (the top level,
- * __metadata__, tensor entries, objects nested in unknown fields), is read
- * through json_obj_next, which remembers each key and rejects one given
- * twice: parsers disagree on which of two values wins (Python's json takes
- * the last), so a file with a repeated key means different things to
- * different readers, and we refuse it. Keys are compared decoded ("a" and
- * "\u0061" are the same key). An object has at most JSON_MAX_KEYS keys.
- */
-#define JSON_MAX_KEYS 8192
-#define JSON_KEYS_INLINE 8 /* keys kept without allocating (tensor entries have 3) */
-
-/* One key: raw content [s, e) of its validated literal; FNV-1a hash and
- * length of its decoded bytes (so most comparisons never decode). */
-typedef struct json_key {
-  const unsigned char *s, *e;
-  uint64_t hash;
-  size_t len;
-} json_key;
-
-typedef struct json_obj {
-  json_key inl[JSON_KEYS_INLINE];
-  json_key *keys; /* inl, or the heap beyond JSON_KEYS_INLINE keys */
-  uint32_t n, cap;
-  const char *what;   /* a key in messages: "tensor", "field", ... */
-  const char *tensor; /* for a tensor entry's fields: its name, else NULL */
-} json_obj;
-
-/* Decoded bytes of validated string content, one at a time. */
-typedef struct json_chars {
-  const unsigned char *s, *e;
-  unsigned char b[4];
-  size_t n, i;
-} json_chars;
-
-static json_chars json_chars_of(const json_key *k) {
-  json_chars c;
-  c.s = k->s;
-  c.e = k->e;
-  c.n = c.i = 0;
-  return c;
-}
-
-/* The next decoded byte, or -1 at the end. */
-static int json_char_next(json_chars *c) {
-  if (c->i == c->n) {
-    if (c->s >= c->e) return -1;
-    c->n = json_decode_one(&c->s, c->b);
-    c->i = 0;
-  }
-  return c->b[c->i++];
-}
-
-/* Order by (hash, length, decoded bytes); 0 only for the same key. */
-static int cmp_key(const void *pa, const void *pb) {
-  const json_key *a = pa, *b = pb;
-  json_chars x, y;
-  if (a->hash != b->hash) return a->hash < b->hash ? -1 : 1;
-  if (a->len != b->len) return a->len < b->len ? -1 : 1;
-  x = json_chars_of(a);
-  y = json_chars_of(b);
-  for (;;) {
-    int u = json_char_next(&x), v = json_char_next(&y);
-    if (u != v) return u < v ? -1 : 1;
-    if (u < 0) return 0;
-  }
-}
-
-/* The decoded key for a message: control bytes as '?', cut with "..."
- * (never inside a UTF-8 sequence). */
-static void key_for_message(const json_key *k, char *out, size_t cap) {
-  json_chars c = json_chars_of(k);
-  size_t n = 0;
-  int b;
-  while ((b = json_char_next(&c)) >= 0) {
-    if (n + 4 >= cap) {
-      while (n > 0 && ((unsigned char)out[n - 1] & 0xC0u) == 0x80u)
-        n--;
-      if (n > 0 && (unsigned char)out[n - 1] >= 0xC0u) n--;
-      memcpy(out + n, "...", 3);
-      n += 3;
-      break;
-    }
-    out[n++] = b < 0x20 || b == 0x7F ? '?' : (char)b;
-  }
-  out[n] = '\0';
-}
-
-/* Consume '{' and start an empty key set. Always json_obj_free afterwards. */
-static int json_obj_open(json *j, json_obj *o, const char *what, const char *tensor) {
-  o->keys = o->inl;
-  o->n = 0;
-  o->cap = JSON_KEYS_INLINE;
-  o->what = what;
-  o->tensor = tensor;
-  return json_expect(j, '{');
-}
-
-static void json_obj_free(json_obj *o) {
-  if (o->keys != o->inl) free(o->keys);
-  o->keys = o->inl;
-}
-
-static int json_obj_add(json *j, json_obj *o, const unsigned char *s, const unsigned char *e) {
-  json_key *k;
-  json_chars c;
-  int b;
-  if (o->n == o->cap) {
-    uint32_t cap = 2 * o->cap;
-    json_key *grown;
-    if (o->n >= JSON_MAX_KEYS) {
-      char m[64];
-      snprintf(m, sizeof m, "object has more than %d keys", JSON_MAX_KEYS);
-      return json_err(j, m);
-    }
-    if (cap > JSON_MAX_KEYS) cap = JSON_MAX_KEYS;
-    grown = o->keys == o->inl ? malloc(cap * sizeof *grown) : realloc(o->keys, cap * sizeof *grown);
-    if (grown == NULL) {
-      j->nomem = 1;
-      snprintf(j->msg, sizeof j->msg, "out of memory");
-      return -1;
-    }
-    if (o->keys == o->inl) memcpy(grown, o->inl, sizeof o->inl);
-    o->keys = grown;
-    o->cap = cap;
-  }
-  k = &o->keys[o->n++];
-  k->s = s;
-  k->e = e;
-  k->hash = 0xCBF29CE484222325ull;
-  k->len = 0;
-  c = json_chars_of(k);
-  while ((b = json_char_next(&c)) >= 0) {
-    k->hash = (k->hash ^ (uint64_t)b) * 0x100000001B3ull;
-    k->len++;
-  }
-  return 0;
-}
-
-/* At the closing '}': no key twice. Sorting bounds the work by
- * O(n log n) comparisons even for keys crafted to share a hash. */
-static int json_obj_unique(json *j, json_obj *o) {
-  if (o->n < 2) return 0;
-  qsort(o->keys, o->n, sizeof *o->keys, cmp_key);
-  for (uint32_t i = 1; i < o->n; i++) {
-    const json_key *a = &o->keys[i - 1], *b = &o->keys[i];
-    char name[PRMI_NAME_SIZE];
-    if (cmp_key(a, b) != 0) continue;
-    if (a->s > b->s) b = a; /* report the second occurrence */
-    key_for_message(b, name, sizeof name);
-    if (o->tensor != NULL)
-      snprintf(j->msg, sizeof j->msg, "duplicate %s '%s' in tensor %s at header byte %zu", o->what,
-               name, o->tensor, (size_t)(b->s - 1 - j->base));
-    else
-      snprintf(j->msg, sizeof j->msg, "duplicate %s '%s' at header byte %zu", o->what, name,
-               (size_t)(b->s - 1 - j->base));
-    return -1;
-  }
-  return 0;
-}
-
-/*
- * The next member of an object opened with json_obj_open. Returns 1 with
- * the key's raw content in [*s, *e) and the cursor after the ':' (the caller
- * reads the value next), 0 after the closing '}' when no key repeats, -1 on
- * an error.
- */
-static int json_obj_next(json *j, json_obj *o, const unsigned char **s, const unsigned char **e) {
-  int more = o->n == 0 ? !json_accept(j, '}') : json_accept(j, ',');
-  if (!more) {
-    if (o->n > 0 && json_expect(j, '}') != 0) return -1;
-    return json_obj_unique(j, o);
-  }
-  if (json_string(j, s, e) != 0 || json_expect(j, ':') != 0) return -1;
-  return json_obj_add(j, o, *s, *e) != 0 ? -1 : 1;
-}
-
-/* Skip any value (validating it); nesting limited to JSON_MAX_DEPTH. */
-static int json_skip(json *j) {
-  const unsigned char *s, *e;
-  int rc = 0;
-  json_ws(j);
-  if (j->p >= j->end) return json_err(j, "unexpected end of header");
-  switch (*j->p) {
-  case '"': return json_string(j, &s, &e);
-  case 't': return json_literal(j, "true");
-  case 'f': return json_literal(j, "false");
-  case 'n': return json_literal(j, "null");
-  case '{': {
-    json_obj o;
-    if (++j->depth > JSON_MAX_DEPTH) return json_err(j, "JSON nested too deeply");
-    rc = json_obj_open(j, &o, "key", NULL);
-    while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1)
-      rc = json_skip(j);
-    json_obj_free(&o);
-    j->depth--;
-    return rc;
-  }
-  case '[':
-    if (++j->depth > JSON_MAX_DEPTH) return json_err(j, "JSON nested too deeply");
-    j->p++;
-    if (!json_accept(j, ']')) {
-      do {
-        if (json_skip(j) != 0) return -1;
-      } while (json_accept(j, ','));
-      rc = json_expect(j, ']');
-    }
-    j->depth--;
-    return rc;
-  default: return json_number(j);
-  }
-}
-
-/* ------------------------------------------------------------------------ */
 /* Header model                                                              */
 /* ------------------------------------------------------------------------ */
 
@@ -846,7 +364,7 @@ static st_entry *find_entry(st_header *h, const char *name) {
 }
 
 /* A new entry slot, growing the array (NULL: too many, or out of memory). */
-static st_entry *new_entry(json *j, st_header *h) {
+static st_entry *new_entry(prmi_json *j, st_header *h) {
   if (h->n_entries == h->cap) {
     uint32_t cap = h->cap == 0 ? 32 : 2 * h->cap;
     st_entry *e;
@@ -869,33 +387,33 @@ static st_entry *new_entry(json *j, st_header *h) {
   return t;
 }
 
-static int parse_metadata(json *j, st_header *h) {
+static int parse_metadata(prmi_json *j, st_header *h) {
   const unsigned char *s, *e;
-  json_obj o;
+  prmi_json_obj o;
   int rc;
-  json_ws(j);
-  if (j->p < j->end && *j->p == 'n') return json_literal(j, "null");
-  rc = json_obj_open(j, &o, "__metadata__ key", NULL);
-  while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1) {
+  prmi_json_ws(j);
+  if (j->p < j->end && *j->p == 'n') return prmi_json_literal(j, "null");
+  rc = prmi_json_obj_open(j, &o, "__metadata__ key", NULL);
+  while (rc == 0 && (rc = prmi_json_obj_next(j, &o, &s, &e)) == 1) {
     char key[PRMI_NAME_SIZE];
-    const int keep = json_decode(s, e, key, sizeof key) >= 0;
-    json_ws(j);
+    const int keep = prmi_json_decode(s, e, key, sizeof key) >= 0;
+    prmi_json_ws(j);
     if (j->p >= j->end || *j->p != '"') {
-      rc = json_err(j, "__metadata__ values must be strings");
+      rc = prmi_json_err(j, "__metadata__ values must be strings");
     } else if (!keep) {
-      rc = json_string(j, &s, &e); /* a key nobody reads: validate, ignore */
+      rc = prmi_json_string(j, &s, &e); /* a key nobody reads: validate, ignore */
     } else {
       if (h->n_meta == h->cap_meta) {
         uint32_t cap = h->cap_meta == 0 ? 16 : 2 * h->cap_meta;
         st_meta *m;
         if (h->n_meta >= ST_MAX_META) {
-          rc = json_err(j, "too many __metadata__ keys");
+          rc = prmi_json_err(j, "too many __metadata__ keys");
           break;
         }
         m = realloc(h->meta, cap * sizeof *m);
         if (m == NULL) {
           h->nomem = 1;
-          rc = json_err(j, "out of memory");
+          rc = prmi_json_err(j, "out of memory");
           break;
         }
         h->meta = m;
@@ -903,47 +421,47 @@ static int parse_metadata(json *j, st_header *h) {
       }
       st_meta *m = &h->meta[h->n_meta++];
       memcpy(m->key, key, sizeof key);
-      rc = json_string(j, &s, &e); /* a repeated key fails at the closing brace */
-      m->too_long = rc == 0 && json_decode(s, e, m->value, sizeof m->value) < 0;
+      rc = prmi_json_string(j, &s, &e); /* a repeated key fails at the closing brace */
+      m->too_long = rc == 0 && prmi_json_decode(s, e, m->value, sizeof m->value) < 0;
       if (m->too_long) m->value[0] = '\0';
     }
   }
-  json_obj_free(&o);
+  prmi_json_obj_free(&o);
   return rc;
 }
 
 /* {"dtype":..., "shape":[...], "data_offsets":[b, e]} (other fields skipped). */
-static int parse_tensor(json *j, st_entry *t) {
+static int parse_tensor(prmi_json *j, st_entry *t) {
   const unsigned char *s, *e;
   int have_dtype = 0, have_shape = 0, have_offsets = 0;
-  json_obj o;
-  int rc = json_obj_open(j, &o, "field", t->name);
-  while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1) {
+  prmi_json_obj o;
+  int rc = prmi_json_obj_open(j, &o, "field", t->name);
+  while (rc == 0 && (rc = prmi_json_obj_next(j, &o, &s, &e)) == 1) {
     char key[32];
-    if (json_decode(s, e, key, sizeof key) < 0) key[0] = '\0';
+    if (prmi_json_decode(s, e, key, sizeof key) < 0) key[0] = '\0';
     if (strcmp(key, "dtype") == 0) {
       have_dtype = 1;
-      rc = json_string(j, &s, &e);
-      if (rc == 0 && json_decode(s, e, t->dtype, sizeof t->dtype) < 0)
+      rc = prmi_json_string(j, &s, &e);
+      if (rc == 0 && prmi_json_decode(s, e, t->dtype, sizeof t->dtype) < 0)
         strcpy(t->dtype, "(too long)");
     } else if (strcmp(key, "shape") == 0) {
       have_shape = 1;
-      rc = json_uint_array(j, t->shape, ST_MAX_DIMS, &t->ndim);
+      rc = prmi_json_uint_array(j, t->shape, ST_MAX_DIMS, &t->ndim);
     } else if (strcmp(key, "data_offsets") == 0) {
       uint64_t off[2];
       uint32_t n;
       have_offsets = 1;
-      rc = json_uint_array(j, off, 2, &n);
-      if (rc == 0 && n != 2) rc = json_err(j, "data_offsets must have two elements");
+      rc = prmi_json_uint_array(j, off, 2, &n);
+      if (rc == 0 && n != 2) rc = prmi_json_err(j, "data_offsets must have two elements");
       if (rc == 0) {
         t->begin = off[0];
         t->end = off[1];
       }
     } else {
-      rc = json_skip(j);
+      rc = prmi_json_skip(j);
     }
   }
-  json_obj_free(&o);
+  prmi_json_obj_free(&o);
   if (rc != 0) return -1;
   if (!have_dtype || !have_shape || !have_offsets) {
     snprintf(j->msg, sizeof j->msg, "tensor %s lacks '%s'", t->name,
@@ -962,22 +480,22 @@ static int parse_tensor(json *j, st_entry *t) {
  * files may carry and a load skips (HF buffers) are marked ignorable.
  * Afterwards the entries are indexed by name and duplicates rejected.
  */
-static int parse_header(json *j, st_header *h) {
+static int parse_header(prmi_json *j, st_header *h) {
   const unsigned char *s, *e;
-  json_obj o;
+  prmi_json_obj o;
   int rc;
   j->depth = 1;
-  rc = json_obj_open(j, &o, "tensor", NULL);
-  while (rc == 0 && (rc = json_obj_next(j, &o, &s, &e)) == 1) {
+  rc = prmi_json_obj_open(j, &o, "tensor", NULL);
+  while (rc == 0 && (rc = prmi_json_obj_next(j, &o, &s, &e)) == 1) {
     char name[PRMI_NAME_SIZE];
     st_entry *t;
-    if (json_decode(s, e, name, sizeof name) < 0) {
-      rc = json_err(j, "unexpected tensor (name too long or contains NUL)");
+    if (prmi_json_decode(s, e, name, sizeof name) < 0) {
+      rc = prmi_json_err(j, "unexpected tensor (name too long or contains NUL)");
       break;
     }
     if (strcmp(name, "__metadata__") == 0) {
       if (h->seen_metadata++)
-        rc = json_err(j, "duplicate __metadata__");
+        rc = prmi_json_err(j, "duplicate __metadata__");
       else
         rc = parse_metadata(j, h);
       continue;
@@ -999,10 +517,10 @@ static int parse_header(json *j, st_header *h) {
       if (arch->ignorable != NULL && arch->ignorable(t->name, t->ndim)) t->ignorable = 1;
     }
   }
-  json_obj_free(&o);
+  prmi_json_obj_free(&o);
   if (rc != 0) return -1;
-  json_ws(j);
-  if (j->p != j->end) return json_err(j, "trailing bytes after the JSON object");
+  prmi_json_ws(j);
+  if (j->p != j->end) return prmi_json_err(j, "trailing bytes after the JSON object");
 
   if (h->n_entries == 0) return 0;
   h->by_name = malloc(h->n_entries * sizeof *h->by_name);
@@ -1335,7 +853,7 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
   prm_model_options o;
   uint8_t *fate = NULL;
   st_header *h;
-  json j;
+  prmi_json j;
   int rc;
 
   if (size < 8)
