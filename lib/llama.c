@@ -451,64 +451,132 @@ static void scale_rows(float *x, uint64_t ld, uint64_t rows, uint64_t n, const f
 }
 
 /*
+ * Attention scratch of a context. The g query heads that share a kv head
+ * run together, ATT_STACK at a time: their query rows are stacked into one
+ * (c m, hd) matrix, so that each GEMM against the shared keys and values is
+ * c times taller and there are c times fewer of them (the GEMMs of one head
+ * and one 32-row block are small enough for the per-call cost of the BLAS to
+ * show). ATT_ROWS = ATT_STACK * ATT_BLOCK bounds the rows of every block.
+ */
+#define ATT_STACK 4
+#define ATT_ROWS (ATT_STACK * ATT_BLOCK)
+
+typedef struct att_scratch {
+  float *S, *dS;        /* (ATT_ROWS, max_len) probabilities, their gradient */
+  float *qs, *os, *dqs; /* (ATT_ROWS, hd) stacked queries, outputs or d(outputs), d(queries) */
+  float *inv;           /* (ATT_ROWS) 1 / softmax row sums */
+} att_scratch;
+
+/* dst (c m, hd) <- c heads of m rows: head u of row i at src + i lds + u hd. */
+static void stack_heads(float *dst, const float *src, uint64_t lds, uint64_t m, uint64_t c,
+                        uint64_t hd) {
+  for (uint64_t u = 0; u < c; u++)
+    for (uint64_t i = 0; i < m; i++)
+      memcpy(dst + (u * m + i) * hd, src + i * lds + u * hd, hd * sizeof(float));
+}
+
+/* The inverse of stack_heads, each row times f[u m + i] when f is not NULL. */
+static void unstack_heads(float *dst, uint64_t ldd, const float *src, uint64_t m, uint64_t c,
+                          uint64_t hd, const float *f) {
+  for (uint64_t u = 0; u < c; u++)
+    for (uint64_t i = 0; i < m; i++) {
+      const float *s = src + (u * m + i) * hd;
+      float *o = dst + i * ldd + u * hd;
+      if (f == NULL)
+        memcpy(o, s, hd * sizeof(float));
+      else
+        for (uint64_t t = 0; t < hd; t++)
+          o[t] = s[t] * f[u * m + i];
+    }
+}
+
+/*
  * Causal attention of one sequence (T rows from packed row `row`) for every
  * query head, blocked as in gpt2.c: query rows [i0, i1) only see keys
  * [0, i1). qkv rows (stride QKV) hold the rotated q | rotated k | v; o rows
- * have stride QD. S is (ATT_BLOCK, T) scratch.
- * lse[h * ld_lse + row + i] = log sum_j exp(s_ij) (lse NULL: not kept).
+ * have stride QD. lse[h * ld_lse + row + i] = log sum_j exp(s_ij) (lse
+ * NULL: not kept).
  */
-static void attention_forward(float *o, float *lse, uint64_t ld_lse, const float *qkv, float *S,
-                              uint64_t row, uint64_t T, const dims *d) {
+static void attention_forward(float *o, float *lse, uint64_t ld_lse, const float *qkv,
+                              const att_scratch *w, uint64_t row, uint64_t T, const dims *d) {
   const uint64_t hd = d->hd, ld = d->QKV, QD = d->QD;
-  float inv[ATT_BLOCK];
-  for (uint64_t h = 0; h < d->H; h++) {
-    const uint64_t j = h / d->g;
-    const float *q = qkv + row * ld + h * hd;
+  for (uint64_t j = 0; j < d->G; j++) {
     const float *k = qkv + row * ld + QD + j * hd, *v = k + d->KD;
-    float *oh = o + row * QD + h * hd;
-    for (uint64_t i0 = 0; i0 < T; i0 += ATT_BLOCK) {
-      const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
-      prmi_gemm(0, 1, i1 - i0, i1, hd, d->scale, q + i0 * ld, ld, k, ld, 0.0f, S, T);
-      prmi_llama_softmax(S, T, i1 - i0, i0 + 1, 1, i1, inv,
-                         lse != NULL ? lse + h * ld_lse + row + i0 : NULL);
-      prmi_gemm(0, 0, i1 - i0, hd, i1, 1.0f, S, T, v, ld, 0.0f, oh + i0 * QD, QD);
-      scale_rows(oh + i0 * QD, QD, i1 - i0, hd, inv);
+    for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
+      const uint64_t c = d->g - u0 < ATT_STACK ? d->g - u0 : ATT_STACK, h0 = j * d->g + u0;
+      for (uint64_t i0 = 0; i0 < T; i0 += ATT_BLOCK) {
+        const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T, m = i1 - i0;
+        const float *q = qkv + (row + i0) * ld + h0 * hd;
+        float *out = o + (row + i0) * QD + h0 * hd;
+        if (c > 1) stack_heads(w->qs, q, ld, m, c, hd);
+        prmi_gemm(0, 1, c * m, i1, hd, d->scale, c > 1 ? w->qs : q, c > 1 ? hd : ld, k, ld, 0.0f,
+                  w->S, T);
+        for (uint64_t u = 0; u < c; u++)
+          prmi_llama_softmax(w->S + u * m * T, T, m, i0 + 1, 1, i1, w->inv + u * m,
+                             lse != NULL ? lse + (h0 + u) * ld_lse + row + i0 : NULL);
+        if (c > 1) {
+          prmi_gemm(0, 0, c * m, hd, i1, 1.0f, w->S, T, v, ld, 0.0f, w->os, hd);
+          unstack_heads(out, QD, w->os, m, c, hd, w->inv);
+        } else {
+          prmi_gemm(0, 0, m, hd, i1, 1.0f, w->S, T, v, ld, 0.0f, out, QD);
+          scale_rows(out, QD, m, hd, w->inv);
+        }
+      }
     }
   }
 }
 
 /*
  * Backward of attention_forward for one sequence: the sequence's rows of
- * dqkv (d(rotated q) | dk | dv) are overwritten. P and dP are (ATT_BLOCK, T)
- * scratch. Blocks run last to first; the first query head of each kv group
- * in the last block (which sees every key) initialises dk and dv, everything
- * after accumulates (the g heads of a group add into one kv head).
+ * dqkv (d(rotated q) | dk | dv) are overwritten. Blocks run last to first;
+ * the first heads of each kv group in the last block (which sees every key)
+ * initialise dk and dv, everything after accumulates (the g heads of a
+ * group add into one kv head).
  */
 static void attention_backward(float *dqkv, const float *d_o, const float *qkv, const float *lse,
-                               uint64_t ld_lse, float *P, float *dP, uint64_t row, uint64_t T,
+                               uint64_t ld_lse, const att_scratch *w, uint64_t row, uint64_t T,
                                const dims *d) {
   const uint64_t hd = d->hd, ld = d->QKV, QD = d->QD;
   const uint64_t n_blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
-  for (uint64_t h = 0; h < d->H; h++) {
-    const uint64_t j = h / d->g;
-    const float *q = qkv + row * ld + h * hd;
+  for (uint64_t j = 0; j < d->G; j++) {
     const float *k = qkv + row * ld + QD + j * hd, *v = k + d->KD;
-    const float *dout = d_o + row * QD + h * hd;
-    float *dq = dqkv + row * ld + h * hd;
     float *dk = dqkv + row * ld + QD + j * hd, *dv = dk + d->KD;
-    for (uint64_t b = n_blocks; b-- > 0;) {
-      const uint64_t i0 = b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
-      const uint64_t mrows = i1 - i0;
-      const float beta = (b + 1 == n_blocks && h % d->g == 0) ? 0.0f : 1.0f;
-      prmi_gemm(0, 1, mrows, i1, hd, d->scale, q + i0 * ld, ld, k, ld, 0.0f, P, T);
-      prmi_llama_probs(P, T, mrows, i0 + 1, 1, i1, lse + h * ld_lse + row + i0);
-      /* dv (+)= P^T dout; dP = dout v^T */
-      prmi_gemm(1, 0, i1, hd, mrows, 1.0f, P, T, dout + i0 * QD, QD, beta, dv, ld);
-      prmi_gemm(0, 1, mrows, i1, hd, 1.0f, dout + i0 * QD, QD, v, ld, 0.0f, dP, T);
-      prmi_llama_softmax_bwd(dP, P, T, mrows, i0 + 1, 1, i1, d->scale);
-      /* dq = dS k; dk (+)= dS^T q */
-      prmi_gemm(0, 0, mrows, hd, i1, 1.0f, dP, T, k, ld, 0.0f, dq + i0 * ld, ld);
-      prmi_gemm(1, 0, i1, hd, mrows, 1.0f, dP, T, q + i0 * ld, ld, beta, dk, ld);
+    for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
+      const uint64_t c = d->g - u0 < ATT_STACK ? d->g - u0 : ATT_STACK, h0 = j * d->g + u0;
+      for (uint64_t b = n_blocks; b-- > 0;) {
+        const uint64_t i0 = b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+        const uint64_t m = i1 - i0, cm = c * m;
+        const float beta = (b + 1 == n_blocks && u0 == 0) ? 0.0f : 1.0f;
+        const float *q = qkv + (row + i0) * ld + h0 * hd, *dout = d_o + (row + i0) * QD + h0 * hd;
+        float *dq = dqkv + (row + i0) * ld + h0 * hd;
+        const float *qs = q, *dos = dout;
+        uint64_t ldq = ld, lddo = QD;
+        if (c > 1) {
+          stack_heads(w->qs, q, ld, m, c, hd);
+          stack_heads(w->os, dout, QD, m, c, hd);
+          qs = w->qs;
+          dos = w->os;
+          ldq = lddo = hd;
+        }
+        prmi_gemm(0, 1, cm, i1, hd, d->scale, qs, ldq, k, ld, 0.0f, w->S, T);
+        for (uint64_t u = 0; u < c; u++)
+          prmi_llama_probs(w->S + u * m * T, T, m, i0 + 1, 1, i1,
+                           lse + (h0 + u) * ld_lse + row + i0);
+        /* dv (+)= P^T dout; dP = dout v^T */
+        prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->S, T, dos, lddo, beta, dv, ld);
+        prmi_gemm(0, 1, cm, i1, hd, 1.0f, dos, lddo, v, ld, 0.0f, w->dS, T);
+        for (uint64_t u = 0; u < c; u++)
+          prmi_llama_softmax_bwd(w->dS + u * m * T, w->S + u * m * T, T, m, i0 + 1, 1, i1,
+                                 d->scale);
+        /* dq = dS k; dk (+)= dS^T q */
+        if (c > 1) {
+          prmi_gemm(0, 0, cm, hd, i1, 1.0f, w->dS, T, k, ld, 0.0f, w->dqs, hd);
+          unstack_heads(dq, ld, w->dqs, m, c, hd, NULL);
+        } else {
+          prmi_gemm(0, 0, m, hd, i1, 1.0f, w->dS, T, k, ld, 0.0f, dq, ld);
+        }
+        prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->dS, T, qs, ldq, beta, dk, ld);
+      }
     }
   }
 }
@@ -559,8 +627,8 @@ typedef struct llama_acts {
   float *cos, *sin;      /* (max_len, hd/2) RoPE table */
   layer_acts *layer;     /* [L - 1] full layers */
   last_acts last;
-  float *att_a, *att_b; /* (ATT_BLOCK, max_len) attention scratch */
-  float *tmp;           /* (F) exponentials of one row of gates */
+  att_scratch att; /* attention scratch (dS, dqs: training) */
+  float *tmp;      /* (F) exponentials of one row of gates */
   /* training */
   float *d_res;   /* (max_tok, D) d(residual stream) */
   float *d_a;     /* (max_tok, D) d(a), d(m) */
@@ -602,7 +670,8 @@ static float *carve(planner *pl, uint64_t n) {
  *   last layer, per row (training, or inference with L = 1)
  *                T (2D + 2KD) + training T (1 + q (KD + G))
  *   last layer, pooled rows               R (7D + 2QD + 2F + 3) + training R (H + q (QD + H))
- *   attention and gate scratch            32 max_len (+ 32 max_len training) + F
+ *   attention and gate scratch            128 (max_len + 2 hd + 1) + F
+ *                                         + training 128 (max_len + hd)
  *   training backward                     T (2D + max(2F, QD) + QKV) + R (D + QD)
  * Linear in max_rows * max_len: no T x T buffer anywhere.
  */
@@ -665,8 +734,12 @@ static void plan(planner *pl, llama_acts *g, const dims *d, uint64_t R, uint64_t
   Z->lse = train ? carve(pl, R * d->H) : NULL;
   Z->q_raw = kq ? carve(pl, R * d->QD) : NULL;
   Z->q_rs = kq ? carve(pl, R * d->H) : NULL;
-  g->att_a = carve(pl, ATT_BLOCK * max_len);
-  g->att_b = train ? carve(pl, ATT_BLOCK * max_len) : NULL;
+  g->att.S = carve(pl, ATT_ROWS * max_len);
+  g->att.dS = train ? carve(pl, ATT_ROWS * max_len) : NULL;
+  g->att.qs = carve(pl, ATT_ROWS * d->hd);
+  g->att.os = carve(pl, ATT_ROWS * d->hd);
+  g->att.dqs = train ? carve(pl, ATT_ROWS * d->hd) : NULL;
+  g->att.inv = carve(pl, ATT_ROWS);
   g->tmp = carve(pl, F);
   if (train) {
     g->d_res = carve(pl, T * D);
@@ -829,7 +902,7 @@ static void layer_forward(const prm_model *m, llama_acts *g, const dims *d, uint
   }
   rope_packed(A->qkv, QKV, d->H + d->G, g, n, d, 0); /* q and k heads are adjacent */
   for (uint64_t i = 0; i < n; i++)
-    attention_forward(A->o, A->lse, g->max_tok, A->qkv, g->att_a, g->off[i],
+    attention_forward(A->o, A->lse, g->max_tok, A->qkv, &g->att, g->off[i],
                       g->off[i + 1] - g->off[i], d);
   if (A->x2 != A->x) memcpy(A->x2, A->x, N * D * sizeof(float));
   prmi_gemm(0, 1, N, D, d->QD, 1.0f, A->o, d->QD, p + B->wo, d->QD, 1.0f, A->x2, D);
@@ -882,9 +955,9 @@ static void last_forward(const prm_model *m, llama_acts *g, const dims *d, float
     for (uint64_t j = 0; j < d->G; j++) {
       const float *k = Z->kv + row * 2 * KD + j * hd, *v = k + KD;
       const float *q = Z->q + i * QD + j * d->g * hd;
-      float *S = g->att_a, inv[ATT_BLOCK]; /* g <= ATT_BLOCK rows at a time */
-      for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_BLOCK) {
-        const uint64_t nu = d->g - u0 < ATT_BLOCK ? d->g - u0 : ATT_BLOCK;
+      float *S = g->att.S, *inv = g->att.inv;
+      for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_ROWS) {
+        const uint64_t nu = d->g - u0 < ATT_ROWS ? d->g - u0 : ATT_ROWS;
         prmi_gemm(0, 1, nu, T, hd, d->scale, q + u0 * hd, hd, k, 2 * KD, 0.0f, S, T);
         prmi_llama_softmax(S, T, nu, T, 0, T, inv,
                            Z->lse != NULL ? Z->lse + i * d->H + j * d->g + u0 : NULL);
@@ -967,7 +1040,7 @@ static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t 
   linear_backward(d_o, 0.0f, prmi_grad_slot(ctx, B->wo), NULL, g->d_res, D, A->o, N, QD, p + B->wo,
                   D);
   for (uint64_t i = 0; i < n; i++)
-    attention_backward(g->d_qkv, d_o, A->qkv, A->lse, g->max_tok, g->att_a, g->att_b, g->off[i],
+    attention_backward(g->d_qkv, d_o, A->qkv, A->lse, g->max_tok, &g->att, g->off[i],
                        g->off[i + 1] - g->off[i], d);
   rope_packed(g->d_qkv, QKV, d->H + d->G, g, n, d, 1);
   if (d->qkn) {
@@ -1013,9 +1086,9 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
       const float *k = Z->kv + row * 2 * KD + j * hd, *v = k + KD;
       const float *q = Z->q + i * QD + j * d->g * hd, *dout = d_o + i * QD + j * d->g * hd;
       float *dk = dkv + row * 2 * KD + j * hd, *dv = dk + KD;
-      float *P = g->att_a, *dP = g->att_b;
-      for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_BLOCK) {
-        const uint64_t nu = d->g - u0 < ATT_BLOCK ? d->g - u0 : ATT_BLOCK;
+      float *P = g->att.S, *dP = g->att.dS;
+      for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_ROWS) {
+        const uint64_t nu = d->g - u0 < ATT_ROWS ? d->g - u0 : ATT_ROWS;
         const float beta = u0 == 0 ? 0.0f : 1.0f;
         const float *qu = q + u0 * hd, *du = dout + u0 * hd;
         prmi_gemm(0, 1, nu, T, hd, d->scale, qu, hd, k, 2 * KD, 0.0f, P, T);
