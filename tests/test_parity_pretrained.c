@@ -41,10 +41,19 @@ typedef struct layout_case {
 /* gpt2, 2 layers: u8/bool/f32 buffers are attn.bias + attn.masked_bias per
  * layer; lm adds lm_head.weight unless omitted. */
 static const layout_case k_gpt2_cases[] = {
-    {"rm", "config", "none", 0, 1, 0},  {"hf-rm", "none", "u8", 0, 1, 4},
+    {"rm", "config", "none", 0, 1, 0},    {"hf-rm", "none", "u8", 0, 1, 4},
     {"hf-rm", "config", "bool", 0, 1, 4}, {"lm", "none", "f32", 0, 0, 5},
-    {"lm", "none", "none", 1, 0, 0},    {"base", "config", "u8", 0, 0, 4},
+    {"lm", "none", "none", 1, 0, 0},      {"base", "config", "u8", 0, 0, 4},
     {"base", "none", "none", 0, 0, 0},
+};
+
+/* llama, 2 layers: f32 buffers are one rotary_emb.inv_freq per layer; lm
+ * adds lm_head.weight (untied). */
+static const layout_case k_llama_cases[] = {
+    {"rm", "config", "none", 0, 1, 0},   {"hf-rm", "none", "none", 0, 1, 0},
+    {"hf-rm", "config", "f32", 0, 1, 2}, {"lm", "none", "none", 0, 0, 1},
+    {"lm", "config", "f32", 0, 0, 3},    {"base", "none", "none", 0, 0, 0},
+    {"base", "config", "f32", 0, 0, 2},
 };
 
 static char g_script[PARITY_PATH_SIZE];
@@ -65,7 +74,8 @@ static void write_layout(const char *model_flags, const layout_case *c, uint64_t
 /* Scores of a few fixed token sequences (inference context). */
 static void score(prm_model *m, float *s) {
   int32_t ids[3 * 12], len[3] = {12, 5, 9};
-  for (int i = 0; i < 36; i++) ids[i] = (int32_t)((i * 7 + 3) % 50);
+  for (int i = 0; i < 36; i++)
+    ids[i] = (int32_t)((i * 7 + 3) % 50);
   prm_ctx *c = prmt_tok_ctx(m, 3, 12, 1);
   prm_batch b = prmt_tok_batch(ids, len, 3, 12);
   assert_int_equal(prm_ctx_forward(c, &b, s, 3), PRM_OK);
@@ -170,6 +180,32 @@ static void test_gpt2_layouts(void **state) {
                 k_gpt2_cases, sizeof k_gpt2_cases / sizeof k_gpt2_cases[0]);
 }
 
+/* GQA with a non-default RoPE base and RMSNorm eps, which a file without
+ * metadata cannot tell: the configuration must supply them, or the scores
+ * would differ from the rm file's. */
+static void test_llama_layouts(void **state) {
+  (void)state;
+  if (!parity_reference_available("test_parity_pretrained", g_script, sizeof g_script)) {
+    skip();
+    return;
+  }
+  prm_model_options cfg = PRM_MODEL_OPTIONS_INIT;
+  cfg.arch = PRM_ARCH_LLAMA;
+  cfg.vocab_size = 64;
+  cfg.n_ctx = 16;
+  cfg.n_embd = 16;
+  cfg.n_layer = 2;
+  cfg.n_head = 4;
+  cfg.n_kv_head = 2;
+  cfg.n_ffn = 40;
+  cfg.rope_theta = 500000.0;
+  cfg.rms_eps = 1e-5;
+  check_layouts("llama",
+                "--model llama --vocab 64 --ctx 16 --dim 16 --layers 2 --heads 4 --kv-heads 2 "
+                "--ffn 40 --rope-theta 500000 --rms-eps 1e-5",
+                &cfg, k_llama_cases, sizeof k_llama_cases / sizeof k_llama_cases[0]);
+}
+
 /* A configuration the file contradicts is refused, naming both values. */
 static void test_gpt2_config_disagrees(void **state) {
   (void)state;
@@ -206,6 +242,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_gpt2_layouts),
       cmocka_unit_test(test_gpt2_config_disagrees),
+      cmocka_unit_test(test_llama_layouts),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
