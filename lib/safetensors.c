@@ -892,9 +892,11 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
   if (rc == PRM_OK) rc = config_from_header(h, &o, &arch);
   if (rc == PRM_OK) {
     rc = prmi_model_alloc(&m, &o, 0);
-    if (rc != PRM_OK && rc != PRM_ERR_NOMEM)
-      rc = prmi_fail(NULL, PRM_ERR_FORMAT, "checkpoint configuration rejected: %s",
-                     prm_last_errmsg());
+    if (rc != PRM_OK && rc != PRM_ERR_NOMEM) {
+      char why[PRMI_ERRMSG_SIZE]; /* the thread's message is the destination too */
+      snprintf(why, sizeof why, "%s", prm_last_errmsg());
+      rc = prmi_fail(NULL, PRM_ERR_FORMAT, "checkpoint configuration rejected: %s", why);
+    }
   }
   if (rc == PRM_OK && pt != NULL && pt->opts->config != NULL) rc = check_given_config(pt, m);
   if (rc == PRM_OK) {
