@@ -246,6 +246,54 @@ int prmi_all_finite(const float *x, uint64_t n);
  */
 int prmi_loss_check_args(const prm_loss_options *opts, const prm_loss_stats *stats, uint64_t n);
 
+/* ---- safetensors documents (safetensors.c) ------------------------------ */
+
+/*
+ * A file to write: metadata keys and F32 tensors, described by callbacks so
+ * that no copy of the data is made. Model checkpoints and optimizer states
+ * are both documents. The header's __metadata__ holds the document's keys
+ * (meta: prmi_meta_put), then "format": "pt" and "prefrm_version"; data
+ * offsets follow the tensors' order.
+ */
+typedef struct prmi_st_tensor {
+  const char *name; /* at most PRMI_NAME_SIZE - 1 bytes */
+  uint32_t ndim;    /* 1 or 2 */
+  uint64_t shape[2];
+  const float *data; /* shape[0] (x shape[1]) floats */
+} prmi_st_tensor;
+
+typedef struct prmi_st_doc {
+  void (*meta)(const void *arg, prmi_meta_out *out);
+  void (*tensor)(const void *arg, uint32_t i, prmi_st_tensor *t);
+  const void *arg;
+  uint32_t n_tensors;
+} prmi_st_doc;
+
+/* Bytes of the serialised document (0 when it exceeds SIZE_MAX); its JSON
+ * header's length goes to *header_len. */
+size_t prmi_st_size(const prmi_st_doc *d, size_t *header_len);
+/* Serialise into dst, of exactly prmi_st_size bytes. */
+void prmi_st_serialise(const prmi_st_doc *d, unsigned char *dst, size_t header_len);
+/* Write atomically and durably to path (prmi_file_write_atomic); fn names the
+ * public function in messages. */
+int prmi_st_save(const char *path, const prmi_st_doc *d, char *handle_msg, const char *fn);
+
+/*
+ * Reading: parse and validate a buffer holding a safetensors file (header
+ * bounds, JSON, entries' dtypes, offsets, overlaps; no configuration). The
+ * handle borrows buf, which must outlive it. Its metadata is read with
+ * prmi_ckpt_meta* (arch.h). PRM_ERR_FORMAT / PRM_ERR_NOMEM with a message.
+ */
+int prmi_st_parse(prmi_ckpt **out, const unsigned char *buf, size_t size);
+void prmi_st_free(prmi_ckpt *c);
+/* Read tensor `name`, which must be F32 of exactly this shape and finite,
+ * into dst; marks it used. PRM_ERR_FORMAT naming the tensor otherwise. */
+int prmi_st_read(prmi_ckpt *c, const char *name, uint32_t ndim, const uint64_t shape[2],
+                 float *dst);
+/* The first tensor (by name) that no prmi_st_read used and that is not
+ * ignorable, or NULL: for "unexpected tensor" errors. */
+const char *prmi_st_unused(const prmi_ckpt *c);
+
 /* ---- file I/O (fileio.c) ------------------------------------------------ */
 
 /*

@@ -137,6 +137,7 @@ static void kv_add(st_kv_list *l, const char *key, const char *value);
 struct prmi_meta_out {
   st_sink *sink;
   st_kv_list *collect;
+  int first; /* no key written yet (no leading comma) */
 };
 
 void prmi_meta_put(prmi_meta_out *out, const char *key, const char *value) {
@@ -144,7 +145,8 @@ void prmi_meta_put(prmi_meta_out *out, const char *key, const char *value) {
     kv_add(out->collect, key, value);
     return;
   }
-  sink_meta(out->sink, key, 0);
+  sink_meta(out->sink, key, out->first);
+  out->first = 0;
   sink_jstr(out->sink, value);
 }
 
@@ -154,36 +156,34 @@ void prmi_meta_put_u64(prmi_meta_out *out, const char *key, uint64_t v) {
   prmi_meta_put(out, key, buf);
 }
 
-/* The JSON header, padded with spaces to a multiple of 8. Returns its length.
- * __metadata__: "model" (the architecture's name), its configuration keys,
- * "format": "pt" and the library version. */
-static size_t write_header(const prm_model *m, char *dst, size_t cap) {
+/* The JSON header of a document, padded with spaces to a multiple of 8.
+ * Returns its length. Data offsets follow the tensors' order. */
+static size_t write_doc_header(const prmi_st_doc *d, char *dst, size_t cap) {
   st_sink s = {dst, cap, 0};
-  prmi_meta_out out = {&s, NULL};
+  prmi_meta_out out = {&s, NULL, 1};
+  uint64_t offset = 0;
   sink_str(&s, "{\"__metadata__\":{");
-  sink_meta(&s, "model", 1);
-  sink_jstr(&s, m->arch->name);
-  m->arch->meta_write(&m->opts, &out);
-  sink_meta(&s, "format", 0);
-  sink_jstr(&s, "pt");
-  sink_meta(&s, "prefrm_version", 0);
-  sink_jstr(&s, PRM_VERSION_STRING);
+  d->meta(d->arg, &out); /* the document's keys first ("model", its config) */
+  prmi_meta_put(&out, "format", "pt");
+  prmi_meta_put(&out, "prefrm_version", PRM_VERSION_STRING);
   sink_put(&s, "}", 1);
-  for (uint32_t t = 0; t < m->n_tensors; t++) {
-    const prmi_tensor *tn = &m->tensors[t];
-    uint64_t b = 4 * tn->offset, e = 4 * (tn->offset + tn->numel);
+  for (uint32_t t = 0; t < d->n_tensors; t++) {
+    prmi_st_tensor tn;
+    d->tensor(d->arg, t, &tn);
+    const uint64_t bytes = 4 * (tn.ndim == 2 ? tn.shape[0] * tn.shape[1] : tn.shape[0]);
     sink_put(&s, ",", 1);
-    sink_jstr(&s, tn->name);
+    sink_jstr(&s, tn.name);
     sink_str(&s, ":{\"dtype\":\"F32\",\"shape\":[");
-    for (uint32_t k = 0; k < tn->ndim; k++) {
+    for (uint32_t k = 0; k < tn.ndim; k++) {
       if (k > 0) sink_put(&s, ",", 1);
-      sink_u64(&s, tn->shape[k]);
+      sink_u64(&s, tn.shape[k]);
     }
     sink_str(&s, "],\"data_offsets\":[");
-    sink_u64(&s, b);
+    sink_u64(&s, offset);
     sink_put(&s, ",", 1);
-    sink_u64(&s, e);
+    sink_u64(&s, offset + bytes);
     sink_str(&s, "]}");
+    offset += bytes;
   }
   sink_put(&s, "}", 1);
   while (s.len % 8 != 0)
@@ -191,19 +191,100 @@ static size_t write_header(const prm_model *m, char *dst, size_t cap) {
   return s.len;
 }
 
-/* Total file size for a model; 0 when it does not fit in size_t. */
-static size_t checkpoint_size(const prm_model *m, size_t *header_len) {
-  size_t h = write_header(m, NULL, 0);
-  *header_len = h;
-  if (m->n_params > (SIZE_MAX - 8 - h) / 4) return 0;
-  return 8 + h + (size_t)m->n_params * 4;
+/* Floats of all tensors; SIZE_MAX when the sum overflows. */
+static size_t doc_floats(const prmi_st_doc *d) {
+  size_t n = 0;
+  for (uint32_t t = 0; t < d->n_tensors; t++) {
+    prmi_st_tensor tn;
+    d->tensor(d->arg, t, &tn);
+    const uint64_t k = tn.ndim == 2 ? tn.shape[0] * tn.shape[1] : tn.shape[0];
+    if (k > SIZE_MAX / 4 - n) return SIZE_MAX;
+    n += (size_t)k;
+  }
+  return n;
 }
 
-/* Serialise into dst, which holds exactly `total` bytes. */
-static void serialise(const prm_model *m, unsigned char *dst, size_t header_len) {
+size_t prmi_st_size(const prmi_st_doc *d, size_t *header_len) {
+  size_t h = write_doc_header(d, NULL, 0);
+  size_t n = doc_floats(d);
+  *header_len = h;
+  if (n == SIZE_MAX || n > (SIZE_MAX - 8 - h) / 4) return 0;
+  return 8 + h + n * 4;
+}
+
+void prmi_st_serialise(const prmi_st_doc *d, unsigned char *dst, size_t header_len) {
   put_u64_le(dst, header_len);
-  write_header(m, (char *)dst + 8, header_len);
-  put_f32_le(dst + 8 + header_len, m->params, (size_t)m->n_params);
+  write_doc_header(d, (char *)dst + 8, header_len);
+  unsigned char *p = dst + 8 + header_len;
+  for (uint32_t t = 0; t < d->n_tensors; t++) {
+    prmi_st_tensor tn;
+    d->tensor(d->arg, t, &tn);
+    const size_t k = (size_t)(tn.ndim == 2 ? tn.shape[0] * tn.shape[1] : tn.shape[0]);
+    put_f32_le(p, tn.data, k);
+    p += 4 * k;
+  }
+}
+
+typedef struct st_writer {
+  const prmi_st_doc *d;
+  size_t header_len;
+} st_writer;
+
+/* prmi_write_fn: stream the document to fd (header, then each tensor in
+ * little-endian chunks). Returns 0, or an errno value. */
+static int write_doc(void *arg, int fd) {
+  const st_writer *w = arg;
+  unsigned char chunk[4 * ST_CHUNK_FLOATS];
+  unsigned char *head = malloc(8 + w->header_len);
+  int err;
+  if (head == NULL) return ENOMEM;
+  put_u64_le(head, w->header_len);
+  write_doc_header(w->d, (char *)head + 8, w->header_len);
+  err = prmi_fd_write_all(fd, head, 8 + w->header_len);
+  free(head);
+  for (uint32_t t = 0; err == 0 && t < w->d->n_tensors; t++) {
+    prmi_st_tensor tn;
+    w->d->tensor(w->d->arg, t, &tn);
+    const size_t n = (size_t)(tn.ndim == 2 ? tn.shape[0] * tn.shape[1] : tn.shape[0]);
+    for (size_t done = 0; err == 0 && done < n;) {
+      size_t k = n - done < ST_CHUNK_FLOATS ? n - done : ST_CHUNK_FLOATS;
+      put_f32_le(chunk, tn.data + done, k);
+      err = prmi_fd_write_all(fd, chunk, 4 * k);
+      done += k;
+    }
+  }
+  return err;
+}
+
+int prmi_st_save(const char *path, const prmi_st_doc *d, char *handle_msg, const char *fn) {
+  st_writer w;
+  w.d = d;
+  if (prmi_st_size(d, &w.header_len) == 0)
+    return prmi_fail(handle_msg, PRM_ERR_NOMEM, "%s: the file would exceed SIZE_MAX bytes", fn);
+  return prmi_file_write_atomic(path, write_doc, &w, handle_msg);
+}
+
+/* ---- a model as a document ---- */
+
+static void model_meta(const void *arg, prmi_meta_out *out) {
+  const prm_model *m = arg;
+  prmi_meta_put(out, "model", m->arch->name);
+  m->arch->meta_write(&m->opts, out);
+}
+
+static void model_tensor(const void *arg, uint32_t i, prmi_st_tensor *t) {
+  const prm_model *m = arg;
+  const prmi_tensor *tn = &m->tensors[i];
+  t->name = tn->name;
+  t->ndim = tn->ndim;
+  t->shape[0] = tn->shape[0];
+  t->shape[1] = tn->shape[1];
+  t->data = m->params + tn->offset;
+}
+
+static prmi_st_doc model_doc(const prm_model *m) {
+  prmi_st_doc d = {model_meta, model_tensor, m, m->n_tensors};
+  return d;
 }
 
 int prm_model_save_buffer(const prm_model *model, void *buf, size_t capacity, size_t *size_out) {
@@ -211,7 +292,8 @@ int prm_model_save_buffer(const prm_model *model, void *buf, size_t capacity, si
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save_buffer: model is NULL");
   if (size_out == NULL)
     return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save_buffer: size_out is NULL");
-  total = checkpoint_size(model, &hlen);
+  const prmi_st_doc d = model_doc(model);
+  total = prmi_st_size(&d, &hlen);
   if (total == 0)
     return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_model_save_buffer: checkpoint exceeds SIZE_MAX");
   *size_out = total;
@@ -220,49 +302,15 @@ int prm_model_save_buffer(const prm_model *model, void *buf, size_t capacity, si
     return prmi_fail(NULL, PRM_ERR_SIZE,
                      "prm_model_save_buffer: capacity %zu is smaller than the %zu bytes needed",
                      capacity, total);
-  serialise(model, (unsigned char *)buf, hlen);
+  prmi_st_serialise(&d, (unsigned char *)buf, hlen);
   return PRM_OK;
 }
 
-/* ------------------------------------------------------------------------ */
-/* Atomic file save                                                          */
-/* ------------------------------------------------------------------------ */
-
-typedef struct st_writer {
-  const prm_model *m;
-  size_t header_len;
-} st_writer;
-
-/* prmi_write_fn: stream the checkpoint to fd (header, then the arena in
- * little-endian chunks). Returns 0, or an errno value. */
-static int write_checkpoint(void *arg, int fd) {
-  const st_writer *w = arg;
-  unsigned char chunk[4 * ST_CHUNK_FLOATS];
-  unsigned char *head = malloc(8 + w->header_len);
-  size_t done = 0, n = (size_t)w->m->n_params;
-  int err;
-  if (head == NULL) return ENOMEM;
-  put_u64_le(head, w->header_len);
-  write_header(w->m, (char *)head + 8, w->header_len);
-  err = prmi_fd_write_all(fd, head, 8 + w->header_len);
-  free(head);
-  while (err == 0 && done < n) {
-    size_t k = n - done < ST_CHUNK_FLOATS ? n - done : ST_CHUNK_FLOATS;
-    put_f32_le(chunk, w->m->params + done, k);
-    err = prmi_fd_write_all(fd, chunk, 4 * k);
-    done += k;
-  }
-  return err;
-}
-
 int prm_model_save(const prm_model *model, const char *path) {
-  st_writer w;
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: model is NULL");
   if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: path is NULL");
-  if (checkpoint_size(model, &w.header_len) == 0)
-    return prmi_fail(NULL, PRM_ERR_NOMEM, "prm_model_save: checkpoint exceeds SIZE_MAX");
-  w.m = model;
-  return prmi_file_write_atomic(path, write_checkpoint, &w, NULL);
+  const prmi_st_doc d = model_doc(model);
+  return prmi_st_save(path, &d, NULL, "prm_model_save");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -321,6 +369,8 @@ typedef struct prmi_ckpt {
   st_meta *meta; /* [n_meta], heap */
   uint32_t n_meta, cap_meta;
   st_kv_list *given; /* the caller's configuration as keys, or NULL */
+  const unsigned char *data; /* the data area (borrowed: the caller's buffer) */
+  uint64_t data_len;
 } st_header;
 
 static void header_free(st_header *h) {
@@ -831,7 +881,7 @@ static int check_given_config(const st_pretrained *pt, const prm_model *m) {
                      m->arch->article, want != NULL ? want->article : "an unknown architecture");
   }
   st_kv_list mine;
-  prmi_meta_out out = {NULL, &mine};
+  prmi_meta_out out = {NULL, &mine, 0};
   mine.n = 0;
   m->arch->meta_write(&m->opts, &out);
   for (uint32_t i = 0; i < pt->given.n; i++)
@@ -844,18 +894,12 @@ static int check_given_config(const st_pretrained *pt, const prm_model *m) {
   return PRM_OK;
 }
 
-static int load_validated(prm_model **out, const unsigned char *b, size_t size,
-                          st_pretrained *pt) {
-  uint64_t hlen, data_len;
-  const unsigned char *data;
-  const prmi_arch *arch = NULL;
-  prm_model *m = NULL;
-  prm_model_options o;
-  uint8_t *fate = NULL;
+int prmi_st_parse(prmi_ckpt **out, const unsigned char *b, size_t size) {
+  uint64_t hlen;
   st_header *h;
   prmi_json j;
   int rc;
-
+  *out = NULL;
   if (size < 8)
     return prmi_fail(NULL, PRM_ERR_FORMAT,
                      "checkpoint is %zu bytes, shorter than the header length", size);
@@ -870,12 +914,10 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
   if (hlen < 2)
     return prmi_fail(NULL, PRM_ERR_FORMAT, "header of %llu bytes is too short",
                      (unsigned long long)hlen);
-  data = b + 8 + hlen;
-  data_len = (uint64_t)(size - 8 - (size_t)hlen);
-
   h = calloc(1, sizeof *h);
   if (h == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint");
-  if (pt != NULL && pt->opts->config != NULL) h->given = &pt->given;
+  h->data = b + 8 + hlen;
+  h->data_len = (uint64_t)(size - 8 - (size_t)hlen);
   j.base = j.p = b + 8;
   j.end = b + 8 + hlen;
   j.depth = 0;
@@ -888,8 +930,52 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
     header_free(h);
     return rc;
   }
-  rc = check_entries(h, data_len);
-  if (rc == PRM_OK) rc = config_from_header(h, &o, &arch);
+  rc = check_entries(h, h->data_len);
+  if (rc != PRM_OK) {
+    header_free(h);
+    return rc;
+  }
+  *out = h;
+  return PRM_OK;
+}
+
+void prmi_st_free(prmi_ckpt *c) { header_free(c); }
+
+int prmi_st_read(prmi_ckpt *c, const char *name, uint32_t ndim, const uint64_t shape[2],
+                 float *dst) {
+  st_entry *t = find_entry(c, name);
+  char got[96], want[64];
+  if (t == NULL || t->ignorable) return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s", name);
+  if (t->ndim != ndim || t->shape[0] != shape[0] || (ndim == 2 && t->shape[1] != shape[1])) {
+    format_shape(got, sizeof got, t->shape, t->ndim);
+    format_shape(want, sizeof want, shape, ndim);
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s has shape %s, expected %s", name, got, want);
+  }
+  const uint64_t n = ndim == 2 ? shape[0] * shape[1] : shape[0];
+  get_f32_le(dst, c->data + t->begin, (size_t)n);
+  if (!prmi_all_finite(dst, n))
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", name);
+  t->used = 1;
+  return PRM_OK;
+}
+
+const char *prmi_st_unused(const prmi_ckpt *c) {
+  for (uint32_t i = 0; i < c->n_entries; i++)
+    if (!c->by_name[i]->used && !c->by_name[i]->ignorable) return c->by_name[i]->name;
+  return NULL;
+}
+
+static int load_validated(prm_model **out, const unsigned char *b, size_t size,
+                          st_pretrained *pt) {
+  const prmi_arch *arch = NULL;
+  prm_model *m = NULL;
+  prm_model_options o;
+  uint8_t *fate = NULL;
+  st_header *h;
+  int rc = prmi_st_parse(&h, b, size);
+  if (rc != PRM_OK) return rc;
+  if (pt != NULL && pt->opts->config != NULL) h->given = &pt->given;
+  rc = config_from_header(h, &o, &arch);
   if (rc == PRM_OK) {
     rc = prmi_model_alloc(&m, &o, 0);
     if (rc != PRM_OK && rc != PRM_ERR_NOMEM) {
@@ -911,7 +997,7 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
     const prmi_tensor *tn = &m->tensors[i];
     if (fate[i] != FATE_LOADED) continue;
     const st_entry *t = find_entry(h, tn->name); /* present and sized: checked above */
-    get_f32_le(m->params + tn->offset, data + t->begin, (size_t)tn->numel);
+    get_f32_le(m->params + tn->offset, h->data + t->begin, (size_t)tn->numel);
     if (!prmi_all_finite(m->params + tn->offset, tn->numel))
       rc = prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", tn->name);
   }
@@ -994,7 +1080,7 @@ static int pretrained_setup(st_pretrained *pt, const prm_pretrained_options *opt
     prm_model *probe = NULL;
     rc = prmi_model_alloc(&probe, opts->config, 0);
     if (rc != PRM_OK) return rc;
-    prmi_meta_out out = {NULL, &pt->given};
+    prmi_meta_out out = {NULL, &pt->given, 0};
     kv_add(&pt->given, "model", probe->arch->name);
     probe->arch->meta_write(&probe->opts, &out);
     prm_model_free(probe);
