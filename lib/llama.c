@@ -38,11 +38,13 @@
  *
  * As in gpt2.c: Q/K/V and the MLP projections run as GEMMs over all N packed
  * rows; causal attention runs per sequence in blocks of ATT_BLOCK query rows
- * with (ATT_BLOCK, T) scratch and keeps only the log-sum-exp of each softmax
- * row for the backward, which recomputes the probabilities. The last layer
- * only matters at the n pooled rows: it computes keys and values for every
- * row and everything else for the pooled rows alone, in compact (n, .)
- * buffers -- the same math, (L-1)/L of a full layer's work saved.
+ * (the query heads of one kv head stacked, see att_scratch) with (ATT_ROWS,
+ * T) scratch, and keeps only the log-sum-exp of each softmax row for the
+ * backward, which recomputes the probabilities. The last layer only matters
+ * at the n pooled rows: it computes keys and values for every row and
+ * everything else for the pooled rows alone, in compact (n, .) buffers --
+ * the same math, all of the layer but its k/v projection done once per
+ * sequence instead of once per token.
  *
  * Contiguity used by the GEMMs: mlp.gate_proj.weight and mlp.up_proj.weight
  * are adjacent in the arena (and in the gradient), so gate|up is one [2F, D]
@@ -621,11 +623,11 @@ typedef struct last_acts {
 
 typedef struct llama_acts {
   uint64_t max_tok, max_rows, max_len;
-  uint64_t n_tok, n_seq; /* the last forward's rows and sequences */
-  uint64_t *off;         /* (max_rows + 1) packed row offsets */
-  int32_t *ids;          /* (max_tok) packed token ids */
-  float *cos, *sin;      /* (max_len, hd/2) RoPE table */
-  layer_acts *layer;     /* [L - 1] full layers */
+  uint64_t n_tok;    /* rows of the last forward */
+  uint64_t *off;     /* (max_rows + 1) packed row offsets */
+  int32_t *ids;      /* (max_tok) packed token ids */
+  float *cos, *sin;  /* (max_len, hd/2) RoPE table */
+  layer_acts *layer; /* [L - 1] full layers */
   last_acts last;
   att_scratch att; /* attention scratch (dS, dqs: training) */
   float *tmp;      /* (F) exponentials of one row of gates */
@@ -669,7 +671,7 @@ static float *carve(planner *pl, uint64_t n) {
  *     inference: T (2D + QKV + QD + 2F)
  *   last layer, per row (training, or inference with L = 1)
  *                T (2D + 2KD) + training T (1 + q (KD + G))
- *   last layer, pooled rows               R (7D + 2QD + 2F + 3) + training R (H + q (QD + H))
+ *   last layer, pooled rows               R (5D + 2QD + 2F + 2) + training R (H + q (QD + H))
  *   attention and gate scratch            128 (max_len + 2 hd + 1) + F
  *                                         + training 128 (max_len + hd)
  *   training backward                     T (2D + max(2F, QD) + QKV) + R (D + QD)
@@ -1001,7 +1003,6 @@ static int llama_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, floa
   }
   g->off[n] = N;
   g->n_tok = N;
-  g->n_seq = n;
   float *x0 = L > 1 ? g->layer[0].x : g->last.x;
   for (uint64_t r = 0; r < N; r++)
     memcpy(x0 + r * D, p + LAYOUT(m)->embed + (uint64_t)g->ids[r] * D, D * sizeof(float));
