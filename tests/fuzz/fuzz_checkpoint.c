@@ -8,10 +8,13 @@
  * byte comparison of the two saves -- so a file the loader accepts must also
  * be one the rest of the library can work with, and must round-trip.
  *
- * Build (clang): cmake -B build-fuzz -DCMAKE_C_COMPILER=clang -DPRM_FUZZ=ON
+ * Build (clang): CC=clang cmake -B build-fuzz -DPRM_FUZZ=ON
  *   && cmake --build build-fuzz --target fuzz_checkpoint
- * Run:   build-fuzz/tests/fuzz/fuzz_checkpoint -max_total_time=60 CORPUS_DIR SEED_DIR
- * (.ci/run's fuzz job does this on a copy of tests/fuzz/seeds.)
+ * Run:   build-fuzz/tests/fuzz_checkpoint -max_total_time=60 CORPUS_DIR tests/fuzz/seeds
+ * (.ci/run's fuzz job does this on a copy of the seeds, after replaying
+ * tests/corpus and the seeds once.) The seeds are small valid files of every
+ * architecture and Hugging Face layout (written by the library and by the
+ * PyTorch reference).
  */
 #include <stdint.h>
 #include <stdlib.h>
