@@ -29,3 +29,8 @@ const prmi_arch *prmi_arch_by_name(const char *name) {
     if (strcmp(registry[i]->name, name) == 0) return registry[i];
   return NULL;
 }
+
+int prmi_ends_with(const char *name, const char *suffix) {
+  size_t n = strlen(name), k = strlen(suffix);
+  return n >= k && strcmp(name + n - k, suffix) == 0;
+}

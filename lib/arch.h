@@ -143,6 +143,9 @@ float prmi_init_normal(uint64_t *stream, double sd); /* N(0, sd) */
 
 /* mlp.c: linear/mlp init -- weights U(+-1/sqrt(fan_in)), biases U(+-0.1). */
 void prmi_init_feature_model(prm_model *m, uint64_t seed);
+/* mlp.c: linear/mlp input size from the "d" key, else the columns of tensor
+ * `first` (the first weight matrix). */
+int prmi_feature_input_size(const prmi_ckpt *c, const char *first, prm_model_options *o);
 
 /* safetensors.c: the checkpoint view. */
 const char *prmi_ckpt_meta(const prmi_ckpt *c, const char *key); /* NULL: absent */
@@ -176,5 +179,10 @@ int prmi_copy_features(float *dst, const float *src, uint64_t n, uint64_t d, uin
 int prmi_report_nonfinite_feature(prm_ctx *ctx, const prm_batch *b, uint64_t stride);
 /* Validate a feature batch against input size d and the context's rows. */
 int prmi_check_feature_batch(prm_ctx *ctx, const prm_batch *b, uint64_t d, uint64_t *stride);
+/* ctx.c: validate a token batch (gpt2, llama): pointers, 1 <= n <= max_rows,
+ * lengths in [1, max_len] and within token_stride, ids in [0, vocab). */
+int prmi_check_token_batch(prm_ctx *ctx, const prm_batch *b, uint64_t vocab);
+/* arch.c: 1 when name ends with suffix (init hooks pick tensors by name). */
+int prmi_ends_with(const char *name, const char *suffix);
 
 #endif /* PRM_ARCH_H */

@@ -166,6 +166,36 @@ int prmi_check_feature_batch(prm_ctx *ctx, const prm_batch *b, uint64_t d, uint6
   return PRM_OK;
 }
 
+/* ---- token batches (gpt2, llama) -------------------------------------------------------- */
+
+int prmi_check_token_batch(prm_ctx *ctx, const prm_batch *b, uint64_t vocab) {
+  if (b->tokens == NULL)
+    return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->tokens is NULL");
+  if (b->lengths == NULL)
+    return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->lengths is NULL");
+  if (b->n < 1 || b->n > ctx->max_rows)
+    return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "forward: %llu sequences, context holds 1..%llu",
+                     (unsigned long long)b->n, (unsigned long long)ctx->max_rows);
+  for (uint64_t i = 0; i < b->n; i++) {
+    const int32_t len = b->lengths[i];
+    if (len < 1 || (uint64_t)len > ctx->max_len)
+      return prmi_fail(ctx->errmsg, PRM_ERR_SIZE,
+                       "forward: lengths[%llu] = %d not in [1, %llu] (context max_len)",
+                       (unsigned long long)i, (int)len, (unsigned long long)ctx->max_len);
+    if (b->n > 1 && (uint64_t)len > b->token_stride)
+      return prmi_fail(ctx->errmsg, PRM_ERR_SIZE,
+                       "forward: lengths[%llu] = %d exceeds token_stride %llu",
+                       (unsigned long long)i, (int)len, (unsigned long long)b->token_stride);
+    const int32_t *row = b->tokens + i * b->token_stride;
+    for (int32_t t = 0; t < len; t++)
+      if (row[t] < 0 || (uint64_t)row[t] >= vocab)
+        return prmi_fail(ctx->errmsg, PRM_ERR_INVALID,
+                         "forward: token [%llu, %d] = %d not in [0, %llu) (vocab_size)",
+                         (unsigned long long)i, (int)t, (int)row[t], (unsigned long long)vocab);
+  }
+  return PRM_OK;
+}
+
 /* ---- forward ------------------------------------------------------------------------ */
 
 int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {

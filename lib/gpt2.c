@@ -419,32 +419,7 @@ static gpt2_acts *gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t 
 
 static int gpt2_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {
   *stride = 0;
-  const prm_model *m = ctx->model;
-  if (b->tokens == NULL) return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->tokens is NULL");
-  if (b->lengths == NULL)
-    return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->lengths is NULL");
-  if (b->n < 1 || b->n > ctx->max_rows)
-    return prmi_fail(ctx->errmsg, PRM_ERR_SIZE, "forward: %llu sequences, context holds 1..%llu",
-                     (unsigned long long)b->n, (unsigned long long)ctx->max_rows);
-  const uint64_t V = m->opts.vocab_size;
-  for (uint64_t i = 0; i < b->n; i++) {
-    const int32_t len = b->lengths[i];
-    if (len < 1 || (uint64_t)len > ctx->max_len)
-      return prmi_fail(ctx->errmsg, PRM_ERR_SIZE,
-                       "forward: lengths[%llu] = %d not in [1, %llu] (context max_len)",
-                       (unsigned long long)i, (int)len, (unsigned long long)ctx->max_len);
-    if (b->n > 1 && (uint64_t)len > b->token_stride)
-      return prmi_fail(ctx->errmsg, PRM_ERR_SIZE,
-                       "forward: lengths[%llu] = %d exceeds token_stride %llu",
-                       (unsigned long long)i, (int)len, (unsigned long long)b->token_stride);
-    const int32_t *row = b->tokens + i * b->token_stride;
-    for (int32_t t = 0; t < len; t++)
-      if (row[t] < 0 || (uint64_t)row[t] >= V)
-        return prmi_fail(ctx->errmsg, PRM_ERR_INVALID,
-                         "forward: token [%llu, %d] = %d not in [0, %llu) (vocab_size)",
-                         (unsigned long long)i, (int)t, (int)row[t], (unsigned long long)V);
-  }
-  return PRM_OK;
+  return prmi_check_token_batch(ctx, b, ctx->model->opts.vocab_size);
 }
 
 /* ---- forward -------------------------------------------------------------------------- */
@@ -801,12 +776,6 @@ static int gpt2_layout_new(prm_model *m) {
 
 static void gpt2_layout_free(void *layout) { free(layout); }
 
-/* 1 when `name` ends with `suffix`. */
-static int ends_with(const char *name, const char *suffix) {
-  size_t n = strlen(name), k = strlen(suffix);
-  return n >= k && strcmp(name + n - k, suffix) == 0;
-}
-
 /* GPT-2: LayerNorm 1/0, biases 0, weights N(0, 0.02), the two residual
  * projections N(0, 0.02 / sqrt(2 n_layer)). */
 static void gpt2_init(prm_model *m, uint64_t seed) {
@@ -814,14 +783,14 @@ static void gpt2_init(prm_model *m, uint64_t seed) {
     const prmi_tensor *T = &m->tensors[t];
     uint64_t s = prmi_init_stream(seed, t);
     float *p = m->params + T->offset;
-    if (ends_with(T->name, "ln_1.weight") || ends_with(T->name, "ln_2.weight") ||
-        ends_with(T->name, "ln_f.weight")) {
+    if (prmi_ends_with(T->name, "ln_1.weight") || prmi_ends_with(T->name, "ln_2.weight") ||
+        prmi_ends_with(T->name, "ln_f.weight")) {
       for (uint64_t i = 0; i < T->numel; i++) p[i] = 1.0f;
-    } else if (ends_with(T->name, ".bias")) {
+    } else if (prmi_ends_with(T->name, ".bias")) {
       for (uint64_t i = 0; i < T->numel; i++) p[i] = 0.0f;
     } else {
       double sd =
-          ends_with(T->name, "c_proj.weight") ? 0.02 / sqrt(2.0 * (double)m->opts.n_layer) : 0.02;
+          prmi_ends_with(T->name, "c_proj.weight") ? 0.02 / sqrt(2.0 * (double)m->opts.n_layer) : 0.02;
       for (uint64_t i = 0; i < T->numel; i++) p[i] = prmi_init_normal(&s, sd);
     }
   }

@@ -59,18 +59,7 @@ static int linear_detect(const prmi_ckpt *c) {
 }
 
 static int linear_config(const prmi_ckpt *c, prm_model_options *o) {
-  uint32_t nd;
-  uint64_t sh[2];
-  int rc = prmi_ckpt_meta_u64(c, "d", &o->input_size);
-  if (rc < 0) return rc;
-  if (rc == 0) {
-    if (!prmi_ckpt_shape(c, "score.weight", &nd, sh))
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor score.weight");
-    if (nd != 2 || sh[1] == 0)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor score.weight must be 2-D and non-empty");
-    o->input_size = sh[1];
-  }
-  return PRM_OK;
+  return prmi_feature_input_size(c, "score.weight", o);
 }
 
 /* ---- contexts ------------------------------------------------------------------------- */

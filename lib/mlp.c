@@ -177,18 +177,26 @@ static int parse_hidden(const char *s, prm_model_options *o) {
 /* input size from "d" or the first layer; the hidden widths from "hidden" or
  * the layers present; the activation from "act" (required: no silent
  * default, as in torch_ref). */
-static int mlp_config(const prmi_ckpt *c, prm_model_options *o) {
+int prmi_feature_input_size(const prmi_ckpt *c, const char *first, prm_model_options *o) {
   uint32_t nd;
   uint64_t sh[2];
   int rc = prmi_ckpt_meta_u64(c, "d", &o->input_size);
   if (rc < 0) return rc;
   if (rc == 0) {
-    if (!prmi_ckpt_shape(c, "layers.0.weight", &nd, sh))
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor layers.0.weight");
+    if (!prmi_ckpt_shape(c, first, &nd, sh))
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "missing tensor %s", first);
     if (nd != 2 || sh[1] == 0)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor layers.0.weight must be 2-D and non-empty");
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s must be 2-D and non-empty", first);
     o->input_size = sh[1];
   }
+  return PRM_OK;
+}
+
+static int mlp_config(const prmi_ckpt *c, prm_model_options *o) {
+  uint32_t nd;
+  uint64_t sh[2];
+  int rc = prmi_feature_input_size(c, "layers.0.weight", o);
+  if (rc != PRM_OK) return rc;
   const char *hidden = prmi_ckpt_meta(c, "hidden");
   if (hidden != NULL) {
     if (parse_hidden(hidden, o) != 0)
