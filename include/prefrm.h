@@ -267,7 +267,9 @@ PRM_API int prm_model_tensor_info(const prm_model *model, uint32_t index,
  * frozen parameters cost no gradient memory and no optimizer state.
  * Contexts and optimizers record the trainable set when they are created;
  * after a change, backward and step on older ones return PRM_ERR_MISMATCH:
- * create new ones. Not thread-safe with other calls on the model.
+ * create new ones. Checkpoints store the set (prm_model_save, prm_model_load)
+ * and optimizer states record it (prm_optimizer_load checks it).
+ * Not thread-safe with other calls on the model.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_INVALID (more blocks than the model
  *         has; k > 0 for linear).
  */
@@ -288,7 +290,10 @@ PRM_API const char *prm_model_errmsg(const prm_model *model);
 /**
  * Save the model as a safetensors file. Tensor names follow PyTorch
  * (`score.weight` [1, d]; `layers.{i}.weight` [out, in], `layers.{i}.bias`);
- * the configuration goes into `__metadata__` as strings.
+ * the configuration goes into `__metadata__` as strings, and so does the
+ * trainable set when not everything trains ("trainable_blocks": the
+ * n_blocks of prm_model_set_trainable), so that a resumed run trains what
+ * the saved one did.
  *
  * Atomic and durable: the bytes go to "<path>.tmp" (a fresh file, mode
  * 0666 & ~umask), which is fsynced and renamed over `path`, and then the
@@ -346,8 +351,10 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
  * (and gradient files of the PyTorch reference) load as well; a key given
  * twice in any JSON object of the header (known or unknown, compared after
  * decoding escapes) is PRM_ERR_FORMAT. gpt2 files need the "n_head" key
- * (docs/checkpoints.md). The trainable set (prm_model_set_trainable) is not
- * stored: a loaded model trains everything.
+ * (docs/checkpoints.md). The trainable set is restored: a file with a
+ * "trainable_blocks" key (see prm_model_save) loads as after
+ * prm_model_set_trainable(model, that value), PRM_ERR_FORMAT when the model
+ * cannot take it; a file without it loads with everything trainable.
  */
 PRM_API int prm_model_load(prm_model **out, const char *path);
 
@@ -418,7 +425,8 @@ typedef struct prm_load_report {
  * with or without a (tied) lm_head.weight; llama -- LlamaForCausalLM and
  * LlamaModel names (with or without "model."), lm_head.weight, the
  * rotary_emb.inv_freq buffers, and ...ForSequenceClassification files.
- * lm_head.weight and the buffers are ignored. The file's tensors are
+ * lm_head.weight and the buffers are ignored, and so is a
+ * "trainable_blocks" key: the new model trains everything. The file's tensors are
  * validated as by prm_model_load (F32 only, bounds, shapes, finite values).
  * @param out     receives the model (caller owns), NULL on failure.
  * @param path    a safetensors file (opened without blocking, as
@@ -767,6 +775,85 @@ PRM_API double prm_optimizer_last_grad_norm(const prm_optimizer *opt);
 
 /** Detail of the last failing call on this optimizer; never NULL. */
 PRM_API const char *prm_optimizer_errmsg(const prm_optimizer *opt);
+
+/* ---- Saving and resuming (safetensors, F32) ---- */
+
+/**
+ * Save the optimizer's state as a safetensors file: every
+ * prm_optimizer_options field, the number of applied updates, the position
+ * in the accumulation cycle, the last gradient norm, the model it fits
+ * (architecture, parameter count, trainable offset) as `__metadata__`
+ * strings, and the moments of the trainable tensors as F32 tensors named as
+ * in PyTorch's optimizer state: "exp_avg.<param>" and "exp_avg_sq.<param>"
+ * (Adam, AdamW), "momentum_buffer.<param>" (SGD with momentum; plain SGD
+ * has none). docs/checkpoints.md has the layout.
+ *
+ * With the model saved by prm_model_save, prm_model_load +
+ * prm_optimizer_load resume the run bit-exactly: the next steps write the
+ * same parameters as an uninterrupted run. The gradients of an unfinished
+ * accumulation cycle belong to the context, not to the optimizer: save
+ * between cycles, or carry prm_ctx_grads over yourself
+ * (docs/optimizers.md, "Saving and resuming").
+ *
+ * Atomic and durable exactly as prm_model_save (a "<path>.tmp" that is
+ * fsynced and renamed, the same rules for that name and for concurrent
+ * saves to one path).
+ * @return PRM_OK; PRM_ERR_NULL; PRM_ERR_NOMEM; PRM_ERR_IO (as
+ *         prm_model_save). Details in prm_last_errmsg().
+ * Reads the optimizer and its model; do not run it concurrently with
+ * prm_optimizer_step on the same optimizer. Thread-safe otherwise.
+ */
+PRM_API int prm_optimizer_save(const prm_optimizer *opt, const char *path);
+
+/**
+ * Serialise the optimizer's state to a caller buffer (the same bytes as
+ * prm_optimizer_save). Call with buf == NULL to learn the size: *size_out
+ * receives the exact byte count. With a buffer, `capacity` must be at
+ * least that size.
+ * @return PRM_OK, PRM_ERR_NULL (opt or size_out), PRM_ERR_SIZE (capacity
+ *         too small; *size_out still receives the needed size),
+ *         PRM_ERR_NOMEM. Details in prm_last_errmsg().
+ */
+PRM_API int prm_optimizer_save_buffer(const prm_optimizer *opt, void *buf,
+                                      size_t capacity, size_t *size_out);
+
+/**
+ * Create an optimizer for `model` from a state written by
+ * prm_optimizer_save: the options, counters and moments of the saved
+ * optimizer. `model` is borrowed as by prm_optimizer_new; its parameters
+ * are not read or written (load them with prm_model_load).
+ *
+ * The state must fit the model: the same architecture and parameter count,
+ * moments of the shapes of the model's tensors, and the same trainable set.
+ * The trainable set is not changed here: prm_model_load restores it from a
+ * model file (see prm_model_save), or call prm_model_set_trainable as in
+ * the saved run before loading. Everything else is validated as for model
+ * files (header bounds, offsets, overlaps, dtype F32, finite moments, no
+ * missing or extra tensor, every key present and well-formed, options that
+ * prm_optimizer_new would accept).
+ * On failure the message goes to the calling thread (prm_last_errmsg) and,
+ * when model is not NULL, to the model (prm_model_errmsg).
+ * @param out   receives the optimizer (caller owns; prm_optimizer_free),
+ *              NULL on failure.
+ * @param path  opened without blocking and read as by prm_model_load.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO (as prm_model_load),
+ *         PRM_ERR_MISMATCH (the state was saved for another model or
+ *         another trainable set: the message says which), PRM_ERR_FORMAT
+ *         (malformed file, a model checkpoint instead of an optimizer
+ *         state, a missing or bad key, a missing or extra tensor, NaN/Inf
+ *         moments), PRM_ERR_UNSUPPORTED (a state version newer than this
+ *         library reads), PRM_ERR_NOMEM.
+ * Not thread-safe with prm_optimizer_step or prm_model_set_trainable on
+ * the same model; thread-safe with forward/backward on it.
+ */
+PRM_API int prm_optimizer_load(prm_optimizer **out, prm_model *model,
+                               const char *path);
+
+/** As prm_optimizer_load, from `size` bytes at `buf` (borrowed, not kept):
+ *  the same validation and return codes, except that PRM_ERR_IO cannot
+ *  occur. */
+PRM_API int prm_optimizer_load_buffer(prm_optimizer **out, prm_model *model,
+                                      const void *buf, size_t size);
 
 /* ------------------------------------------------------------------------ */
 /* One-call training and evaluation                                          */

@@ -14,7 +14,9 @@
 #include "prefrm.h"
 
 #define PRMI_ERRMSG_SIZE 256
-#define PRMI_NAME_SIZE 64
+/* Longest tensor name + 1: model names (at most 48 bytes) and optimizer
+ * state names, which prefix them with "momentum_buffer." (16 bytes). */
+#define PRMI_NAME_SIZE 96
 
 #if defined(__GNUC__)
 #define PRMI_PRINTF(a, b) __attribute__((format(printf, a, b)))
@@ -123,6 +125,8 @@ struct prm_model {
   uint64_t head_in;
   void *layout; /* the architecture's private offsets (arch->layout) */
   uint64_t trainable_offset; /* parameters [trainable_offset, n_params) train */
+  int32_t trainable_blocks;  /* prm_model_set_trainable's n_blocks (while the
+                                offset is not 0): saved in checkpoints */
   char errmsg[PRMI_ERRMSG_SIZE];
 };
 
@@ -200,7 +204,38 @@ int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride);
 int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, uint64_t stride, float *scores,
                      int copy_input);
 
-/* ---- optimizers (optim.c) ------------------------------------------------ */
+/* ---- optimizers (optim.c, optim_io.c) ----------------------------------- */
+
+/* A run of the arena that shares one weight-decay setting. */
+typedef struct prmi_opt_segment {
+  uint64_t offset, numel;
+  int decay; /* 0: weight decay off (no_decay_1d and a 1-D tensor) */
+} prmi_opt_segment;
+
+struct prm_optimizer {
+  prm_model *model;           /* borrowed */
+  prm_optimizer_options opts; /* validated copy, newest struct version */
+  uint64_t toff;              /* the model's trainable_offset at creation */
+  uint64_t n_params;          /* trainable parameters [toff, toff + n_params) */
+  /* Adam(W): first moment m. SGD with momentum: momentum buffer. Else NULL. */
+  float *m;               /* [n_params], 64-byte aligned */
+  float *v;               /* Adam(W): second moment [n_params]; else NULL */
+  prmi_opt_segment *segs; /* cover [0, n_params) in order */
+  uint32_t n_segs;
+  uint64_t num_updates;  /* applied updates */
+  uint32_t micro;        /* step calls counted in the current accumulation cycle */
+  double last_grad_norm; /* norm (after 1/k, before clipping) of the last update */
+  char errmsg[PRMI_ERRMSG_SIZE];
+};
+
+/* Check options (newest struct version): PRM_OK or PRM_ERR_INVALID naming
+ * the field, to the thread and to msg; fn names the public function. */
+int prmi_optimizer_validate(char *msg, const prm_optimizer_options *o, const char *fn);
+/* A fresh optimizer for model's current trainable set with validated
+ * options o: zero moments and counters. PRM_ERR_NOMEM (message to the
+ * thread and model->errmsg); *out NULL on failure. */
+int prmi_optimizer_alloc(prm_optimizer **out, prm_model *model, const prm_optimizer_options *o,
+                         const char *fn);
 
 /* The model an optimizer updates (never NULL for a valid optimizer). */
 const prm_model *prmi_optimizer_model(const prm_optimizer *opt);

@@ -395,7 +395,7 @@ static int prmi_json_obj_unique(prmi_json *j, prmi_json_obj *o) {
   qsort(o->keys, o->n, sizeof *o->keys, cmp_key);
   for (uint32_t i = 1; i < o->n; i++) {
     const prmi_json_key *a = &o->keys[i - 1], *b = &o->keys[i];
-    char name[64]; /* as a tensor name (PRMI_NAME_SIZE): longer keys are cut */
+    char name[64]; /* for the message: longer keys are cut */
     if (cmp_key(a, b) != 0) continue;
     if (a->s > b->s) b = a; /* report the second occurrence */
     key_for_message(b, name, sizeof name);

@@ -235,6 +235,7 @@ int prm_model_set_trainable(prm_model *model, int32_t n_blocks) {
     if (rc != PRM_OK) return rc;
   }
   model->trainable_offset = off;
+  model->trainable_blocks = n_blocks;
   return PRM_OK;
 }
 

@@ -28,28 +28,6 @@
 
 #include "internal.h"
 
-/* A run of the arena that shares one weight-decay setting. */
-typedef struct opt_segment {
-  uint64_t offset, numel;
-  int decay; /* 0: weight decay off (no_decay_1d and a 1-D tensor) */
-} opt_segment;
-
-struct prm_optimizer {
-  prm_model *model;           /* borrowed */
-  prm_optimizer_options opts; /* validated copy, newest struct version */
-  uint64_t toff;              /* the model's trainable_offset at creation */
-  uint64_t n_params;          /* trainable parameters [toff, toff + n_params) */
-  /* Adam(W): first moment m. SGD with momentum: momentum buffer. Else NULL. */
-  float *m;          /* [n_params], 64-byte aligned */
-  float *v;          /* Adam(W): second moment [n_params]; else NULL */
-  opt_segment *segs; /* cover [0, n_params) in order */
-  uint32_t n_segs;
-  uint64_t num_updates;  /* applied updates */
-  uint32_t micro;        /* step calls counted in the current accumulation cycle */
-  double last_grad_norm; /* norm (after 1/k, before clipping) of the last update */
-  char errmsg[PRMI_ERRMSG_SIZE];
-};
-
 /* ---- options ------------------------------------------------------------- */
 
 /* Bytes of prm_optimizer_options that exist in struct version `version`. */
@@ -69,12 +47,12 @@ static int float_finite(double x) { return isfinite(x) && fabs(x) <= (double)FLT
 
 /*
  * Check the options; PRM_OK or PRM_ERR_INVALID with a message naming the
- * field, written to the thread and to `msg` (the model's message). Every
+ * field, written to the thread and to `msg` (the model's message). Also
+ * used for the options read from an optimizer state (optim_io.c). Every
  * option is checked in the precision the update uses: the kernels run in
  * float, so eps = 1e-50 (0 as a float) is refused, not only eps <= 0.
  */
-static int validate_options(char *msg, const prm_optimizer_options *o) {
-  const char *fn = "prm_optimizer_new";
+int prmi_optimizer_validate(char *msg, const prm_optimizer_options *o, const char *fn) {
   if (o->algorithm != PRM_OPT_SGD && o->algorithm != PRM_OPT_ADAM && o->algorithm != PRM_OPT_ADAMW)
     return prmi_fail(msg, PRM_ERR_INVALID, "%s: unknown algorithm %d", fn, (int)o->algorithm);
   if (o->schedule != PRM_SCHED_CONSTANT && o->schedule != PRM_SCHED_LINEAR &&
@@ -135,7 +113,7 @@ static int build_segments(prm_optimizer *opt) {
   uint32_t cap = 2 * model->n_tensors + 1;
   opt->segs = prmi_calloc(cap, sizeof *opt->segs);
   if (opt->segs == NULL)
-    return prmi_fail(opt->model->errmsg, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory");
+    return prmi_fail(opt->model->errmsg, PRM_ERR_NOMEM, "optimizer: out of memory");
   uint64_t cursor = 0;
   for (uint32_t i = 0; i <= model->n_tensors; i++) {
     if (i < model->n_tensors && model->tensors[i].offset < opt->toff) continue; /* frozen */
@@ -143,13 +121,13 @@ static int build_segments(prm_optimizer *opt) {
     uint64_t numel = i < model->n_tensors ? model->tensors[i].numel : 0;
     if (off < cursor || numel > opt->n_params - off)
       return prmi_fail(opt->model->errmsg, PRM_ERR_INVALID,
-                       "prm_optimizer_new: model tensor %u lies outside the arena", (unsigned)i);
-    opt_segment run[2] = {{cursor, off - cursor, 1}, {off, numel, 1}};
+                       "optimizer: model tensor %u lies outside the arena", (unsigned)i);
+    prmi_opt_segment run[2] = {{cursor, off - cursor, 1}, {off, numel, 1}};
     if (i < model->n_tensors)
       run[1].decay = !(opt->opts.no_decay_1d != 0 && model->tensors[i].ndim == 1);
     for (int r = 0; r < 2; r++) {
       if (run[r].numel == 0) continue;
-      opt_segment *last = opt->n_segs > 0 ? &opt->segs[opt->n_segs - 1] : NULL;
+      prmi_opt_segment *last = opt->n_segs > 0 ? &opt->segs[opt->n_segs - 1] : NULL;
       if (last != NULL && last->decay == run[r].decay &&
           last->offset + last->numel == run[r].offset)
         last->numel += run[r].numel;
@@ -169,6 +147,37 @@ void prm_optimizer_free(prm_optimizer *opt) {
   prmi_free(opt);
 }
 
+int prmi_optimizer_alloc(prm_optimizer **out, prm_model *model, const prm_optimizer_options *o,
+                         const char *fn) {
+  *out = NULL;
+  prm_optimizer *opt = prmi_calloc(1, sizeof *opt);
+  if (opt == NULL) return prmi_fail(model->errmsg, PRM_ERR_NOMEM, "%s: out of memory", fn);
+  opt->model = model;
+  opt->opts = *o;
+  opt->toff = model->trainable_offset;
+  opt->n_params = model->n_params - opt->toff;
+  int rc = build_segments(opt);
+  if (rc != PRM_OK) {
+    prm_optimizer_free(opt);
+    return rc;
+  }
+  /* State only for the algorithm that needs it (zero-initialised, which is
+   * also exactly PyTorch's first step: b = mu*0 + g = g, m = 0 + (1-b1) g). */
+  int need_m = o->algorithm != PRM_OPT_SGD || o->momentum > 0.0;
+  int need_v = o->algorithm != PRM_OPT_SGD;
+  if (need_m) opt->m = prmi_calloc(opt->n_params, sizeof(float));
+  if (need_v) opt->v = prmi_calloc(opt->n_params, sizeof(float));
+  if ((need_m && opt->m == NULL) || (need_v && opt->v == NULL)) {
+    prm_optimizer_free(opt);
+    return prmi_fail(model->errmsg, PRM_ERR_NOMEM,
+                     "%s: cannot allocate %.1f MiB for the moments of %llu parameters", fn,
+                     (double)((need_m + need_v) * opt->n_params * sizeof(float)) / 1048576.0,
+                     (unsigned long long)opt->n_params);
+  }
+  *out = opt;
+  return PRM_OK;
+}
+
 int prm_optimizer_new(prm_optimizer **out, prm_model *model, const prm_optimizer_options *opts) {
   if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_new: out is NULL");
   *out = NULL;
@@ -182,37 +191,9 @@ int prm_optimizer_new(prm_optimizer **out, prm_model *model, const prm_optimizer
   prm_optimizer_options o = PRM_OPTIMIZER_OPTIONS_INIT;
   memcpy(&o, opts, options_size(opts->version));
   o.version = PRM_OPTIMIZER_OPTIONS_VERSION;
-  rc = validate_options(model->errmsg, &o);
+  rc = prmi_optimizer_validate(model->errmsg, &o, "prm_optimizer_new");
   if (rc != PRM_OK) return rc;
-
-  prm_optimizer *opt = prmi_calloc(1, sizeof *opt);
-  if (opt == NULL)
-    return prmi_fail(model->errmsg, PRM_ERR_NOMEM, "prm_optimizer_new: out of memory");
-  opt->model = model;
-  opt->opts = o;
-  opt->toff = model->trainable_offset;
-  opt->n_params = model->n_params - opt->toff;
-  rc = build_segments(opt);
-  if (rc != PRM_OK) {
-    prm_optimizer_free(opt);
-    return rc;
-  }
-  /* State only for the algorithm that needs it (zero-initialised, which is
-   * also exactly PyTorch's first step: b = mu*0 + g = g, m = 0 + (1-b1) g). */
-  int need_m = o.algorithm != PRM_OPT_SGD || o.momentum > 0.0;
-  int need_v = o.algorithm != PRM_OPT_SGD;
-  if (need_m) opt->m = prmi_calloc(opt->n_params, sizeof(float));
-  if (need_v) opt->v = prmi_calloc(opt->n_params, sizeof(float));
-  if ((need_m && opt->m == NULL) || (need_v && opt->v == NULL)) {
-    prm_optimizer_free(opt);
-    return prmi_fail(model->errmsg, PRM_ERR_NOMEM,
-                     "prm_optimizer_new: cannot allocate %.1f MiB for the moments of %llu "
-                     "parameters",
-                     (double)((need_m + need_v) * opt->n_params * sizeof(float)) / 1048576.0,
-                     (unsigned long long)opt->n_params);
-  }
-  *out = opt;
-  return PRM_OK;
+  return prmi_optimizer_alloc(out, model, &o, "prm_optimizer_new");
 }
 
 /* ---- schedule -------------------------------------------------------------- */
@@ -422,7 +403,7 @@ static int apply_update(prm_optimizer *opt, float *grads) {
   /* pass 2 (check, write == 0), then pass 3 (write == 1) */
   for (int write = 0; write < 2; write++) {
     for (uint32_t s = 0; s < opt->n_segs; s++) {
-      const opt_segment *sg = &opt->segs[s];
+      const prmi_opt_segment *sg = &opt->segs[s];
       const double wd = sg->decay ? o->weight_decay : 0.0;
       float *p = params + sg->offset, *g = grads + sg->offset;
       int ok = 1;

@@ -270,6 +270,10 @@ static void model_meta(const void *arg, prmi_meta_out *out) {
   const prm_model *m = arg;
   prmi_meta_put(out, "model", m->arch->name);
   m->arch->meta_write(&m->opts, out);
+  /* the trainable set, so that a resumed run trains what the saved one did
+   * (files of a model that trains everything stay as they were) */
+  if (m->trainable_offset != 0)
+    prmi_meta_put_u64(out, "trainable_blocks", (uint64_t)m->trainable_blocks);
 }
 
 static void model_tensor(const void *arg, uint32_t i, prmi_st_tensor *t) {
@@ -965,6 +969,41 @@ const char *prmi_st_unused(const prmi_ckpt *c) {
   return NULL;
 }
 
+/* ---- the trainable set (prm_model_load) ---- */
+
+/* "trainable_blocks": prm_model_set_trainable's n_blocks (0: the head), as
+ * model_meta writes it when not everything trains. Absent: everything
+ * trains. A value the model cannot take is PRM_ERR_FORMAT. */
+static int apply_trainable(const st_header *h, prm_model *m) {
+  const char *s;
+  uint64_t k;
+  int rc = meta_lookup(h, "trainable_blocks", &s);
+  if (rc <= 0) return rc;
+  if (parse_decimal(s, &k) != 0 || k > INT32_MAX)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "__metadata__ trainable_blocks='%.64s' is not an integer >= 0", s);
+  rc = prm_model_set_trainable(m, (int32_t)k);
+  if (rc != PRM_OK) {
+    char why[PRMI_ERRMSG_SIZE]; /* the thread's message is the destination too */
+    snprintf(why, sizeof why, "%s", prm_last_errmsg());
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ trainable_blocks rejected: %s", why);
+  }
+  return PRM_OK;
+}
+
+/* An optimizer state (lib/optim_io.c) is not a model: say so rather than
+ * fail on its keys. Other "kind" values are unknown keys, ignored. */
+static int check_model_kind(const st_header *h) {
+  const char *kind;
+  int rc = meta_lookup(h, "kind", &kind);
+  if (rc <= 0) return rc;
+  if (strcmp(kind, "optimizer") == 0)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "this is an optimizer state, not a model checkpoint (load it with "
+                     "prm_optimizer_load)");
+  return PRM_OK;
+}
+
 static int load_validated(prm_model **out, const unsigned char *b, size_t size,
                           st_pretrained *pt) {
   const prmi_arch *arch = NULL;
@@ -975,7 +1014,8 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
   int rc = prmi_st_parse(&h, b, size);
   if (rc != PRM_OK) return rc;
   if (pt != NULL && pt->opts->config != NULL) h->given = &pt->given;
-  rc = config_from_header(h, &o, &arch);
+  rc = check_model_kind(h);
+  if (rc == PRM_OK) rc = config_from_header(h, &o, &arch);
   if (rc == PRM_OK) {
     rc = prmi_model_alloc(&m, &o, 0);
     if (rc != PRM_OK && rc != PRM_ERR_NOMEM) {
@@ -1001,6 +1041,7 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
     if (!prmi_all_finite(m->params + tn->offset, tn->numel))
       rc = prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", tn->name);
   }
+  if (rc == PRM_OK && pt == NULL) rc = apply_trainable(h, m);
   if (rc == PRM_OK && pt != NULL && pt->report != NULL) {
     prm_load_report *r = pt->report;
     r->n_loaded = r->n_initialised = r->n_ignored = 0;
