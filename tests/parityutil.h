@@ -1,9 +1,11 @@
 /*
  * parityutil.h - helpers shared by the PyTorch parity tests (test_parity.c,
- * test_parity_gpt2.c): running the reference (PRM_PYTHON torch_ref.py) and
- * reading the JSON it prints, the per-case files and handles, the error
- * metric, and the steps both tests take after their forward pass (loss,
- * backward, one AdamW step), each checked against the reference.
+ * test_parity_gpt2.c, test_parity_llama.c): running the reference
+ * (PRM_PYTHON torch_ref.py) and reading the JSON it prints, the per-case
+ * files and handles, the error metric, and the steps every test takes after
+ * its forward pass (loss, backward, one AdamW step), each checked against the
+ * reference; and, for the token models, the whole per-configuration flow and
+ * the 50-step training curve, parameterised by a parity_tok_arch.
  *
  * Error metric (robust to near-zero elements, where a pure elementwise
  * relative error is meaningless in fp32):
@@ -109,5 +111,92 @@ const float *parity_backward(parity_run *s, const float *dscores, uint64_t n, ui
  * error. */
 double parity_adamw_step(parity_run *s, double lr, double wd, double clip, int no_decay_1d,
                          double ref_grad_norm);
+
+/* ---- token models (gpt2, llama) ----------------------------------------- */
+
+#define PARITY_TOK_ZERO_GRAD_REL 1e-6   /* gradient tensors below this * max|grad| are noise */
+#define PARITY_TOK_UPDATE_MASK_REL 1e-4 /* AdamW: elements below this * tensor max are noise */
+#define PARITY_TOK_TRAIN_LOSS_TOL 1e-3  /* per-step loss, absolute */
+#define PARITY_TOK_TRAIN_NORM_TOL 1e-3  /* per-step gradient norm before clipping, relative */
+#define PARITY_TOK_MAX_PAIRS 8
+#define PARITY_TOK_MAX_ROWS (2 * PARITY_TOK_MAX_PAIRS)
+#define PARITY_TOK_TRAIN_STEPS 50
+#define PARITY_TOK_TRAIN_BATCHES 4
+#define PARITY_TOK_MAX_GROUPS 8
+
+/* max_i |x_i| */
+double parity_max_abs(const float *x, uint64_t n);
+
+/* The sizes every token model has (gpt2's whole configuration). */
+typedef struct parity_tok_dims {
+  uint64_t vocab, n_ctx, n_embd, n_layer, n_head;
+} parity_tok_dims;
+
+/* What differs between the token architectures. `model` below is the
+ * architecture's own configuration (gpt2: a parity_tok_dims). */
+typedef struct parity_tok_arch {
+  const char *name;    /* torch_ref's --model, messages, temporary file names */
+  const char *test;    /* the test program, for skip messages */
+  int name_width;      /* width of the case name in the summary line */
+  int score_inference; /* first also score through an inference context */
+  parity_tok_dims (*dims)(const void *model);
+  /* torch_ref init flags beyond the dims (" --kv-heads 2 ..."); NULL: none */
+  void (*extra_flags)(char *buf, size_t size, const void *model);
+  /* the loaded model's configuration must be `model`'s */
+  void (*check_config)(const prm_model *m, const void *model);
+  /* parameter groups for the summary lines */
+  int n_groups; /* <= PARITY_TOK_MAX_GROUPS */
+  const char *const *group_names;
+  int (*group_of)(const char *tensor_name);
+  int emb_group; /* exact zeros of its gradient stay in the update check */
+} parity_tok_arch;
+
+/* One parity scenario of a token model. */
+typedef struct parity_tok_case {
+  const char *name;
+  const void *model; /* the architecture's configuration */
+  uint64_t pairs;    /* P: 2P sequences */
+  uint64_t max_len;  /* longest sequence; context max_len */
+  uint64_t stride;   /* token_stride >= max_len; the excess is garbage */
+  uint64_t min_len;  /* lengths uniform in [min_len, max_len] ... */
+  int edge_lengths;  /* ... plus one sequence of length 1 and one of max_len */
+  uint64_t seed;     /* torch init and the batch */
+  int use_margin;    /* per-pair margin m_i */
+  int use_label;     /* per-pair soft label p_i */
+  double center;     /* center_rewards_coefficient */
+  double lr, weight_decay, max_grad_norm;
+  int no_decay_1d;
+} parity_tok_case;
+
+/* cmocka fixtures: *state (a parity_tok_case, or NULL for the training run)
+ * becomes a parity_run with files "parity_<arch>_<case name | train>_...". */
+int parity_tok_setup(void **state, const char *arch_name);
+int parity_run_teardown(void **state);
+
+/* The whole one-step parity of case pc (the state of parity_tok_setup):
+ *   1. `torch_ref.py init --model <arch>` writes the checkpoint, which the C
+ *      side loads; its configuration must be the one asked for;
+ *   2. a pair batch drawn here goes to batch.json with only the real tokens
+ *      (torch_ref right-pads with id 0), while the C token buffer carries
+ *      garbage in its padding (ids far outside [0, V), then valid random
+ *      ids), which must change nothing (bit-identical scores);
+ *   3. `torch_ref.py grads ... --updated-out` gives loss, scores, gradient
+ *      norm, every gradient and one AdamW step's parameters;
+ *   4. C: (score_inference: scores of an inference context), forward of a
+ *      training context, prm_loss_bt, prm_ctx_backward, every gradient; then
+ *      one prm_optimizer_step and the parameters and the update itself.
+ * Scores, loss, gradients, gradient norm and parameters at PARITY_TOL, the
+ * update (new - old) at PARITY_DELTA_TOL with unresolved gradients left out
+ * (parity_tok_compare). Skips when the reference cannot run. */
+void parity_tok_case_check(const parity_tok_arch *a, parity_run *s);
+
+/* The 50-step training run: a torch_ref checkpoint of `model`, four ragged
+ * batches of P pairs (lengths 2..n_ctx, one batch with 1 and n_ctx), with
+ * margins, cycled through prm_train_step and through tests/gpt2_train_ref.py
+ * (torch_ref's model, loss and optimizer: any torch_ref checkpoint) with
+ * AdamW (lr, wd, clip). Every step's loss must agree to PARITY_TOK_TRAIN_LOSS_TOL
+ * (absolute), its gradient norm before clipping to PARITY_TOK_TRAIN_NORM_TOL. */
+void parity_tok_train_curve(const parity_tok_arch *a, parity_run *s, const void *model, uint64_t P,
+                            uint64_t seed, double lr, double wd, double clip);
 
 #endif

@@ -22,17 +22,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 
 #include "testutil.h"
-
-#define ASSERT_FAILS(call, status)                                                                 \
-  do {                                                                                             \
-    assert_int_equal((call), (status));                                                            \
-    assert_true(prm_last_errmsg()[0] != '\0');                                                     \
-  } while (0)
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
@@ -43,20 +34,6 @@ static void perturb(prm_model *m, uint64_t seed, double a) {
   float *p = prm_model_params(m, &np);
   prmt_rng r = {seed};
   prmt_add_uniform(&r, p, np, a);
-}
-
-/* Add U(-a, a) to every element of the tensors whose name contains `part`. */
-static void perturb_tensors(prm_model *m, const char *part, uint64_t seed, double a) {
-  float *p = prm_model_params(m, NULL);
-  prmt_rng r = {seed};
-  for (uint32_t t = 0; t < prm_model_num_tensors(m); t++) {
-    const char *name;
-    uint64_t off, shape[2];
-    uint32_t nd;
-    assert_int_equal(prm_model_tensor_info(m, t, &name, &off, &nd, shape), PRM_OK);
-    if (strstr(name, part) == NULL) continue;
-    prmt_add_uniform(&r, p + off, nd == 2 ? shape[0] * shape[1] : shape[0], a);
-  }
 }
 
 /*
@@ -71,51 +48,14 @@ static void perturb_tensors(prm_model *m, const char *part, uint64_t seed, doubl
 static prm_model *fd_model(uint64_t L, uint64_t H, uint64_t seed) {
   prm_model *m = prmt_gpt2(11, 8, 8, L, H, seed);
   perturb(m, seed + 100, 0.05);
-  perturb_tensors(m, "c_attn.weight", seed + 200, 0.5);
-  perturb_tensors(m, "transformer.wte.", seed + 300, 0.3);
-  perturb_tensors(m, "transformer.wpe.", seed + 400, 0.3);
+  prmt_perturb_tensors(m, "c_attn.weight", seed + 200, 0.5);
+  prmt_perturb_tensors(m, "transformer.wte.", seed + 300, 0.3);
+  prmt_perturb_tensors(m, "transformer.wpe.", seed + 400, 0.3);
   return m;
 }
 
 /* The tiny model of most tests: V=11 T=8 C=8 L=2 H=2, perturbed. */
 static prm_model *tiny_model(uint64_t seed) { return fd_model(2, 2, seed); }
-
-/* Random ids in [0, V) for the valid part of each row, `pad` in the padding. */
-static void fill_tokens(prmt_rng *r, int32_t *tokens, const int32_t *lengths, uint64_t n,
-                        uint64_t stride, uint64_t V, int32_t pad) {
-  for (uint64_t i = 0; i < n; i++)
-    for (uint64_t t = 0; t < stride; t++)
-      tokens[i * stride + t] = (int32_t)t < lengths[i] ? (int32_t)(prmt_next(r) % V) : pad;
-}
-
-static void forward_ok(prm_ctx *c, const prm_batch *b, float *scores) {
-  int rc = prm_ctx_forward(c, b, scores, b->n);
-  if (rc != PRM_OK) fail_msg("prm_ctx_forward: %s (%s)", prm_status_string(rc), prm_ctx_errmsg(c));
-}
-
-static prm_optimizer *adamw(prm_model *m, double lr) {
-  prm_optimizer_options o;
-  assert_int_equal(prm_optimizer_options_init(&o, PRM_OPTIMIZER_OPTIONS_VERSION), PRM_OK);
-  o.algorithm = PRM_OPT_ADAMW;
-  o.lr = lr;
-  o.weight_decay = 0.01;
-  prm_optimizer *opt = NULL;
-  int rc = prm_optimizer_new(&opt, m, &o);
-  if (rc != PRM_OK)
-    fail_msg("prm_optimizer_new: %s (%s)", prm_status_string(rc), prm_last_errmsg());
-  return opt;
-}
-
-static uint64_t tensor_offset_by_name(const prm_model *m, const char *want) {
-  for (uint32_t t = 0; t < prm_model_num_tensors(m); t++) {
-    const char *name;
-    uint64_t off;
-    assert_int_equal(prm_model_tensor_info(m, t, &name, &off, NULL, NULL), PRM_OK);
-    if (strcmp(name, want) == 0) return off;
-  }
-  fail_msg("no tensor named %s", want);
-  return 0;
-}
 
 /* ---- finite differences ------------------------------------------------------------------- */
 
@@ -133,107 +73,52 @@ static uint64_t tensor_offset_by_name(const prm_model *m, const char *want) {
  * dropped (tried in a throwaway copy of lib/gpt2.c: the LayerNorm mean term,
  * the LayerNorm xhat term, the residual path of a block, the softmax row sum
  * of the attention backward, the position-embedding gradient) fails both by
- * more than an order of magnitude.
+ * more than an order of magnitude. The check is prmt_check_fd (testutil.c),
+ * with h = PRMT_FD_H, PRMT_FD_TOL and PRMT_FD_NORM_TOL.
  */
-#define FD_H 1e-2f
-#define FD_TOL 2e-2
-#define FD_NORM_TOL 1e-2
 
 /* Lengths mixed on purpose: 1 (a query that only sees itself) and the
  * context's maximum 8. */
 #define FD_N 6
 static const int32_t fd_len[FD_N] = {3, 1, 8, 5, 8, 2};
 
-/* L(theta) = sum_i g_i s_i in double, with an inference context. */
-static double weighted_sum(prm_ctx *ci, const prm_batch *b, const float *g) {
-  float s[FD_N];
-  forward_ok(ci, b, s);
-  double l = 0.0;
-  for (uint64_t i = 0; i < b->n; i++)
-    l += (double)g[i] * s[i];
-  return l;
-}
-
-/* Check every tensor, every `every`-th element of each 2-D one (all of the
- * 1-D ones); prints the worst errors. */
+/* prmt_check_fd with every `every`-th element of each 2-D tensor; prints
+ * the worst errors. */
 static void check_fd_all(prm_model *m, const float *an, double (*loss)(void *), void *arg,
                          uint64_t every) {
-  uint64_t np;
-  float *p = prm_model_params(m, &np);
-  double worst_all = 0.0, worst_norm = 0.0;
-  for (uint32_t t = 0; t < prm_model_num_tensors(m); t++) {
-    const char *name;
-    uint64_t off, shape[2];
-    uint32_t nd;
-    assert_int_equal(prm_model_tensor_info(m, t, &name, &off, &nd, shape), PRM_OK);
-    const uint64_t numel = nd == 2 ? shape[0] * shape[1] : shape[0];
-    double worst = 0.0, gmax = 0.0, dn2 = 0.0, an2 = 0.0;
-    for (uint64_t j = off; j < off + numel; j += nd == 2 ? every : 1) {
-      const float old = p[j];
-      double l[4];
-      for (int k = 0; k < 4; k++) {
-        p[j] = old + (k < 2 ? FD_H : 2 * FD_H) * (k % 2 ? -1.0f : 1.0f);
-        l[k] = loss(arg);
-      }
-      p[j] = old;
-      const double d1 = (l[0] - l[1]) / (2.0 * (double)FD_H);
-      const double d2 = (l[2] - l[3]) / (4.0 * (double)FD_H);
-      const double fd = (4.0 * d1 - d2) / 3.0;
-      const double err = fabs(fd - an[j]) / (1e-3 + fabs(fd) + fabs(an[j]));
-      if (err > worst) worst = err;
-      if (fabs(an[j]) > gmax) gmax = fabs(an[j]);
-      dn2 += (fd - an[j]) * (fd - an[j]);
-      an2 += (double)an[j] * an[j];
-      if (err > FD_TOL)
-        fail_msg("%s[%llu]: analytic %.6g, finite difference %.6g (rel %.3g)", name,
-                 (unsigned long long)(j - off), (double)an[j], fd, err);
-    }
-    /* a tensor whose gradient is all zero would check nothing: only the
-     * rows of wpe beyond the longest sequence and the ids never drawn in
-     * wte may be zero, never a whole tensor */
-    if (gmax == 0.0) fail_msg("%s: gradient identically zero", name);
-    const double nerr = sqrt(dn2 / an2);
-    if (nerr > FD_NORM_TOL)
-      fail_msg("%s: ||fd - an|| / ||an|| = %.3g > %.0e", name, nerr, FD_NORM_TOL);
-    if (nerr > worst_norm) worst_norm = nerr;
-    if (worst > worst_all) worst_all = worst;
-  }
+  double worst = 0.0, worst_norm = 0.0;
+  prmt_check_fd(m, an, loss, arg, every, NULL, &worst, &worst_norm);
   print_message("    worst finite-difference error: element %.2e (tolerance %.0e), tensor norm "
                 "%.2e (tolerance %.0e)\n",
-                worst_all, FD_TOL, worst_norm, FD_NORM_TOL);
+                worst, PRMT_FD_TOL, worst_norm, PRMT_FD_NORM_TOL);
 }
 
-typedef struct ws_arg {
-  prm_ctx *ci;
-  const prm_batch *b;
-  const float *g;
-} ws_arg;
-
-static double ws_loss(void *a) {
-  ws_arg *w = a;
-  return weighted_sum(w->ci, w->b, w->g);
+/* Every gradient of m against finite differences of sum_i g_i s_i, on the
+ * fd_len batch with random ids and g drawn from seed. */
+static void check_fd_weighted(prm_model *m, uint64_t seed) {
+  prm_ctx *c = prmt_tok_ctx(m, FD_N, 8, 0), *ci = prmt_tok_ctx(m, FD_N, 8, 1);
+  int32_t tokens[FD_N * 8];
+  prmt_rng r = {seed};
+  prmt_fill_tokens(&r, tokens, fd_len, FD_N, 8, 11, 0);
+  const prm_batch b = prmt_tok_batch(tokens, fd_len, FD_N, 8);
+  float g[FD_N], s[FD_N];
+  for (int i = 0; i < FD_N; i++)
+    g[i] = (float)(2.0 * prmt_uniform(&r) - 1.0);
+  prmt_forward_ok(c, &b, s);
+  assert_int_equal(prm_ctx_backward(c, g, FD_N), PRM_OK);
+  uint64_t ng;
+  const float *an = prm_ctx_grads(c, &ng);
+  assert_int_equal(ng, prm_model_num_params(m));
+  prmt_ws w = {ci, &b, g};
+  check_fd_all(m, an, prmt_ws_loss, &w, 1);
+  prm_ctx_free(c);
+  prm_ctx_free(ci);
 }
 
 static void test_gradients_fd(void **state) {
   (void)state;
   prm_model *m = tiny_model(7);
-  prm_ctx *c = prmt_tok_ctx(m, FD_N, 8, 0), *ci = prmt_tok_ctx(m, FD_N, 8, 1);
-  int32_t tokens[FD_N * 8];
-  prmt_rng r = {11};
-  fill_tokens(&r, tokens, fd_len, FD_N, 8, 11, 0);
-  const prm_batch b = prmt_tok_batch(tokens, fd_len, FD_N, 8);
-  float g[FD_N], s[FD_N];
-  for (int i = 0; i < FD_N; i++)
-    g[i] = (float)(2.0 * prmt_uniform(&r) - 1.0);
-  forward_ok(c, &b, s);
-  assert_int_equal(prm_ctx_backward(c, g, FD_N), PRM_OK);
-  uint64_t ng;
-  const float *an = prm_ctx_grads(c, &ng);
-  assert_int_equal(ng, prm_model_num_params(m));
-  ws_arg w = {ci, &b, g};
-  check_fd_all(m, an, ws_loss, &w, 1);
-  prm_ctx_free(c);
-  prm_ctx_free(ci);
+  check_fd_weighted(m, 11);
   prm_model_free(m);
 }
 
@@ -241,20 +126,7 @@ static void test_gradients_fd(void **state) {
 static void test_gradients_fd_one_layer(void **state) {
   (void)state;
   prm_model *m = fd_model(1, 1, 8);
-  prm_ctx *c = prmt_tok_ctx(m, FD_N, 8, 0), *ci = prmt_tok_ctx(m, FD_N, 8, 1);
-  int32_t tokens[FD_N * 8];
-  prmt_rng r = {12};
-  fill_tokens(&r, tokens, fd_len, FD_N, 8, 11, 0);
-  const prm_batch b = prmt_tok_batch(tokens, fd_len, FD_N, 8);
-  float g[FD_N], s[FD_N];
-  for (int i = 0; i < FD_N; i++)
-    g[i] = (float)(2.0 * prmt_uniform(&r) - 1.0);
-  forward_ok(c, &b, s);
-  assert_int_equal(prm_ctx_backward(c, g, FD_N), PRM_OK);
-  ws_arg w = {ci, &b, g};
-  check_fd_all(m, prm_ctx_grads(c, NULL), ws_loss, &w, 1);
-  prm_ctx_free(c);
-  prm_ctx_free(ci);
+  check_fd_weighted(m, 12);
   prm_model_free(m);
 }
 
@@ -268,7 +140,7 @@ typedef struct bt_arg {
 static double bt_loss(void *a) {
   bt_arg *w = a;
   float s[FD_N];
-  forward_ok(w->ci, w->b, s);
+  prmt_forward_ok(w->ci, w->b, s);
   double l;
   assert_int_equal(prm_loss_bt(s, s + FD_N / 2, FD_N / 2, w->lo, &l, NULL, NULL, NULL), PRM_OK);
   return l;
@@ -280,7 +152,7 @@ static void test_gradients_through_loss(void **state) {
   prm_ctx *c = prmt_tok_ctx(m, FD_N, 8, 0), *ci = prmt_tok_ctx(m, FD_N, 8, 1);
   int32_t tokens[FD_N * 8];
   prmt_rng r = {13};
-  fill_tokens(&r, tokens, fd_len, FD_N, 8, 11, 0);
+  prmt_fill_tokens(&r, tokens, fd_len, FD_N, 8, 11, 0);
   const prm_batch b = prmt_tok_batch(tokens, fd_len, FD_N, 8);
   float margin[3] = {0.2f, 0.0f, -0.1f}, label[3] = {1.0f, 0.8f, 0.3f};
   float weight[3] = {1.0f, 2.0f, 0.5f};
@@ -290,7 +162,7 @@ static void test_gradients_through_loss(void **state) {
   lo.weight = weight;
   lo.center_coef = 0.1;
   float s[FD_N], ds[FD_N];
-  forward_ok(c, &b, s);
+  prmt_forward_ok(c, &b, s);
   assert_int_equal(prm_loss_bt(s, s + 3, 3, &lo, NULL, NULL, ds, ds + 3), PRM_OK);
   assert_int_equal(prm_ctx_backward(c, ds, FD_N), PRM_OK);
   bt_arg w = {ci, &b, &lo};
@@ -303,16 +175,6 @@ static void test_gradients_through_loss(void **state) {
 
 /* ---- padding, strides, inference ---------------------------------------------------------- */
 
-/* Scores and gradients of one forward/backward with output gradient g. */
-static void score_and_grad(prm_ctx *c, const prm_batch *b, const float *g, float *s, float *grads) {
-  uint64_t ng;
-  assert_int_equal(prm_ctx_zero_grad(c), PRM_OK);
-  forward_ok(c, b, s);
-  assert_int_equal(prm_ctx_backward(c, g, b->n), PRM_OK);
-  const float *gr = prm_ctx_grads(c, &ng);
-  memcpy(grads, gr, ng * sizeof(float));
-}
-
 static void test_padding_invariance(void **state) {
   (void)state;
   prm_model *m = tiny_model(21);
@@ -322,7 +184,7 @@ static void test_padding_invariance(void **state) {
   prm_ctx *c = prmt_tok_ctx(m, N, 8, 0);
   int32_t tok[N * S], tok2[N * S], tok3[N * S2];
   prmt_rng r = {22};
-  fill_tokens(&r, tok, len, N, S, 11, 0);
+  prmt_fill_tokens(&r, tok, len, N, S, 11, 0);
   /* other padding: different valid ids, then ids no vocabulary has */
   for (uint64_t i = 0; i < N; i++)
     for (uint64_t t = 0; t < S; t++)
@@ -337,9 +199,9 @@ static void test_padding_invariance(void **state) {
         *g3 = malloc(np * sizeof(float));
   prm_batch b1 = prmt_tok_batch(tok, len, N, S), b2 = prmt_tok_batch(tok2, len, N, S),
             b3 = prmt_tok_batch(tok3, len, N, S2);
-  score_and_grad(c, &b1, g, s1, g1);
-  score_and_grad(c, &b2, g, s2, g2);
-  score_and_grad(c, &b3, g, s3, g3);
+  prmt_score_and_grad(c, &b1, g, s1, g1);
+  prmt_score_and_grad(c, &b2, g, s2, g2);
+  prmt_score_and_grad(c, &b3, g, s3, g3);
   assert_memory_equal(s1, s2, sizeof s1);
   assert_memory_equal(s1, s3, sizeof s1);
   assert_memory_equal(g1, g2, np * sizeof(float));
@@ -351,7 +213,7 @@ static void test_padding_invariance(void **state) {
   for (uint64_t i = 0; i < N; i++) {
     float one;
     prm_batch bi = prmt_tok_batch(tok + i * S, len + i, 1, 0);
-    forward_ok(ci, &bi, &one);
+    prmt_forward_ok(ci, &bi, &one);
     assert_true(fabsf(one - s1[i]) <= 1e-5f * (1.0f + fabsf(s1[i])));
   }
   free(g1);
@@ -371,17 +233,17 @@ static void test_sequences_independent(void **state) {
   int32_t len[N] = {5, 8, 2, 7};
   int32_t tok[N * S], other[N * S];
   prmt_rng r = {24};
-  fill_tokens(&r, tok, len, N, S, 11, 0);
+  prmt_fill_tokens(&r, tok, len, N, S, 11, 0);
   prm_ctx *ci = prmt_tok_ctx(m, N, 8, 1);
   float s[N], s2[N];
   prm_batch b = prmt_tok_batch(tok, len, N, S);
-  forward_ok(ci, &b, s);
+  prmt_forward_ok(ci, &b, s);
   /* replace sequences 0, 1 and 3; keep sequence 2 */
   int32_t len2[N] = {1, 3, 2, 8};
-  fill_tokens(&r, other, len2, N, S, 11, 0);
+  prmt_fill_tokens(&r, other, len2, N, S, 11, 0);
   memcpy(other + 2 * S, tok + 2 * S, S * sizeof(int32_t));
   prm_batch b2 = prmt_tok_batch(other, len2, N, S);
-  forward_ok(ci, &b2, s2);
+  prmt_forward_ok(ci, &b2, s2);
   assert_true(fabsf(s2[2] - s[2]) <= 1e-5f * (1.0f + fabsf(s[2])));
   prm_ctx_free(ci);
   prm_model_free(m);
@@ -397,7 +259,7 @@ static void test_inference_equals_training(void **state) {
     const int32_t len[N] = {16, 1, 9, 3, 12, 16};
     int32_t tok[N * S];
     prmt_rng r = {32};
-    fill_tokens(&r, tok, len, N, S, 13, 0);
+    prmt_fill_tokens(&r, tok, len, N, S, 13, 0);
     prm_ctx *c = prmt_tok_ctx(m, N, 16, 0), *ci = prmt_tok_ctx(m, N, 16, 1);
     uint64_t n = 99;
     assert_null(prm_ctx_grads(ci, &n));
@@ -405,20 +267,20 @@ static void test_inference_equals_training(void **state) {
     ASSERT_FAILS(prm_ctx_zero_grad(ci), PRM_ERR_STATE);
     prm_batch b = prmt_tok_batch(tok, len, N, S);
     float st[N], si[N], si2[N];
-    forward_ok(c, &b, st);
-    forward_ok(ci, &b, si);
+    prmt_forward_ok(c, &b, st);
+    prmt_forward_ok(ci, &b, si);
     assert_memory_equal(st, si, sizeof st);
     /* an inference context keeps nothing for a backward */
     ASSERT_FAILS(prm_ctx_backward(ci, st, N), PRM_ERR_STATE);
     /* repeated calls, fewer rows than max_rows */
     prm_batch b3 = prmt_tok_batch(tok, len, 3, S);
-    forward_ok(ci, &b3, si2);
+    prmt_forward_ok(ci, &b3, si2);
     /* (another batch packs another number of token rows, and a BLAS may
      * block a GEMM differently for it: equal up to rounding, not in bits --
      * OpenBLAS's Haswell kernels differ in the last bit here) */
     for (int i = 0; i < 3; i++)
       assert_true(fabsf(st[i] - si2[i]) <= 1e-5f * (1.0f + fabsf(st[i])));
-    forward_ok(ci, &b, si2);
+    prmt_forward_ok(ci, &b, si2);
     assert_memory_equal(st, si2, sizeof st);
     /* evaluate works on both and agrees */
     prm_loss_stats e1 = PRM_LOSS_STATS_INIT, e2 = PRM_LOSS_STATS_INIT;
@@ -476,130 +338,17 @@ static void test_config_errors(void **state) {
   int32_t tok[9] = {0}, len = 8;
   float s;
   prm_batch b = prmt_tok_batch(tok, &len, 1, 9);
-  forward_ok(c, &b, &s);
+  prmt_forward_ok(c, &b, &s);
   len = 9;
   ASSERT_FAILS(prm_ctx_forward(c, &b, &s, 1), PRM_ERR_SIZE);
   prm_ctx_free(c);
   prm_model_free(m);
 }
 
-/* Snapshot of everything a failing call must leave alone. */
-typedef struct snap {
-  float *params, *grads;
-  uint64_t np, ng;
-} snap;
-
-static snap take_snap(prm_model *m, prm_ctx *c) {
-  snap s;
-  const float *p = prm_model_params(m, &s.np);
-  const float *g = prm_ctx_grads(c, &s.ng);
-  s.params = malloc(s.np * sizeof(float));
-  s.grads = malloc(s.ng * sizeof(float));
-  memcpy(s.params, p, s.np * sizeof(float));
-  memcpy(s.grads, g, s.ng * sizeof(float));
-  return s;
-}
-
-static void assert_unchanged(const snap *s, prm_model *m, prm_ctx *c) {
-  assert_memory_equal(s->params, prm_model_params(m, NULL), s->np * sizeof(float));
-  assert_memory_equal(s->grads, prm_ctx_grads(c, NULL), s->ng * sizeof(float));
-}
-
-static void free_snap(snap *s) {
-  free(s->params);
-  free(s->grads);
-}
-
 static void test_bad_batches(void **state) {
   (void)state;
   prm_model *m = tiny_model(51);
-  enum { N = 4, S = 8 };
-  const int32_t len[N] = {3, 8, 1, 5};
-  int32_t tok[N * S], tok2[N * S];
-  prmt_rng r = {52};
-  fill_tokens(&r, tok, len, N, S, 11, 0);
-  fill_tokens(&r, tok2, len, N, S, 11, 0);
-  const float ds1[N] = {1.0f, -0.5f, 0.25f, 0.75f}, ds2[N] = {-1.0f, 0.5f, 2.0f, -0.25f};
-  const prm_batch good = prmt_tok_batch(tok, len, N, S), good2 = prmt_tok_batch(tok2, len, N, S);
-
-  /* the reference: forward/backward good, forward/backward good2 */
-  prm_ctx *ref = prmt_tok_ctx(m, N, 8, 0);
-  float s[N];
-  forward_ok(ref, &good, s);
-  assert_int_equal(prm_ctx_backward(ref, ds1, N), PRM_OK);
-  forward_ok(ref, &good2, s);
-  assert_int_equal(prm_ctx_backward(ref, ds2, N), PRM_OK);
-
-  /* the same with every bad call in between: accumulated gradients and a
-   * pending forward that must survive each failure */
-  prm_ctx *c = prmt_tok_ctx(m, N, 8, 0);
-  forward_ok(c, &good, s);
-  assert_int_equal(prm_ctx_backward(c, ds1, N), PRM_OK);
-  forward_ok(c, &good2, s);
-  snap sn = take_snap(m, c);
-
-  int32_t bt[N * S], bl[N];
-  prm_batch bb;
-  float out[N + 1];
-#define BAD(edit, status)                                                                          \
-  do {                                                                                             \
-    memcpy(bt, tok, sizeof bt);                                                                    \
-    memcpy(bl, len, sizeof bl);                                                                    \
-    bb = prmt_tok_batch(bt, bl, N, S);                                                             \
-    edit;                                                                                          \
-    for (int k_ = 0; k_ <= N; k_++)                                                                \
-      out[k_] = 12345.0f;                                                                          \
-    ASSERT_FAILS(prm_ctx_forward(c, &bb, out, N + 1), status);                                     \
-    assert_true(prm_ctx_errmsg(c)[0] != '\0');                                                     \
-    for (int k_ = 0; k_ <= N; k_++)                                                                \
-      assert_true(out[k_] == 12345.0f);                                                            \
-    assert_unchanged(&sn, m, c);                                                                   \
-  } while (0)
-  BAD(bt[1 * S + 2] = -1, PRM_ERR_INVALID); /* id < 0 */
-  BAD(bt[3 * S + 4] = 11, PRM_ERR_INVALID); /* id == vocab (last valid position) */
-  BAD(bt[0] = INT32_MAX, PRM_ERR_INVALID);  /* id >= vocab */
-  BAD(bl[2] = 0, PRM_ERR_SIZE);             /* length 0 */
-  BAD(bl[0] = -3, PRM_ERR_SIZE);            /* negative length */
-  BAD(bl[1] = 9, PRM_ERR_SIZE);             /* > max_len (and > n_ctx) */
-  BAD(bb.token_stride = 6, PRM_ERR_SIZE);   /* length 8 > token_stride 6 */
-  BAD(bb.n = N + 1, PRM_ERR_SIZE);          /* more sequences than max_rows */
-  BAD(bb.n = 0, PRM_ERR_SIZE);
-  BAD(bb.tokens = NULL, PRM_ERR_NULL);
-  BAD(bb.lengths = NULL, PRM_ERR_NULL);
-  BAD(bb.version = 0, PRM_ERR_VERSION);
-#undef BAD
-  /* a context with a smaller max_len rejects what the model could take */
-  prm_ctx *c4 = prmt_tok_ctx(m, N, 4, 0);
-  ASSERT_FAILS(prm_ctx_forward(c4, &good, out, N), PRM_ERR_SIZE);
-  prm_ctx_free(c4);
-
-  /* the pending forward is still good2's: its backward gives the reference */
-  assert_int_equal(prm_ctx_backward(c, ds2, N), PRM_OK);
-  assert_memory_equal(prm_ctx_grads(c, NULL), prm_ctx_grads(ref, NULL), sn.ng * sizeof(float));
-  free_snap(&sn);
-
-  /* evaluate and train_step run the same checks and change nothing either */
-  prm_batch bad = good;
-  memcpy(bt, tok, sizeof bt);
-  bt[S + 7] = 11;
-  bad.tokens = bt;
-  prm_loss_stats st = PRM_LOSS_STATS_INIT;
-  sn = take_snap(m, c);
-  ASSERT_FAILS(prm_evaluate(c, &bad, NULL, &st), PRM_ERR_INVALID);
-  assert_unchanged(&sn, m, c);
-  free_snap(&sn);
-
-  prm_optimizer *opt = adamw(m, 1e-3);
-  sn = take_snap(m, c);
-  ASSERT_FAILS(prm_train_step(c, opt, &bad, NULL, &st), PRM_ERR_INVALID);
-  assert_true(prm_ctx_errmsg(c)[0] != '\0');
-  assert_int_equal(prm_optimizer_num_updates(opt), 0);
-  assert_unchanged(&sn, m, c);
-  free_snap(&sn);
-
-  prm_optimizer_free(opt);
-  prm_ctx_free(c);
-  prm_ctx_free(ref);
+  prmt_check_bad_token_batches(m);
   prm_model_free(m);
 }
 
@@ -611,16 +360,16 @@ static void test_pending_forward_survives(void **state) {
   const int32_t len[N] = {2, 8, 5};
   int32_t tok[N * S], bt[N * S];
   prmt_rng r = {54};
-  fill_tokens(&r, tok, len, N, S, 11, 0);
+  prmt_fill_tokens(&r, tok, len, N, S, 11, 0);
   const float ds[N] = {0.5f, -1.0f, 1.5f};
   const prm_batch good = prmt_tok_batch(tok, len, N, S);
   prm_ctx *ref = prmt_tok_ctx(m, N, 8, 0), *c = prmt_tok_ctx(m, N, 8, 0);
   float s[N], s2[N + 1];
-  forward_ok(ref, &good, s);
+  prmt_forward_ok(ref, &good, s);
   assert_int_equal(prm_ctx_backward(ref, ds, N), PRM_OK);
   const uint64_t ng = prm_model_num_params(m);
   for (int k = 0; k < 4; k++) {
-    forward_ok(c, &good, s2);
+    prmt_forward_ok(c, &good, s2);
     memcpy(bt, tok, sizeof bt);
     int32_t bl[N] = {2, 8, 5};
     prm_batch bb = prmt_tok_batch(bt, bl, N, S);
@@ -652,7 +401,7 @@ static void test_freeze_gpt2(void **state) {
   const uint64_t np = prm_model_num_params(m), L = 2;
   int32_t tok[FZ_N * FZ_S];
   prmt_rng r = {62};
-  fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
+  prmt_fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
   const prm_batch b = prmt_tok_batch(tok, fz_len, FZ_N, FZ_S);
   const float ds[FZ_N] = {0.3f, -0.7f, 1.1f, -0.2f, 0.9f, -1.3f};
   float s[FZ_N];
@@ -661,7 +410,7 @@ static void test_freeze_gpt2(void **state) {
   assert_int_equal(prm_model_trainable_offset(m), 0);
   prm_ctx *full = prmt_tok_ctx(m, FZ_N, 8, 0);
   float *gfull = malloc(np * sizeof(float));
-  score_and_grad(full, &b, ds, s, gfull);
+  prmt_score_and_grad(full, &b, ds, s, gfull);
 
   const int32_t ks[4] = {0, 1, 2, -1};
   for (int t = 0; t < 4; t++) {
@@ -671,12 +420,12 @@ static void test_freeze_gpt2(void **state) {
     if (k < 0) {
       want = 0;
     } else if (k == 0) {
-      want = tensor_offset_by_name(m, "score.weight");
+      want = prmt_tensor_offset(m, "score.weight");
     } else {
       char name[64];
       snprintf(name, sizeof name, "transformer.h.%llu.ln_1.weight",
                (unsigned long long)(L - (uint64_t)k));
-      want = tensor_offset_by_name(m, name);
+      want = prmt_tensor_offset(m, name);
     }
     assert_int_equal(prm_model_trainable_offset(m), want);
     if (k == 0) assert_int_equal(np - want, 8); /* score.weight [1, C] */
@@ -687,7 +436,7 @@ static void test_freeze_gpt2(void **state) {
     assert_int_equal(ng, np - want);
     float *g = malloc((ng ? ng : 1) * sizeof(float));
     float s2[FZ_N];
-    score_and_grad(c, &b, ds, s2, g);
+    prmt_score_and_grad(c, &b, ds, s2, g);
     assert_memory_equal(s, s2, sizeof s);
     /* the trainable suffix of the full gradient, bit for bit */
     for (uint64_t j = 0; j < ng; j++)
@@ -696,7 +445,7 @@ static void test_freeze_gpt2(void **state) {
                  (unsigned long long)(want + j), (double)g[j], (double)gfull[want + j]);
 
     /* train: frozen parameters stay, every trainable tensor moves */
-    prm_optimizer *opt = adamw(m, 1e-2);
+    prm_optimizer *opt = prmt_adamw(m, 1e-2);
     float *p0 = malloc(np * sizeof(float));
     memcpy(p0, prm_model_params(m, NULL), np * sizeof(float));
     prm_loss_stats st = PRM_LOSS_STATS_INIT;
@@ -748,24 +497,24 @@ static void test_freeze_stale_objects(void **state) {
   const uint64_t np = prm_model_num_params(m);
   int32_t tok[FZ_N * FZ_S];
   prmt_rng r = {64};
-  fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
+  prmt_fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
   const prm_batch b = prmt_tok_batch(tok, fz_len, FZ_N, FZ_S);
   const float ds[FZ_N] = {0.3f, -0.7f, 1.1f, -0.2f, 0.9f, -1.3f};
   float s[FZ_N];
   prm_ctx *c_old = prmt_tok_ctx(m, FZ_N, 8, 0), *i_old = prmt_tok_ctx(m, FZ_N, 8, 1);
-  prm_optimizer *o_old = adamw(m, 1e-3);
+  prm_optimizer *o_old = prmt_adamw(m, 1e-3);
   assert_int_equal(prm_model_set_trainable(m, 1), PRM_OK);
   prm_ctx *c_new = prmt_tok_ctx(m, FZ_N, 8, 0);
-  prm_optimizer *o_new = adamw(m, 1e-3);
+  prm_optimizer *o_new = prmt_adamw(m, 1e-3);
   float *p0 = malloc(np * sizeof(float));
   memcpy(p0, prm_model_params(m, NULL), np * sizeof(float));
 
   /* forward still works on old contexts (scoring does not depend on it) */
-  forward_ok(i_old, &b, s);
-  forward_ok(c_old, &b, s);
+  prmt_forward_ok(i_old, &b, s);
+  prmt_forward_ok(c_old, &b, s);
   ASSERT_FAILS(prm_ctx_backward(c_old, ds, FZ_N), PRM_ERR_MISMATCH);
   assert_true(prm_ctx_errmsg(c_old)[0] != '\0');
-  forward_ok(c_new, &b, s);
+  prmt_forward_ok(c_new, &b, s);
   assert_int_equal(prm_ctx_backward(c_new, ds, FZ_N), PRM_OK);
   ASSERT_FAILS(prm_optimizer_step(o_old, c_new), PRM_ERR_MISMATCH);
   ASSERT_FAILS(prm_optimizer_step(o_new, c_old), PRM_ERR_MISMATCH);
@@ -802,7 +551,7 @@ static void test_freeze_stale_objects(void **state) {
  * context of `m`, with the trainable set changed back. */
 static int backward_after_failed_step(prm_model *m, const prm_batch *b, const float *ds) {
   prm_ctx *c = prmt_tok_ctx(m, b->n, 8, 0);
-  prm_optimizer *o = adamw(m, 1e-3);
+  prm_optimizer *o = prmt_adamw(m, 1e-3);
   assert_int_equal(prm_model_set_trainable(m, 1), PRM_OK);
   prm_loss_stats st = PRM_LOSS_STATS_INIT;
   ASSERT_FAILS(prm_train_step(c, o, b, NULL, &st), PRM_ERR_MISMATCH);
@@ -818,7 +567,7 @@ static void test_failed_train_step_drops_forward(void **state) {
   prm_model *m = tiny_model(65);
   int32_t tok[FZ_N * FZ_S];
   prmt_rng r = {66};
-  fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
+  prmt_fill_tokens(&r, tok, fz_len, FZ_N, FZ_S, 11, 0);
   const prm_batch b = prmt_tok_batch(tok, fz_len, FZ_N, FZ_S);
   const float ds[FZ_N] = {0.3f, -0.7f, 1.1f, -0.2f, 0.9f, -1.3f};
   const int rc_gpt2 = backward_after_failed_step(m, &b, ds);
@@ -856,22 +605,22 @@ static void test_freeze_mlp(void **state) {
   prmt_fill_normal(&r, ds, N, 1.0);
   prm_ctx *full = prmt_ctx(m, N, 0);
   float *gfull = malloc(np * sizeof(float)), *g = malloc(np * sizeof(float));
-  score_and_grad(full, &b, ds, s, gfull);
+  prmt_score_and_grad(full, &b, ds, s, gfull);
 
   assert_int_equal(prm_model_set_trainable(m, 1), PRM_OK);
-  const uint64_t off = tensor_offset_by_name(m, "layers.1.weight");
+  const uint64_t off = prmt_tensor_offset(m, "layers.1.weight");
   assert_int_equal(prm_model_trainable_offset(m), off);
   assert_int_equal(np - off, 5 * 6 + 5 + 5);
   prm_ctx *c = prmt_ctx(m, N, 0);
   uint64_t ng;
   prm_ctx_grads(c, &ng);
   assert_int_equal(ng, np - off);
-  score_and_grad(c, &b, ds, s2, g);
+  prmt_score_and_grad(c, &b, ds, s2, g);
   assert_memory_equal(s, s2, sizeof s);
   for (uint64_t j = 0; j < ng; j++)
     assert_true(fabsf(g[j] - gfull[off + j]) <= 1e-6f * (1.0f + fabsf(gfull[off + j])));
 
-  prm_optimizer *opt = adamw(m, 1e-2);
+  prm_optimizer *opt = prmt_adamw(m, 1e-2);
   float *p0 = malloc(np * sizeof(float));
   memcpy(p0, prm_model_params(m, NULL), np * sizeof(float));
   prm_loss_stats st = PRM_LOSS_STATS_INIT;
@@ -940,7 +689,7 @@ static void test_threads_shared_model(void **state) {
   for (int t = 0; t < TH_N; t++) {
     for (int i = 0; i < TH_ROUNDS * TH_ROWS; i++)
       len[t][i] = 1 + (int32_t)(prmt_next(&r) % TH_S);
-    fill_tokens(&r, tok[t], len[t], TH_ROUNDS * TH_ROWS, TH_S, 32, 0);
+    prmt_fill_tokens(&r, tok[t], len[t], TH_ROUNDS * TH_ROWS, TH_S, 32, 0);
   }
   static tjob serial[TH_N], par[TH_N];
   for (int t = 0; t < TH_N; t++) {
@@ -972,81 +721,11 @@ static void test_threads_shared_model(void **state) {
  * 0.977..1.000 held-out accuracy over five seeds (0.983 here). The sizes are
  * small because valgrind runs this ~1000x slower than native (0.03 s).
  */
-#define LT_V 16
-#define LT_S 12
-#define LT_PAIRS 8
-
-static int count3(const int32_t *t, int32_t n) {
-  int c = 0;
-  for (int32_t i = 0; i < n; i++)
-    c += t[i] == 3;
-  return c;
-}
-
-static void random_seq(prmt_rng *r, int32_t *t, int32_t *len) {
-  *len = 4 + (int32_t)(prmt_next(r) % (LT_S - 3));
-  /* token 3 with probability 1/4, otherwise any other id */
-  for (int32_t i = 0; i < LT_S; i++) {
-    if (i >= *len) {
-      t[i] = 0;
-    } else if (prmt_uniform(r) < 0.25) {
-      t[i] = 3;
-    } else {
-      int32_t v = (int32_t)(prmt_next(r) % (LT_V - 1));
-      t[i] = v >= 3 ? v + 1 : v;
-    }
-  }
-}
-
-/* n pairs: rows 0..n-1 chosen, n..2n-1 rejected. */
-static void make_pairs(prmt_rng *r, int32_t *tok, int32_t *len, int n) {
-  for (int i = 0; i < n; i++) {
-    int32_t a[LT_S], b[LT_S], la, lb;
-    do {
-      random_seq(r, a, &la);
-      random_seq(r, b, &lb);
-    } while (count3(a, la) == count3(b, lb));
-    const int a_wins = count3(a, la) > count3(b, lb);
-    memcpy(tok + i * LT_S, a_wins ? a : b, sizeof a);
-    memcpy(tok + (n + i) * LT_S, a_wins ? b : a, sizeof a);
-    len[i] = a_wins ? la : lb;
-    len[n + i] = a_wins ? lb : la;
-  }
-}
 
 static void test_learning(void **state) {
   (void)state;
-  enum { STEPS = 200, N_TEST = 300 };
-  prm_model *m = prmt_gpt2(LT_V, LT_S, 16, 2, 2, 91);
-  prm_ctx *c = prmt_tok_ctx(m, 2 * LT_PAIRS, LT_S, 0), *ci = prmt_tok_ctx(m, 2 * N_TEST, LT_S, 1);
-  prm_optimizer_options oo = PRM_OPTIMIZER_OPTIONS_INIT;
-  oo.lr = 1e-2;
-  oo.weight_decay = 0.01;
-  oo.schedule = PRM_SCHED_COSINE;
-  oo.warmup_steps = 20;
-  oo.total_steps = STEPS;
-  oo.max_grad_norm = 1.0;
-  prm_optimizer *opt = NULL;
-  assert_int_equal(prm_optimizer_new(&opt, m, &oo), PRM_OK);
-  prmt_rng r = {92};
-  static int32_t test_tok[2 * N_TEST * LT_S], test_len[2 * N_TEST];
-  static int32_t tok[2 * LT_PAIRS * LT_S], len[2 * LT_PAIRS];
-  make_pairs(&r, test_tok, test_len, N_TEST);
-  const prm_batch tb = prmt_tok_batch(test_tok, test_len, 2 * N_TEST, LT_S);
-  prm_loss_stats st = PRM_LOSS_STATS_INIT, ts = PRM_LOSS_STATS_INIT;
-  assert_int_equal(prm_evaluate(ci, &tb, NULL, &ts), PRM_OK);
-  const double acc0 = ts.accuracy;
-  for (int step = 0; step < STEPS; step++) {
-    make_pairs(&r, tok, len, LT_PAIRS); /* fresh pairs every step */
-    const prm_batch b = prmt_tok_batch(tok, len, 2 * LT_PAIRS, LT_S);
-    assert_int_equal(prm_train_step(c, opt, &b, NULL, &st), PRM_OK);
-  }
-  assert_int_equal(prm_evaluate(ci, &tb, NULL, &ts), PRM_OK);
-  print_message("    held-out accuracy %.3f -> %.3f, loss %.4f\n", acc0, ts.accuracy, ts.loss);
-  assert_true(ts.accuracy >= 0.95);
-  prm_optimizer_free(opt);
-  prm_ctx_free(c);
-  prm_ctx_free(ci);
+  prm_model *m = prmt_gpt2(PRMT_LT_V, PRMT_LT_S, 16, 2, 2, 91);
+  prmt_count_task_learns(m, 200, 1e-2, 20, 0.95);
   prm_model_free(m);
 }
 
@@ -1071,36 +750,10 @@ static void test_deepest_model(void **state) {
 
 static void test_no_allocation_in_steps(void **state) {
   (void)state;
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
   prm_model *m = prmt_gpt2(32, 16, 16, 2, 2, 101);
-  enum { N = 8, S = 16 };
-  int32_t tok[N * S], len[N] = {16, 3, 9, 1, 12, 16, 5, 7};
-  prmt_rng r = {102};
-  fill_tokens(&r, tok, len, N, S, 32, 0);
-  prm_ctx *c = prmt_tok_ctx(m, N, S, 0), *ci = prmt_tok_ctx(m, N, S, 1);
-  prm_optimizer *opt = adamw(m, 1e-3);
-  const prm_batch b = prmt_tok_batch(tok, len, N, S);
-  prm_loss_stats st = PRM_LOSS_STATS_INIT;
-  float s[N];
-  assert_int_equal(prm_train_step(c, opt, &b, NULL, &st), PRM_OK);
-  forward_ok(ci, &b, s);
-  struct mallinfo2 before = mallinfo2();
-  for (int i = 0; i < 10; i++)
-    assert_int_equal(prm_train_step(c, opt, &b, NULL, &st), PRM_OK);
-  assert_int_equal(prm_evaluate(c, &b, NULL, &st), PRM_OK);
-  forward_ok(ci, &b, s);
-  forward_ok(c, &b, s);
-  assert_int_equal(prm_ctx_backward(c, s, N), PRM_OK);
-  struct mallinfo2 after = mallinfo2();
-  assert_int_equal(before.uordblks, after.uordblks);
-  assert_int_equal(before.hblks, after.hblks);
-  prm_optimizer_free(opt);
-  prm_ctx_free(c);
-  prm_ctx_free(ci);
+  const int32_t len[8] = {16, 3, 9, 1, 12, 16, 5, 7};
+  prmt_check_no_allocation(m, len, 8, 16, 32, 10);
   prm_model_free(m);
-#else
-  skip();
-#endif
 }
 
 int main(void) {

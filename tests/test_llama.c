@@ -24,17 +24,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 
 #include "testutil.h"
-
-#define ASSERT_FAILS(call, status)                                                                 \
-  do {                                                                                             \
-    assert_int_equal((call), (status));                                                            \
-    assert_true(prm_last_errmsg()[0] != '\0');                                                     \
-  } while (0)
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
@@ -74,21 +65,6 @@ static prm_model *llama(const cfg *c, uint64_t seed) {
   return new_model(&o);
 }
 
-/* Add U(-a, a) to every element of the tensors whose name contains `part`
- * (every tensor for ""). */
-static void perturb(prm_model *m, const char *part, uint64_t seed, double a) {
-  float *p = prm_model_params(m, NULL);
-  prmt_rng r = {seed};
-  for (uint32_t t = 0; t < prm_model_num_tensors(m); t++) {
-    const char *name;
-    uint64_t off, shape[2];
-    uint32_t nd;
-    assert_int_equal(prm_model_tensor_info(m, t, &name, &off, &nd, shape), PRM_OK);
-    if (strstr(name, part) == NULL) continue;
-    prmt_add_uniform(&r, p + off, nd == 2 ? shape[0] * shape[1] : shape[0], a);
-  }
-}
-
 /*
  * A perturbed model for gradient checks. Every parameter moves by up to 0.3
  * (RMSNorm weights away from 1, biases away from 0, and weights well above
@@ -100,74 +76,24 @@ static void perturb(prm_model *m, const char *part, uint64_t seed, double a) {
  */
 static prm_model *fd_model(const cfg *c, uint64_t seed) {
   prm_model *m = llama(c, seed);
-  perturb(m, "", seed + 100, 0.3);
-  perturb(m, "q_proj.weight", seed + 200, 0.5);
-  perturb(m, "k_proj.weight", seed + 300, 0.5);
-  perturb(m, "_norm.weight", seed + 400, 0.5);
-  perturb(m, "embed_tokens", seed + 500, 1.0);
+  prmt_perturb_tensors(m, "", seed + 100, 0.3);
+  prmt_perturb_tensors(m, "q_proj.weight", seed + 200, 0.5);
+  prmt_perturb_tensors(m, "k_proj.weight", seed + 300, 0.5);
+  prmt_perturb_tensors(m, "_norm.weight", seed + 400, 0.5);
+  prmt_perturb_tensors(m, "embed_tokens", seed + 500, 1.0);
   return m;
-}
-
-/* Random ids in [0, V) for the valid part of each row, `pad` in the padding. */
-static void fill_tokens(prmt_rng *r, int32_t *tokens, const int32_t *lengths, uint64_t n,
-                        uint64_t stride, uint64_t V, int32_t pad) {
-  for (uint64_t i = 0; i < n; i++)
-    for (uint64_t t = 0; t < stride; t++)
-      tokens[i * stride + t] = (int32_t)t < lengths[i] ? (int32_t)(prmt_next(r) % V) : pad;
-}
-
-static void forward_ok(prm_ctx *c, const prm_batch *b, float *scores) {
-  int rc = prm_ctx_forward(c, b, scores, b->n);
-  if (rc != PRM_OK) fail_msg("prm_ctx_forward: %s (%s)", prm_status_string(rc), prm_ctx_errmsg(c));
-}
-
-static prm_optimizer *adamw(prm_model *m, double lr) {
-  prm_optimizer_options o;
-  assert_int_equal(prm_optimizer_options_init(&o, PRM_OPTIMIZER_OPTIONS_VERSION), PRM_OK);
-  o.algorithm = PRM_OPT_ADAMW;
-  o.lr = lr;
-  o.weight_decay = 0.01;
-  prm_optimizer *opt = NULL;
-  int rc = prm_optimizer_new(&opt, m, &o);
-  if (rc != PRM_OK)
-    fail_msg("prm_optimizer_new: %s (%s)", prm_status_string(rc), prm_last_errmsg());
-  return opt;
-}
-
-static uint64_t tensor_offset(const prm_model *m, const char *want) {
-  for (uint32_t t = 0; t < prm_model_num_tensors(m); t++) {
-    const char *name;
-    uint64_t off;
-    assert_int_equal(prm_model_tensor_info(m, t, &name, &off, NULL, NULL), PRM_OK);
-    if (strcmp(name, want) == 0) return off;
-  }
-  fail_msg("no tensor named %s", want);
-  return 0;
-}
-
-/* Scores and gradients of one forward/backward with output gradient g. */
-static void score_and_grad(prm_ctx *c, const prm_batch *b, const float *g, float *s, float *grads) {
-  uint64_t ng;
-  assert_int_equal(prm_ctx_zero_grad(c), PRM_OK);
-  forward_ok(c, b, s);
-  assert_int_equal(prm_ctx_backward(c, g, b->n), PRM_OK);
-  const float *gr = prm_ctx_grads(c, &ng);
-  memcpy(grads, gr, ng * sizeof(float));
 }
 
 /* ---- finite differences ------------------------------------------------------------------- */
 
 /*
- * As in test_gpt2.c: Richardson-extrapolated central differences,
+ * prmt_check_fd (testutil.c), as in test_gpt2.c: Richardson-extrapolated central differences,
  * (4 D(h) - D(2h)) / 3 with h = 1e-2, of L = sum_i g_i s_i computed in
  * double from the float scores of an inference context; every element of
  * every tensor must agree to FD_TOL with |fd - an| / (1e-3 + |fd| + |an|),
  * and each tensor as a whole to FD_NORM_TOL (||fd - an|| / ||an||), where
  * rounding noise averages out and a missing term does not.
  */
-#define FD_H 1e-2f
-#define FD_TOL 2e-2
-#define FD_NORM_TOL 1e-2
 #define FD_MAX_N 8
 
 typedef struct fd_case {
@@ -177,69 +103,26 @@ typedef struct fd_case {
   int32_t len[FD_MAX_N];
 } fd_case;
 
-static double weighted_sum(prm_ctx *ci, const prm_batch *b, const float *g) {
-  float s[FD_MAX_N];
-  forward_ok(ci, b, s);
-  double l = 0.0;
-  for (uint64_t i = 0; i < b->n; i++)
-    l += (double)g[i] * s[i];
-  return l;
-}
-
 static void check_fd(const fd_case *fc, uint64_t seed) {
   prm_model *m = fd_model(&fc->c, seed);
   const uint64_t T = fc->c.n_ctx, n = fc->n;
   prm_ctx *c = prmt_tok_ctx(m, n, T, 0), *ci = prmt_tok_ctx(m, n, T, 1);
   int32_t *tokens = malloc(n * T * sizeof(int32_t));
   prmt_rng r = {seed + 1};
-  fill_tokens(&r, tokens, fc->len, n, T, fc->c.V, 0);
+  prmt_fill_tokens(&r, tokens, fc->len, n, T, fc->c.V, 0);
   const prm_batch b = prmt_tok_batch(tokens, fc->len, n, T);
   float g[FD_MAX_N], s[FD_MAX_N];
   for (uint64_t i = 0; i < n; i++)
     g[i] = (float)(2.0 * prmt_uniform(&r) - 1.0);
-  forward_ok(c, &b, s);
+  prmt_forward_ok(c, &b, s);
   assert_int_equal(prm_ctx_backward(c, g, n), PRM_OK);
-  uint64_t ng, np;
+  uint64_t ng;
   const float *an = prm_ctx_grads(c, &ng);
-  float *p = prm_model_params(m, &np);
-  assert_int_equal(ng, np);
+  assert_int_equal(ng, prm_model_num_params(m));
 
+  prmt_ws w = {ci, &b, g};
   double worst_all = 0.0, worst_norm = 0.0;
-  for (uint32_t t = 0; t < prm_model_num_tensors(m); t++) {
-    const char *name;
-    uint64_t off, shape[2];
-    uint32_t nd;
-    assert_int_equal(prm_model_tensor_info(m, t, &name, &off, &nd, shape), PRM_OK);
-    const uint64_t numel = nd == 2 ? shape[0] * shape[1] : shape[0];
-    double worst = 0.0, gmax = 0.0, dn2 = 0.0, an2 = 0.0;
-    for (uint64_t j = off; j < off + numel; j++) {
-      const float old = p[j];
-      double l[4];
-      for (int k = 0; k < 4; k++) {
-        p[j] = old + (k < 2 ? FD_H : 2 * FD_H) * (k % 2 ? -1.0f : 1.0f);
-        l[k] = weighted_sum(ci, &b, g);
-      }
-      p[j] = old;
-      const double d1 = (l[0] - l[1]) / (2.0 * (double)FD_H);
-      const double d2 = (l[2] - l[3]) / (4.0 * (double)FD_H);
-      const double fd = (4.0 * d1 - d2) / 3.0;
-      const double err = fabs(fd - an[j]) / (1e-3 + fabs(fd) + fabs(an[j]));
-      if (err > worst) worst = err;
-      if (fabs(an[j]) > gmax) gmax = fabs(an[j]);
-      dn2 += (fd - an[j]) * (fd - an[j]);
-      an2 += (double)an[j] * an[j];
-      if (err > FD_TOL)
-        fail_msg("%s: %s[%llu]: analytic %.6g, finite difference %.6g (rel %.3g)", fc->what, name,
-                 (unsigned long long)(j - off), (double)an[j], fd, err);
-    }
-    /* only embedding rows of ids never drawn may be zero, never a tensor */
-    if (gmax == 0.0) fail_msg("%s: %s: gradient identically zero", fc->what, name);
-    const double nerr = sqrt(dn2 / an2);
-    if (nerr > FD_NORM_TOL)
-      fail_msg("%s: %s: ||fd - an|| / ||an|| = %.3g > %.0e", fc->what, name, nerr, FD_NORM_TOL);
-    if (nerr > worst_norm) worst_norm = nerr;
-    if (worst > worst_all) worst_all = worst;
-  }
+  prmt_check_fd(m, an, prmt_ws_loss, &w, 1, fc->what, &worst_all, &worst_norm);
   print_message("    %-44s worst element %.2e, tensor norm %.2e\n", fc->what, worst_all,
                 worst_norm);
   free(tokens);
@@ -326,7 +209,7 @@ static prm_model *kat_build(const kat_case *kc, int32_t *tok) {
   prm_model *m = new_model(&o);
   kat_fill(m, 4242);
   prmt_rng r = {777};
-  fill_tokens(&r, tok, kc->len, KAT_N, kc->c.n_ctx, kc->c.V, 0);
+  prmt_fill_tokens(&r, tok, kc->len, KAT_N, kc->c.n_ctx, kc->c.V, 0);
   return m;
 }
 
@@ -354,7 +237,7 @@ static void test_known_scores(void **state) {
     prm_ctx *c = prmt_tok_ctx(m, KAT_N, 48, 1);
     const prm_batch b = prmt_tok_batch(tok, kc->len, KAT_N, 48);
     float s[KAT_N];
-    forward_ok(c, &b, s);
+    prmt_forward_ok(c, &b, s);
     double mx = 0.0, err = 0.0;
     for (int i = 0; i < KAT_N; i++) {
       mx = fmax(mx, fabs(kc->want[i]));
@@ -383,7 +266,7 @@ static void test_padding_invariance(void **state) {
   prm_ctx *c = prmt_tok_ctx(m, N, S, 0);
   static int32_t tok[N * S], tok2[N * S], tok3[N * S2];
   prmt_rng r = {22};
-  fill_tokens(&r, tok, len, N, S, 13, 0);
+  prmt_fill_tokens(&r, tok, len, N, S, 13, 0);
   /* other padding: ids no vocabulary has */
   for (uint64_t i = 0; i < N; i++)
     for (uint64_t t = 0; t < S; t++)
@@ -398,9 +281,9 @@ static void test_padding_invariance(void **state) {
         *g3 = malloc(np * sizeof(float));
   prm_batch b1 = prmt_tok_batch(tok, len, N, S), b2 = prmt_tok_batch(tok2, len, N, S),
             b3 = prmt_tok_batch(tok3, len, N, S2);
-  score_and_grad(c, &b1, g, s1, g1);
-  score_and_grad(c, &b2, g, s2, g2);
-  score_and_grad(c, &b3, g, s3, g3);
+  prmt_score_and_grad(c, &b1, g, s1, g1);
+  prmt_score_and_grad(c, &b2, g, s2, g2);
+  prmt_score_and_grad(c, &b3, g, s3, g3);
   assert_memory_equal(s1, s2, sizeof s1);
   assert_memory_equal(s1, s3, sizeof s1);
   assert_memory_equal(g1, g2, np * sizeof(float));
@@ -413,7 +296,7 @@ static void test_padding_invariance(void **state) {
   for (uint64_t i = 0; i < N; i++) {
     float one;
     prm_batch bi = prmt_tok_batch(tok + i * S, len + i, 1, 0);
-    forward_ok(ci, &bi, &one);
+    prmt_forward_ok(ci, &bi, &one);
     assert_true(fabsf(one - s1[i]) <= 1e-5f * (1.0f + fabsf(s1[i])));
   }
   free(g1);
@@ -437,23 +320,23 @@ static void test_inference_equals_training(void **state) {
     const int32_t len[N] = {40, 1, 9, 33, 12, 16};
     static int32_t tok[N * S];
     prmt_rng r = {32};
-    fill_tokens(&r, tok, len, N, S, 13, 0);
+    prmt_fill_tokens(&r, tok, len, N, S, 13, 0);
     prm_ctx *c = prmt_tok_ctx(m, N, S, 0), *ci = prmt_tok_ctx(m, N, S, 1);
     uint64_t n = 99;
     assert_null(prm_ctx_grads(ci, &n));
     assert_int_equal(n, 0);
     prm_batch b = prmt_tok_batch(tok, len, N, S);
     float st[N], si[N], si2[N];
-    forward_ok(c, &b, st);
-    forward_ok(ci, &b, si);
+    prmt_forward_ok(c, &b, st);
+    prmt_forward_ok(ci, &b, si);
     assert_memory_equal(st, si, sizeof st);
     ASSERT_FAILS(prm_ctx_backward(ci, st, N), PRM_ERR_STATE);
     /* fewer rows, then the first batch again */
     prm_batch b3 = prmt_tok_batch(tok, len, 3, S);
-    forward_ok(ci, &b3, si2);
+    prmt_forward_ok(ci, &b3, si2);
     for (int i = 0; i < 3; i++)
       assert_true(fabsf(st[i] - si2[i]) <= 1e-5f * (1.0f + fabsf(st[i])));
-    forward_ok(ci, &b, si2);
+    prmt_forward_ok(ci, &b, si2);
     assert_memory_equal(st, si2, sizeof st);
     prm_loss_stats e1 = PRM_LOSS_STATS_INIT, e2 = PRM_LOSS_STATS_INIT;
     assert_int_equal(prm_evaluate(c, &b, NULL, &e1), PRM_OK);
@@ -524,7 +407,7 @@ static void test_threads_shared_model(void **state) {
   for (int t = 0; t < TH_N; t++) {
     for (int i = 0; i < TH_ROUNDS * TH_ROWS; i++)
       len[t][i] = 1 + (int32_t)(prmt_next(&r) % TH_S);
-    fill_tokens(&r, tok[t], len[t], TH_ROUNDS * TH_ROWS, TH_S, 32, 0);
+    prmt_fill_tokens(&r, tok[t], len[t], TH_ROUNDS * TH_ROWS, TH_S, 32, 0);
   }
   static tjob serial[TH_N], par[TH_N];
   for (int t = 0; t < TH_N; t++) {
@@ -551,90 +434,13 @@ static void test_threads_shared_model(void **state) {
 
 /* ---- bad input ---------------------------------------------------------------------------- */
 
-typedef struct snap {
-  float *params, *grads;
-  uint64_t np, ng;
-} snap;
-
-static snap take_snap(prm_model *m, prm_ctx *c) {
-  snap s;
-  const float *p = prm_model_params(m, &s.np);
-  const float *g = prm_ctx_grads(c, &s.ng);
-  s.params = malloc(s.np * sizeof(float));
-  s.grads = malloc(s.ng * sizeof(float));
-  memcpy(s.params, p, s.np * sizeof(float));
-  memcpy(s.grads, g, s.ng * sizeof(float));
-  return s;
-}
-
-static void assert_unchanged(const snap *s, prm_model *m, prm_ctx *c) {
-  assert_memory_equal(s->params, prm_model_params(m, NULL), s->np * sizeof(float));
-  assert_memory_equal(s->grads, prm_ctx_grads(c, NULL), s->ng * sizeof(float));
-}
-
 static void test_bad_batches(void **state) {
   (void)state;
   static const cfg c8 = {11, 8, 8, 2, 4, 2, 0, 12, 1, 1};
   prm_model *m = fd_model(&c8, 51);
-  enum { N = 4, S = 8 };
-  const int32_t len[N] = {3, 8, 1, 5};
-  int32_t tok[N * S], tok2[N * S];
-  prmt_rng r = {52};
-  fill_tokens(&r, tok, len, N, S, 11, 0);
-  fill_tokens(&r, tok2, len, N, S, 11, 0);
-  const float ds1[N] = {1.0f, -0.5f, 0.25f, 0.75f}, ds2[N] = {-1.0f, 0.5f, 2.0f, -0.25f};
-  const prm_batch good = prmt_tok_batch(tok, len, N, S), good2 = prmt_tok_batch(tok2, len, N, S);
-
-  /* the reference: forward/backward good, forward/backward good2 */
-  prm_ctx *ref = prmt_tok_ctx(m, N, 8, 0);
-  float s[N];
-  forward_ok(ref, &good, s);
-  assert_int_equal(prm_ctx_backward(ref, ds1, N), PRM_OK);
-  forward_ok(ref, &good2, s);
-  assert_int_equal(prm_ctx_backward(ref, ds2, N), PRM_OK);
-
-  /* the same with every bad call in between: accumulated gradients and a
-   * pending forward must survive each failure */
-  prm_ctx *c = prmt_tok_ctx(m, N, 8, 0);
-  forward_ok(c, &good, s);
-  assert_int_equal(prm_ctx_backward(c, ds1, N), PRM_OK);
-  forward_ok(c, &good2, s);
-  snap sn = take_snap(m, c);
-
-  int32_t bt[N * S], bl[N];
-  prm_batch bb;
-  float out[N + 1];
-#define BAD(edit, status)                                                                          \
-  do {                                                                                             \
-    memcpy(bt, tok, sizeof bt);                                                                    \
-    memcpy(bl, len, sizeof bl);                                                                    \
-    bb = prmt_tok_batch(bt, bl, N, S);                                                             \
-    edit;                                                                                          \
-    for (int k_ = 0; k_ <= N; k_++)                                                                \
-      out[k_] = 12345.0f;                                                                          \
-    ASSERT_FAILS(prm_ctx_forward(c, &bb, out, N + 1), status);                                     \
-    assert_true(prm_ctx_errmsg(c)[0] != '\0');                                                     \
-    for (int k_ = 0; k_ <= N; k_++)                                                                \
-      assert_true(out[k_] == 12345.0f);                                                            \
-    assert_unchanged(&sn, m, c);                                                                   \
-  } while (0)
-  BAD(bt[1 * S + 2] = -1, PRM_ERR_INVALID); /* id < 0 */
-  BAD(bt[3 * S + 4] = 11, PRM_ERR_INVALID); /* id == vocab (last valid position) */
-  BAD(bt[0] = INT32_MAX, PRM_ERR_INVALID);  /* id >= vocab */
-  BAD(bl[2] = 0, PRM_ERR_SIZE);             /* length 0 */
-  BAD(bl[0] = -3, PRM_ERR_SIZE);            /* negative length */
-  BAD(bl[1] = 9, PRM_ERR_SIZE);             /* > max_len (and > n_ctx) */
-  BAD(bb.token_stride = 6, PRM_ERR_SIZE);   /* length 8 > token_stride 6 */
-  BAD(bb.n = N + 1, PRM_ERR_SIZE);          /* more sequences than max_rows */
-  BAD(bb.n = 0, PRM_ERR_SIZE);
-  BAD(bb.tokens = NULL, PRM_ERR_NULL);
-  BAD(bb.lengths = NULL, PRM_ERR_NULL);
-  BAD(bb.version = 0, PRM_ERR_VERSION);
-#undef BAD
-  /* a context with a smaller max_len rejects what the model could take */
-  prm_ctx *c4 = prmt_tok_ctx(m, N, 4, 0);
-  ASSERT_FAILS(prm_ctx_forward(c4, &good, out, N), PRM_ERR_SIZE);
-  prm_ctx_free(c4);
+  prmt_check_bad_token_batches(m);
+  int32_t tok[16] = {1, 2, 3, 4, 5, 6, 7, 8};
+  float out[1];
   /* max_len beyond n_ctx is refused; 0 means n_ctx */
   prm_ctx_options co = PRM_CTX_OPTIONS_INIT;
   co.max_rows = 2;
@@ -646,18 +452,10 @@ static void test_bad_batches(void **state) {
   assert_int_equal(prm_ctx_new(&cx, m, &co), PRM_OK);
   int32_t l8 = 8, l9 = 9;
   prm_batch b8 = prmt_tok_batch(tok, &l8, 1, 0);
-  forward_ok(cx, &b8, out);
+  prmt_forward_ok(cx, &b8, out);
   b8.lengths = &l9;
   ASSERT_FAILS(prm_ctx_forward(cx, &b8, out, 1), PRM_ERR_SIZE);
   prm_ctx_free(cx);
-
-  /* the pending forward is still good2's: its backward gives the reference */
-  assert_int_equal(prm_ctx_backward(c, ds2, N), PRM_OK);
-  assert_memory_equal(prm_ctx_grads(c, NULL), prm_ctx_grads(ref, NULL), sn.ng * sizeof(float));
-  free(sn.params);
-  free(sn.grads);
-  prm_ctx_free(c);
-  prm_ctx_free(ref);
   prm_model_free(m);
 }
 
@@ -800,14 +598,14 @@ static void test_layout(void **state) {
   assert_int_equal(expect_off, prm_model_num_params(m));
   /* HF init: norms 1, biases 0, weights N(0, 0.02) */
   const float *p = prm_model_params(m, NULL);
-  const uint64_t qn = tensor_offset(m, "model.layers.1.self_attn.q_norm.weight");
-  const uint64_t bq = tensor_offset(m, "model.layers.0.self_attn.q_proj.bias");
+  const uint64_t qn = prmt_tensor_offset(m, "model.layers.1.self_attn.q_norm.weight");
+  const uint64_t bq = prmt_tensor_offset(m, "model.layers.0.self_attn.q_proj.bias");
   for (int i = 0; i < 6; i++)
     assert_true(p[qn + i] == 1.0f);
   for (int i = 0; i < 24; i++)
     assert_true(p[bq + i] == 0.0f);
   double s2 = 0.0;
-  const uint64_t wq = tensor_offset(m, "model.layers.0.self_attn.q_proj.weight");
+  const uint64_t wq = prmt_tensor_offset(m, "model.layers.0.self_attn.q_proj.weight");
   for (int i = 0; i < 24 * 8; i++)
     s2 += (double)p[wq + i] * p[wq + i];
   const double sd = sqrt(s2 / (24 * 8));
@@ -832,13 +630,13 @@ static void test_freeze(void **state) {
   const int32_t len[N] = {40, 3, 1, 35};
   static int32_t tok[N * S];
   prmt_rng r = {62};
-  fill_tokens(&r, tok, len, N, S, 11, 0);
+  prmt_fill_tokens(&r, tok, len, N, S, 11, 0);
   const prm_batch b = prmt_tok_batch(tok, len, N, S);
   const float ds[N] = {0.3f, -0.7f, 1.1f, -0.2f};
   float s[N], s2[N];
   float *gfull = malloc(np * sizeof(float)), *g = malloc(np * sizeof(float));
   prm_ctx *full = prmt_tok_ctx(m, N, S, 0);
-  score_and_grad(full, &b, ds, s, gfull);
+  prmt_score_and_grad(full, &b, ds, s, gfull);
   prm_ctx_free(full);
 
   /* k = 0: the head; k = 1..3: the last k layers + model.norm + head */
@@ -847,13 +645,13 @@ static void test_freeze(void **state) {
                                        "model.layers.0.self_attn.q_proj.weight"};
   for (int32_t k = 0; k <= 3; k++) {
     assert_int_equal(prm_model_set_trainable(m, k), PRM_OK);
-    const uint64_t off = tensor_offset(m, first[k]);
+    const uint64_t off = prmt_tensor_offset(m, first[k]);
     assert_int_equal(prm_model_trainable_offset(m), off);
     prm_ctx *ck = prmt_tok_ctx(m, N, S, 0);
     uint64_t ng;
     prm_ctx_grads(ck, &ng);
     assert_int_equal(ng, np - off);
-    score_and_grad(ck, &b, ds, s2, g);
+    prmt_score_and_grad(ck, &b, ds, s2, g);
     assert_memory_equal(s, s2, sizeof s);
     /* the same computation for what trains: the same bits */
     assert_memory_equal(g, gfull + off, ng * sizeof(float));
@@ -861,13 +659,13 @@ static void test_freeze(void **state) {
   }
   ASSERT_FAILS(prm_model_set_trainable(m, 4), PRM_ERR_INVALID);
   assert_true(prm_model_errmsg(m)[0] != '\0');
-  assert_int_equal(prm_model_trainable_offset(m), tensor_offset(m, first[3]));
+  assert_int_equal(prm_model_trainable_offset(m), prmt_tensor_offset(m, first[3]));
 
   /* train steps change exactly the trainable suffix */
   assert_int_equal(prm_model_set_trainable(m, 1), PRM_OK);
   const uint64_t off = prm_model_trainable_offset(m);
   prm_ctx *ck = prmt_tok_ctx(m, N, S, 0);
-  prm_optimizer *opt = adamw(m, 1e-2);
+  prm_optimizer *opt = prmt_adamw(m, 1e-2);
   float *p0 = malloc(np * sizeof(float));
   memcpy(p0, prm_model_params(m, NULL), np * sizeof(float));
   prm_loss_stats st = PRM_LOSS_STATS_INIT;
@@ -969,17 +767,17 @@ static void test_checkpoint(void **state) {
   o.rope_theta = 500000.0;
   o.rms_eps = 1e-5;
   prm_model *m = new_model(&o);
-  perturb(m, "", 71, 0.3);
+  prmt_perturb_tensors(m, "", 71, 0.3);
   const uint64_t np = prm_model_num_params(m);
   enum { N = 4, S = 40 };
   const int32_t len[N] = {40, 1, 33, 7};
   static int32_t tok[N * S];
   prmt_rng r = {72};
-  fill_tokens(&r, tok, len, N, S, 13, 0);
+  prmt_fill_tokens(&r, tok, len, N, S, 13, 0);
   const prm_batch b = prmt_tok_batch(tok, len, N, S);
   float s[N], s2[N];
   prm_ctx *ci = prmt_tok_ctx(m, N, S, 1);
-  forward_ok(ci, &b, s);
+  prmt_forward_ok(ci, &b, s);
   prm_ctx_free(ci);
 
   size_t size;
@@ -1009,7 +807,7 @@ static void test_checkpoint(void **state) {
   assert_int_equal(prm_model_num_params(m2), np);
   assert_memory_equal(prm_model_params(m, NULL), prm_model_params(m2, NULL), np * sizeof(float));
   ci = prmt_tok_ctx(m2, N, S, 1);
-  forward_ok(ci, &b, s2);
+  prmt_forward_ok(ci, &b, s2);
   assert_memory_equal(s, s2, sizeof s);
   prm_ctx_free(ci);
   prm_model_free(m2);
@@ -1108,38 +906,11 @@ static void test_deepest_model(void **state) {
 /* No heap allocation inside steps after the first (glibc only). */
 static void test_no_allocation_in_steps(void **state) {
   (void)state;
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
   static const cfg c = {32, 40, 16, 2, 4, 2, 0, 24, 1, 1};
   prm_model *m = llama(&c, 101);
-  enum { N = 8, S = 40 };
-  static int32_t tok[N * S];
-  int32_t len[N] = {40, 3, 9, 1, 33, 16, 5, 7};
-  prmt_rng r = {102};
-  fill_tokens(&r, tok, len, N, S, 32, 0);
-  prm_ctx *ct = prmt_tok_ctx(m, N, S, 0), *ci = prmt_tok_ctx(m, N, S, 1);
-  prm_optimizer *opt = adamw(m, 1e-3);
-  const prm_batch b = prmt_tok_batch(tok, len, N, S);
-  prm_loss_stats st = PRM_LOSS_STATS_INIT;
-  float s[N];
-  assert_int_equal(prm_train_step(ct, opt, &b, NULL, &st), PRM_OK);
-  forward_ok(ci, &b, s);
-  struct mallinfo2 before = mallinfo2();
-  for (int i = 0; i < 5; i++)
-    assert_int_equal(prm_train_step(ct, opt, &b, NULL, &st), PRM_OK);
-  assert_int_equal(prm_evaluate(ct, &b, NULL, &st), PRM_OK);
-  forward_ok(ci, &b, s);
-  forward_ok(ct, &b, s);
-  assert_int_equal(prm_ctx_backward(ct, s, N), PRM_OK);
-  struct mallinfo2 after = mallinfo2();
-  assert_int_equal(before.uordblks, after.uordblks);
-  assert_int_equal(before.hblks, after.hblks);
-  prm_optimizer_free(opt);
-  prm_ctx_free(ct);
-  prm_ctx_free(ci);
+  const int32_t len[8] = {40, 3, 9, 1, 33, 16, 5, 7};
+  prmt_check_no_allocation(m, len, 8, 40, 32, 5);
   prm_model_free(m);
-#else
-  skip();
-#endif
 }
 
 /* ---- learning ----------------------------------------------------------------------------- */
@@ -1153,80 +924,12 @@ static void test_no_allocation_in_steps(void **state) {
  * steps of 8 fresh pairs reaches 0.913..0.940 held-out accuracy over eight
  * seeds (0.933 here), against 0.42..0.54 untrained.
  */
-#define LT_V 16
-#define LT_S 12
-#define LT_PAIRS 8
-
-static int count3(const int32_t *t, int32_t n) {
-  int c = 0;
-  for (int32_t i = 0; i < n; i++)
-    c += t[i] == 3;
-  return c;
-}
-
-static void random_seq(prmt_rng *r, int32_t *t, int32_t *len) {
-  *len = 4 + (int32_t)(prmt_next(r) % (LT_S - 3));
-  for (int32_t i = 0; i < LT_S; i++) {
-    if (i >= *len) {
-      t[i] = 0;
-    } else if (prmt_uniform(r) < 0.25) {
-      t[i] = 3;
-    } else {
-      int32_t v = (int32_t)(prmt_next(r) % (LT_V - 1));
-      t[i] = v >= 3 ? v + 1 : v;
-    }
-  }
-}
-
-static void make_pairs(prmt_rng *r, int32_t *tok, int32_t *len, int n) {
-  for (int i = 0; i < n; i++) {
-    int32_t a[LT_S], b[LT_S], la, lb;
-    do {
-      random_seq(r, a, &la);
-      random_seq(r, b, &lb);
-    } while (count3(a, la) == count3(b, lb));
-    const int a_wins = count3(a, la) > count3(b, lb);
-    memcpy(tok + i * LT_S, a_wins ? a : b, sizeof a);
-    memcpy(tok + (n + i) * LT_S, a_wins ? b : a, sizeof a);
-    len[i] = a_wins ? la : lb;
-    len[n + i] = a_wins ? lb : la;
-  }
-}
 
 static void test_learning(void **state) {
   (void)state;
-  enum { STEPS = 300, N_TEST = 300 };
-  static const cfg c = {LT_V, LT_S, 16, 2, 4, 2, 0, 32, 0, 0};
+  static const cfg c = {PRMT_LT_V, PRMT_LT_S, 16, 2, 4, 2, 0, 32, 0, 0};
   prm_model *m = llama(&c, 91);
-  prm_ctx *ct = prmt_tok_ctx(m, 2 * LT_PAIRS, LT_S, 0), *ci = prmt_tok_ctx(m, 2 * N_TEST, LT_S, 1);
-  prm_optimizer_options oo = PRM_OPTIMIZER_OPTIONS_INIT;
-  oo.lr = 2e-2;
-  oo.weight_decay = 0.01;
-  oo.schedule = PRM_SCHED_COSINE;
-  oo.warmup_steps = 15;
-  oo.total_steps = STEPS;
-  oo.max_grad_norm = 1.0;
-  prm_optimizer *opt = NULL;
-  assert_int_equal(prm_optimizer_new(&opt, m, &oo), PRM_OK);
-  prmt_rng r = {92};
-  static int32_t test_tok[2 * N_TEST * LT_S], test_len[2 * N_TEST];
-  static int32_t tok[2 * LT_PAIRS * LT_S], len[2 * LT_PAIRS];
-  make_pairs(&r, test_tok, test_len, N_TEST);
-  const prm_batch tb = prmt_tok_batch(test_tok, test_len, 2 * N_TEST, LT_S);
-  prm_loss_stats st = PRM_LOSS_STATS_INIT, ts = PRM_LOSS_STATS_INIT;
-  assert_int_equal(prm_evaluate(ci, &tb, NULL, &ts), PRM_OK);
-  const double acc0 = ts.accuracy;
-  for (int step = 0; step < STEPS; step++) {
-    make_pairs(&r, tok, len, LT_PAIRS);
-    const prm_batch b = prmt_tok_batch(tok, len, 2 * LT_PAIRS, LT_S);
-    assert_int_equal(prm_train_step(ct, opt, &b, NULL, &st), PRM_OK);
-  }
-  assert_int_equal(prm_evaluate(ci, &tb, NULL, &ts), PRM_OK);
-  print_message("    held-out accuracy %.3f -> %.3f, loss %.4f\n", acc0, ts.accuracy, ts.loss);
-  assert_true(ts.accuracy >= 0.85);
-  prm_optimizer_free(opt);
-  prm_ctx_free(ct);
-  prm_ctx_free(ci);
+  prmt_count_task_learns(m, 300, 2e-2, 15, 0.85);
   prm_model_free(m);
 }
 

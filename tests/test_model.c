@@ -4,10 +4,12 @@
  * gradient accumulation, the one-call train step / evaluate, and the error
  * paths of every model, context and batch function.
  */
+// clang-format off
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
+// clang-format on
 
 #include <math.h>
 #include <stdio.h>
@@ -18,12 +20,6 @@
 #endif
 
 #include "testutil.h"
-
-#define ASSERT_FAILS(call, status)                                       \
-  do {                                                                   \
-    assert_int_equal((call), (status));                                  \
-    assert_true(prm_last_errmsg()[0] != '\0');                           \
-  } while (0)
 
 /* ---- a naive reference forward in double ----------------------------------------- */
 
@@ -43,7 +39,8 @@ static double ref_score(prm_model *m, const float *x) {
   const float *p = prm_model_params(m, NULL);
   double h[2][4096];
   uint64_t in = o.input_size;
-  for (uint64_t j = 0; j < in; j++) h[0][j] = x[j];
+  for (uint64_t j = 0; j < in; j++)
+    h[0][j] = x[j];
   int cur = 0;
   uint32_t t = 0;
   for (uint32_t l = 0; l < (o.arch == PRM_ARCH_MLP ? o.n_hidden : 0); l++) {
@@ -52,7 +49,8 @@ static double ref_score(prm_model *m, const float *x) {
     assert_int_equal(prm_model_tensor_info(m, t++, NULL, &b_off, NULL, NULL), PRM_OK);
     for (uint64_t r = 0; r < out; r++) {
       double s = p[b_off + r];
-      for (uint64_t c = 0; c < in; c++) s += (double)p[w_off + r * in + c] * h[cur][c];
+      for (uint64_t c = 0; c < in; c++)
+        s += (double)p[w_off + r * in + c] * h[cur][c];
       h[1 - cur][r] = act_ref(o.activation, s);
     }
     cur = 1 - cur;
@@ -61,7 +59,8 @@ static double ref_score(prm_model *m, const float *x) {
   uint64_t s_off;
   assert_int_equal(prm_model_tensor_info(m, t, NULL, &s_off, NULL, NULL), PRM_OK);
   double s = 0;
-  for (uint64_t c = 0; c < in; c++) s += (double)p[s_off + c] * h[cur][c];
+  for (uint64_t c = 0; c < in; c++)
+    s += (double)p[s_off + c] * h[cur][c];
   return s;
 }
 
@@ -89,13 +88,13 @@ static void test_model_new_errors(void **state) {
   assert_null(m);
 
   prm_model_options bad;
-#define TRY(field_edit, status)                    \
-  do {                                             \
-    bad = o;                                       \
-    field_edit;                                    \
-    m = (prm_model *)&o;                           \
-    ASSERT_FAILS(prm_model_new(&m, &bad), status); \
-    assert_null(m);                                \
+#define TRY(field_edit, status)                                                                    \
+  do {                                                                                             \
+    bad = o;                                                                                       \
+    field_edit;                                                                                    \
+    m = (prm_model *)&o;                                                                           \
+    ASSERT_FAILS(prm_model_new(&m, &bad), status);                                                 \
+    assert_null(m);                                                                                \
   } while (0)
   TRY(bad.version = 0, PRM_ERR_VERSION);
   TRY(bad.version = 99, PRM_ERR_VERSION);
@@ -125,8 +124,8 @@ static void test_model_queries(void **state) {
   assert_int_equal(prm_model_input_size(m), 4);
   assert_int_equal(prm_model_num_params(m), 5 * 4 + 5 + 3 * 5 + 3 + 3);
   assert_int_equal(prm_model_num_tensors(m), 5);
-  const char *names[5] = {"layers.0.weight", "layers.0.bias", "layers.1.weight",
-                          "layers.1.bias", "score.weight"};
+  const char *names[5] = {"layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias",
+                          "score.weight"};
   uint64_t expect_off[5] = {0, 20, 25, 40, 43};
   uint64_t expect_shape[5][2] = {{5, 4}, {5, 0}, {3, 5}, {3, 0}, {1, 3}};
   for (uint32_t i = 0; i < 5; i++) {
@@ -182,8 +181,10 @@ static void test_model_init_deterministic(void **state) {
   assert_memory_equal(pa, prm_model_params(b, NULL), n * sizeof(float));
   assert_memory_not_equal(pa, prm_model_params(c, NULL), n * sizeof(float));
   /* weights within the nn.Linear bound 1/sqrt(fan_in), biases within 0.1 */
-  for (uint64_t i = 0; i < 48; i++) assert_true(fabsf(pa[i]) <= 1.0f / sqrtf(6.0f));
-  for (uint64_t i = 48; i < 56; i++) assert_true(fabsf(pa[i]) <= 0.1f);
+  for (uint64_t i = 0; i < 48; i++)
+    assert_true(fabsf(pa[i]) <= 1.0f / sqrtf(6.0f));
+  for (uint64_t i = 48; i < 56; i++)
+    assert_true(fabsf(pa[i]) <= 0.1f);
   prm_model_free(a);
   prm_model_free(b);
   prm_model_free(c);
@@ -247,7 +248,8 @@ static void test_forward_errors(void **state) {
   prm_model *m = prmt_linear(3, 1);
   prm_ctx *c = prmt_ctx(m, 4, 0);
   float x[12], s[4] = {7, 7, 7, 7}, ds[2] = {0.5f, -1.0f};
-  for (int i = 0; i < 12; i++) x[i] = (float)i / 10.0f;
+  for (int i = 0; i < 12; i++)
+    x[i] = (float)i / 10.0f;
   prm_batch b = prmt_batch(x, 2, 3);
   /* a good forward pending its backward, which must survive the failures */
   assert_int_equal(prm_ctx_forward(c, &b, s, 4), PRM_OK);
@@ -380,7 +382,8 @@ static double weighted_scores(prm_ctx *ci, const prm_batch *b, const float *g) {
   float s[16];
   assert_int_equal(prm_ctx_forward(ci, b, s, 16), PRM_OK);
   double acc = 0;
-  for (uint64_t i = 0; i < b->n; i++) acc += (double)g[i] * s[i];
+  for (uint64_t i = 0; i < b->n; i++)
+    acc += (double)g[i] * s[i];
   return acc;
 }
 
@@ -428,8 +431,9 @@ static void check_gradients(prm_model *m, uint64_t d, double tol, double atol) {
     }
     double err = fabs(fd - an[j]) - tol * (fabs(fd) + fabs(an[j])) - atol;
     if (err > worst) worst = err;
-    if (err > 0) fprintf(stderr, "act %d param %llu: fd %.6g analytic %.6g\n", act, (unsigned long long)j, fd,
-                         (double)an[j]);
+    if (err > 0)
+      fprintf(stderr, "act %d param %llu: fd %.6g analytic %.6g\n", act, (unsigned long long)j, fd,
+              (double)an[j]);
   }
   assert_true(worst <= 0);
   assert_true(kinks * 5 <= np); /* most parameters were checked */
@@ -523,10 +527,12 @@ static void test_gradient_accumulation(void **state) {
   assert_int_equal(prm_ctx_backward(c, g1, 2), PRM_OK);
   memcpy(one, prm_ctx_grads(c, NULL), np * sizeof(float));
   assert_int_equal(prm_ctx_zero_grad(c), PRM_OK);
-  for (uint64_t j = 0; j < np; j++) assert_true(prm_ctx_grads(c, NULL)[j] == 0.0f);
+  for (uint64_t j = 0; j < np; j++)
+    assert_true(prm_ctx_grads(c, NULL)[j] == 0.0f);
   assert_int_equal(prm_ctx_forward(c, &b2, s, 4), PRM_OK);
   assert_int_equal(prm_ctx_backward(c, g2, 4), PRM_OK);
-  for (uint64_t j = 0; j < np; j++) sum[j] = one[j] + prm_ctx_grads(c, NULL)[j];
+  for (uint64_t j = 0; j < np; j++)
+    sum[j] = one[j] + prm_ctx_grads(c, NULL)[j];
   /* accumulated */
   assert_int_equal(prm_ctx_zero_grad(c), PRM_OK);
   assert_int_equal(prm_ctx_forward(c, &b1, s, 4), PRM_OK);
@@ -628,7 +634,8 @@ static void test_train_step_linear_blocked(void **state) {
   assert_float_equal(sa.loss, sb.loss, 1e-6 * fabs(sb.loss));
   assert_true(sa.accuracy == sb.accuracy);
   const float *pa = prm_model_params(a, NULL), *pb = prm_model_params(b, NULL);
-  for (uint64_t j = 0; j < d; j++) assert_float_equal(pa[j], pb[j], 1e-6 + 1e-5 * fabs(pb[j]));
+  for (uint64_t j = 0; j < d; j++)
+    assert_float_equal(pa[j], pb[j], 1e-6 + 1e-5 * fabs(pb[j]));
 
   /* failures in the last block leave the model and the gradients alone */
   float *before = malloc(sizeof(float) * d);
@@ -641,12 +648,15 @@ static void test_train_step_linear_blocked(void **state) {
   ASSERT_FAILS(prm_train_step(ca, oa, &bt, &lo, NULL), PRM_ERR_INVALID);
   label[P - 1] = 1.0f;
   assert_memory_equal(before, pa, sizeof(float) * d);
-  for (uint64_t j = 0; j < d; j++) assert_true(prm_ctx_grads(ca, NULL)[j] == 0.0f);
+  for (uint64_t j = 0; j < d; j++)
+    assert_true(prm_ctx_grads(ca, NULL)[j] == 0.0f);
   /* parameters so large that finite features give infinite scores */
   float *pw = prm_model_params(a, NULL);
-  for (uint64_t j = 0; j < d; j++) pw[j] = 3e38f;
+  for (uint64_t j = 0; j < d; j++)
+    pw[j] = 3e38f;
   ASSERT_FAILS(prm_train_step(ca, oa, &bt, &lo, NULL), PRM_ERR_NONFINITE);
-  for (uint64_t j = 0; j < d; j++) assert_true(prm_ctx_grads(ca, NULL)[j] == 0.0f);
+  for (uint64_t j = 0; j < d; j++)
+    assert_true(prm_ctx_grads(ca, NULL)[j] == 0.0f);
   free(before);
   free(x);
   free(s);
@@ -693,7 +703,8 @@ static void test_train_step_errors(void **state) {
   x[5] = 1;
   /* nothing changed by any of the failures */
   assert_memory_equal(before, p, sizeof before);
-  for (uint64_t j = 0; j < np; j++) assert_true(prm_ctx_grads(c, NULL)[j] == 0.0f);
+  for (uint64_t j = 0; j < np; j++)
+    assert_true(prm_ctx_grads(c, NULL)[j] == 0.0f);
   assert_int_equal(prm_optimizer_num_updates(opt), 0);
   /* a backward after a failed train step is refused: nothing is pending */
   float ds[4] = {0};
@@ -745,7 +756,8 @@ static void test_no_allocation_in_steps(void **state) {
   prm_loss_stats st = PRM_LOSS_STATS_INIT;
   assert_int_equal(prm_train_step(c, opt, &b, NULL, &st), PRM_OK);
   struct mallinfo2 before = mallinfo2();
-  for (int i = 0; i < 20; i++) assert_int_equal(prm_train_step(c, opt, &b, NULL, &st), PRM_OK);
+  for (int i = 0; i < 20; i++)
+    assert_int_equal(prm_train_step(c, opt, &b, NULL, &st), PRM_OK);
   assert_int_equal(prm_evaluate(c, &b, NULL, &st), PRM_OK);
   struct mallinfo2 after = mallinfo2();
   assert_int_equal(before.uordblks, after.uordblks);

@@ -24,12 +24,6 @@
 #include "prefrm.h"
 #include "testutil.h"
 
-#define ASSERT_FAILS(call, status)                                                                 \
-  do {                                                                                             \
-    assert_int_equal((call), (status));                                                            \
-    assert_true(prm_last_errmsg()[0] != '\0');                                                     \
-  } while (0)
-
 #define ASSERT_MSG_HAS(msg, needle)                                                                \
   do {                                                                                             \
     if (strstr((msg), (needle)) == NULL) fail_msg("message '%s' lacks '%s'", (msg), (needle));     \
