@@ -284,7 +284,7 @@ PRM_API uint64_t prm_model_trainable_offset(const prm_model *model);
 PRM_API const char *prm_model_errmsg(const prm_model *model);
 
 /* ------------------------------------------------------------------------ */
-/* Checkpoints (safetensors, F32)                                            */
+/* Checkpoints (safetensors; saved F32, loaded from F32, F16 or BF16)        */
 /* ------------------------------------------------------------------------ */
 
 /**
@@ -332,7 +332,8 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
 /**
  * Create a model from a safetensors file written by prm_model_save or by
  * PyTorch with the same names and `__metadata__` keys. Everything is
- * validated (header bounds, offsets, overlaps, dtype F32, shapes against the
+ * validated (header bounds, offsets, overlaps, dtype F32, F16 or BF16 --
+ * half precision widens to F32 exactly --, shapes against the
  * configuration, missing or unknown tensors, non-finite values).
  * @param out  receives the model (caller owns), NULL on failure.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_IO (cannot open or read; not a
@@ -427,7 +428,8 @@ typedef struct prm_load_report {
  * rotary_emb.inv_freq buffers, and ...ForSequenceClassification files.
  * lm_head.weight and the buffers are ignored, and so is a
  * "trainable_blocks" key: the new model trains everything. The file's tensors are
- * validated as by prm_model_load (F32 only, bounds, shapes, finite values).
+ * validated as by prm_model_load (F32, F16 or BF16, bounds, shapes, finite
+ * values).
  * @param out     receives the model (caller owns), NULL on failure.
  * @param path    a safetensors file (opened without blocking, as
  *                prm_model_load).

@@ -1,5 +1,6 @@
 /*
- * safetensors.c - model checkpoints in the safetensors format (F32 only).
+ * safetensors.c - the safetensors format: documents written (F32) and read
+ * (F32, F16 and BF16, widened to F32), and model checkpoints on top.
  *
  * Layout of a file (all integers little-endian):
  *   u64 N                  length of the JSON header in bytes
@@ -63,6 +64,28 @@ static void put_f32_le(unsigned char *d, const float *x, size_t n) {
     d[4 * i + 3] = (unsigned char)((u >> 24) & 0xFFu);
   }
 }
+
+/* IEEE binary16 -> binary32, exactly (every half is a float). */
+static float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t u;
+  float f;
+  if (exp == 0) {
+    f = (float)man * 0x1p-24f; /* zero or subnormal: man * 2^-24, exact in float */
+    memcpy(&u, &f, 4);
+    u |= sign;
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13); /* Inf / NaN: refused after conversion */
+  } else {
+    u = sign | ((exp + 112u) << 23) | (man << 13); /* rebias 15 -> 127 */
+  }
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* n little-endian elements of dtype width w (4: F32, 2: F16, 2 + bf16: BF16)
+ * -> floats. F16 and BF16 widen exactly. */
+static void get_elems_le(float *x, const unsigned char *s, size_t n, int dtype);
 
 static void get_f32_le(float *x, const unsigned char *s, size_t n) {
   for (size_t i = 0; i < n; i++) {
@@ -329,6 +352,7 @@ int prm_model_save(const prm_model *model, const char *path) {
 typedef struct st_entry {
   char name[PRMI_NAME_SIZE];
   char dtype[16];
+  int kind; /* ST_F32, ST_F16 or ST_BF16 once checked (check_entries) */
   uint32_t ndim;
   uint64_t shape[ST_MAX_DIMS];
   uint64_t begin, end; /* data_offsets */
@@ -747,6 +771,24 @@ static int config_from_header(st_header *h, prm_model_options *o, const prmi_arc
   return a->config(h, o);
 }
 
+enum { ST_F32 = 1, ST_F16, ST_BF16 };
+
+static void get_elems_le(float *x, const unsigned char *s, size_t n, int dtype) {
+  if (dtype == ST_F32) {
+    get_f32_le(x, s, n);
+    return;
+  }
+  for (size_t i = 0; i < n; i++) {
+    const uint16_t v = (uint16_t)(s[2 * i] | (unsigned)s[2 * i + 1] << 8);
+    if (dtype == ST_F16) {
+      x[i] = half_to_float(v);
+    } else { /* BF16: the top half of a binary32 */
+      const uint32_t u = (uint32_t)v << 16;
+      memcpy(&x[i], &u, 4);
+    }
+  }
+}
+
 /* Entry-level checks that need no configuration: dtype, sizes, bounds,
  * overlaps. Afterwards every entry's bytes lie inside the data area.
  * Ignorable HF buffers may have any dtype (BOOL masks) but must still lie
@@ -765,9 +807,19 @@ static int check_entries(st_header *h, uint64_t data_len) {
                          (unsigned long long)data_len);
       continue;
     }
-    if (strcmp(t->dtype, "F32") != 0)
-      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s has dtype %s, expected F32", t->name,
-                       t->dtype);
+    /* half-precision files (many published checkpoints) widen to F32 */
+    if (strcmp(t->dtype, "F32") == 0) {
+      t->kind = ST_F32;
+    } else if (strcmp(t->dtype, "F16") == 0) {
+      t->kind = ST_F16;
+      bytes = 2;
+    } else if (strcmp(t->dtype, "BF16") == 0) {
+      t->kind = ST_BF16;
+      bytes = 2;
+    } else {
+      return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s has dtype %s, expected F32, F16 or BF16",
+                       t->name, t->dtype);
+    }
     for (uint32_t k = 0; k < t->ndim; k++) {
       if (t->shape[k] != 0 && bytes > UINT64_MAX / t->shape[k])
         return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s: shape overflows", t->name);
@@ -908,13 +960,27 @@ int prmi_st_parse(prmi_ckpt **out, const unsigned char *b, size_t size) {
     return prmi_fail(NULL, PRM_ERR_FORMAT,
                      "checkpoint is %zu bytes, shorter than the header length", size);
   hlen = get_u64_le(b);
+  /* A safetensors file starts with the length of its JSON header, which
+   * starts with '{'. Anything else is another kind of file, and says so. */
   if (hlen > ST_HEADER_MAX)
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "header length %llu exceeds the limit of %llu bytes",
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "not a safetensors file: header length %llu (its first 8 bytes) exceeds the "
+                     "limit of %llu bytes",
                      (unsigned long long)hlen, (unsigned long long)ST_HEADER_MAX);
   if (hlen > size - 8)
     return prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "header length %llu exceeds the %zu bytes that follow it (truncated file?)",
+                     "header length %llu exceeds the %zu bytes that follow it (a truncated file, "
+                     "or not a safetensors file)",
                      (unsigned long long)hlen, size - 8);
+  uint64_t first = 0; /* the first byte of the header that is not JSON whitespace */
+  while (first < hlen && (b[8 + first] == ' ' || b[8 + first] == '\t' || b[8 + first] == '\n' ||
+                          b[8 + first] == '\r'))
+    first++;
+  if (first < hlen && b[8 + first] != '{')
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "not a safetensors file: its header does not start with '{' (byte %llu is "
+                     "0x%02x)",
+                     (unsigned long long)(8 + first), b[8 + first]);
   if (hlen < 2)
     return prmi_fail(NULL, PRM_ERR_FORMAT, "header of %llu bytes is too short",
                      (unsigned long long)hlen);
@@ -956,7 +1022,7 @@ int prmi_st_read(prmi_ckpt *c, const char *name, uint32_t ndim, const uint64_t s
     return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s has shape %s, expected %s", name, got, want);
   }
   const uint64_t n = ndim == 2 ? shape[0] * shape[1] : shape[0];
-  get_f32_le(dst, c->data + t->begin, (size_t)n);
+  get_elems_le(dst, c->data + t->begin, (size_t)n, t->kind);
   if (!prmi_all_finite(dst, n))
     return prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", name);
   t->used = 1;
@@ -1037,7 +1103,7 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
     const prmi_tensor *tn = &m->tensors[i];
     if (fate[i] != FATE_LOADED) continue;
     const st_entry *t = find_entry(h, tn->name); /* present and sized: checked above */
-    get_f32_le(m->params + tn->offset, h->data + t->begin, (size_t)tn->numel);
+    get_elems_le(m->params + tn->offset, h->data + t->begin, (size_t)tn->numel, t->kind);
     if (!prmi_all_finite(m->params + tn->offset, tn->numel))
       rc = prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", tn->name);
   }

@@ -439,10 +439,13 @@ static const bad_case k_bad[] = {
      "\"x\":{\"\\n\":1,\"\\u000a\":2}}}",
      PRM_ERR_FORMAT, "duplicate key '?'"},
     /* tensors */
-    {"{\"score.weight\":{\"dtype\":\"F16\",\"shape\":[1,2],\"data_offsets\":[0,4]}}",
-     PRM_ERR_FORMAT, "tensor score.weight has dtype F16, expected F32"},
-    {"{\"score.weight\":{\"dtype\":\"BF16\",\"shape\":[1,2],\"data_offsets\":[0,4]}}",
-     PRM_ERR_FORMAT, "dtype BF16"},
+    {"{\"score.weight\":{\"dtype\":\"F64\",\"shape\":[1,2],\"data_offsets\":[0,16]}}",
+     PRM_ERR_FORMAT, "tensor score.weight has dtype F64, expected F32, F16 or BF16"},
+    {"{\"score.weight\":{\"dtype\":\"I16\",\"shape\":[1,2],\"data_offsets\":[0,4]}}",
+     PRM_ERR_FORMAT, "dtype I16"},
+    /* half precision: 2 bytes an element, so 8 bytes are not a [1, 2] F16 */
+    {"{\"score.weight\":{\"dtype\":\"F16\",\"shape\":[1,2],\"data_offsets\":[0,8]}}",
+     PRM_ERR_FORMAT, "data_offsets span 8 bytes, shape needs 4"},
     {"{" M_LIN ",\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,3],\"data_offsets\":[0,12]}}",
      PRM_ERR_FORMAT, "has shape [1, 3], expected [1, 2]"},
     {"{\"score.weight\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", PRM_ERR_FORMAT,
@@ -517,8 +520,8 @@ static const bad_case k_bad[] = {
      "missing tensor transformer.wte.weight"},
     {"{\"transformer.wte.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8]}}",
      PRM_ERR_FORMAT, "missing tensor transformer.wpe.weight"},
-    {"{\"wte.weight\":{\"dtype\":\"F16\",\"shape\":[1,2],\"data_offsets\":[0,4]}}", PRM_ERR_FORMAT,
-     "tensor transformer.wte.weight has dtype F16"},
+    {"{\"wte.weight\":{\"dtype\":\"U8\",\"shape\":[1,2],\"data_offsets\":[0,2]}}", PRM_ERR_FORMAT,
+     "tensor transformer.wte.weight has dtype U8"},
     {"{\"__metadata__\":{\"model\":\"gpt2\",\"n_head\":\"1\"}," T_WTE "," T_WPE "}", PRM_ERR_FORMAT,
      "no transformer block"},
     {"{\"__metadata__\":{\"model\":\"gpt2\"}," T_WTE "," T_WPE ","
@@ -1343,7 +1346,7 @@ static const gpt2_case k_gpt2_cases[] = {
      "\"transformer.h.0.ln_1.bias\":{\"dtype\":\"F32\",\"shape\":[1,8]", PRM_ERR_FORMAT,
      "has shape [1, 8], expected [8]"},
     {"\"transformer.h.1.attn.c_attn.weight\":{\"dtype\":\"F32\"",
-     "\"transformer.h.1.attn.c_attn.weight\":{\"dtype\":\"F16\"", PRM_ERR_FORMAT, "dtype F16"},
+     "\"transformer.h.1.attn.c_attn.weight\":{\"dtype\":\"F64\"", PRM_ERR_FORMAT, "dtype F64"},
     {"\"transformer.h.1.mlp.c_fc.bias\"", "\"transformer.h.1.mlp.c_fc.bias_\"", PRM_ERR_FORMAT,
      "missing tensor transformer.h.1.mlp.c_fc.bias"},
     {"\"transformer.h.0.mlp.c_fc.bias\"", "\"transformer.h.1.mlp.c_fc.bias\"", PRM_ERR_FORMAT,
@@ -1901,6 +1904,61 @@ static void test_load_pretrained(void **state) {
   prm_model_free(m);
 }
 
+/* F16 and BF16 tensors widen to F32 exactly: normal, subnormal, signed zero,
+ * the largest finite values; an Inf or NaN half is refused like an F32 one. */
+static void test_half_precision(void **state) {
+  (void)state;
+  static const struct {
+    const char *dtype;
+    uint16_t bits[6];
+    float want[6];
+  } cases[2] = {
+      {"F16",
+       {0x3C00, 0xC100, 0x7BFF, 0x0001, 0x8000, 0x3555},
+       {1.0f, -2.5f, 65504.0f, 0x1p-24f, -0.0f, 0.333251953125f}},
+      {"BF16",
+       {0x3F80, 0xC020, 0x7F7F, 0x0001, 0x8000, 0x3EAB},
+       {1.0f, -2.5f, 0x1.FEp127f, 0x1p-133f, -0.0f, 0.333984375f}},
+  };
+  for (int c = 0; c < 2; c++) {
+    char header[256];
+    unsigned char data[12];
+    for (int i = 0; i < 6; i++) {
+      data[2 * i] = (unsigned char)(cases[c].bits[i] & 0xFF);
+      data[2 * i + 1] = (unsigned char)(cases[c].bits[i] >> 8);
+    }
+    snprintf(header, sizeof header,
+             "{\"__metadata__\":{\"model\":\"linear\"},\"score.weight\":{\"dtype\":\"%s\","
+             "\"shape\":[1,6],\"data_offsets\":[0,12]}}",
+             cases[c].dtype);
+    size_t n;
+    unsigned char *buf = make_st(header, data, sizeof data, &n);
+    prm_model *m = NULL;
+    if (prm_model_load_buffer(&m, buf, n) != PRM_OK) fail_msg("%s: %s", cases[c].dtype, prm_last_errmsg());
+    const float *p = prm_model_params(m, NULL);
+    assert_memory_equal(p, cases[c].want, sizeof cases[c].want); /* bits, -0.0 included */
+    /* a save writes F32: the same values, exactly */
+    size_t k;
+    assert_int_equal(prm_model_save_buffer(m, NULL, 0, &k), PRM_OK);
+    unsigned char *out = malloc(k);
+    assert_int_equal(prm_model_save_buffer(m, out, k, &k), PRM_OK);
+    prm_model *back = NULL;
+    assert_int_equal(prm_model_load_buffer(&back, out, k), PRM_OK);
+    assert_memory_equal(prm_model_params(back, NULL), cases[c].want, sizeof cases[c].want);
+    prm_model_free(back);
+    free(out);
+    prm_model_free(m);
+    /* Inf (F16 0x7C00, BF16 0x7F80) and NaN are refused */
+    data[4] = 0x00;
+    data[5] = c == 0 ? 0x7C : 0x7F;
+    if (c == 1) data[4] = 0x80;
+    free(buf);
+    buf = make_st(header, data, sizeof data, &n);
+    expect_fail(buf, n, PRM_ERR_FORMAT, "NaN or Inf");
+    free(buf);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_roundtrip_linear),
@@ -1928,6 +1986,7 @@ int main(void) {
       cmocka_unit_test(test_prefrm_checkpoint_in_torch),
       cmocka_unit_test(test_gpt2_torch_interop),
       cmocka_unit_test(test_load_pretrained),
+      cmocka_unit_test(test_half_precision),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -102,17 +102,19 @@ def cases():
 
     add("empty", b"", "PRM_ERR_FORMAT", "shorter than the header length")
     add("seven_bytes", b"\x10\0\0\0\0\0\0", "PRM_ERR_FORMAT", "shorter than the header length")
-    add("text_file", b"this is a plain text file, not a checkpoint\n", "PRM_ERR_FORMAT", "header length")
+    add("text_file", b"this is a plain text file, not a checkpoint\n", "PRM_ERR_FORMAT",
+        "not a safetensors file")
     h, d = linear()
     full = st_file(h, d)
     add("truncated_header", full[:20], "PRM_ERR_FORMAT", "truncated")
     add("truncated_data", full[:-3], "PRM_ERR_FORMAT", "outside the data area")
-    add("header_not_json", st_file(None, d, raw_header=b"[1, 2, 3]  "), "PRM_ERR_FORMAT", "bad safetensors header")
+    add("header_not_json", st_file(None, d, raw_header=b"[1, 2, 3]  "), "PRM_ERR_FORMAT",
+        "not a safetensors file")
     add("header_trailing_bytes", st_file(None, d, raw_header=json.dumps(h).encode() + b" x"), "PRM_ERR_FORMAT",
         "trailing bytes")
     h2 = json.loads(json.dumps(h))
     h2["score.weight"]["dtype"] = "F64"
-    add("dtype_f64", st_file(h2, d), "PRM_ERR_FORMAT", "dtype F64")
+    add("dtype_f64", st_file(h2, d), "PRM_ERR_FORMAT", "dtype F64, expected F32, F16 or BF16")
     h2 = json.loads(json.dumps(h))
     h2["score.weight"]["data_offsets"] = [0, 4]
     add("offsets_span_wrong", st_file(h2, d), "PRM_ERR_FORMAT", "data_offsets span")
