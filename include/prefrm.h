@@ -71,12 +71,12 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define PRM_VERSION_MAJOR 0
-#define PRM_VERSION_MINOR 2
+#define PRM_VERSION_MINOR 3
 #define PRM_VERSION_PATCH 0
-/** MAJOR * 10000 + MINOR * 100 + PATCH, e.g. 200 for 0.2.0. */
+/** MAJOR * 10000 + MINOR * 100 + PATCH, e.g. 300 for 0.3.0. */
 #define PRM_VERSION_NUMBER \
   (PRM_VERSION_MAJOR * 10000 + PRM_VERSION_MINOR * 100 + PRM_VERSION_PATCH)
-#define PRM_VERSION_STRING "0.2.0"
+#define PRM_VERSION_STRING "0.3.0"
 
 /** Runtime twin of PRM_VERSION_NUMBER: the version of the linked library. */
 PRM_API uint32_t prm_version_number(void);
@@ -278,6 +278,71 @@ PRM_API int prm_model_set_trainable(prm_model *model, int32_t n_blocks);
 /** First trainable parameter (0 when everything trains, and for NULL).
  *  Gradient j of a context is that of parameter offset + j. */
 PRM_API uint64_t prm_model_trainable_offset(const prm_model *model);
+
+/* ---- Reward normalisation ---- */
+
+#define PRM_REWARD_MOMENTS_VERSION 1
+
+/** Running count, mean and sum of squared deviations of rewards, for
+ *  normalisation statistics over a reference set streamed in batches.
+ *  Initialise with prm_reward_moments_init (or PRM_REWARD_MOMENTS_INIT). */
+typedef struct prm_reward_moments {
+  uint32_t version; /**< PRM_REWARD_MOMENTS_VERSION */
+  uint64_t count;   /**< rewards added */
+  double mean;      /**< their mean */
+  double m2;        /**< sum of (r - mean)^2 */
+} prm_reward_moments;
+
+#define PRM_REWARD_MOMENTS_INIT { PRM_REWARD_MOMENTS_VERSION, 0, 0.0, 0.0 }
+
+/** Fill *m with an empty accumulator. @return PRM_OK, PRM_ERR_NULL,
+ *  PRM_ERR_VERSION. */
+PRM_API int prm_reward_moments_init(prm_reward_moments *m, uint32_t version);
+
+/**
+ * Add n rewards (e.g. the scores prm_ctx_forward returned for one batch of
+ * the reference set). Each batch's mean and squared deviations are computed
+ * in double and merged exactly (Chan, Golub and LeVeque's pairwise update),
+ * so the result does not depend on how the set is cut into batches beyond
+ * rounding. On failure *m is unchanged.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_NONFINITE (a
+ *         NaN/Inf reward). n = 0 adds nothing. Thread-safe for distinct m.
+ */
+PRM_API int prm_reward_moments_add(prm_reward_moments *m, const float *rewards,
+                                   uint64_t n);
+
+/**
+ * Store reward normalisation statistics in the model: mean and population
+ * standard deviation sqrt(m2 / count) of the moments. They are saved in
+ * checkpoints ("reward_mean", "reward_std" __metadata__ keys, exact) and
+ * loaded back; other tools (PyTorch with the reference) ignore them and
+ * score as before. moments NULL removes them.
+ * @return PRM_OK, PRM_ERR_NULL (model), PRM_ERR_VERSION, PRM_ERR_INVALID
+ *         (fewer than 2 rewards, or a standard deviation that is 0 or not
+ *         finite). Not thread-safe with other calls on the model.
+ */
+PRM_API int prm_model_set_reward_norm(prm_model *model,
+                                      const prm_reward_moments *moments);
+
+/**
+ * The model's normalisation statistics.
+ * @param mean, std  optional outputs.
+ * @return PRM_OK, PRM_ERR_NULL (model), PRM_ERR_STATE (the model has none).
+ * Thread-safe.
+ */
+PRM_API int prm_model_reward_norm(const prm_model *model, double *mean,
+                                  double *std);
+
+/**
+ * Normalise n rewards in place: r <- (r - mean) / std with the model's
+ * statistics, in double, rounded to float. Call it on the scores of
+ * prm_ctx_forward when the RL stage wants rewards on a known scale.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_STATE (the model has no
+ *         statistics; rewards untouched), PRM_ERR_NONFINITE (a NaN/Inf
+ *         reward; rewards untouched). Thread-safe (reads the model only).
+ */
+PRM_API int prm_model_normalise_rewards(const prm_model *model, float *rewards,
+                                        uint64_t n);
 
 /** Detail of the last failure of a call that took this model as a non-const
  *  argument. "" if none; never NULL (also for a NULL model). */

@@ -170,6 +170,8 @@ const char *prmi_layer_name(const char *name, const char *prefix, uint64_t *l);
 /* Configuration key for meta_write ("key": "value"). */
 void prmi_meta_put(prmi_meta_out *out, const char *key, const char *value);
 void prmi_meta_put_u64(prmi_meta_out *out, const char *key, uint64_t v);
+/* A double as "%.17g" (reads back bit for bit; '.' whatever the locale). */
+void prmi_meta_put_real(prmi_meta_out *out, const char *key, double x);
 
 /* ctx.c: helpers of the feature architectures (linear, mlp). */
 /* Copy n rows (source stride) into dst (n, d) and check them in one pass:

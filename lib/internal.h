@@ -125,6 +125,8 @@ struct prm_model {
   uint64_t head_in;
   void *layout; /* the architecture's private offsets (arch->layout) */
   uint64_t trainable_offset; /* parameters [trainable_offset, n_params) train */
+  int has_reward_norm;       /* reward_mean / reward_std are set */
+  double reward_mean, reward_std; /* prm_model_set_reward_norm; saved in checkpoints */
   int32_t trainable_blocks;  /* prm_model_set_trainable's n_blocks (while the
                                 offset is not 0): saved in checkpoints */
   char errmsg[PRMI_ERRMSG_SIZE];

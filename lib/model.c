@@ -244,3 +244,100 @@ uint64_t prm_model_trainable_offset(const prm_model *model) {
 }
 
 const char *prm_model_errmsg(const prm_model *model) { return model ? model->errmsg : ""; }
+
+/* ---- reward normalisation ------------------------------------------------------------ */
+
+int prm_reward_moments_init(prm_reward_moments *m, uint32_t version) {
+  const prm_reward_moments d = PRM_REWARD_MOMENTS_INIT;
+  return prmi_init_struct(m, &d, sizeof d, version, PRM_REWARD_MOMENTS_VERSION,
+                          "prm_reward_moments_init");
+}
+
+/*
+ * One batch's count, mean and M2 (two passes in double: the mean, then the
+ * squared deviations from it), merged with the running ones by
+ *   delta = mean_b - mean_a,  n = n_a + n_b,
+ *   mean = mean_a + delta n_b / n,  M2 = M2_a + M2_b + delta^2 n_a n_b / n
+ * (Chan, Golub, LeVeque 1979): no cancellation when rewards share an offset.
+ */
+int prm_reward_moments_add(prm_reward_moments *m, const float *rewards, uint64_t n) {
+  int rc = prmi_check_version(NULL, m, PRM_REWARD_MOMENTS_VERSION, "prm_reward_moments_add: m");
+  if (rc != PRM_OK) return rc;
+  if (n == 0) return PRM_OK;
+  if (rewards == NULL)
+    return prmi_fail(NULL, PRM_ERR_NULL, "prm_reward_moments_add: rewards is NULL");
+  if (!prmi_all_finite(rewards, n)) {
+    uint64_t i = 0;
+    while (isfinite(rewards[i])) i++;
+    return prmi_fail(NULL, PRM_ERR_NONFINITE, "prm_reward_moments_add: rewards[%llu] is not finite",
+                     (unsigned long long)i);
+  }
+  double sum = 0.0;
+  for (uint64_t i = 0; i < n; i++) sum += (double)rewards[i];
+  const double mean_b = sum / (double)n;
+  double m2_b = 0.0;
+  for (uint64_t i = 0; i < n; i++) {
+    const double d = (double)rewards[i] - mean_b;
+    m2_b += d * d;
+  }
+  const double na = (double)m->count, nb = (double)n, total = na + nb;
+  const double delta = mean_b - m->mean;
+  m->mean += delta * (nb / total);
+  m->m2 += m2_b + delta * delta * (na * nb / total);
+  m->count += n;
+  return PRM_OK;
+}
+
+int prm_model_set_reward_norm(prm_model *model, const prm_reward_moments *moments) {
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_set_reward_norm: model is NULL");
+  if (moments == NULL) {
+    model->has_reward_norm = 0;
+    model->reward_mean = model->reward_std = 0.0;
+    return PRM_OK;
+  }
+  int rc = prmi_check_version(model->errmsg, moments, PRM_REWARD_MOMENTS_VERSION,
+                              "prm_model_set_reward_norm: moments");
+  if (rc != PRM_OK) return rc;
+  if (moments->count < 2)
+    return prmi_fail(model->errmsg, PRM_ERR_INVALID,
+                     "prm_model_set_reward_norm: %llu rewards; at least 2 are needed",
+                     (unsigned long long)moments->count);
+  const double sd = sqrt(moments->m2 / (double)moments->count);
+  if (!(isfinite(moments->mean) && isfinite(sd) && sd > 0.0))
+    return prmi_fail(model->errmsg, PRM_ERR_INVALID,
+                     "prm_model_set_reward_norm: mean %g, standard deviation %g: need finite "
+                     "values and a deviation > 0",
+                     moments->mean, sd);
+  model->has_reward_norm = 1;
+  model->reward_mean = moments->mean;
+  model->reward_std = sd;
+  return PRM_OK;
+}
+
+int prm_model_reward_norm(const prm_model *model, double *mean, double *std) {
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_reward_norm: model is NULL");
+  if (!model->has_reward_norm)
+    return prmi_fail(NULL, PRM_ERR_STATE,
+                     "prm_model_reward_norm: the model has no normalisation statistics "
+                     "(prm_model_set_reward_norm)");
+  if (mean != NULL) *mean = model->reward_mean;
+  if (std != NULL) *std = model->reward_std;
+  return PRM_OK;
+}
+
+int prm_model_normalise_rewards(const prm_model *model, float *rewards, uint64_t n) {
+  if (model == NULL)
+    return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_normalise_rewards: model is NULL");
+  if (rewards == NULL && n > 0)
+    return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_normalise_rewards: rewards is NULL");
+  if (!model->has_reward_norm)
+    return prmi_fail(NULL, PRM_ERR_STATE,
+                     "prm_model_normalise_rewards: the model has no normalisation statistics "
+                     "(prm_model_set_reward_norm)");
+  if (n > 0 && !prmi_all_finite(rewards, n))
+    return prmi_fail(NULL, PRM_ERR_NONFINITE, "prm_model_normalise_rewards: a reward is NaN/Inf");
+  const double mean = model->reward_mean, sd = model->reward_std;
+  for (uint64_t i = 0; i < n; i++) rewards[i] = (float)(((double)rewards[i] - mean) / sd);
+  return PRM_OK;
+}
+

@@ -65,22 +65,6 @@ typedef struct opt_doc {
   char (*names)[OPT_NAME_SIZE]; /* [kinds * n_train]: kind-major */
 } opt_doc;
 
-/* A real as "%.17g", which reads back as the same double; the radix point
- * is written '.' whatever the host's LC_NUMERIC. */
-static void put_real(prmi_meta_out *out, const char *key, double x) {
-  char raw[48], txt[48];
-  size_t n = 0;
-  snprintf(raw, sizeof raw, "%.17g", x);
-  for (const char *p = raw; *p != '\0' && n + 1 < sizeof txt; p++) {
-    if ((*p >= '0' && *p <= '9') || *p == 'e' || *p == '+' || *p == '-')
-      txt[n++] = *p;
-    else if (n == 0 || txt[n - 1] != '.')
-      txt[n++] = '.'; /* a locale's radix, possibly several bytes */
-  }
-  txt[n] = '\0';
-  prmi_meta_put(out, key, txt);
-}
-
 static void state_meta(const void *arg, prmi_meta_out *out) {
   const prm_optimizer *opt = ((const opt_doc *)arg)->opt;
   const prm_optimizer_options *o = &opt->opts;
@@ -90,23 +74,23 @@ static void state_meta(const void *arg, prmi_meta_out *out) {
   prmi_meta_put_u64(out, "num_params", opt->model->n_params);
   prmi_meta_put_u64(out, "trainable_offset", opt->toff);
   prmi_meta_put(out, "algorithm", k_algorithms[o->algorithm - 1]);
-  put_real(out, "lr", o->lr);
-  put_real(out, "beta1", o->beta1);
-  put_real(out, "beta2", o->beta2);
-  put_real(out, "eps", o->eps);
-  put_real(out, "weight_decay", o->weight_decay);
-  put_real(out, "momentum", o->momentum);
+  prmi_meta_put_real(out, "lr", o->lr);
+  prmi_meta_put_real(out, "beta1", o->beta1);
+  prmi_meta_put_real(out, "beta2", o->beta2);
+  prmi_meta_put_real(out, "eps", o->eps);
+  prmi_meta_put_real(out, "weight_decay", o->weight_decay);
+  prmi_meta_put_real(out, "momentum", o->momentum);
   prmi_meta_put(out, "nesterov", o->nesterov ? "1" : "0");
   prmi_meta_put(out, "no_decay_1d", o->no_decay_1d ? "1" : "0");
-  put_real(out, "max_grad_norm", o->max_grad_norm);
+  prmi_meta_put_real(out, "max_grad_norm", o->max_grad_norm);
   prmi_meta_put(out, "schedule", k_schedules[o->schedule - 1]);
   prmi_meta_put_u64(out, "accumulation_steps", o->accumulation_steps);
   prmi_meta_put_u64(out, "warmup_steps", o->warmup_steps);
   prmi_meta_put_u64(out, "total_steps", o->total_steps);
-  put_real(out, "min_lr", o->min_lr);
+  prmi_meta_put_real(out, "min_lr", o->min_lr);
   prmi_meta_put_u64(out, "num_updates", opt->num_updates);
   prmi_meta_put_u64(out, "micro_step", opt->micro);
-  put_real(out, "last_grad_norm", opt->last_grad_norm);
+  prmi_meta_put_real(out, "last_grad_norm", opt->last_grad_norm);
 }
 
 static void state_tensor(const void *arg, uint32_t i, prmi_st_tensor *t) {

@@ -173,6 +173,22 @@ void prmi_meta_put(prmi_meta_out *out, const char *key, const char *value) {
   sink_jstr(out->sink, value);
 }
 
+/* A real as "%.17g", which reads back as the same double; the radix point
+ * is written '.' whatever the host's LC_NUMERIC. */
+void prmi_meta_put_real(prmi_meta_out *out, const char *key, double x) {
+  char raw[48], txt[48];
+  size_t n = 0;
+  snprintf(raw, sizeof raw, "%.17g", x);
+  for (const char *p = raw; *p != '\0' && n + 1 < sizeof txt; p++) {
+    if ((*p >= '0' && *p <= '9') || *p == 'e' || *p == '+' || *p == '-')
+      txt[n++] = *p;
+    else if (n == 0 || txt[n - 1] != '.')
+      txt[n++] = '.'; /* a locale's radix, possibly several bytes */
+  }
+  txt[n] = '\0';
+  prmi_meta_put(out, key, txt);
+}
+
 void prmi_meta_put_u64(prmi_meta_out *out, const char *key, uint64_t v) {
   char buf[24];
   snprintf(buf, sizeof buf, "%llu", (unsigned long long)v);
@@ -297,6 +313,11 @@ static void model_meta(const void *arg, prmi_meta_out *out) {
    * (files of a model that trains everything stay as they were) */
   if (m->trainable_offset != 0)
     prmi_meta_put_u64(out, "trainable_blocks", (uint64_t)m->trainable_blocks);
+  /* reward normalisation statistics, exactly ("%.17g" round-trips a double) */
+  if (m->has_reward_norm) {
+    prmi_meta_put_real(out, "reward_mean", m->reward_mean);
+    prmi_meta_put_real(out, "reward_std", m->reward_std);
+  }
 }
 
 static void model_tensor(const void *arg, uint32_t i, prmi_st_tensor *t) {
@@ -1057,6 +1078,27 @@ static int apply_trainable(const st_header *h, prm_model *m) {
   return PRM_OK;
 }
 
+/* "reward_mean" and "reward_std" (prm_model_set_reward_norm): both or
+ * neither, finite, std > 0. */
+static int apply_reward_norm(const st_header *h, prm_model *m) {
+  double mean = 0.0, sd = 0.0;
+  int a = prmi_ckpt_meta_double(h, "reward_mean", &mean);
+  if (a < 0) return a;
+  int b = prmi_ckpt_meta_double(h, "reward_std", &sd);
+  if (b < 0) return b;
+  if (a != b)
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "__metadata__ has %s but not %s (reward normalisation needs both)",
+                     a ? "reward_mean" : "reward_std", a ? "reward_std" : "reward_mean");
+  if (a == 0) return PRM_OK;
+  if (!(sd > 0.0))
+    return prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ reward_std = %g is not > 0", sd);
+  m->has_reward_norm = 1;
+  m->reward_mean = mean;
+  m->reward_std = sd;
+  return PRM_OK;
+}
+
 /* An optimizer state (lib/optim_io.c) is not a model: say so rather than
  * fail on its keys. Other "kind" values are unknown keys, ignored. */
 static int check_model_kind(const st_header *h) {
@@ -1108,6 +1150,7 @@ static int load_validated(prm_model **out, const unsigned char *b, size_t size,
       rc = prmi_fail(NULL, PRM_ERR_FORMAT, "tensor %s contains NaN or Inf", tn->name);
   }
   if (rc == PRM_OK && pt == NULL) rc = apply_trainable(h, m);
+  if (rc == PRM_OK) rc = apply_reward_norm(h, m);
   if (rc == PRM_OK && pt != NULL && pt->report != NULL) {
     prm_load_report *r = pt->report;
     r->n_loaded = r->n_initialised = r->n_ignored = 0;

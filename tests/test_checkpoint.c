@@ -1628,6 +1628,14 @@ static void test_prefrm_checkpoint_in_torch(void **state) {
   compare_with_torch(refdir, mlp, ckpt);
   assert_int_equal(prm_model_save(lin, ckpt), PRM_OK);
   compare_with_torch(refdir, lin, ckpt);
+  /* with reward normalisation statistics in the metadata: PyTorch (the
+   * reference) still opens the file and gives the same raw scores */
+  prm_reward_moments mo = PRM_REWARD_MOMENTS_INIT;
+  const float r[4] = {0.5f, -1.25f, 2.0f, 0.75f};
+  assert_int_equal(prm_reward_moments_add(&mo, r, 4), PRM_OK);
+  assert_int_equal(prm_model_set_reward_norm(mlp, &mo), PRM_OK);
+  assert_int_equal(prm_model_save(mlp, ckpt), PRM_OK);
+  compare_with_torch(refdir, mlp, ckpt);
   prm_model_free(mlp);
   prm_model_free(lin);
   remove(ckpt);

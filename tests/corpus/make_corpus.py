@@ -171,6 +171,11 @@ def cases():
     add("invalid_utf8_name", st_file(None, d, raw_header=bad), "PRM_ERR_FORMAT", "UTF-8")
     add("negative_shape", st_file(None, d, raw_header=json.dumps(h).replace("[1, 2]", "[1, -2]").encode()),
         "PRM_ERR_FORMAT", "bad safetensors header")
+    add("reward_mean_without_std", st_file(*linear(meta={"model": "linear", "reward_mean": "1.5"})),
+        "PRM_ERR_FORMAT", "reward normalisation needs both")
+    add("reward_std_zero",
+        st_file(*linear(meta={"model": "linear", "reward_mean": "1.5", "reward_std": "0.0"})),
+        "PRM_ERR_FORMAT", "reward_std")
     # valid files: the loader must accept them
     add("valid_linear", full, "PRM_OK", "-")
     add("valid_gpt2_bare_names", st_file(*gpt2(prefix="")), "PRM_OK", "-")
