@@ -417,7 +417,7 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
  * (and gradient files of the PyTorch reference) load as well; a key given
  * twice in any JSON object of the header (known or unknown, compared after
  * decoding escapes) is PRM_ERR_FORMAT. gpt2 files need the "n_head" key
- * (docs/checkpoints.md). The trainable set is restored: a file with a
+ * (docs/checkpoint-format.md). The trainable set is restored: a file with a
  * "trainable_blocks" key (see prm_model_save) loads as after
  * prm_model_set_trainable(model, that value), PRM_ERR_FORMAT when the model
  * cannot take it; a file without it loads with everything trainable.
@@ -451,9 +451,13 @@ typedef struct prm_pretrained_options {
   int32_t fresh_head; /**< non-zero: initialise score.weight even when the
                            file has one (start a new reward head on a
                            reward model's backbone) */
+  int32_t ignore_unknown; /**< non-zero: tensors the architecture does not
+                           know (another model's extra heads, adapters) are
+                           skipped and reported as ignored instead of
+                           failing the load with "unexpected tensor" */
 } prm_pretrained_options;
 
-#define PRM_PRETRAINED_OPTIONS_INIT { PRM_PRETRAINED_OPTIONS_VERSION, NULL, 0, 0 }
+#define PRM_PRETRAINED_OPTIONS_INIT { PRM_PRETRAINED_OPTIONS_VERSION, NULL, 0, 0, 0 }
 
 /** Fill *opts with defaults (configuration from the file, seed 0, keep a
  *  head the file has). @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
@@ -853,7 +857,7 @@ PRM_API const char *prm_optimizer_errmsg(const prm_optimizer *opt);
  * strings, and the moments of the trainable tensors as F32 tensors named as
  * in PyTorch's optimizer state: "exp_avg.<param>" and "exp_avg_sq.<param>"
  * (Adam, AdamW), "momentum_buffer.<param>" (SGD with momentum; plain SGD
- * has none). docs/checkpoints.md has the layout.
+ * has none). docs/checkpoint-format.md has the layout.
  *
  * With the model saved by prm_model_save, prm_model_load +
  * prm_optimizer_load resume the run bit-exactly: the next steps write the

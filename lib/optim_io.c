@@ -15,7 +15,7 @@
  *                 "exp_avg_sq.<param>" (Adam, AdamW), "momentum_buffer.<param>"
  *                 (SGD with momentum), each in arena order, so the data
  *                 area holds the m arena and then the v arena.
- * docs/checkpoints.md has the table; docs/optimizers.md explains resuming.
+ * docs/checkpoint-format.md has the table; docs/optimizers.md explains resuming.
  *
  * A load trusts nothing: the file is parsed by prmi_st_parse, every key is
  * checked, the options go through the same validation as prm_optimizer_new,

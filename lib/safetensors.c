@@ -14,7 +14,7 @@
  * also reads them. Reading never trusts the file: the JSON header
  * is parsed by the small strict parser below (bounded, no recursion beyond
  * PRMI_JSON_MAX_DEPTH, never reads past the buffer) and every number is checked
- * before it is used as a size or an offset. See docs/checkpoints.md.
+ * before it is used as a size or an offset. See docs/checkpoint-format.md.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -938,6 +938,7 @@ static int check_against_layout(st_header *h, const prm_model *m, const st_pretr
     if (t->used) continue;
     if (t->ignorable && m->arch->ignorable != NULL && m->arch->ignorable(t->name, t->ndim)) continue;
     if (pt != NULL && m->arch->tokens && strcmp(t->name, "lm_head.weight") == 0) continue;
+    if (pt != NULL && pt->opts->ignore_unknown) continue; /* reported as ignored */
     return prmi_fail(NULL, PRM_ERR_FORMAT, "unexpected tensor %s for %s model", t->name,
                      m->arch->article);
   }

@@ -1880,6 +1880,33 @@ static void test_load_pretrained(void **state) {
   prm_model_free(fresh);
   prm_model_free(back);
 
+  /* an unknown tensor fails the load unless the caller asks to skip it; then
+   * it is reported as ignored */
+  {
+    static const char hdr[] =
+        "{\"__metadata__\":{\"model\":\"linear\"},"
+        "\"score.weight\":{\"dtype\":\"F32\",\"shape\":[1,2],\"data_offsets\":[0,8]},"
+        "\"adapter.lora_A\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}";
+    const float vals[4] = {0.5f, -1.0f, 3.0f, 4.0f};
+    size_t un;
+    unsigned char *ub = make_st(hdr, (const unsigned char *)vals, sizeof vals, &un);
+    prm_model *u = NULL;
+    assert_int_equal(prm_model_load_pretrained_buffer(&u, ub, un, NULL, NULL), PRM_ERR_FORMAT);
+    assert_non_null(strstr(prm_last_errmsg(), "unexpected tensor adapter.lora_A"));
+    prm_pretrained_options io = PRM_PRETRAINED_OPTIONS_INIT;
+    io.ignore_unknown = 1;
+    char t2[256];
+    prm_load_report r2 = PRM_LOAD_REPORT_INIT;
+    r2.text = t2;
+    r2.text_size = sizeof t2;
+    assert_int_equal(prm_model_load_pretrained_buffer(&u, ub, un, &io, &r2), PRM_OK);
+    assert_int_equal(r2.n_ignored, 1);
+    assert_non_null(strstr(t2, "ignored adapter.lora_A\n"));
+    assert_true(prm_model_params(u, NULL)[0] == 0.5f && prm_model_params(u, NULL)[1] == -1.0f);
+    prm_model_free(u);
+    free(ub);
+  }
+
   /* errors: arguments, versions, a configuration that is invalid or that the
    * file contradicts */
   rep = (prm_load_report)PRM_LOAD_REPORT_INIT;
