@@ -774,8 +774,6 @@ static int gpt2_layout_new(prm_model *m) {
   return PRM_OK;
 }
 
-static void gpt2_layout_free(void *layout) { free(layout); }
-
 /* GPT-2: LayerNorm 1/0, biases 0, weights N(0, 0.02), the two residual
  * projections N(0, 0.02 / sqrt(2 n_layer)). */
 static void gpt2_init(prm_model *m, uint64_t seed) {
@@ -975,7 +973,7 @@ const prmi_arch prmi_arch_gpt2 = {
     .tokens = 1,
     .normalise = gpt2_normalise,
     .layout = gpt2_layout_new,
-    .layout_free = gpt2_layout_free,
+    .layout_free = free, /* the layout is one allocation */
     .init = gpt2_init,
     .trainable_from_block = gpt2_trainable_from_block,
     .meta_write = gpt2_meta_write,

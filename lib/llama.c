@@ -1285,8 +1285,6 @@ static int llama_layout_new(prm_model *m) {
   return PRM_OK;
 }
 
-static void llama_layout_free(void *layout) { free(layout); }
-
 /* HF LlamaPreTrainedModel._init_weights: every Linear weight and the
  * embedding N(0, 0.02), biases 0, RMSNorm weights 1. */
 static void llama_init(prm_model *m, uint64_t seed) {
@@ -1534,7 +1532,7 @@ const prmi_arch prmi_arch_llama = {
     .tokens = 1,
     .normalise = llama_normalise,
     .layout = llama_layout_new,
-    .layout_free = llama_layout_free,
+    .layout_free = free, /* the layout is one allocation */
     .init = llama_init,
     .trainable_from_block = llama_trainable_from_block,
     .meta_write = llama_meta_write,

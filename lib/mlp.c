@@ -95,8 +95,6 @@ static int mlp_layout_new(prm_model *m) {
   return PRM_OK;
 }
 
-static void mlp_layout_free(void *layout) { free(layout); }
-
 /* Weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's nn.Linear bound);
  * biases U(-0.1, 0.1) so that tests see non-trivial biases. linear.c uses
  * it too. */
@@ -445,7 +443,7 @@ const prmi_arch prmi_arch_mlp = {
     .tokens = 0,
     .normalise = mlp_normalise,
     .layout = mlp_layout_new,
-    .layout_free = mlp_layout_free,
+    .layout_free = free, /* the layout is one allocation */
     .init = prmi_init_feature_model,
     .trainable_from_block = mlp_trainable_from_block,
     .meta_write = mlp_meta_write,

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "optimizer_models.h"
 #include "prefrm.h"
 
 #define REQUIRE(cond)                                                                              \
@@ -27,25 +28,8 @@
 static prm_model *model_for(unsigned selector) {
   static prm_model *models[2];
   const unsigned k = selector & 1u;
-  if (models[k] == NULL) {
-    prm_model_options o = PRM_MODEL_OPTIONS_INIT;
-    if (k == 0) {
-      o.arch = PRM_ARCH_GPT2;
-      o.vocab_size = 8;
-      o.n_ctx = 4;
-      o.n_embd = 4;
-      o.n_layer = 2;
-      o.n_head = 2;
-    } else {
-      o.arch = PRM_ARCH_MLP;
-      o.input_size = 3;
-      o.n_hidden = 1;
-      o.hidden[0] = 4;
-    }
-    o.seed = 1;
-    REQUIRE(prm_model_new(&models[k], &o) == PRM_OK);
-    if (k == 0) REQUIRE(prm_model_set_trainable(models[k], 1) == PRM_OK);
-  }
+  if (models[k] == NULL) models[k] = fuzz_optimizer_model_new(k);
+  REQUIRE(models[k] != NULL);
   return models[k];
 }
 

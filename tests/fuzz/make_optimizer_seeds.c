@@ -5,31 +5,17 @@
  * step; a fresh Adam), each prefixed with the model selector byte.
  *   build-fuzz/tests/make_optimizer_seeds tests/fuzz/seeds_optimizer
  */
+#include "optimizer_models.h"
 #include "prefrm.h"
 #include <stdio.h>
 #include <stdlib.h>
 
 static prm_model *mk(int k) {
-  prm_model_options o = PRM_MODEL_OPTIONS_INIT;
-  if (k == 0) {
-    o.arch = PRM_ARCH_GPT2;
-    o.vocab_size = 8;
-    o.n_ctx = 4;
-    o.n_embd = 4;
-    o.n_layer = 2;
-    o.n_head = 2;
-  } else {
-    o.arch = PRM_ARCH_MLP;
-    o.input_size = 3;
-    o.n_hidden = 1;
-    o.hidden[0] = 4;
-  }
-  o.seed = 1;
-  prm_model *m;
-  if (prm_model_new(&m, &o)) exit(1);
-  if (k == 0) prm_model_set_trainable(m, 1);
+  prm_model *m = fuzz_optimizer_model_new((unsigned)k);
+  if (m == NULL) exit(1);
   return m;
 }
+
 static void put(const char *dir, const char *name, int k, prm_optimizer *opt) {
   size_t n;
   prm_optimizer_save_buffer(opt, NULL, 0, &n);
