@@ -598,7 +598,8 @@ PRM_API int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version);
  *   gpt2 inference: R T (12C + 4 + NH) + R (13C + 4 + NH) + 64 T   (L >= 2)
  *                   R T (5C + 2)       + R (13C + 4 + NH) + 64 T   (L = 1)
  * plus 2R floats of scores (R for inference) and, for gpt2, R T int32 ids.
- * docs/gpt2.md explains each term. PRM_ERR_NOMEM's message says how many
+ * docs/gpt2.md explains each term; llama's formula is in docs/llama.md
+ * (also linear in max_rows * max_len). PRM_ERR_NOMEM's message says how many
  * MiB were needed, for activations and for gradients.
  * @param out  receives the context (caller owns), NULL on failure.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (max_rows
