@@ -671,59 +671,114 @@ PRM_API float *prm_ctx_grads(prm_ctx *ctx, uint64_t *n);
 /* Pairwise losses (pure functions)                                          */
 /* ------------------------------------------------------------------------ */
 
-#define PRM_LOSS_OPTIONS_VERSION 1
+#define PRM_LOSS_OPTIONS_VERSION 2
+
+/** Tie models of the pair loss (prm_loss_options.tie_model). Values pinned. */
+typedef enum prm_tie_model {
+  PRM_TIE_NONE = 0,       /**< plain Bradley-Terry: no pair can be a tie */
+  PRM_TIE_RAO_KUPPER = 1, /**< Rao-Kupper, threshold theta = tie_param >= 1 */
+  PRM_TIE_DAVIDSON = 2    /**< Davidson, nu = tie_param >= 0 */
+} prm_tie_model;
 
 /**
- * Options of the Bradley-Terry loss. Every array has n_pairs elements and may
- * be NULL ("not given"). See docs/losses.md for the formulas.
+ * Options of the pair loss. Every array has n_pairs elements and may be NULL
+ * ("not given"). See docs/losses.md for the formulas. Version 1 ends after
+ * center_coef; version 2 adds ties.
  */
 typedef struct prm_loss_options {
-  uint32_t version;     /**< PRM_LOSS_OPTIONS_VERSION */
+  uint32_t version;     /**< PRM_LOSS_OPTIONS_VERSION (1 or 2) */
   const float *margin;  /**< m_i: loss uses z_i = r_c - r_r - m_i (finite) */
-  const float *label;   /**< p_i in [0,1]: soft target P(chosen wins) */
+  const float *label;   /**< p_i in [0,1]: soft target P(chosen wins); with
+                             a tie model it splits the untied mass */
   const float *weight;  /**< w_i >= 0, finite: per-pair weight */
   double center_coef;   /**< c in [0, 1e30]: adds c * mean((r_c + r_r)^2)
                              (the bound keeps the loss finite for every
                              finite score; TRL's default is 0.01) */
+  /* version 2 */
+  int32_t tie_model;    /**< prm_tie_model; PRM_TIE_NONE (the default) is
+                             Bradley-Terry and needs tie_param 0, tie NULL */
+  double tie_param;     /**< finite; Rao-Kupper theta >= 1 (1: no ties) or
+                             Davidson nu >= 0 (0: no ties) */
+  const uint8_t *tie;   /**< t_i in {0, 1}: 1 = the labeller judged pair i
+                             a tie (needs a tie model whose parameter allows
+                             ties: theta > 1 / nu > 0); NULL = no ties */
 } prm_loss_options;
 
-#define PRM_LOSS_OPTIONS_INIT { PRM_LOSS_OPTIONS_VERSION, NULL, NULL, NULL, 0.0 }
+#define PRM_LOSS_OPTIONS_INIT \
+  { PRM_LOSS_OPTIONS_VERSION, NULL, NULL, NULL, 0.0, PRM_TIE_NONE, 0.0, NULL }
 
 /** Fill *opts with defaults (plain Bradley-Terry).
  *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
 PRM_API int prm_loss_options_init(prm_loss_options *opts, uint32_t version);
 
-#define PRM_LOSS_STATS_VERSION 1
+#define PRM_LOSS_STATS_VERSION 2
 
-/** Statistics of a pair batch, filled by the loss functions. */
+/**
+ * Statistics of a pair or group batch, filled by the loss functions and the
+ * one-call paths. Version 1 ends after margin_mean; version 2 adds
+ * calibration, ranking and tie statistics. Every field is finite; a mean
+ * over an empty set is 0 (its count says so).
+ *
+ * "Compared pairs": for a pair batch the pairs not labelled a tie; for a
+ * group batch every implied pair (a, b), a ranked above b, of every group.
+ * Accuracy, margin_mean and calibration are over the compared pairs, each
+ * counting once, unweighted, without margins. The predicted probability of
+ * a compared pair is p = P(first wins | not a tie): s(r_a - r_b) for
+ * Bradley-Terry, Davidson and rankings (also Plackett-Luce's pairwise
+ * marginal), s(log P_win - log P_lose) for Rao-Kupper; its target y is the
+ * soft label when given, else 1.
+ */
 typedef struct prm_loss_stats {
-  uint32_t version;     /**< set by the caller: PRM_LOSS_STATS_VERSION */
+  uint32_t version;     /**< set by the caller: 1 or 2 */
   double loss;          /**< the loss value (as returned in *loss) */
-  double accuracy;      /**< fraction of pairs with r_c > r_r; ties count 1/2 */
-  double reward_mean;   /**< mean of all 2n rewards */
-  double reward_std;    /**< population std of all 2n rewards */
-  double margin_mean;   /**< mean of r_c - r_r */
+  double accuracy;      /**< fraction of compared pairs with r_a > r_b;
+                             equal scores count 1/2 */
+  double reward_mean;   /**< mean of all rewards (2n of a pair batch) */
+  double reward_std;    /**< population std of all rewards */
+  double margin_mean;   /**< mean of r_a - r_b over compared pairs */
+  /* version 2 */
+  double brier;         /**< mean (p - y)^2 over compared pairs */
+  double ece;           /**< expected calibration error of p: 10 bins of
+                             width 0.1 ([0.9, 1] closed), each compared pair
+                             entered twice, as (p, y) and (1 - p, 1 - y), so
+                             the result does not depend on which response a
+                             pair lists first; sum over bins of
+                             |sum p - sum y| / (2 n_compared) */
+  double exact_rate;    /**< fraction of groups ranked exactly right
+                             (r_1 > r_2 > ... > r_K, strict); pair batch:
+                             of untied pairs with r_c > r_r */
+  double tie_prob_tied; /**< mean model P(tie) over the pairs labelled a
+                             tie (0 without a tie model) */
+  double tie_prob_untied; /**< mean model P(tie) over the other pairs */
+  uint64_t n_compared;  /**< compared pairs (see above) */
+  uint64_t n_tied;      /**< pairs labelled a tie */
 } prm_loss_stats;
 
-#define PRM_LOSS_STATS_INIT { PRM_LOSS_STATS_VERSION, 0, 0, 0, 0, 0 }
+#define PRM_LOSS_STATS_INIT { PRM_LOSS_STATS_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 /** Fill *stats with zeros for struct version `version`.
  *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
 PRM_API int prm_loss_stats_init(prm_loss_stats *stats, uint32_t version);
 
 /**
- * Bradley-Terry pairwise loss with optional margin, soft label, weight and
- * reward centring:
+ * The pair loss: Bradley-Terry with optional margin, soft label, weight and
+ * reward centring, extended to ties by a tie model (Rao-Kupper or Davidson;
+ * loss options version 2):
  *   z_i = r_c[i] - r_r[i] - m_i
- *   l_i = -(p_i log s(z_i) + (1 - p_i) log s(-z_i))     (p_i = 1 if no label)
+ *   Bradley-Terry:  l_i = -(p_i log s(z_i) + (1 - p_i) log s(-z_i))
+ *   with ties:      l_i = -log P_tie(z_i)                          if t_i = 1
+ *                   l_i = -(p_i log P_win(z_i) + (1 - p_i) log P_lose(z_i))
  *   loss = (1/n) sum_i w_i l_i + c (1/n) sum_i (r_c[i] + r_r[i])^2
- * Computed in double with the softplus form; finite for any finite input.
+ * (p_i = 1 without labels; P_win, P_lose, P_tie of each model are in
+ * docs/losses.md). Computed in double in log space; finite for any finite
+ * input. theta = 1 / nu = 0 give Bradley-Terry exactly.
  * @param r_chosen    n_pairs finite scores of the chosen responses (borrowed).
  * @param r_rejected  n_pairs finite scores of the rejected responses.
  * @param n_pairs     number of pairs (>= 1).
- * @param opts        optional (NULL: plain Bradley-Terry).
+ * @param opts        optional (NULL: plain Bradley-Terry); version 1 or 2.
  * @param loss        optional; receives the loss.
- * @param stats       optional; stats->version must be set by the caller.
+ * @param stats       optional; stats->version must be set by the caller;
+ *                    only the fields of that version are written.
  * @param d_chosen    optional (with d_rejected: both or neither); receives
  *                    d(loss)/d(r_c[i]). May not alias the inputs.
  * @param d_rejected  optional; receives d(loss)/d(r_r[i]).
@@ -733,14 +788,79 @@ PRM_API int prm_loss_stats_init(prm_loss_stats *stats, uint32_t version);
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_SIZE (n_pairs 0), PRM_ERR_NONFINITE
  *         (NaN/Inf score or option value), PRM_ERR_INVALID (label outside
  *         [0,1], negative weight, center_coef outside [0, 1e30], only one
- *         gradient pointer), PRM_ERR_VERSION. Outputs are untouched on
- *         failure.
+ *         gradient pointer, unknown tie_model, tie_param out of its range,
+ *         a tie flag other than 0/1, tie flags or a tie_param without a tie
+ *         model, a tie flagged while theta = 1 / nu = 0), PRM_ERR_VERSION.
+ *         Outputs are untouched on failure.
  * Thread-safe (pure; uses no state besides the thread's error message).
  */
 PRM_API int prm_loss_bt(const float *r_chosen, const float *r_rejected,
                         uint64_t n_pairs, const prm_loss_options *opts,
                         double *loss, prm_loss_stats *stats,
                         float *d_chosen, float *d_rejected);
+
+/* ------------------------------------------------------------------------ */
+/* K-wise ranking losses (pure functions)                                    */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * A group batch holds G groups of K_g >= 2 responses to one prompt each, K_g
+ * free per group, ranked best first. Its rows are the groups back to back:
+ * rows 0..K_0-1 are group 0 (row 0 its best response), the next K_1 rows
+ * group 1, and so on -- N = sum K_g rows in an ordinary prm_batch, so feature
+ * and token models take it unchanged and padding costs nothing. The group
+ * sizes travel beside the batch as an int32_t array of G entries.
+ */
+
+/** Ranking losses (prm_rank_options.loss). Values pinned. */
+typedef enum prm_rank_loss {
+  PRM_RANK_PAIRWISE = 1,      /**< InstructGPT: mean over the K(K-1)/2 pairs */
+  PRM_RANK_PLACKETT_LUCE = 2  /**< listwise Plackett-Luce, per choice */
+} prm_rank_loss;
+
+#define PRM_RANK_OPTIONS_VERSION 1
+
+/** Options of the ranking loss. Initialise with prm_rank_options_init. */
+typedef struct prm_rank_options {
+  uint32_t version;     /**< PRM_RANK_OPTIONS_VERSION */
+  int32_t loss;         /**< prm_rank_loss (default PRM_RANK_PAIRWISE) */
+  const float *weight;  /**< optional: w_g >= 0, finite, one per group */
+} prm_rank_options;
+
+#define PRM_RANK_OPTIONS_INIT { PRM_RANK_OPTIONS_VERSION, PRM_RANK_PAIRWISE, NULL }
+
+/** Fill *opts with defaults (InstructGPT pairwise, unweighted).
+ *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
+PRM_API int prm_rank_options_init(prm_rank_options *opts, uint32_t version);
+
+/**
+ * K-wise ranking loss over a group batch's scores (r_g,1 best .. r_g,K worst):
+ *   pairwise:       l_g = (2 / (K(K-1))) sum_{a<b} -log s(r_g,a - r_g,b)
+ *   Plackett-Luce:  l_g = (1 / (K-1)) sum_{k<K} -(r_g,k - log sum_{j>=k} e^{r_g,j})
+ *   loss = (1/G) sum_g w_g l_g
+ * Every group counts equally whatever its K (w_g = K_g - 1 restores the
+ * plain Plackett-Luce negative log-likelihood). For K = 2 both equal
+ * Bradley-Terry. Computed in double, stably; finite for any finite input.
+ * Costs O(sum K_g^2).
+ * @param scores       n_scores finite scores, the groups back to back.
+ * @param n_scores     must equal sum of group_sizes.
+ * @param group_sizes  n_groups sizes K_g >= 2.
+ * @param n_groups     G >= 1.
+ * @param opts         optional (NULL: pairwise, unweighted).
+ * @param loss         optional; receives the loss.
+ * @param stats        optional; stats->version set by the caller. Version 2
+ *                     adds exact_rate and calibration (see prm_loss_stats).
+ * @param d_scores     optional; receives d(loss)/d(scores[i]), n_scores
+ *                     floats. May not alias the inputs.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_SIZE (n_groups 0, a K_g < 2, sizes
+ *         not summing to n_scores), PRM_ERR_NONFINITE, PRM_ERR_INVALID
+ *         (unknown loss, negative weight), PRM_ERR_VERSION. Outputs are
+ *         untouched on failure. Thread-safe (pure).
+ */
+PRM_API int prm_loss_rank(const float *scores, uint64_t n_scores,
+                          const int32_t *group_sizes, uint64_t n_groups,
+                          const prm_rank_options *opts, double *loss,
+                          prm_loss_stats *stats, float *d_scores);
 
 /* ------------------------------------------------------------------------ */
 /* Optimizers                                                                */
@@ -933,7 +1053,8 @@ PRM_API int prm_optimizer_load_buffer(prm_optimizer **out, prm_model *model,
 
 /**
  * Forward a pair batch (batch->n = 2P rows: P chosen then P rejected) as one
- * batch, compute the Bradley-Terry loss, back-propagate, and call
+ * batch, compute the pair loss (prm_loss_bt: Bradley-Terry, or a tie model
+ * when loss_opts has one), back-propagate, and call
  * prm_optimizer_step. Equivalent to prm_ctx_forward + prm_loss_bt +
  * prm_ctx_backward + prm_optimizer_step.
  * @param loss_opts  optional (NULL: plain Bradley-Terry).
@@ -974,6 +1095,30 @@ PRM_API int prm_train_step(prm_ctx *ctx, prm_optimizer *opt,
 PRM_API int prm_evaluate(prm_ctx *ctx, const prm_batch *pairs,
                          const prm_loss_options *loss_opts,
                          prm_loss_stats *stats);
+
+/**
+ * prm_train_step for a group batch (batch->n = sum K_g rows, the groups back
+ * to back, each best first): forward, prm_loss_rank, backward and
+ * prm_optimizer_step, with the same order of failures as prm_train_step
+ * (arguments, group sizes and rank options are all checked before anything
+ * runs). A batch whose N exceeds the context's max_rows is PRM_ERR_SIZE.
+ * @return as prm_train_step and prm_loss_rank; PRM_ERR_SIZE when the group
+ *         sizes do not sum to batch->n.
+ */
+PRM_API int prm_train_step_groups(prm_ctx *ctx, prm_optimizer *opt,
+                                  const prm_batch *batch,
+                                  const int32_t *group_sizes, uint64_t n_groups,
+                                  const prm_rank_options *rank_opts,
+                                  prm_loss_stats *stats);
+
+/**
+ * prm_evaluate for a group batch: forward and prm_loss_rank statistics, no
+ * gradients. Same rules as prm_evaluate.
+ */
+PRM_API int prm_evaluate_groups(prm_ctx *ctx, const prm_batch *batch,
+                                const int32_t *group_sizes, uint64_t n_groups,
+                                const prm_rank_options *rank_opts,
+                                prm_loss_stats *stats);
 
 #ifdef __cplusplus
 }

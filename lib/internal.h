@@ -282,6 +282,13 @@ int prmi_all_finite(const float *x, uint64_t n);
  * option changes nothing. Thread error only; returns a prm_status.
  */
 int prmi_loss_check_args(const prm_loss_options *opts, const prm_loss_stats *stats, uint64_t n);
+/* The caller's loss options (any checked version, or NULL for defaults) as a
+ * struct of the newest version; reads only the bytes of the caller's. */
+prm_loss_options prmi_loss_options_read(const prm_loss_options *in);
+/* Checks of prm_loss_rank that need no scores: sizes against n_rows (each
+ * >= 2, summing to n_rows), options and stats version. */
+int prmi_rank_check_args(const int32_t *group_sizes, uint64_t n_groups, uint64_t n_rows,
+                         const prm_rank_options *opts, const prm_loss_stats *stats);
 
 /* ---- safetensors documents (safetensors.c) ------------------------------ */
 

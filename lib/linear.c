@@ -165,9 +165,9 @@ static int linear_pair_grad(prm_ctx *ctx, const prm_batch *pairs, uint64_t P,
   uint64_t block = (256u << 10) / (2 * sizeof(float) * d);
   if (block < 1) block = 1;
   if (block > P) block = P;
-  /* every version-1 option array is per pair: offset them per block */
-  prm_loss_options bo = PRM_LOSS_OPTIONS_INIT;
-  if (loss_opts != NULL) bo = *loss_opts;
+  /* every option array is per pair: offset them per block */
+  const prm_loss_options full = prmi_loss_options_read(loss_opts);
+  prm_loss_options bo = full;
 
   for (uint64_t j = 0; j < d; j++)
     gs[j] = 0.0f;
@@ -184,14 +184,13 @@ static int linear_pair_grad(prm_ctx *ctx, const prm_batch *pairs, uint64_t P,
       rc = prm_loss_bt(s, s + P, P, loss_opts, NULL, NULL, NULL, NULL);
       return prmi_adopt_error(ctx->errmsg, rc != PRM_OK ? rc : PRM_ERR_NONFINITE);
     }
-    if (loss_opts != NULL) {
-      bo.margin = loss_opts->margin ? loss_opts->margin + i0 : NULL;
-      bo.label = loss_opts->label ? loss_opts->label + i0 : NULL;
-      bo.weight = loss_opts->weight ? loss_opts->weight + i0 : NULL;
-    }
+    bo.margin = full.margin ? full.margin + i0 : NULL;
+    bo.label = full.label ? full.label + i0 : NULL;
+    bo.weight = full.weight ? full.weight + i0 : NULL;
+    bo.tie = full.tie ? full.tie + i0 : NULL;
     /* cannot fail: the scores are finite and the options were validated
      * over the whole batch (so messages index the batch, not the block) */
-    int rc = prm_loss_bt(s + i0, s + P + i0, nb, loss_opts ? &bo : NULL, NULL, NULL, ds + i0,
+    int rc = prm_loss_bt(s + i0, s + P + i0, nb, &bo, NULL, NULL, ds + i0,
                          ds + P + i0);
     if (rc != PRM_OK) return prmi_adopt_error(ctx->errmsg, rc);
     /* prm_loss_bt averaged over nb pairs; the batch loss averages over P */
