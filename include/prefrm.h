@@ -71,12 +71,12 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define PRM_VERSION_MAJOR 0
-#define PRM_VERSION_MINOR 3
+#define PRM_VERSION_MINOR 4
 #define PRM_VERSION_PATCH 0
-/** MAJOR * 10000 + MINOR * 100 + PATCH, e.g. 300 for 0.3.0. */
+/** MAJOR * 10000 + MINOR * 100 + PATCH, e.g. 400 for 0.4.0. */
 #define PRM_VERSION_NUMBER \
   (PRM_VERSION_MAJOR * 10000 + PRM_VERSION_MINOR * 100 + PRM_VERSION_PATCH)
-#define PRM_VERSION_STRING "0.3.0"
+#define PRM_VERSION_STRING "0.4.0"
 
 /** Runtime twin of PRM_VERSION_NUMBER: the version of the linked library. */
 PRM_API uint32_t prm_version_number(void);
