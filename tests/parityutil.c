@@ -326,17 +326,6 @@ double parity_max_abs(const float *x, uint64_t n) {
   return m;
 }
 
-/* Worst errors of one comparison, per parameter group. */
-typedef struct cmp_result {
-  double worst[PARITY_TOK_MAX_GROUPS];       /* per group: worst tensor error */
-  double worst_delta[PARITY_TOK_MAX_GROUPS]; /* per group: worst update error */
-  double all, all_delta;
-  char worst_name[128], worst_delta_name[128];
-  char zero_names[256]; /* gradients that are zero up to rounding */
-  double zero_worst;    /* their largest |c| / max|torch grad| */
-  uint64_t n_masked;    /* AdamW: elements left out (noise gradient) */
-} cmp_result;
-
 /*
  * max|a - ref| / max(max|ref|, PARITY_TINY) over the elements whose reference
  * gradient g (NULL: all elements) has |g_k| >= thr, or with keep_zero is
@@ -398,9 +387,9 @@ static double masked_err(const float *a, const float *ref, const float *g, doubl
  * is invariant to q.b_k, so its gradient is exactly zero in exact arithmetic
  * and ~1e-12 of noise in fp32.
  */
-static void compare_tensors(const parity_tok_arch *arch, const char *what, const prm_model *m,
+void parity_compare_tensors(const parity_tok_arch *arch, const char *what, const prm_model *m,
                             const float *mine, prm_model *ref, const float *old, prm_model *gref,
-                            double gmax, cmp_result *res) {
+                            double gmax, parity_cmp_result *res) {
   memset(res, 0, sizeof *res);
   assert_int_equal(prm_model_num_tensors(ref), prm_model_num_tensors(m));
   const float *ref_flat = prm_model_params(ref, NULL);
@@ -689,15 +678,16 @@ void parity_tok_case_check(const parity_tok_arch *a, parity_run *s) {
   float *params = prm_model_params(s->model, NULL);
   assert_int_equal(prm_model_num_params(s->ref_grads), n_params);
   const double gmax = parity_max_abs(prm_model_params(s->ref_grads, NULL), n_params);
-  cmp_result rg;
-  compare_tensors(a, "gradient", s->model, grads, s->ref_grads, NULL, s->ref_grads, gmax, &rg);
+  parity_cmp_result rg;
+  parity_compare_tensors(a, "gradient", s->model, grads, s->ref_grads, NULL, s->ref_grads, gmax,
+                         &rg);
 
   /* 5. one AdamW step */
   double e_gnorm =
       parity_adamw_step(s, pc->lr, pc->weight_decay, pc->max_grad_norm, pc->no_decay_1d, ref_gnorm);
-  cmp_result ru;
-  compare_tensors(a, "AdamW-updated", s->model, params, s->ref_updated, s->before, s->ref_grads,
-                  gmax, &ru);
+  parity_cmp_result ru;
+  parity_compare_tensors(a, "AdamW-updated", s->model, params, s->ref_updated, s->before,
+                         s->ref_grads, gmax, &ru);
 
   char infer[64] = "";
   if (a->score_inference) snprintf(infer, sizeof infer, " (inference ctx %.1e)", e_infer);

@@ -151,6 +151,30 @@ typedef struct parity_tok_arch {
   int emb_group; /* exact zeros of its gradient stay in the update check */
 } parity_tok_arch;
 
+/* Worst errors of one parity_compare_tensors, per parameter group. */
+typedef struct parity_cmp_result {
+  double worst[PARITY_TOK_MAX_GROUPS];       /* per group: worst tensor error */
+  double worst_delta[PARITY_TOK_MAX_GROUPS]; /* per group: worst update error */
+  double all, all_delta;
+  char worst_name[128], worst_delta_name[128];
+  char zero_names[256]; /* gradients that are zero up to rounding */
+  double zero_worst;    /* their largest |c| / max|torch grad| */
+  uint64_t n_masked;    /* AdamW: elements left out (noise gradient) */
+} parity_cmp_result;
+
+/* Every tensor of `mine` (a flat array in m's layout) against the same named
+ * tensor of the reference file `ref`, at PARITY_TOL, failing on the first one
+ * over it. Gradient mode (old == NULL): a tensor whose reference gradient is
+ * noise (below PARITY_TOK_ZERO_GRAD_REL * gmax, gmax = max|gref|) must be
+ * noise on the C side too. Update mode (old: the parameters before one
+ * AdamW step): also the updates new - old at PARITY_DELTA_TOL, leaving out
+ * elements whose reference gradient `gref` is not resolved (see
+ * parityutil.c). arch supplies the parameter groups (group_of, n_groups)
+ * and the embedding group whose exact zeros stay in. */
+void parity_compare_tensors(const parity_tok_arch *arch, const char *what, const prm_model *m,
+                            const float *mine, prm_model *ref, const float *old, prm_model *gref,
+                            double gmax, parity_cmp_result *res);
+
 /* One parity scenario of a token model. */
 typedef struct parity_tok_case {
   const char *name;
