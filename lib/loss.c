@@ -568,15 +568,26 @@ static double rank_pairwise(const float *r, int32_t K, double scale, float *d) {
   return inv_c * l;
 }
 
-/* log sum_{i >= k} e^{r_i} (k < K), stably. */
-static double suffix_lse(const float *r, int32_t k, int32_t K) {
+/*
+ * log sum_{i >= k} e^{r_i} (k < K) in split form m + ls: m is the largest
+ * score (exact) and ls = log sum e^{r_i - m} in [0, log K]. Kept apart because
+ * with scores near 1e30 the sum m + ls would round ls away (the ulp of 1e30 is
+ * 1e14), while every use below needs differences like L - r_j, which the
+ * split form gives to full precision as (m - r_j) + ls.
+ */
+typedef struct split_lse {
+  double m, ls;
+} split_lse;
+
+static split_lse suffix_lse(const float *r, int32_t k, int32_t K) {
   double m = (double)r[k];
   for (int32_t i = k + 1; i < K; i++)
     m = fmax(m, (double)r[i]);
   double s = 0.0;
   for (int32_t i = k; i < K; i++)
     s += exp((double)r[i] - m);
-  return m + log(s);
+  const split_lse out = {m, log(s)};
+  return out;
 }
 
 /*
@@ -584,29 +595,41 @@ static double suffix_lse(const float *r, int32_t k, int32_t K) {
  *   l = (1/(K-1)) sum_{k<K-1} (L_k - r_k),   L_k - r_k = softplus(L_{k+1} - r_k)
  *   dl/dr_j = (1/(K-1)) [ sum_{k<=min(j,K-2)} e^{r_j - L_k} - [j <= K-2] ]
  *           = (1/(K-1)) [ e^{r_j + T_{j-1}} - [j <= K-2] s(L_{j+1} - r_j) ]
- * where T_j = log sum_{k<=j} e^{-L_k} (T_{-1} = -inf) and
+ * where T_j = log sum_{k<=j} e^{-L_k} (empty for j < 0) and
  * 1 - e^{r_j - L_j} = s(L_{j+1} - r_j) keeps the small gradient of a
- * dominant choice exact. Each L_k is summed afresh (O(K^2), like the
+ * dominant choice exact. L and T are both kept in split form (a score-sized
+ * exponent plus a small log; see split_lse), T as Mt + log St with Mt the
+ * largest -m_k so far, so that r_j + T is (r_j + Mt) + log St with the large
+ * parts cancelling exactly. Each L_k is summed afresh (O(K^2), like the
  * pairwise loss) so that no scratch memory is needed.
  */
 static double rank_plackett_luce(const float *r, int32_t K, double scale, float *d) {
   const double inv_k = 1.0 / (double)(K - 1);
   double l = 0.0;
-  double L = suffix_lse(r, 0, K); /* L_j */
-  double T = -INFINITY;           /* T_{j-1} */
+  split_lse L = suffix_lse(r, 0, K); /* L_j */
+  double Mt = 0.0, St = 0.0;         /* T_{j-1} = Mt + log St; St = 0: empty */
   for (int32_t j = 0; j < K; j++) {
     const double rj = (double)r[j];
-    double g = j > 0 ? exp(rj + T) : 0.0;
-    double L_next = 0.0;
+    double g = St > 0.0 ? exp((rj + Mt) + log(St)) : 0.0;
     if (j <= K - 2) {
-      L_next = suffix_lse(r, j + 1, K);
-      l += softplus(L_next - rj);
-      g -= sigmoid(L_next - rj);
-      /* T_j = logaddexp(T_{j-1}, -L_j) */
-      T = j == 0 ? -L : fmax(T, -L) + log1p(exp(-fabs(T + L)));
+      const split_lse next = suffix_lse(r, j + 1, K);
+      const double u = (next.m - rj) + next.ls; /* L_{j+1} - r_j */
+      l += softplus(u);
+      g -= sigmoid(u);
+      /* T_j: add e^{-L_j} = e^{a - L.ls} with a = -L.m */
+      const double a = -L.m;
+      if (St == 0.0) {
+        Mt = a;
+        St = exp(-L.ls);
+      } else if (a > Mt) {
+        St = St * exp(Mt - a) + exp(-L.ls);
+        Mt = a;
+      } else {
+        St += exp((a - Mt) - L.ls);
+      }
+      L = next;
     }
     if (d != NULL) d[j] = (float)(scale * inv_k * g);
-    L = L_next;
   }
   return inv_k * l;
 }

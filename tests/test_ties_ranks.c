@@ -397,6 +397,50 @@ static void test_rank_extremes(void **state) {
   }
 }
 
+/* Plackett-Luce gradients at scores near 1e30, where log-sum-exps rounded to
+ * a double lose their small log terms (found by test_parity_rank: 0.4.0's
+ * first version returned [-0.5, 1.0] for [1e30, 1e30]). Each group's gradient
+ * must also sum to 0 (adding a constant to a group changes nothing). */
+static void test_rank_pl_huge_scores(void **state) {
+  (void)state;
+  static const struct {
+    int32_t K;
+    float s[5];
+    double want[5];
+  } cases[] = {
+      {2, {1e30f, 1e30f}, {-0.5, 0.5}},
+      {2, {1e16f, 1e16f}, {-0.5, 0.5}},
+      {3, {0.0f, 0.0f, 1e30f}, {-0.5, -0.5, 1.0}},
+      {3, {0.0f, 0.0f, 1e13f}, {-0.5, -0.5, 1.0}},
+      {3, {1e12f, 1e12f, 1e12f}, {-1.0 / 3, -1.0 / 12, 5.0 / 12}},
+  };
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    const int32_t K = cases[c].K;
+    float d[5];
+    prm_rank_options o = PRM_RANK_OPTIONS_INIT;
+    o.loss = PRM_RANK_PLACKETT_LUCE;
+    const double l = rank_loss(cases[c].s, (uint64_t)K, &K, 1, &o, d, NULL);
+    assert_true(isfinite(l));
+    double sum = 0.0;
+    for (int j = 0; j < K; j++) sum += d[j];
+    assert_close(sum, 0.0, 1e-7);
+    for (int j = 0; j < K; j++) assert_close(d[j], cases[c].want[j], 1e-7);
+  }
+  /* A group of five where every choice is certain in the model's eyes */
+  const float s5[5] = {0.3f, 1e30f, -0.2f, -1e30f, 5e29f};
+  const int32_t K5 = 5;
+  float d5[5];
+  prm_rank_options o = PRM_RANK_OPTIONS_INIT;
+  o.loss = PRM_RANK_PLACKETT_LUCE;
+  rank_loss(s5, 5, &K5, 1, &o, d5, NULL);
+  /* choices: k=0 picks 0.3 among {.., 1e30, ..}: e^{r_j - L_0} = 1 for j = 1;
+   * k=1 picks 1e30 (certain); k=2 picks -0.2 among {-0.2, -1e30, 5e29}:
+   * 5e29 takes it; k=3 picks -1e30 among {-1e30, 5e29}: 5e29 again. So
+   * d = (1/4)[-1, 1 + 1 - 1, -1, -1, 2] = [-0.25, 0.25, -0.25, -0.25, 0.5] */
+  const double want5[5] = {-0.25, 0.25, -0.25, -0.25, 0.5};
+  for (int j = 0; j < 5; j++) assert_close(d5[j], want5[j], 1e-7);
+}
+
 static void test_rank_stats(void **state) {
   (void)state;
   /* group 0 exactly right, group 1 one swap, group 2 has equal scores */
@@ -807,6 +851,7 @@ int main(void) {
       cmocka_unit_test(test_rank_closed_forms_and_fd),
       cmocka_unit_test(test_rank_k2_is_bt),
       cmocka_unit_test(test_rank_extremes),
+      cmocka_unit_test(test_rank_pl_huge_scores),
       cmocka_unit_test(test_rank_stats),
       cmocka_unit_test(test_calibration),
       cmocka_unit_test(test_tie_errors),
