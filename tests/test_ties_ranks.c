@@ -842,6 +842,101 @@ static void test_groups_tokens(void **state) {
   prm_model_free(m);
 }
 
+/* ---- finite differences through models ---------------------------------------------------- */
+
+#define RIDGE 0.05
+
+/* The whole loss (ties or ranking) of a batch as a function of the model's
+ * parameters, for prmt_check_fd. */
+typedef struct model_loss {
+  prm_ctx *ci; /* inference context */
+  const prm_batch *b;
+  const int32_t *sizes; /* groups, or NULL: a pair batch with lo */
+  uint64_t n_groups;
+  const prm_rank_options *ro;
+  const prm_loss_options *lo;
+} model_loss;
+
+static double model_loss_eval(void *arg) {
+  model_loss *a = arg;
+  float s[16];
+  prmt_forward_ok(a->ci, a->b, s);
+  if (a->sizes != NULL) {
+    /* + c/N sum s_i^2, as centring does for pairs: a loss of score
+     * differences alone gives transformer.ln_f.bias (a shift of every
+     * score) a zero gradient, which finite differences cannot check */
+    double sq = 0.0;
+    for (uint64_t i = 0; i < a->b->n; i++) sq += (double)s[i] * s[i];
+    return rank_loss(s, a->b->n, a->sizes, a->n_groups, a->ro, NULL, NULL) +
+           RIDGE * sq / (double)a->b->n;
+  }
+  const uint64_t P = a->b->n / 2;
+  return pair_loss(s, s + P, P, a->lo, NULL, NULL, NULL);
+}
+
+/* Analytic gradients (forward, loss gradient, backward) of every tensor
+ * against finite differences of the loss, for a Davidson tie batch and a
+ * Plackett-Luce / pairwise group batch on mlp, gpt2 and llama. */
+static void test_fd_through_models(void **state) {
+  (void)state;
+  enum { R = 8, T = 6, D = 5 };
+  const int32_t lengths[R] = {3, 6, 1, 4, 2, 6, 5, 3}, sizes[3] = {3, 2, 3};
+  const uint8_t tie[R / 2] = {1, 0, 0, 1};
+  int32_t tokens[R * T];
+  float x[R * D];
+  prmt_rng r = {12};
+  prmt_fill_tokens(&r, tokens, lengths, R, T, 11, 0);
+  prmt_fill_normal(&r, x, R * D, 1.0);
+  prm_loss_options lo = PRM_LOSS_OPTIONS_INIT;
+  lo.tie_model = PRM_TIE_DAVIDSON;
+  lo.tie_param = 0.7;
+  lo.tie = tie;
+  lo.center_coef = RIDGE;
+  for (int arch = 0; arch < 3; arch++) {
+    prm_model *m;
+    prm_batch b;
+    if (arch == 0) {
+      const uint64_t hidden[1] = {4};
+      m = prmt_mlp(D, hidden, 1, PRM_ACT_TANH, 3);
+      b = prmt_batch(x, R, D);
+    } else {
+      prm_model_options o = prmt_gpt2_options(11, T, 8, 2, 2, 4);
+      if (arch == 2) { /* llama with grouped-query attention */
+        o.arch = PRM_ARCH_LLAMA;
+        o.n_kv_head = 1;
+      }
+      assert_int_equal(prm_model_new(&m, &o), PRM_OK);
+      prmt_perturb_tensors(m, "", 9, 0.3); /* leave the init's symmetric point */
+      b = prmt_tok_batch(tokens, lengths, R, T);
+    }
+    prm_ctx *c = arch ? prmt_tok_ctx(m, R, T, 0) : prmt_ctx(m, R, 0);
+    prm_ctx *ci = arch ? prmt_tok_ctx(m, R, T, 1) : prmt_ctx(m, R, 1);
+    for (int kind = 0; kind < 3; kind++) {
+      prm_rank_options ro = PRM_RANK_OPTIONS_INIT;
+      ro.loss = kind == 1 ? PRM_RANK_PLACKETT_LUCE : PRM_RANK_PAIRWISE;
+      model_loss a = {ci, &b, kind ? sizes : NULL, 3, &ro, &lo};
+      float s[R], d[R];
+      assert_int_equal(prm_ctx_zero_grad(c), PRM_OK);
+      prmt_forward_ok(c, &b, s);
+      if (kind) {
+        rank_loss(s, R, sizes, 3, &ro, d, NULL);
+        for (int i = 0; i < R; i++) d[i] += (float)(2.0 * RIDGE * s[i] / R);
+      } else
+        pair_loss(s, s + R / 2, R / 2, &lo, d, d + R / 2, NULL);
+      assert_int_equal(prm_ctx_backward(c, d, R), PRM_OK);
+      const float *an = prm_ctx_grads(c, NULL);
+      double worst = 0.0, worst_norm = 0.0;
+      prmt_check_fd(m, an, model_loss_eval, &a, 3, NULL, &worst, &worst_norm);
+      print_message("    %s, %s: worst element %.2e, tensor norm %.2e\n",
+                    arch == 0 ? "mlp" : (arch == 1 ? "gpt2" : "llama"),
+                    kind == 0 ? "davidson ties" : (kind == 1 ? "plackett-luce" : "pairwise"),
+                    worst, worst_norm);
+    }
+    prm_ctx_free(c), prm_ctx_free(ci);
+    prm_model_free(m);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_tie_closed_forms),
@@ -861,6 +956,7 @@ int main(void) {
       cmocka_unit_test(test_groups_keep_pending_forward),
       cmocka_unit_test(test_ties_one_call_linear_blocks),
       cmocka_unit_test(test_groups_tokens),
+      cmocka_unit_test(test_fd_through_models),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
