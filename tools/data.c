@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -287,6 +288,17 @@ int pft_build_pair(const int32_t *p, size_t np, const int32_t *c, size_t nc, con
  * once per n. Counts are kept in the float buckets themselves (exact up to
  * 2^24 per bucket; beyond that log(1 + c) changes by less than 1e-7).
  */
+/* log1p of the small counts, which are most of them: the same floats as
+ * (float)log1p(c), without a libm call per bucket */
+enum { LOG1P_TABLE = 256 };
+static float log1p_table[LOG1P_TABLE];
+static pthread_once_t log1p_once = PTHREAD_ONCE_INIT;
+
+static void log1p_init(void) {
+  for (int c = 0; c < LOG1P_TABLE; c++)
+    log1p_table[c] = (float)log1p((double)c);
+}
+
 void pft_ngram_features(const char *text, size_t len, float *x, uint32_t dim) {
   if (dim == 0) return;
   memset(x, 0, (size_t)dim * sizeof *x);
@@ -298,9 +310,10 @@ void pft_ngram_features(const char *text, size_t len, float *x, uint32_t dim) {
       x[h % dim] += 1.0f;
     }
   }
+  pthread_once(&log1p_once, log1p_init);
   double ss = 0.0;
   for (uint32_t j = 0; j < dim; j++) {
-    if (x[j] != 0.0f) x[j] = (float)log1p((double)x[j]);
+    x[j] = x[j] < (float)LOG1P_TABLE ? log1p_table[(int)x[j]] : (float)log1p((double)x[j]);
     ss += (double)x[j] * x[j];
   }
   if (ss == 0.0) return;
