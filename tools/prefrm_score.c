@@ -49,6 +49,7 @@
 #define CHUNK_BYTES ((size_t)32 << 20)   /* text of one chunk, beyond its first line */
 #define FEATURE_FLOATS ((size_t)1 << 24) /* most floats of one feature batch (64 MiB) */
 #define EXIT_USAGE 2
+#define EXIT_BAD_LINE 3 /* as prefrm-train's */
 
 static void usage(FILE *f) {
   fputs("Usage: " PROG " --model CKPT [OPTIONS] [FILE]\n"
@@ -117,7 +118,7 @@ static void usage(FILE *f) {
         "                       reported on standard error as FILE:LINE: reason (FILE\n"
         "                       is \"<stdin>\" for standard input). fail: the lines\n"
         "                       before it are written, then the program stops with\n"
-        "                       exit status 1. skip: the line is left out of the\n"
+        "                       exit status 3. skip: the line is left out of the\n"
         "                       output, scoring goes on, and the number skipped is\n"
         "                       reported at the end. Bad: invalid JSON, not an\n"
         "                       object, a missing or non-string prompt, response,\n"
@@ -136,9 +137,10 @@ static void usage(FILE *f) {
         "Exit status:\n"
         "  0  every line scored (with --on-bad-line skip: bad lines skipped); an empty\n"
         "     input is not an error\n"
-        "  1  a bad line (with --on-bad-line fail), or a failure to read the input,\n"
-        "     write the output, load the model, sidecar or tokenizer, or score\n"
+        "  1  a failure to read the input, write the output, load the model, sidecar\n"
+        "     or tokenizer, or score\n"
         "  2  a usage error (unknown option, bad value, missing --model)\n"
+        "  3  a bad line, with --on-bad-line fail (the code prefrm-train uses)\n"
         "\n"
         "Examples:\n"
         "  " PROG " --model rm.safetensors test.jsonl > scored.jsonl\n"
@@ -239,6 +241,7 @@ struct scorer {
   int eof, stop;
   int failed;         /* stop after this chunk: a fatal bad line, a write or forward error */
   int read_failed;    /* the input could not be read to its end (lines before are written) */
+  int bad_line;       /* stopped at a bad line (--on-bad-line fail): exit status 3 */
   char fwd_err[1024]; /* the first forward failure of a chunk (under mu) */
 
   /* totals */
@@ -481,6 +484,7 @@ static void report_bad(scorer *S, const line_info *L, const char *reason) {
     S->n_skipped++;
   } else {
     S->failed = 1;
+    S->bad_line = 1;
   }
 }
 
@@ -888,7 +892,7 @@ int main(int argc, char **argv) {
   if (S.n_truncated)
     fprintf(stderr, PROG ": %llu line%s longer than max_len %zu tokens, truncated\n",
             (unsigned long long)S.n_truncated, S.n_truncated == 1 ? " was" : "s were", S.max_len);
-  status = S.failed || S.read_failed ? 1 : 0;
+  status = S.bad_line ? EXIT_BAD_LINE : S.failed || S.read_failed ? 1 : 0;
 
 done:
   if (sync_ready) {

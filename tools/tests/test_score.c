@@ -695,12 +695,12 @@ static void test_bad_lines(void **state) {
       expected_line(m, "{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"x\"}", 0)};
   prm_model_free(m);
 
-  /* fail (the default): the lines before the first bad one, then status 1 */
+  /* fail (the default): the lines before the first bad one, then status 3 */
   run_result r;
   run_score(&r,
             (const char *[]){"--model", pathof("linear.safetensors"), pathof("bad.jsonl"), NULL},
             NULL, NULL);
-  assert_int_equal(r.status, 1);
+  assert_int_equal(r.status, 3);
   assert_string_equal(r.out, good[0]);
   check_bad_reports(r.err, pathof("bad.jsonl"), 0);
   assert_null(strstr(r.err, ":4:"));
