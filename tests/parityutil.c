@@ -618,7 +618,7 @@ static void tok_forward(parity_run *s, const prm_batch *pb, float *scores, uint6
 void parity_tok_case_check(const parity_tok_arch *a, parity_run *s) {
   const parity_tok_case *pc = s->pc;
   char script[PARITY_PATH_SIZE];
-  if (!parity_reference_available(a->test, script, sizeof script)) skip();
+  if (!parity_reference_available(a->test, script, sizeof script)) prmt_skip();
   const parity_tok_dims d = a->dims(pc->model);
   const uint64_t P = pc->pairs, n = 2 * P, V = d.vocab;
   assert_true(P >= 1 && P <= PARITY_TOK_MAX_PAIRS);
@@ -710,7 +710,7 @@ void parity_tok_case_check(const parity_tok_arch *a, parity_run *s) {
 void parity_tok_train_curve(const parity_tok_arch *a, parity_run *s, const void *model, uint64_t P,
                             uint64_t seed, double lr, double wd, double clip) {
   char script[PARITY_PATH_SIZE], train_ref[PARITY_PATH_SIZE];
-  if (!parity_reference_available(a->test, script, sizeof script)) skip();
+  if (!parity_reference_available(a->test, script, sizeof script)) prmt_skip();
   /* tests/gpt2_train_ref.py sits next to this file (CMake compiles it by its
    * absolute path); it trains any torch_ref checkpoint */
   const char *slash = strrchr(__FILE__, '/');

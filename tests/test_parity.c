@@ -200,7 +200,7 @@ static void make_checkpoint(parity_run *s) {
 static void test_parity_case(void **state) {
   parity_run *s = *state;
   const parity_case *pc = s->pc;
-  if (!reference_available()) skip();
+  if (!reference_available()) prmt_skip();
   const uint64_t P = pc->pairs, d = pc->d, n = 2 * P;
   assert_true(P >= 1 && P <= PARITY_MAX_PAIRS);
 
@@ -352,5 +352,5 @@ int main(void) {
       PARITY_TEST("parity_mlp_gelu_margin_label_center", case_mlp_gelu),
       PARITY_TEST("parity_mlp_tanh_c_checkpoint", case_mlp_tanh),
   };
-  return cmocka_run_group_tests(tests, NULL, NULL);
+  return prmt_exit(cmocka_run_group_tests(tests, NULL, NULL), sizeof tests / sizeof tests[0]);
 }

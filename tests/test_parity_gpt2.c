@@ -171,5 +171,5 @@ int main(void) {
       PARITY_TEST("parity_gpt2_L3_H4_margin_label_center", case_deep),
       {"parity_gpt2_train_50_steps", test_train_curve, case_setup, parity_run_teardown, NULL},
   };
-  return cmocka_run_group_tests(tests, NULL, NULL);
+  return prmt_exit(cmocka_run_group_tests(tests, NULL, NULL), sizeof tests / sizeof tests[0]);
 }

@@ -284,5 +284,5 @@ int main(void) {
       PARITY_TEST("parity_llama_gqa_qwen3_qk_norm_theta_eps", case_qwen3),
       {"parity_llama_train_50_steps", test_train_curve, case_setup, parity_run_teardown, NULL},
   };
-  return cmocka_run_group_tests(tests, NULL, NULL);
+  return prmt_exit(cmocka_run_group_tests(tests, NULL, NULL), sizeof tests / sizeof tests[0]);
 }

@@ -172,7 +172,7 @@ static void check_layouts(const char *name, const char *model_flags, const prm_m
 static void test_gpt2_layouts(void **state) {
   (void)state;
   if (!parity_reference_available("test_parity_pretrained", g_script, sizeof g_script)) {
-    skip();
+    prmt_skip();
     return;
   }
   prm_model_options cfg = prmt_gpt2_options(64, 16, 16, 2, 2, 0);
@@ -186,7 +186,7 @@ static void test_gpt2_layouts(void **state) {
 static void test_llama_layouts(void **state) {
   (void)state;
   if (!parity_reference_available("test_parity_pretrained", g_script, sizeof g_script)) {
-    skip();
+    prmt_skip();
     return;
   }
   prm_model_options cfg = PRM_MODEL_OPTIONS_INIT;
@@ -210,7 +210,7 @@ static void test_llama_layouts(void **state) {
 static void test_gpt2_config_disagrees(void **state) {
   (void)state;
   if (!parity_reference_available("test_parity_pretrained", g_script, sizeof g_script)) {
-    skip();
+    prmt_skip();
     return;
   }
   char path[PARITY_PATH_SIZE];
@@ -244,5 +244,5 @@ int main(void) {
       cmocka_unit_test(test_gpt2_config_disagrees),
       cmocka_unit_test(test_llama_layouts),
   };
-  return cmocka_run_group_tests(tests, NULL, NULL);
+  return prmt_exit(cmocka_run_group_tests(tests, NULL, NULL), sizeof tests / sizeof tests[0]);
 }

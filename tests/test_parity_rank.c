@@ -637,11 +637,11 @@ static void write_jobs(const char *jobs_path) {
  * others reuse them); skips when the reference cannot run. */
 static void ensure_reference(void) {
   if (g_ref == REF_DONE) return;
-  if (g_ref == REF_UNAVAILABLE) skip();
+  if (g_ref == REF_UNAVAILABLE) prmt_skip();
   if (g_ref == REF_RUNNING) fail_msg("the reference run failed in an earlier test");
   if (!parity_reference_available("test_parity_rank", g_script, sizeof g_script)) {
     g_ref = REF_UNAVAILABLE;
-    skip();
+    prmt_skip();
   }
   g_ref = REF_RUNNING; /* stays so if anything below fails */
   char jobs[PARITY_PATH_SIZE], q_py[PARITY_PATH_SIZE + 16], q_code[4 * sizeof driver_py],
@@ -1184,5 +1184,5 @@ int main(void) {
   int failed = cmocka_run_group_tests(tests, NULL, group_teardown);
   if (g_ref == REF_DONE)
     print_message("test_parity_rank: %.1f s (reference %.1f s)\n", now_s() - t0, g_ref_seconds);
-  return failed;
+  return prmt_exit(failed, k);
 }

@@ -53,6 +53,23 @@ int prmt_have_torch(void);
 /* A fresh path in the test build folder: "<tmpdir>/<name>.<pid>". */
 void prmt_tmp_path(char *buf, size_t size, const char *name);
 
+/*
+ * Skipping. A case that cannot run here (no ../shared, no torch) calls
+ * prmt_skip(), which counts it and then calls cmocka's skip(); main returns
+ * prmt_exit(cmocka's result, number of cases): 77 when every case skipped
+ * and none failed -- CTest's SKIP_RETURN_CODE for the test_parity*
+ * executables (tests/CMakeLists.txt) -- else the failure count. (Matching
+ * "[  SKIPPED ]" in the output instead would report an executable as skipped
+ * even when another of its cases failed.)
+ */
+extern int prmt_n_skipped;
+#define prmt_skip()                                                                                \
+  do {                                                                                             \
+    prmt_n_skipped++;                                                                              \
+    skip();                                                                                        \
+  } while (0)
+int prmt_exit(int failed, size_t n_cases);
+
 /* A call that must fail with `status` and leave an error message. */
 #define ASSERT_FAILS(call, status)                                                                 \
   do {                                                                                             \
