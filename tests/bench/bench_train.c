@@ -42,10 +42,19 @@
  * machine with the benchmark's own shapes (sgemm GFLOP/s, sgemv GB/s), via
  * dlsym of the cblas_* symbols that libprefrm's BLAS brings into the process.
  * It calls the BLAS directly: it is a ceiling, not a libprefrm figure.
+ *
+ * A "blas: ..." line after the result names the BLAS measured, and the JSON
+ * carries it as "blas": {...}: the CBLAS the build was configured with
+ * (PRM_BENCH_CBLAS, set by tests/bench/CMakeLists.txt), the shared object
+ * that cblas_sgemm really resolved to in this process (dladdr, then
+ * realpath: Debian's libblas.so.3 is an alternatives link) and, where the
+ * library says more about itself, its own description (OpenBLAS:
+ * openblas_get_config, core and threads; BLIS: version, architecture).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <limits.h>
 #include <link.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -262,6 +271,79 @@ static void *xmalloc(size_t n) {
 static const char *env_or(const char *name, const char *dflt) {
   const char *v = getenv(name);
   return v ? v : dflt;
+}
+
+/* ---- which BLAS ---------------------------------------------------------------------------- */
+
+#ifndef PRM_BENCH_CBLAS /* compiled outside tests/bench/CMakeLists.txt */
+#define PRM_BENCH_CBLAS "unknown"
+#endif
+#ifndef PRM_BENCH_CBLAS_HEADER
+#define PRM_BENCH_CBLAS_HEADER "unknown"
+#endif
+
+typedef struct blas_identity {
+  char object[PATH_MAX];   /* the object defining cblas_sgemm, as mapped ("" if none) */
+  char resolved[PATH_MAX]; /* its realpath */
+  char detail[512];        /* the library's own description, "" if it has none */
+} blas_identity;
+static blas_identity blas_id;
+
+static void json_blank(char *s) {
+  for (; *s; s++)
+    if (*s == '"' || *s == '\\' || (unsigned char)*s < 0x20) *s = ' ';
+}
+
+/* Fills blas_id, before anything is timed. Looks symbols up in the whole process
+ * (RTLD_DEFAULT): the BLAS is libprefrm's dependency, so it is loaded with the program. */
+static void blas_identify(void) {
+  void *sgemm = dlsym(RTLD_DEFAULT, "cblas_sgemm");
+  Dl_info info;
+  if (sgemm != NULL && dladdr(sgemm, &info) != 0 && info.dli_fname != NULL) {
+    snprintf(blas_id.object, sizeof blas_id.object, "%s", info.dli_fname);
+    if (realpath(info.dli_fname, blas_id.resolved) == NULL)
+      snprintf(blas_id.resolved, sizeof blas_id.resolved, "%s", info.dli_fname);
+  }
+  typedef char *(*str_fn)(void);
+  typedef int (*int_fn)(void);
+  str_fn ob_config = (str_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "openblas_get_config");
+  str_fn ob_core = (str_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "openblas_get_corename");
+  int_fn ob_threads = (int_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "openblas_get_num_threads");
+  str_fn bli_version = (str_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "bli_info_get_version_str");
+  int_fn bli_arch = (int_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "bli_arch_query_id");
+  typedef char *(*arch_str_fn)(int);
+  arch_str_fn bli_arch_name = (arch_str_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "bli_arch_string");
+  int_fn bli_threads = (int_fn)(uintptr_t)dlsym(RTLD_DEFAULT, "bli_thread_get_num_threads");
+  if (ob_config != NULL)
+    snprintf(blas_id.detail, sizeof blas_id.detail, "%s, core %s, threads %d", ob_config(),
+             ob_core ? ob_core() : "?", ob_threads ? ob_threads() : -1);
+  else if (bli_version != NULL)
+    snprintf(blas_id.detail, sizeof blas_id.detail, "BLIS %s, arch %s, threads %d", bli_version(),
+             bli_arch && bli_arch_name ? bli_arch_name(bli_arch()) : "?",
+             bli_threads ? bli_threads() : -1);
+  /* they go into JSON strings: blank what would need escaping there */
+  json_blank(blas_id.object);
+  json_blank(blas_id.resolved);
+  json_blank(blas_id.detail);
+}
+
+/* The "blas:" line of the report (after the result line, which run_bench.sh takes as the
+ * first line of the output). */
+static void print_blas_line(void) {
+  printf("blas: configured %s (%s); cblas_sgemm from %s", PRM_BENCH_CBLAS, PRM_BENCH_CBLAS_HEADER,
+         blas_id.object[0] ? blas_id.object : "(not found)");
+  if (strcmp(blas_id.object, blas_id.resolved) != 0) printf(" -> %s", blas_id.resolved);
+  if (blas_id.detail[0]) printf("; %s", blas_id.detail);
+  printf("\n");
+}
+
+/* Appends `"blas": {...}, ` to json at *u. */
+static void json_blas_keys(char *json, size_t cap, size_t *u) {
+  *u += (size_t)snprintf(json + *u, cap - *u,
+                         "\"blas\": {\"configured\": \"%s\", \"header\": \"%s\", "
+                         "\"library\": \"%s\", \"resolved\": \"%s\", \"detail\": \"%s\"}, ",
+                         PRM_BENCH_CBLAS, PRM_BENCH_CBLAS_HEADER, blas_id.object, blas_id.resolved,
+                         blas_id.detail);
 }
 
 /* ---- BLAS probe ----------------------------------------------------------------------------- */
@@ -700,6 +782,7 @@ static int run_tok(const tok_cfg *cf) {
   if (!score) printf("; loss %.4f -> %.4f", loss_first, loss_last);
   printf("\n");
   print_memory_line(peak_rss_kb, data_mb, steps, &ad);
+  print_blas_line();
 
   static char json[8192];
   size_t u = 0;
@@ -772,6 +855,7 @@ static int run_tok(const tok_cfg *cf) {
       u += (size_t)snprintf(json + u, sizeof json - u, "}, ");
     }
   }
+  json_blas_keys(json, sizeof json, &u);
   snprintf(json + u, sizeof json - u,
            "\"OPENBLAS_NUM_THREADS\": \"%s\", \"OMP_NUM_THREADS\": \"%s\", "
            "\"OPENBLAS_CORETYPE\": \"%s\", \"GLIBC_TUNABLES\": \"%s\"}",
@@ -962,6 +1046,7 @@ int main(int argc, char **argv) {
       return 1;
     }
   }
+  blas_identify();
 
   const int is_llama = !strcmp(model_name, "llama");
   if (llama_flags && !is_llama) {
@@ -1123,6 +1208,7 @@ int main(int argc, char **argv) {
   printf(", %.3f GFLOP/step -> %.1f GFLOP/s; params %llu; loss %.4f -> %.4f\n", flops / 1e9,
          flops / med * 1e-9, (unsigned long long)n_params, loss_first, loss_last);
   print_memory_line(peak_rss_kb, data_mb, steps, &ad);
+  print_blas_line();
 
   static char json[8192];
   size_t u = 0;
@@ -1160,6 +1246,7 @@ int main(int argc, char **argv) {
   json_alloc_keys(json, sizeof json, &u, peak_rss_kb, data_mb, &ad);
   if (probe) blas_probe(json, sizeof json, is_mlp, rows, D, mo.hidden, mo.n_hidden, xs, nb);
   u = strlen(json);
+  json_blas_keys(json, sizeof json, &u);
   snprintf(json + u, sizeof json - u,
            "\"OPENBLAS_NUM_THREADS\": \"%s\", \"OMP_NUM_THREADS\": \"%s\", "
            "\"OPENBLAS_CORETYPE\": \"%s\", \"GLIBC_TUNABLES\": \"%s\"}",
