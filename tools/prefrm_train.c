@@ -359,8 +359,8 @@ static const optdef OPTS[] = {
     {"eval", T_LIST, O(eval), F_RUN | F_PATH, "FILE...",
      "held-out pairs, JSONL (instead of --split)"},
     {"split", T_DBL, O(split), F_RUN, "FRAC",
-     "hold out this fraction of the pooled training pairs, at least one pair "
-     "(default 0.1 without --eval; 0: no held-out set)"},
+     "train on this fraction of the pooled pairs and hold out the rest, at least one "
+     "pair (--split 0.8: an 80/20 split; default 0.9 without --eval; 1: no held-out set)"},
     {"split-seed", T_U64, O(split_seed), F_RUN, "N", "seed of the --split draw (default 0)"},
     {"on-bad-line", T_STR, O(on_bad_line), 0, "skip|fail",
      "a line that is not a valid pair: skip it (counted, first 100 reported) "
@@ -447,7 +447,7 @@ static const optdef OPTS[] = {
 
 static void config_defaults(config *c) {
   memset(c, 0, sizeof *c);
-  c->split = -1.0; /* unset: 0.1 without --eval */
+  c->split = -1.0; /* unset: 0.9 without --eval */
   c->on_bad_line = xstrdup("skip");
   c->features = 4096;
   c->hidden = xstrdup("256,64");
@@ -890,8 +890,9 @@ static int validate(config *c) {
   NEED(c->train.n > 0, "--train FILE... is required (see --help)");
   NEED(c->eval.n == 0 || c->split < 0, "--eval and --split exclude each other");
   NEED(!(c->resume && c->overwrite), "--resume and --overwrite exclude each other");
-  if (c->split < 0) c->split = c->eval.n > 0 ? 0.0 : 0.1;
-  NEED(c->split < 1.0, "--split %g: must be in [0, 1)", c->split);
+  if (c->split < 0) c->split = c->eval.n > 0 ? 1.0 : 0.9;
+  NEED(c->split > 0.0 && c->split <= 1.0, "--split %g: the training fraction must be in (0, 1]",
+       c->split);
   NEED(one_of(c->on_bad_line, BADLINE) >= 0, "--on-bad-line %s: skip or fail", c->on_bad_line);
   NEED(c->model == NULL || find_model(c->model) != NULL,
        "--model %s: unknown (gpt2, gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, "
@@ -1567,6 +1568,16 @@ static json_t *hex_json(uint64_t v) {
   return json_string(h);
 }
 
+/* The "longer response wins" rule's accuracy on a set (length in bytes;
+ * equal lengths count 1/2): the baseline a reward model must beat, since
+ * labellers of many datasets favour longer answers. */
+static double longer_wins(const pairset *s) {
+  double wins = 0.0;
+  for (size_t i = 0; i < s->n; i++)
+    wins += s->v[i].na > s->v[i].nb ? 1.0 : (s->v[i].na == s->v[i].nb ? 0.5 : 0.0);
+  return s->n > 0 ? wins / (double)s->n : 0.0;
+}
+
 static double elapsed_total(const app *A) { return A->rs.elapsed + (now_s() - A->t0); }
 
 static json_t *state_to_json(const app *A) {
@@ -1698,6 +1709,8 @@ static int write_summary(app *A, int stop) {
                       rs->has_last ? stats_to_json(rs->last_loss, &rs->last_st) : json_null());
   json_object_set_new(o, "train_pairs", json_integer((json_int_t)A->train.n));
   json_object_set_new(o, "heldout_pairs", json_integer((json_int_t)A->held.n));
+  json_object_set_new(o, "heldout_longer_wins",
+                      A->held.n > 0 ? json_real(longer_wins(&A->held)) : json_null());
   json_object_set_new(o, "pairs_seen", json_integer((json_int_t)rs->pairs_seen));
   json_object_set_new(o, "wall_time_s", json_real(elapsed_total(A)));
   json_object_set_new(o, "train_time_s", json_real(train_s));
@@ -2028,12 +2041,13 @@ static int setup_model(app *A) {
   return 0;
 }
 
-/* --split: a seeded draw of held-out pairs; both sets keep file order. */
+/* --split: a seeded draw of held-out pairs (the 1 - FRAC not trained on);
+ * both sets keep file order. */
 static int split_pairs(app *A) {
   const config *c = &A->cfg;
-  if (c->eval.n > 0 || c->split <= 0) return 0;
+  if (c->eval.n > 0 || c->split >= 1.0) return 0;
   const size_t n = A->train.n;
-  size_t nh = (size_t)llround(c->split * (double)n);
+  size_t nh = n - (size_t)llround(c->split * (double)n);
   if (nh == 0) nh = 1;
   if (nh >= n) {
     errf("--split %g of %zu pairs leaves no training pairs", c->split, n);
@@ -2419,6 +2433,9 @@ static int run(app *A) {
 
   uint64_t np = 0;
   prm_model_params(A->model, &np);
+  if (A->held.n > 0)
+    fprintf(stderr, PROG ": held-out baseline: the longer response wins %.4f of %zu pairs\n",
+            longer_wins(&A->held), A->held.n);
   fprintf(stderr,
           PROG ": %zu training pairs, %zu held-out; %s model, %" PRIu64 " parameters (%" PRIu64
                " trainable); %zu steps of %" PRId64 " pairs per epoch, %" PRId64

@@ -148,7 +148,7 @@ else
 fi
 
 # ---- gpt2 (tiny) and llama on bytes, --split --------------------------------------------------------
-"$P" --train train.jsonl --split 0.2 $TINY --epochs 2 --out g >g.out 2>g.err
+"$P" --train train.jsonl --split 0.8 $TINY --epochs 2 --out g >g.out 2>g.err
 rc=$?
 acc=$(last_accuracy g.out)
 if [ $rc -ne 0 ]; then
@@ -159,15 +159,15 @@ else
   fail "gpt2: held-out accuracy $acc (expected > 0.8)"
 fi
 grep -q '"tokens"' g/best.json && grep -q '"bytes"' g/best.json || fail "gpt2: best.json: $(cat g/best.json)"
-[ "$(jget g/summary.json heldout_pairs)" = 200 ] || fail "--split 0.2 of 1000: heldout_pairs != 200"
+[ "$(jget g/summary.json heldout_pairs)" = 200 ] || fail "--split 0.8 of 1000: heldout_pairs != 200"
 "$P" --train train.jsonl --model llama --dim 32 --layers 1 --heads 4 --kv-heads 2 --ctx 64 \
   --epochs 1 --out ll >ll.out 2>ll.err
 acc=$(last_accuracy ll.out)
 above "$acc" 0.8 && ok "llama: held-out accuracy $acc" || fail "llama: accuracy '$acc': $(tail -2 ll.err)"
 
 # ---- --split determinism ----------------------------------------------------------------------------
-"$P" --train train.jsonl --split 0.2 $TINY --epochs 2 --out g2 >/dev/null 2>&1
-"$P" --train train.jsonl --split 0.2 --split-seed 5 $TINY --epochs 2 --out g3 >/dev/null 2>&1
+"$P" --train train.jsonl --split 0.8 $TINY --epochs 2 --out g2 >/dev/null 2>&1
+"$P" --train train.jsonl --split 0.8 --split-seed 5 $TINY --epochs 2 --out g3 >/dev/null 2>&1
 if cmp -s g/best.safetensors g2/best.safetensors && ! cmp -s g/last.safetensors g3/last.safetensors; then
   ok "--split: same seed, same run; another --split-seed, another held-out set"
 else
@@ -285,12 +285,12 @@ sed -n 41,46p bad.jsonl >allbad.jsonl
 
 # ---- margins, labels, no held-out set -----------------------------------------------------------------
 awk 'NR <= 300 { sub(/}$/, ", \"margin\": 0.5, \"label\": 0.9}"); print }' train.jsonl >ml.jsonl
-"$P" --train ml.jsonl --model mlp --hidden 16 --features 512 --split 0 --epochs 1 --out ml \
+"$P" --train ml.jsonl --model mlp --hidden 16 --features 512 --split 1 --epochs 1 --out ml \
   >ml.out 2>ml.err
 rc=$?
 [ $rc -eq 0 ] && [ -s ml/best.safetensors ] && [ "$(jget ml/summary.json best_heldout_loss)" = null ] &&
-  grep -q 'no held-out set' ml.out && ok "margin/label fields, mlp, --split 0" ||
-  fail "margins/labels/--split 0: exit $rc: $(tail -2 ml.err)"
+  grep -q 'no held-out set' ml.out && ok "margin/label fields, mlp, --split 1" ||
+  fail "margins/labels/--split 1: exit $rc: $(tail -2 ml.err)"
 
 # ---- --init from a checkpoint --------------------------------------------------------------------------
 "$P" --train train.jsonl --init g/best.safetensors --train-blocks 0 --epochs 1 --out init \
