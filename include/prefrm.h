@@ -29,10 +29,21 @@
  *     prm_evaluate, once their arguments are valid, run a forward, and a
  *     forward that fails part-way (NaN/Inf features are found during the
  *     computation) has replaced a forward pending from prm_ctx_forward.
- *   - A human-readable reason for the last failure is kept per handle
- *     (prm_ctx_errmsg, prm_optimizer_errmsg, prm_model_errmsg) and per thread
+ *   - A human-readable reason for the last failure is kept per thread
  *     (prm_last_errmsg), so callers without a handle (constructors, loss
- *     functions) get one too. No global state is shared between threads.
+ *     functions) get one too, and per handle (prm_model_errmsg,
+ *     prm_ctx_errmsg, prm_optimizer_errmsg). The rule for a handle's
+ *     message: a failing call writes its message to the calling thread AND
+ *     to every model, context and optimizer it takes as an argument, const
+ *     or not (a failing prm_ctx_new writes the model's; prm_model_tensor_info
+ *     with a bad index does too; a failing prm_train_step writes the
+ *     context's and the optimizer's). So a handle's message describes the
+ *     most recent failing call that involved it, on whatever thread. Only a
+ *     failure replaces it: a successful call never clears or changes it, and
+ *     it reads "" until the handle's first failure. Handles reached only
+ *     through another (the model of a context during prm_ctx_forward) are
+ *     not written. "Failing" includes a NULL return of prm_ctx_grads and
+ *     prm_model_params. No global state is shared between threads.
  *   - Versioned structs (options, batches, statistics) begin with a uint32_t
  *     version field. Initialise them with the matching prm_*_init function (or
  *     the PRM_*_INIT macro from C). Fields are only ever appended; the library
@@ -344,8 +355,22 @@ PRM_API int prm_model_reward_norm(const prm_model *model, double *mean,
 PRM_API int prm_model_normalise_rewards(const prm_model *model, float *rewards,
                                         uint64_t n);
 
-/** Detail of the last failure of a call that took this model as a non-const
- *  argument. "" if none; never NULL (also for a NULL model). */
+/**
+ * Detail of the most recent failing call that took this model as an
+ * argument, const or not, on any thread (the rule at the top of this
+ * header): prm_model_tensor_info with a bad index replaces an older
+ * prm_model_set_trainable message, and so does a prm_ctx_new that fails for
+ * the model. Successes never clear it; "" until the first failure; "" for
+ * a NULL model. Never NULL.
+ *
+ * The model's message is written under a lock inside the model, taken only
+ * by failing calls and by this function, which returns a copy made under
+ * that lock in thread-local storage: the pointer stays valid, and its text
+ * unchanged, until the calling thread's next prm_model_errmsg call (on any
+ * model) or the thread's exit. Copy it if you need it longer.
+ * Thread-safe: may run concurrently with any call on the model, failing
+ * ones included.
+ */
 PRM_API const char *prm_model_errmsg(const prm_model *model);
 
 /* ------------------------------------------------------------------------ */
@@ -378,7 +403,8 @@ PRM_API const char *prm_model_errmsg(const prm_model *model);
  * @return PRM_OK; PRM_ERR_NULL; PRM_ERR_NOMEM; PRM_ERR_IO (cannot create,
  *         write, sync or rename the file, another save in progress; or,
  *         after `path` was already replaced, the fsync of its directory
- *         failed: the message says so). Details in prm_last_errmsg().
+ *         failed: the message says so). Details in prm_last_errmsg() and
+ *         prm_model_errmsg().
  * Thread-safe with respect to concurrent forward calls on the model.
  */
 PRM_API int prm_model_save(const prm_model *model, const char *path);
@@ -390,6 +416,7 @@ PRM_API int prm_model_save(const prm_model *model, const char *path);
  * @return PRM_OK, PRM_ERR_NULL (model or size_out), PRM_ERR_SIZE (capacity
  *         too small; *size_out still receives the needed size),
  *         PRM_ERR_NOMEM (the file would not fit in size_t; 32-bit hosts).
+ *         Details in prm_last_errmsg() and prm_model_errmsg().
  */
 PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
                                   size_t capacity, size_t *size_out);
@@ -603,7 +630,8 @@ PRM_API int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version);
  * MiB were needed, for activations and for gradients.
  * @param out  receives the context (caller owns), NULL on failure.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION, PRM_ERR_INVALID (max_rows
- *         0, max_len > n_ctx, more than 2^30 tokens), PRM_ERR_NOMEM.
+ *         0, max_len > n_ctx, more than 2^30 tokens), PRM_ERR_NOMEM. The
+ *         message goes to the thread and to the model (prm_model_errmsg).
  * Thread-safe; many contexts may share one model.
  */
 PRM_API int prm_ctx_new(prm_ctx **out, const prm_model *model,
@@ -617,7 +645,16 @@ PRM_API void prm_ctx_free(prm_ctx *ctx);
 /** The model this context was created for (NULL for NULL). */
 PRM_API const prm_model *prm_ctx_model(const prm_ctx *ctx);
 
-/** Detail of the last failing call on this context; "" if none; never NULL. */
+/**
+ * Detail of the most recent failing call that took this context as an
+ * argument, const or not (prm_ctx_forward, prm_optimizer_step,
+ * prm_train_step, prm_ctx_read_grads, ...; the rule at the top of this
+ * header). Successes never clear it; "" until the first failure; "" for a
+ * NULL context. Never NULL. The pointer is the context's own buffer, valid
+ * until prm_ctx_free; the next failing call involving the context
+ * overwrites it. Same thread rule as every call on a context: one thread at
+ * a time.
+ */
 PRM_API const char *prm_ctx_errmsg(const prm_ctx *ctx);
 
 /**
@@ -662,8 +699,11 @@ PRM_API int prm_ctx_zero_grad(prm_ctx *ctx);
  * prm_model_trainable_offset() + j; with everything trainable, of parameter
  * j). Valid until prm_ctx_free. The host may read and write it (e.g.
  * MPI_Allreduce between steps).
- * @param n  optional; receives the element count (trainable parameters).
- * @return the array, or NULL for NULL or an inference context.
+ * @param n  optional; receives the element count (trainable parameters;
+ *           0 when NULL is returned).
+ * @return the array, or NULL for a NULL context (message to the thread) or
+ *         an inference context, which holds no gradients (message to the
+ *         context and the thread: prm_ctx_errmsg, prm_last_errmsg).
  */
 PRM_API float *prm_ctx_grads(prm_ctx *ctx, uint64_t *n);
 
@@ -950,7 +990,8 @@ PRM_API void prm_optimizer_free(prm_optimizer *opt);
  * PRM_ERR_NONFINITE_GRAD, nothing changed), update. A step never writes a
  * non-finite parameter.
  * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_MISMATCH (ctx of another model),
- *         PRM_ERR_STATE (inference context), PRM_ERR_NONFINITE_GRAD.
+ *         PRM_ERR_STATE (inference context), PRM_ERR_NONFINITE_GRAD. The
+ *         message goes to the optimizer, the context and the thread.
  * Not thread-safe with other calls that use the model.
  */
 PRM_API int prm_optimizer_step(prm_optimizer *opt, prm_ctx *ctx);
@@ -965,7 +1006,17 @@ PRM_API double prm_optimizer_lr(const prm_optimizer *opt);
  *  clipping (0 before the first update or for NULL). */
 PRM_API double prm_optimizer_last_grad_norm(const prm_optimizer *opt);
 
-/** Detail of the last failing call on this optimizer; never NULL. */
+/**
+ * Detail of the most recent failing call that took this optimizer as an
+ * argument, const or not (prm_optimizer_step, prm_train_step,
+ * prm_optimizer_save, prm_optimizer_set_lr, ...; the rule at the top of
+ * this header). Successes never clear it; "" until the first failure; ""
+ * for a NULL optimizer. Never NULL.
+ * As for models, the message is written under a lock in the optimizer
+ * (saves may run on several threads at once) and this function returns a
+ * copy made under it in thread-local storage, valid until the calling
+ * thread's next prm_optimizer_errmsg call or its exit. Thread-safe.
+ */
 PRM_API const char *prm_optimizer_errmsg(const prm_optimizer *opt);
 
 /* ---- Saving and resuming (safetensors, F32) ---- */
@@ -991,7 +1042,8 @@ PRM_API const char *prm_optimizer_errmsg(const prm_optimizer *opt);
  * fsynced and renamed, the same rules for that name and for concurrent
  * saves to one path).
  * @return PRM_OK; PRM_ERR_NULL; PRM_ERR_NOMEM; PRM_ERR_IO (as
- *         prm_model_save). Details in prm_last_errmsg().
+ *         prm_model_save). Details in prm_last_errmsg() and
+ *         prm_optimizer_errmsg().
  * Reads the optimizer and its model; do not run it concurrently with
  * prm_optimizer_step on the same optimizer. Thread-safe otherwise.
  */
@@ -1004,7 +1056,8 @@ PRM_API int prm_optimizer_save(const prm_optimizer *opt, const char *path);
  * least that size.
  * @return PRM_OK, PRM_ERR_NULL (opt or size_out), PRM_ERR_SIZE (capacity
  *         too small; *size_out still receives the needed size),
- *         PRM_ERR_NOMEM. Details in prm_last_errmsg().
+ *         PRM_ERR_NOMEM. Details in prm_last_errmsg() and
+ *         prm_optimizer_errmsg().
  */
 PRM_API int prm_optimizer_save_buffer(const prm_optimizer *opt, void *buf,
                                       size_t capacity, size_t *size_out);
@@ -1063,7 +1116,8 @@ PRM_API int prm_optimizer_load_buffer(prm_optimizer **out, prm_model *model,
  * @return any status of the four calls above, PRM_ERR_SIZE for an odd or zero
  *         batch->n, PRM_ERR_MISMATCH when opt and ctx belong to different
  *         models or predate a prm_model_set_trainable change, PRM_ERR_STATE
- *         for an inference context.
+ *         for an inference context. Every failure's message goes to the
+ *         context, the optimizer and the thread.
  * Failures, in order:
  *   1. Invalid arguments -- pointers, versions, the batch's sizes, stride
  *      and token ids, the loss options and stats version -- are all

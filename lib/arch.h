@@ -58,9 +58,9 @@ struct prmi_arch {
   void (*init)(prm_model *m, uint64_t seed);
   /*
    * prm_model_set_trainable(k > 0): the first parameter of the last k blocks
-   * (plus everything after them). PRM_ERR_INVALID with a message into
-   * m->errmsg when k is more than the model has. (k = 0 is the head and k < 0
-   * everything: the generic code handles those.)
+   * (plus everything after them). PRM_ERR_INVALID with a thread message
+   * when k is more than the model has (model.c records it in the model).
+   * (k = 0 is the head and k < 0 everything: the generic code handles those.)
    */
   int (*trainable_from_block)(prm_model *m, uint64_t k, uint64_t *offset);
 

@@ -47,10 +47,7 @@ static int fail_nomem(const prm_model *m, const prm_ctx_options *opts, uint64_t 
                    (unsigned long long)opts->max_rows, tokens, acts / MiB, grads / MiB);
 }
 
-int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *opts) {
-  if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_new: out is NULL");
-  *out = NULL;
-  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_new: model is NULL");
+static int ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *opts) {
   int rc = prmi_check_version(NULL, opts, PRM_CTX_OPTIONS_VERSION, "prm_ctx_options");
   if (rc != PRM_OK) return rc;
   if (opts->max_rows < 1 || opts->max_rows > PRMI_MAX_DIM)
@@ -91,9 +88,29 @@ int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *op
   return PRM_OK;
 }
 
+/* A failure is recorded in the model too: the call takes it (const), and a
+ * host that creates contexts for a shared model finds why in
+ * prm_model_errmsg. */
+int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *opts) {
+  if (out == NULL)
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_new: out is NULL"));
+  *out = NULL;
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_new: model is NULL");
+  return prmi_model_record(model, ctx_new(out, model, opts));
+}
+
 const prm_model *prm_ctx_model(const prm_ctx *ctx) { return ctx ? ctx->model : NULL; }
 
 const char *prm_ctx_errmsg(const prm_ctx *ctx) { return ctx ? ctx->errmsg : ""; }
+
+int prmi_ctx_record(const prm_ctx *ctx, int status) {
+  /* A context is used by one thread at a time (its const calls too), and
+   * it is heap-allocated, never defined const: a plain write through the
+   * cast pointer is safe. */
+  if (ctx != NULL && status != PRM_OK)
+    memcpy(((prm_ctx *)ctx)->errmsg, prm_last_errmsg(), PRMI_ERRMSG_SIZE);
+  return status;
+}
 
 /* ---- feature batches (linear, mlp) ------------------------------------------------------ */
 
@@ -219,8 +236,7 @@ int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, uint64_t stride, floa
   return PRM_OK;
 }
 
-int prm_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, uint64_t n_scores) {
-  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_forward: ctx is NULL");
+static int ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, uint64_t n_scores) {
   if (batch == NULL) return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "prm_ctx_forward: batch is NULL");
   if (scores == NULL)
     return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "prm_ctx_forward: scores is NULL");
@@ -237,6 +253,11 @@ int prm_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, uint64_
   if (rc != PRM_OK) return rc;
   memcpy(scores, ctx->scores, batch->n * sizeof(float));
   return PRM_OK;
+}
+
+int prm_ctx_forward(prm_ctx *ctx, const prm_batch *batch, float *scores, uint64_t n_scores) {
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_forward: ctx is NULL");
+  return prmi_ctx_record(ctx, ctx_forward(ctx, batch, scores, n_scores));
 }
 
 /* ---- backward ---------------------------------------------------------------------- */
@@ -275,6 +296,11 @@ int prm_ctx_zero_grad(prm_ctx *ctx) {
 float *prm_ctx_grads(prm_ctx *ctx, uint64_t *n) {
   if (ctx == NULL || ctx->inference) {
     if (n != NULL) *n = 0;
+    if (ctx == NULL)
+      prmi_fail(NULL, PRM_ERR_NULL, "prm_ctx_grads: ctx is NULL");
+    else
+      prmi_fail(ctx->errmsg, PRM_ERR_STATE,
+                "prm_ctx_grads: inference context (it holds no gradients)");
     return NULL;
   }
   if (n != NULL) *n = ctx->model->n_params - ctx->trainable_offset;

@@ -7,8 +7,12 @@
 
 #include "internal.h"
 
-/* The only mutable storage outside handles: one message per thread. */
+/* The only mutable storage outside handles: one message per thread, and
+ * the thread's copies of the last model and optimizer messages it asked for
+ * (prmi_errslot_read: one buffer per kind, so that a pointer from
+ * prm_model_errmsg survives a call of prm_optimizer_errmsg). */
 static _Thread_local char tls_errmsg[PRMI_ERRMSG_SIZE];
+static _Thread_local char tls_copy[PRMI_ERRSLOT_KINDS][PRMI_ERRMSG_SIZE];
 
 uint32_t prm_version_number(void) { return PRM_VERSION_NUMBER; }
 
@@ -70,4 +74,39 @@ int prmi_check_version(char *handle_msg, const void *versioned, uint32_t newest,
                      "%s: version %u is not supported (this library knows 1..%u)", what,
                      (unsigned)v, (unsigned)newest);
   return PRM_OK;
+}
+
+/* ---- locked per-handle messages ------------------------------------------------------- */
+
+int prmi_errslot_init(prmi_errslot *s) {
+  s->msg[0] = '\0';
+  return pthread_mutex_init(&s->lock, NULL) == 0 ? PRM_OK : PRM_ERR_NOMEM;
+}
+
+void prmi_errslot_destroy(prmi_errslot *s) { pthread_mutex_destroy(&s->lock); }
+
+/*
+ * The slot belongs to a handle that other threads may be using through
+ * const calls at the same moment (a shared model), so both the write here
+ * and the copy in prmi_errslot_read hold the slot's lock. Callers pass the
+ * slot of a const handle: the handle is heap-allocated and never defined
+ * const, so writing through the cast pointer is well-defined (the same
+ * reasoning as a C++ `mutable` member).
+ */
+int prmi_errslot_record(const prmi_errslot *slot, int status) {
+  if (slot == NULL || status == PRM_OK) return status;
+  prmi_errslot *s = (prmi_errslot *)slot;
+  pthread_mutex_lock(&s->lock);
+  memcpy(s->msg, tls_errmsg, PRMI_ERRMSG_SIZE);
+  pthread_mutex_unlock(&s->lock);
+  return status;
+}
+
+const char *prmi_errslot_read(const prmi_errslot *slot, int kind) {
+  char *copy = tls_copy[kind];
+  prmi_errslot *s = (prmi_errslot *)slot;
+  pthread_mutex_lock(&s->lock);
+  memcpy(copy, s->msg, PRMI_ERRMSG_SIZE);
+  pthread_mutex_unlock(&s->lock);
+  return copy;
 }

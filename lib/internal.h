@@ -8,6 +8,7 @@
 #ifndef PRM_INTERNAL_H
 #define PRM_INTERNAL_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -87,6 +88,35 @@ int prmi_init_struct(void *s, const void *defaults, size_t size, uint32_t versio
 int prmi_adopt_error(char *handle_msg, int status);
 
 /*
+ * The message of a handle that several threads may use at once (a model is
+ * shared by contexts on many threads, an optimizer may be saved from two):
+ * written only by a failing call, copied out only under the lock, so that a
+ * failure on one thread and prm_model_errmsg on another never race. The
+ * lock is taken on failure and on reading the message, never on a
+ * successful call.
+ */
+typedef struct prmi_errslot {
+  pthread_mutex_t lock;
+  char msg[PRMI_ERRMSG_SIZE]; /* "" until the first failure */
+} prmi_errslot;
+
+/* Which thread-local buffer prmi_errslot_read copies into. */
+#define PRMI_ERRSLOT_MODEL 0
+#define PRMI_ERRSLOT_OPTIMIZER 1
+#define PRMI_ERRSLOT_KINDS 2
+
+/* An empty slot; PRM_ERR_NOMEM when the lock cannot be created (no message). */
+int prmi_errslot_init(prmi_errslot *s);
+void prmi_errslot_destroy(prmi_errslot *s);
+/* When status is a failure, copy the calling thread's last message (that
+ * of this failure) into the slot (NULL: nothing), under its lock. Returns
+ * status. The slot may belong to a const handle. */
+int prmi_errslot_record(const prmi_errslot *s, int status);
+/* A copy of the slot's message, made under its lock, in the calling thread's
+ * buffer of this kind: valid until the thread's next read of the same kind. */
+const char *prmi_errslot_read(const prmi_errslot *s, int kind);
+
+/*
  * Validate the version field of a versioned struct: PRM_ERR_NULL for NULL,
  * PRM_ERR_VERSION unless 1 <= version <= newest. `what` names the struct in
  * the message.
@@ -129,8 +159,15 @@ struct prm_model {
   double reward_mean, reward_std; /* prm_model_set_reward_norm; saved in checkpoints */
   int32_t trainable_blocks;  /* prm_model_set_trainable's n_blocks (while the
                                 offset is not 0): saved in checkpoints */
-  char errmsg[PRMI_ERRMSG_SIZE];
+  prmi_errslot err;          /* prm_model_errmsg: written by failing calls on any thread */
 };
+
+/* When status is a failure, record the calling thread's message (of the
+ * call that failed with it) in the model's; NULL model: nothing. Returns
+ * status.
+ * Every public function that takes a model, const or not, calls it on
+ * failure. */
+int prmi_model_record(const prm_model *m, int status);
 
 /*
  * Validate `opts` (any supported version; fields missing from older versions
@@ -181,8 +218,15 @@ struct prm_ctx {
   float *dscores; /* (max_rows) d(loss)/d(score) for train_step */
   uint64_t last_n;  /* rows of the last successful forward */
   int have_forward; /* a forward awaits its backward */
+  /* prm_ctx_errmsg. No lock: a context is used by one thread at a time,
+   * const calls included. */
   char errmsg[PRMI_ERRMSG_SIZE];
 };
+
+/* When status is a failure, copy the calling thread's message into ctx's
+ * (NULL: nothing); returns status. Every public function that takes a
+ * context calls it on failure. */
+int prmi_ctx_record(const prm_ctx *ctx, int status);
 
 /* The gradient slot of parameter offset `off`, NULL when it is frozen. */
 static inline float *prmi_grad_slot(prm_ctx *ctx, uint64_t off) {
@@ -227,15 +271,18 @@ struct prm_optimizer {
   uint64_t num_updates;  /* applied updates */
   uint32_t micro;        /* step calls counted in the current accumulation cycle */
   double last_grad_norm; /* norm (after 1/k, before clipping) of the last update */
-  char errmsg[PRMI_ERRMSG_SIZE];
+  prmi_errslot err;      /* prm_optimizer_errmsg (saves may run on several threads) */
 };
 
+/* The optimizer counterpart of prmi_model_record. */
+int prmi_opt_record(const prm_optimizer *opt, int status);
+
 /* Check options (newest struct version): PRM_OK or PRM_ERR_INVALID naming
- * the field, to the thread and to msg; fn names the public function. */
-int prmi_optimizer_validate(char *msg, const prm_optimizer_options *o, const char *fn);
+ * the field, to the thread; fn names the public function. */
+int prmi_optimizer_validate(const prm_optimizer_options *o, const char *fn);
 /* A fresh optimizer for model's current trainable set with validated
- * options o: zero moments and counters. PRM_ERR_NOMEM (message to the
- * thread and model->errmsg); *out NULL on failure. */
+ * options o: zero moments and counters. PRM_ERR_NOMEM (message
+ * to the thread and the model); *out NULL on failure. */
 int prmi_optimizer_alloc(prm_optimizer **out, prm_model *model, const prm_optimizer_options *o,
                          const char *fn);
 

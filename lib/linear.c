@@ -39,9 +39,10 @@ static int linear_layout(prm_model *m) {
 }
 
 static int linear_trainable_from_block(prm_model *m, uint64_t k, uint64_t *off) {
+  (void)m;
   (void)k;
   (void)off;
-  return prmi_fail(m->errmsg, PRM_ERR_INVALID,
+  return prmi_fail(NULL, PRM_ERR_INVALID,
                    "prm_model_set_trainable: a linear model has no blocks (use 0 or -1)");
 }
 

@@ -1308,7 +1308,7 @@ static void llama_init(prm_model *m, uint64_t seed) {
 static int llama_trainable_from_block(prm_model *m, uint64_t k, uint64_t *off) {
   const uint64_t L = m->opts.n_layer;
   if (k > L)
-    return prmi_fail(m->errmsg, PRM_ERR_INVALID,
+    return prmi_fail(NULL, PRM_ERR_INVALID,
                      "prm_model_set_trainable: %llu blocks, the model has %llu",
                      (unsigned long long)k, (unsigned long long)L);
   *off = LAYOUT(m)->blk[L - k].start;

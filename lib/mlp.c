@@ -112,7 +112,7 @@ void prmi_init_feature_model(prm_model *m, uint64_t seed) {
 static int mlp_trainable_from_block(prm_model *m, uint64_t k, uint64_t *off) {
   const mlp_layout *L = LAYOUT(m);
   if (k > L->n_hidden)
-    return prmi_fail(m->errmsg, PRM_ERR_INVALID,
+    return prmi_fail(NULL, PRM_ERR_INVALID,
                      "prm_model_set_trainable: %llu layers, the model has %u",
                      (unsigned long long)k, (unsigned)L->n_hidden);
   *off = L->hidden[L->n_hidden - k].w_off;

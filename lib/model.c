@@ -104,7 +104,10 @@ int prmi_model_alloc(prm_model **out, const prm_model_options *opts, int alloc_p
     return prmi_fail(NULL, PRM_ERR_INVALID, "model: more than 2^34 parameters");
 
   prm_model *m = calloc(1, sizeof *m);
-  if (m == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "model: out of memory");
+  if (m == NULL || prmi_errslot_init(&m->err) != PRM_OK) {
+    free(m);
+    return prmi_fail(NULL, PRM_ERR_NOMEM, "model: out of memory");
+  }
   m->opts = o;
   m->arch = arch;
   m->tensors = calloc(n_tensors, sizeof *m->tensors);
@@ -178,15 +181,21 @@ void prm_model_free(prm_model *model) {
   if (model->arch != NULL && model->arch->layout_free != NULL) model->arch->layout_free(model->layout);
   prmi_free(model->params);
   free(model->tensors);
+  prmi_errslot_destroy(&model->err);
   free(model);
 }
 
 /* ---- queries ------------------------------------------------------------------------- */
 
+int prmi_model_record(const prm_model *m, int status) {
+  return m != NULL ? prmi_errslot_record(&m->err, status) : status;
+}
+
 int prm_model_get_options(const prm_model *model, prm_model_options *opts) {
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_get_options: model is NULL");
-  int rc = prmi_check_version(NULL, opts, PRM_MODEL_OPTIONS_VERSION, "prm_model_options");
-  if (rc != PRM_OK) return rc;
+  int rc = prmi_check_version(NULL, opts, PRM_MODEL_OPTIONS_VERSION,
+                              "prm_model_get_options: prm_model_options");
+  if (rc != PRM_OK) return prmi_model_record(model, rc);
   uint32_t v = opts->version;
   memcpy(opts, &model->opts, options_size(v)); /* the caller's version's fields only */
   opts->version = v;
@@ -203,6 +212,7 @@ uint64_t prm_model_num_params(const prm_model *model) { return model ? model->n_
 
 float *prm_model_params(prm_model *model, uint64_t *n_params) {
   if (n_params != NULL) *n_params = model ? model->n_params : 0;
+  if (model == NULL) prmi_fail(NULL, PRM_ERR_NULL, "prm_model_params: model is NULL");
   return model ? model->params : NULL;
 }
 
@@ -212,8 +222,9 @@ int prm_model_tensor_info(const prm_model *model, uint32_t index, const char **n
                           uint64_t *offset, uint32_t *ndim, uint64_t shape[2]) {
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_tensor_info: model is NULL");
   if (index >= model->n_tensors)
-    return prmi_fail(NULL, PRM_ERR_INVALID, "prm_model_tensor_info: index %u >= %u tensors",
-                     (unsigned)index, (unsigned)model->n_tensors);
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_INVALID,
+                                              "prm_model_tensor_info: index %u >= %u tensors",
+                                              (unsigned)index, (unsigned)model->n_tensors));
   const prmi_tensor *t = &model->tensors[index];
   if (name) *name = t->name;
   if (offset) *offset = t->offset;
@@ -232,7 +243,7 @@ int prm_model_set_trainable(prm_model *model, int32_t n_blocks) {
     off = model->head_w;
   } else if (n_blocks > 0) {
     int rc = model->arch->trainable_from_block(model, (uint64_t)n_blocks, &off);
-    if (rc != PRM_OK) return rc;
+    if (rc != PRM_OK) return prmi_model_record(model, rc);
   }
   model->trainable_offset = off;
   model->trainable_blocks = n_blocks;
@@ -243,7 +254,9 @@ uint64_t prm_model_trainable_offset(const prm_model *model) {
   return model ? model->trainable_offset : 0;
 }
 
-const char *prm_model_errmsg(const prm_model *model) { return model ? model->errmsg : ""; }
+const char *prm_model_errmsg(const prm_model *model) {
+  return model ? prmi_errslot_read(&model->err, PRMI_ERRSLOT_MODEL) : "";
+}
 
 /* ---- reward normalisation ------------------------------------------------------------ */
 
@@ -295,19 +308,21 @@ int prm_model_set_reward_norm(prm_model *model, const prm_reward_moments *moment
     model->reward_mean = model->reward_std = 0.0;
     return PRM_OK;
   }
-  int rc = prmi_check_version(model->errmsg, moments, PRM_REWARD_MOMENTS_VERSION,
+  int rc = prmi_check_version(NULL, moments, PRM_REWARD_MOMENTS_VERSION,
                               "prm_model_set_reward_norm: moments");
-  if (rc != PRM_OK) return rc;
+  if (rc != PRM_OK) return prmi_model_record(model, rc);
   if (moments->count < 2)
-    return prmi_fail(model->errmsg, PRM_ERR_INVALID,
-                     "prm_model_set_reward_norm: %llu rewards; at least 2 are needed",
-                     (unsigned long long)moments->count);
+    return prmi_model_record(
+        model, prmi_fail(NULL, PRM_ERR_INVALID,
+                         "prm_model_set_reward_norm: %llu rewards; at least 2 are needed",
+                         (unsigned long long)moments->count));
   const double sd = sqrt(moments->m2 / (double)moments->count);
   if (!(isfinite(moments->mean) && isfinite(sd) && sd > 0.0))
-    return prmi_fail(model->errmsg, PRM_ERR_INVALID,
-                     "prm_model_set_reward_norm: mean %g, standard deviation %g: need finite "
-                     "values and a deviation > 0",
-                     moments->mean, sd);
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_INVALID,
+                                              "prm_model_set_reward_norm: mean %g, standard "
+                                              "deviation %g: need finite values and a deviation "
+                                              "> 0",
+                                              moments->mean, sd));
   model->has_reward_norm = 1;
   model->reward_mean = moments->mean;
   model->reward_std = sd;
@@ -317,9 +332,10 @@ int prm_model_set_reward_norm(prm_model *model, const prm_reward_moments *moment
 int prm_model_reward_norm(const prm_model *model, double *mean, double *std) {
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_reward_norm: model is NULL");
   if (!model->has_reward_norm)
-    return prmi_fail(NULL, PRM_ERR_STATE,
-                     "prm_model_reward_norm: the model has no normalisation statistics "
-                     "(prm_model_set_reward_norm)");
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_STATE,
+                                              "prm_model_reward_norm: the model has no "
+                                              "normalisation statistics "
+                                              "(prm_model_set_reward_norm)"));
   if (mean != NULL) *mean = model->reward_mean;
   if (std != NULL) *std = model->reward_std;
   return PRM_OK;
@@ -328,14 +344,16 @@ int prm_model_reward_norm(const prm_model *model, double *mean, double *std) {
 int prm_model_normalise_rewards(const prm_model *model, float *rewards, uint64_t n) {
   if (model == NULL)
     return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_normalise_rewards: model is NULL");
+  int rc = PRM_OK;
   if (rewards == NULL && n > 0)
-    return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_normalise_rewards: rewards is NULL");
-  if (!model->has_reward_norm)
-    return prmi_fail(NULL, PRM_ERR_STATE,
-                     "prm_model_normalise_rewards: the model has no normalisation statistics "
-                     "(prm_model_set_reward_norm)");
-  if (n > 0 && !prmi_all_finite(rewards, n))
-    return prmi_fail(NULL, PRM_ERR_NONFINITE, "prm_model_normalise_rewards: a reward is NaN/Inf");
+    rc = prmi_fail(NULL, PRM_ERR_NULL, "prm_model_normalise_rewards: rewards is NULL");
+  else if (!model->has_reward_norm)
+    rc = prmi_fail(NULL, PRM_ERR_STATE,
+                   "prm_model_normalise_rewards: the model has no normalisation statistics "
+                   "(prm_model_set_reward_norm)");
+  else if (n > 0 && !prmi_all_finite(rewards, n))
+    rc = prmi_fail(NULL, PRM_ERR_NONFINITE, "prm_model_normalise_rewards: a reward is NaN/Inf");
+  if (rc != PRM_OK) return prmi_model_record(model, rc);
   const double mean = model->reward_mean, sd = model->reward_std;
   for (uint64_t i = 0; i < n; i++) rewards[i] = (float)(((double)rewards[i] - mean) / sd);
   return PRM_OK;

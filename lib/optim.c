@@ -46,56 +46,56 @@ int prm_optimizer_options_init(prm_optimizer_options *opts, uint32_t version) {
 static int float_finite(double x) { return isfinite(x) && fabs(x) <= (double)FLT_MAX; }
 
 /*
- * Check the options; PRM_OK or PRM_ERR_INVALID with a message naming the
- * field, written to the thread and to `msg` (the model's message). Also
+ * Check the options; PRM_OK or PRM_ERR_INVALID with a thread message naming
+ * the field. Also
  * used for the options read from an optimizer state (optim_io.c). Every
  * option is checked in the precision the update uses: the kernels run in
  * float, so eps = 1e-50 (0 as a float) is refused, not only eps <= 0.
  */
-int prmi_optimizer_validate(char *msg, const prm_optimizer_options *o, const char *fn) {
+int prmi_optimizer_validate(const prm_optimizer_options *o, const char *fn) {
   if (o->algorithm != PRM_OPT_SGD && o->algorithm != PRM_OPT_ADAM && o->algorithm != PRM_OPT_ADAMW)
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: unknown algorithm %d", fn, (int)o->algorithm);
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: unknown algorithm %d", fn, (int)o->algorithm);
   if (o->schedule != PRM_SCHED_CONSTANT && o->schedule != PRM_SCHED_LINEAR &&
       o->schedule != PRM_SCHED_COSINE)
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: unknown schedule %d", fn, (int)o->schedule);
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: unknown schedule %d", fn, (int)o->schedule);
   /* Written as !(ok) so that NaN fails every test. */
   if (!(float_finite(o->lr) && o->lr >= 0.0))
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: lr = %g must be >= 0 and finite as a float", fn,
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: lr = %g must be >= 0 and finite as a float", fn,
                      o->lr);
   if (!(o->beta1 >= 0.0 && o->beta1 < 1.0))
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: beta1 = %g is outside [0, 1)", fn, o->beta1);
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: beta1 = %g is outside [0, 1)", fn, o->beta1);
   if (!(o->beta2 >= 0.0 && o->beta2 < 1.0))
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: beta2 = %g is outside [0, 1)", fn, o->beta2);
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: beta2 = %g is outside [0, 1)", fn, o->beta2);
   if (!(float_finite(o->eps) && (float)o->eps > 0.0f))
-    return prmi_fail(msg, PRM_ERR_INVALID,
+    return prmi_fail(NULL, PRM_ERR_INVALID,
                      "%s: eps = %g must be > 0 and finite as a float (the smallest is %g)", fn,
                      o->eps, (double)FLT_TRUE_MIN);
   if (!(float_finite(o->weight_decay) && o->weight_decay >= 0.0))
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: weight_decay = %g must be finite and >= 0", fn,
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: weight_decay = %g must be finite and >= 0", fn,
                      o->weight_decay);
   if (!(float_finite(o->momentum) && o->momentum >= 0.0))
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: momentum = %g must be finite and >= 0", fn,
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: momentum = %g must be finite and >= 0", fn,
                      o->momentum);
   if (o->nesterov != 0 && !(o->momentum > 0.0))
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: nesterov requires momentum > 0", fn);
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: nesterov requires momentum > 0", fn);
   if (!(float_finite(o->max_grad_norm) && o->max_grad_norm >= 0.0))
-    return prmi_fail(msg, PRM_ERR_INVALID,
+    return prmi_fail(NULL, PRM_ERR_INVALID,
                      "%s: max_grad_norm = %g must be finite and >= 0 (0 = off)", fn,
                      o->max_grad_norm);
   if (o->accumulation_steps == 0)
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: accumulation_steps must be >= 1", fn);
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: accumulation_steps must be >= 1", fn);
   if (!(float_finite(o->min_lr) && o->min_lr >= 0.0))
-    return prmi_fail(msg, PRM_ERR_INVALID, "%s: min_lr = %g must be finite and >= 0", fn,
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: min_lr = %g must be finite and >= 0", fn,
                      o->min_lr);
   if (o->schedule == PRM_SCHED_LINEAR || o->schedule == PRM_SCHED_COSINE) {
     if (o->total_steps == 0)
-      return prmi_fail(msg, PRM_ERR_INVALID, "%s: linear/cosine schedule needs total_steps >= 1",
+      return prmi_fail(NULL, PRM_ERR_INVALID, "%s: linear/cosine schedule needs total_steps >= 1",
                        fn);
     if (o->warmup_steps > o->total_steps)
-      return prmi_fail(msg, PRM_ERR_INVALID, "%s: warmup_steps = %llu exceeds total_steps = %llu",
+      return prmi_fail(NULL, PRM_ERR_INVALID, "%s: warmup_steps = %llu exceeds total_steps = %llu",
                        fn, (unsigned long long)o->warmup_steps, (unsigned long long)o->total_steps);
     if (o->min_lr > o->lr)
-      return prmi_fail(msg, PRM_ERR_INVALID, "%s: min_lr = %g exceeds lr = %g", fn, o->min_lr,
+      return prmi_fail(NULL, PRM_ERR_INVALID, "%s: min_lr = %g exceeds lr = %g", fn, o->min_lr,
                        o->lr);
   }
   return PRM_OK;
@@ -112,16 +112,15 @@ static int build_segments(prm_optimizer *opt) {
   const prm_model *model = opt->model;
   uint32_t cap = 2 * model->n_tensors + 1;
   opt->segs = prmi_calloc(cap, sizeof *opt->segs);
-  if (opt->segs == NULL)
-    return prmi_fail(opt->model->errmsg, PRM_ERR_NOMEM, "optimizer: out of memory");
+  if (opt->segs == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "optimizer: out of memory");
   uint64_t cursor = 0;
   for (uint32_t i = 0; i <= model->n_tensors; i++) {
     if (i < model->n_tensors && model->tensors[i].offset < opt->toff) continue; /* frozen */
     uint64_t off = (i < model->n_tensors ? model->tensors[i].offset : model->n_params) - opt->toff;
     uint64_t numel = i < model->n_tensors ? model->tensors[i].numel : 0;
     if (off < cursor || numel > opt->n_params - off)
-      return prmi_fail(opt->model->errmsg, PRM_ERR_INVALID,
-                       "optimizer: model tensor %u lies outside the arena", (unsigned)i);
+      return prmi_fail(NULL, PRM_ERR_INVALID, "optimizer: model tensor %u lies outside the arena",
+                       (unsigned)i);
     prmi_opt_segment run[2] = {{cursor, off - cursor, 1}, {off, numel, 1}};
     if (i < model->n_tensors)
       run[1].decay = !(opt->opts.no_decay_1d != 0 && model->tensors[i].ndim == 1);
@@ -144,14 +143,22 @@ void prm_optimizer_free(prm_optimizer *opt) {
   prmi_free(opt->m);
   prmi_free(opt->v);
   prmi_free(opt->segs);
+  prmi_errslot_destroy(&opt->err);
   prmi_free(opt);
+}
+
+int prmi_opt_record(const prm_optimizer *opt, int status) {
+  return opt != NULL ? prmi_errslot_record(&opt->err, status) : status;
 }
 
 int prmi_optimizer_alloc(prm_optimizer **out, prm_model *model, const prm_optimizer_options *o,
                          const char *fn) {
   *out = NULL;
   prm_optimizer *opt = prmi_calloc(1, sizeof *opt);
-  if (opt == NULL) return prmi_fail(model->errmsg, PRM_ERR_NOMEM, "%s: out of memory", fn);
+  if (opt == NULL || prmi_errslot_init(&opt->err) != PRM_OK) {
+    prmi_free(opt);
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_NOMEM, "%s: out of memory", fn));
+  }
   opt->model = model;
   opt->opts = *o;
   opt->toff = model->trainable_offset;
@@ -159,7 +166,7 @@ int prmi_optimizer_alloc(prm_optimizer **out, prm_model *model, const prm_optimi
   int rc = build_segments(opt);
   if (rc != PRM_OK) {
     prm_optimizer_free(opt);
-    return rc;
+    return prmi_model_record(model, rc);
   }
   /* State only for the algorithm that needs it (zero-initialised, which is
    * also exactly PyTorch's first step: b = mu*0 + g = g, m = 0 + (1-b1) g). */
@@ -168,31 +175,35 @@ int prmi_optimizer_alloc(prm_optimizer **out, prm_model *model, const prm_optimi
   if (need_m) opt->m = prmi_calloc(opt->n_params, sizeof(float));
   if (need_v) opt->v = prmi_calloc(opt->n_params, sizeof(float));
   if ((need_m && opt->m == NULL) || (need_v && opt->v == NULL)) {
+    const uint64_t np = opt->n_params;
     prm_optimizer_free(opt);
-    return prmi_fail(model->errmsg, PRM_ERR_NOMEM,
-                     "%s: cannot allocate %.1f MiB for the moments of %llu parameters", fn,
-                     (double)((need_m + need_v) * opt->n_params * sizeof(float)) / 1048576.0,
-                     (unsigned long long)opt->n_params);
+    return prmi_model_record(
+        model, prmi_fail(NULL, PRM_ERR_NOMEM,
+                         "%s: cannot allocate %.1f MiB for the moments of %llu parameters", fn,
+                         (double)((need_m + need_v) * np * sizeof(float)) / 1048576.0,
+                         (unsigned long long)np));
   }
   *out = opt;
   return PRM_OK;
 }
 
 int prm_optimizer_new(prm_optimizer **out, prm_model *model, const prm_optimizer_options *opts) {
-  if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_new: out is NULL");
+  if (out == NULL)
+    return prmi_model_record(model,
+                             prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_new: out is NULL"));
   *out = NULL;
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_new: model is NULL");
   /* From here on failures also go to the model's message: the call takes
    * the model non-const, and a host that checks prm_model_errmsg finds why. */
-  int rc = prmi_check_version(model->errmsg, opts, PRM_OPTIMIZER_OPTIONS_VERSION,
+  int rc = prmi_check_version(NULL, opts, PRM_OPTIMIZER_OPTIONS_VERSION,
                               "prm_optimizer_new: prm_optimizer_options");
-  if (rc != PRM_OK) return rc;
+  if (rc != PRM_OK) return prmi_model_record(model, rc);
   /* Fields a caller's older struct version lacks keep their defaults. */
   prm_optimizer_options o = PRM_OPTIMIZER_OPTIONS_INIT;
   memcpy(&o, opts, options_size(opts->version));
   o.version = PRM_OPTIMIZER_OPTIONS_VERSION;
-  rc = prmi_optimizer_validate(model->errmsg, &o, "prm_optimizer_new");
-  if (rc != PRM_OK) return rc;
+  rc = prmi_optimizer_validate(&o, "prm_optimizer_new");
+  if (rc != PRM_OK) return prmi_model_record(model, rc);
   return prmi_optimizer_alloc(out, model, &o, "prm_optimizer_new");
 }
 
@@ -373,7 +384,7 @@ static int apply_update(prm_optimizer *opt, float *grads) {
     uint64_t bad = 0;
     while (bad < opt->n_params && isfinite(grads[bad]))
       bad++;
-    return prmi_fail(opt->errmsg, PRM_ERR_NONFINITE_GRAD,
+    return prmi_fail(NULL, PRM_ERR_NONFINITE_GRAD,
                      "prm_optimizer_step: non-finite gradient at parameter %llu; "
                      "nothing was updated",
                      (unsigned long long)(opt->toff + bad));
@@ -429,7 +440,7 @@ static int apply_update(prm_optimizer *opt, float *grads) {
           ok = prmi_adam_check(p, g, m, v, sg->numel, &ac);
       }
       if (!ok)
-        return prmi_fail(opt->errmsg, PRM_ERR_NONFINITE_GRAD,
+        return prmi_fail(NULL, PRM_ERR_NONFINITE_GRAD,
                          "prm_optimizer_step: the update would overflow a parameter or moment "
                          "to Inf/NaN in parameters [%llu, %llu) (lr %g; gradient norm %g); "
                          "nothing was updated",
@@ -443,17 +454,16 @@ static int apply_update(prm_optimizer *opt, float *grads) {
   return PRM_OK;
 }
 
-int prm_optimizer_step(prm_optimizer *opt, prm_ctx *ctx) {
-  if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_step: opt is NULL");
-  if (ctx == NULL) return prmi_fail(opt->errmsg, PRM_ERR_NULL, "prm_optimizer_step: ctx is NULL");
+static int step(prm_optimizer *opt, prm_ctx *ctx) {
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_step: ctx is NULL");
   if (ctx->model != opt->model)
-    return prmi_fail(opt->errmsg, PRM_ERR_MISMATCH,
+    return prmi_fail(NULL, PRM_ERR_MISMATCH,
                      "prm_optimizer_step: ctx belongs to another model than the optimizer");
   if (ctx->grads == NULL)
-    return prmi_fail(opt->errmsg, PRM_ERR_STATE,
+    return prmi_fail(NULL, PRM_ERR_STATE,
                      "prm_optimizer_step: ctx is an inference context (no gradients)");
   if (ctx->trainable_offset != opt->toff || opt->toff != opt->model->trainable_offset)
-    return prmi_fail(opt->errmsg, PRM_ERR_MISMATCH,
+    return prmi_fail(NULL, PRM_ERR_MISMATCH,
                      "prm_optimizer_step: the model's trainable parameters changed since the "
                      "optimizer or the context was created");
   if (opt->micro + 1 < opt->opts.accumulation_steps) {
@@ -461,6 +471,14 @@ int prm_optimizer_step(prm_optimizer *opt, prm_ctx *ctx) {
     return PRM_OK;
   }
   return apply_update(opt, ctx->grads);
+}
+
+int prm_optimizer_step(prm_optimizer *opt, prm_ctx *ctx) {
+  if (opt == NULL)
+    return prmi_ctx_record(ctx, prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_step: opt is NULL"));
+  int rc = step(opt, ctx);
+  if (rc != PRM_OK) prmi_ctx_record(ctx, prmi_opt_record(opt, rc));
+  return rc;
 }
 
 /* ---- queries ------------------------------------------------------------------ */
@@ -478,7 +496,7 @@ double prm_optimizer_last_grad_norm(const prm_optimizer *opt) {
 }
 
 const char *prm_optimizer_errmsg(const prm_optimizer *opt) {
-  return opt == NULL ? "" : opt->errmsg;
+  return opt == NULL ? "" : prmi_errslot_read(&opt->err, PRMI_ERRSLOT_OPTIMIZER);
 }
 
 const prm_model *prmi_optimizer_model(const prm_optimizer *opt) { return opt->model; }

@@ -127,13 +127,11 @@ static int doc_build(opt_doc *d, prmi_st_doc *doc, const prm_optimizer *opt, con
   return PRM_OK;
 }
 
-int prm_optimizer_save_buffer(const prm_optimizer *opt, void *buf, size_t capacity,
-                              size_t *size_out) {
+static int save_buffer(const prm_optimizer *opt, void *buf, size_t capacity, size_t *size_out) {
   const char *fn = "prm_optimizer_save_buffer";
   opt_doc d;
   prmi_st_doc doc;
   size_t hlen, total;
-  if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: opt is NULL", fn);
   if (size_out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: size_out is NULL", fn);
   int rc = doc_build(&d, &doc, opt, fn);
   if (rc != PRM_OK) return rc;
@@ -152,17 +150,27 @@ int prm_optimizer_save_buffer(const prm_optimizer *opt, void *buf, size_t capaci
   return rc;
 }
 
-int prm_optimizer_save(const prm_optimizer *opt, const char *path) {
+int prm_optimizer_save_buffer(const prm_optimizer *opt, void *buf, size_t capacity,
+                              size_t *size_out) {
+  if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_save_buffer: opt is NULL");
+  return prmi_opt_record(opt, save_buffer(opt, buf, capacity, size_out));
+}
+
+static int save(const prm_optimizer *opt, const char *path) {
   const char *fn = "prm_optimizer_save";
   opt_doc d;
   prmi_st_doc doc;
-  if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: opt is NULL", fn);
   if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: path is NULL", fn);
   int rc = doc_build(&d, &doc, opt, fn);
   if (rc != PRM_OK) return rc;
   rc = prmi_st_save(path, &doc, NULL, fn);
   free(d.names);
   return rc;
+}
+
+int prm_optimizer_save(const prm_optimizer *opt, const char *path) {
+  if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_save: opt is NULL");
+  return prmi_opt_record(opt, save(opt, path));
 }
 
 /* ---- reading ----------------------------------------------------------------- */
@@ -294,7 +302,7 @@ static int read_options(const prmi_ckpt *c, prm_optimizer_options *o, const char
       (rc = meta_real(c, "min_lr", &o->min_lr, fn)) != PRM_OK)
     return rc;
   o->accumulation_steps = (uint32_t)k;
-  rc = prmi_optimizer_validate(NULL, o, fn);
+  rc = prmi_optimizer_validate(o, fn);
   if (rc != PRM_OK) {
     char why[PRMI_ERRMSG_SIZE]; /* the thread's message is the destination too */
     snprintf(why, sizeof why, "%s", prm_last_errmsg());
@@ -358,7 +366,7 @@ static int load_state(prm_optimizer **out, prm_model *model, const unsigned char
   prmi_st_free(c);
   if (rc != PRM_OK) {
     prm_optimizer_free(opt);
-    return prmi_adopt_error(model->errmsg, rc);
+    return prmi_model_record(model, rc);
   }
   *out = opt;
   return PRM_OK;
@@ -366,10 +374,12 @@ static int load_state(prm_optimizer **out, prm_model *model, const unsigned char
 
 int prm_optimizer_load_buffer(prm_optimizer **out, prm_model *model, const void *buf, size_t size) {
   const char *fn = "prm_optimizer_load_buffer";
-  if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: out is NULL", fn);
+  if (out == NULL)
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_NULL, "%s: out is NULL", fn));
   *out = NULL;
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: model is NULL", fn);
-  if (buf == NULL) return prmi_fail(model->errmsg, PRM_ERR_NULL, "%s: buf is NULL", fn);
+  if (buf == NULL)
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_NULL, "%s: buf is NULL", fn));
   return load_state(out, model, (const unsigned char *)buf, size, fn);
 }
 
@@ -377,12 +387,14 @@ int prm_optimizer_load(prm_optimizer **out, prm_model *model, const char *path) 
   const char *fn = "prm_optimizer_load";
   unsigned char *buf;
   size_t size;
-  if (out == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: out is NULL", fn);
+  if (out == NULL)
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_NULL, "%s: out is NULL", fn));
   *out = NULL;
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: model is NULL", fn);
-  if (path == NULL) return prmi_fail(model->errmsg, PRM_ERR_NULL, "%s: path is NULL", fn);
-  int rc = prmi_file_read_all(path, &buf, &size, model->errmsg);
-  if (rc != PRM_OK) return rc;
+  if (path == NULL)
+    return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_NULL, "%s: path is NULL", fn));
+  int rc = prmi_file_read_all(path, &buf, &size, NULL);
+  if (rc != PRM_OK) return prmi_model_record(model, rc);
   rc = load_state(out, model, buf, size, fn);
   free(buf);
   return rc;

@@ -335,9 +335,8 @@ static prmi_st_doc model_doc(const prm_model *m) {
   return d;
 }
 
-int prm_model_save_buffer(const prm_model *model, void *buf, size_t capacity, size_t *size_out) {
+static int model_save_buffer(const prm_model *model, void *buf, size_t capacity, size_t *size_out) {
   size_t hlen, total;
-  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save_buffer: model is NULL");
   if (size_out == NULL)
     return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save_buffer: size_out is NULL");
   const prmi_st_doc d = model_doc(model);
@@ -354,11 +353,21 @@ int prm_model_save_buffer(const prm_model *model, void *buf, size_t capacity, si
   return PRM_OK;
 }
 
+int prm_model_save_buffer(const prm_model *model, void *buf, size_t capacity, size_t *size_out) {
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save_buffer: model is NULL");
+  return prmi_model_record(model, model_save_buffer(model, buf, capacity, size_out));
+}
+
 int prm_model_save(const prm_model *model, const char *path) {
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: model is NULL");
-  if (path == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: path is NULL");
-  const prmi_st_doc d = model_doc(model);
-  return prmi_st_save(path, &d, NULL, "prm_model_save");
+  int rc = PRM_OK;
+  if (path == NULL) {
+    rc = prmi_fail(NULL, PRM_ERR_NULL, "prm_model_save: path is NULL");
+  } else {
+    const prmi_st_doc d = model_doc(model);
+    rc = prmi_st_save(path, &d, NULL, "prm_model_save");
+  }
+  return prmi_model_record(model, rc);
 }
 
 /* ------------------------------------------------------------------------ */

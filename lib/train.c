@@ -103,8 +103,8 @@ static int train_core(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *batch, 
   return PRM_OK;
 }
 
-int prm_train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
-                   const prm_loss_options *loss_opts, prm_loss_stats *stats) {
+static int train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
+                      const prm_loss_options *loss_opts, prm_loss_stats *stats) {
   int rc = check_trainer(ctx, opt, "prm_train_step");
   if (rc != PRM_OK) return rc;
   uint64_t P = 0, stride = 0;
@@ -114,9 +114,15 @@ int prm_train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
   return train_core(ctx, opt, pairs, stride, &bl, stats);
 }
 
-int prm_evaluate(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options *loss_opts,
-                 prm_loss_stats *stats) {
-  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_evaluate: ctx is NULL");
+/* A failure of a one-call trainer is recorded in both handles it takes. */
+int prm_train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
+                   const prm_loss_options *loss_opts, prm_loss_stats *stats) {
+  const int rc = train_step(ctx, opt, pairs, loss_opts, stats);
+  return prmi_opt_record(opt, prmi_ctx_record(ctx, rc));
+}
+
+static int evaluate(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options *loss_opts,
+                    prm_loss_stats *stats) {
   uint64_t P = 0, stride = 0;
   int rc = check_pairs(ctx, pairs, loss_opts, stats, &P, &stride);
   if (rc != PRM_OK) return rc;
@@ -125,6 +131,12 @@ int prm_evaluate(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options *l
   if (rc != PRM_OK) return rc;
   const batch_loss bl = {loss_opts, NULL, 0, NULL};
   return run_loss(ctx, &bl, pairs->n, 0, stats);
+}
+
+int prm_evaluate(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options *loss_opts,
+                 prm_loss_stats *stats) {
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_evaluate: ctx is NULL");
+  return prmi_ctx_record(ctx, evaluate(ctx, pairs, loss_opts, stats));
 }
 
 /* The group-batch counterpart of check_pairs. */
@@ -145,9 +157,9 @@ static int check_groups(prm_ctx *ctx, const prm_batch *batch, const int32_t *gro
   return prmi_check_batch(ctx, batch, stride);
 }
 
-int prm_train_step_groups(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *batch,
-                          const int32_t *group_sizes, uint64_t n_groups,
-                          const prm_rank_options *rank_opts, prm_loss_stats *stats) {
+static int train_step_groups(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *batch,
+                             const int32_t *group_sizes, uint64_t n_groups,
+                             const prm_rank_options *rank_opts, prm_loss_stats *stats) {
   int rc = check_trainer(ctx, opt, "prm_train_step_groups");
   if (rc != PRM_OK) return rc;
   uint64_t stride = 0;
@@ -157,10 +169,16 @@ int prm_train_step_groups(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *bat
   return train_core(ctx, opt, batch, stride, &bl, stats);
 }
 
-int prm_evaluate_groups(prm_ctx *ctx, const prm_batch *batch, const int32_t *group_sizes,
-                        uint64_t n_groups, const prm_rank_options *rank_opts,
-                        prm_loss_stats *stats) {
-  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_evaluate_groups: ctx is NULL");
+int prm_train_step_groups(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *batch,
+                          const int32_t *group_sizes, uint64_t n_groups,
+                          const prm_rank_options *rank_opts, prm_loss_stats *stats) {
+  const int rc = train_step_groups(ctx, opt, batch, group_sizes, n_groups, rank_opts, stats);
+  return prmi_opt_record(opt, prmi_ctx_record(ctx, rc));
+}
+
+static int evaluate_groups(prm_ctx *ctx, const prm_batch *batch, const int32_t *group_sizes,
+                           uint64_t n_groups, const prm_rank_options *rank_opts,
+                           prm_loss_stats *stats) {
   uint64_t stride = 0;
   int rc = check_groups(ctx, batch, group_sizes, n_groups, rank_opts, stats, &stride);
   if (rc != PRM_OK) return rc;
@@ -169,4 +187,11 @@ int prm_evaluate_groups(prm_ctx *ctx, const prm_batch *batch, const int32_t *gro
   if (rc != PRM_OK) return rc;
   const batch_loss bl = {NULL, group_sizes, n_groups, rank_opts};
   return run_loss(ctx, &bl, batch->n, 0, stats);
+}
+
+int prm_evaluate_groups(prm_ctx *ctx, const prm_batch *batch, const int32_t *group_sizes,
+                        uint64_t n_groups, const prm_rank_options *rank_opts,
+                        prm_loss_stats *stats) {
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_evaluate_groups: ctx is NULL");
+  return prmi_ctx_record(ctx, evaluate_groups(ctx, batch, group_sizes, n_groups, rank_opts, stats));
 }

@@ -1,0 +1,372 @@
+/*
+ * test_api.c - the interface as a foreign-language binding meets it: the
+ * per-handle error message rule (which calls write which handle's message,
+ * that successes never clear it, and that a shared model's message is safe
+ * to write and read from many threads at once), and every error path of
+ * the message-related calls. The threaded tests are meant for
+ * ThreadSanitizer too (-DPRM_SANITIZE=thread).
+ */
+#define _POSIX_C_SOURCE 200809L
+// clang-format off
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+// clang-format on
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "testutil.h"
+
+/* The call failed with `status`, and both the thread's message and the
+ * handle's (an expression giving a message) contain `needle`. */
+#define ASSERT_FAIL_MSG(call, status, handle_msg, needle)                                          \
+  do {                                                                                             \
+    assert_int_equal((call), (status));                                                            \
+    if (strstr(prm_last_errmsg(), (needle)) == NULL)                                               \
+      fail_msg("thread message '%s' lacks '%s'", prm_last_errmsg(), (needle));                     \
+    if (strstr((handle_msg), (needle)) == NULL)                                                    \
+      fail_msg("handle message '%s' lacks '%s'", (handle_msg), (needle));                          \
+  } while (0)
+
+#define ASSERT_MSG_IS(msg, needle)                                                                 \
+  do {                                                                                             \
+    if (strstr((msg), (needle)) == NULL) fail_msg("message '%s' lacks '%s'", (msg), (needle));     \
+  } while (0)
+
+static prm_optimizer *make_sgd(prm_model *m, double lr) {
+  prm_optimizer_options o = PRM_OPTIMIZER_OPTIONS_INIT;
+  o.algorithm = PRM_OPT_SGD;
+  o.lr = lr;
+  prm_optimizer *opt = NULL;
+  assert_int_equal(prm_optimizer_new(&opt, m, &o), PRM_OK);
+  return opt;
+}
+
+/* ---- the message rule: models --------------------------------------------------------- */
+
+static void test_model_errmsg_rule(void **state) {
+  (void)state;
+  char path[512];
+  prm_model *m = prmt_linear(3, 1);
+  assert_string_equal(prm_model_errmsg(m), "");
+  assert_string_equal(prm_model_errmsg(NULL), "");
+
+  /* a non-const call */
+  ASSERT_FAIL_MSG(prm_model_set_trainable(m, 2), PRM_ERR_INVALID, prm_model_errmsg(m), "no blocks");
+  /* successes leave it alone */
+  const char *name = NULL;
+  assert_int_equal(prm_model_tensor_info(m, 0, &name, NULL, NULL, NULL), PRM_OK);
+  assert_int_equal(prm_model_set_trainable(m, -1), PRM_OK);
+  ASSERT_MSG_IS(prm_model_errmsg(m), "no blocks");
+  /* const calls replace it */
+  ASSERT_FAIL_MSG(prm_model_tensor_info(m, 7, NULL, NULL, NULL, NULL), PRM_ERR_INVALID,
+                  prm_model_errmsg(m), "index 7");
+  prm_model_options mo = PRM_MODEL_OPTIONS_INIT;
+  mo.version = 99;
+  ASSERT_FAIL_MSG(prm_model_get_options(m, &mo), PRM_ERR_VERSION, prm_model_errmsg(m), "99");
+  ASSERT_FAIL_MSG(prm_model_get_options(m, NULL), PRM_ERR_NULL, prm_model_errmsg(m), "NULL");
+  ASSERT_FAIL_MSG(prm_model_reward_norm(m, NULL, NULL), PRM_ERR_STATE, prm_model_errmsg(m),
+                  "prm_model_reward_norm");
+  float r[2] = {1.0f, NAN};
+  ASSERT_FAIL_MSG(prm_model_normalise_rewards(m, r, 2), PRM_ERR_STATE, prm_model_errmsg(m),
+                  "prm_model_normalise_rewards");
+  ASSERT_FAIL_MSG(prm_model_normalise_rewards(m, NULL, 2), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "rewards is NULL");
+  prm_reward_moments mom = PRM_REWARD_MOMENTS_INIT;
+  ASSERT_FAIL_MSG(prm_model_set_reward_norm(m, &mom), PRM_ERR_INVALID, prm_model_errmsg(m),
+                  "at least 2");
+  float rw[3] = {1.0f, 2.0f, 4.0f};
+  assert_int_equal(prm_reward_moments_add(&mom, rw, 3), PRM_OK);
+  assert_int_equal(prm_model_set_reward_norm(m, &mom), PRM_OK);
+  ASSERT_FAIL_MSG(prm_model_normalise_rewards(m, r, 2), PRM_ERR_NONFINITE, prm_model_errmsg(m),
+                  "NaN");
+  mom.version = 0;
+  ASSERT_FAIL_MSG(prm_model_set_reward_norm(m, &mom), PRM_ERR_VERSION, prm_model_errmsg(m),
+                  "version");
+
+  /* calls that take the model beside other things */
+  prm_ctx_options co = PRM_CTX_OPTIONS_INIT;
+  prm_ctx *c = NULL;
+  ASSERT_FAIL_MSG(prm_ctx_new(&c, m, &co), PRM_ERR_INVALID, prm_model_errmsg(m), "max_rows");
+  assert_null(c);
+  co.version = 42;
+  ASSERT_FAIL_MSG(prm_ctx_new(&c, m, &co), PRM_ERR_VERSION, prm_model_errmsg(m), "42");
+  ASSERT_FAIL_MSG(prm_ctx_new(NULL, m, &co), PRM_ERR_NULL, prm_model_errmsg(m), "out is NULL");
+  ASSERT_FAIL_MSG(prm_ctx_new(&c, m, NULL), PRM_ERR_NULL, prm_model_errmsg(m), "prm_ctx_options");
+  size_t need = 0;
+  ASSERT_FAIL_MSG(prm_model_save_buffer(m, NULL, 0, NULL), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "size_out");
+  assert_int_equal(prm_model_save_buffer(m, NULL, 0, &need), PRM_OK);
+  unsigned char small[8];
+  ASSERT_FAIL_MSG(prm_model_save_buffer(m, small, sizeof small, &need), PRM_ERR_SIZE,
+                  prm_model_errmsg(m), "capacity");
+  ASSERT_FAIL_MSG(prm_model_save(m, NULL), PRM_ERR_NULL, prm_model_errmsg(m), "path is NULL");
+  ASSERT_FAIL_MSG(prm_model_save(m, "/nonexistent-dir/x/model.safetensors"), PRM_ERR_IO,
+                  prm_model_errmsg(m), "nonexistent-dir");
+  prm_optimizer_options oo = PRM_OPTIMIZER_OPTIONS_INIT;
+  oo.lr = -1.0;
+  prm_optimizer *opt = NULL;
+  ASSERT_FAIL_MSG(prm_optimizer_new(&opt, m, &oo), PRM_ERR_INVALID, prm_model_errmsg(m), "lr");
+  ASSERT_FAIL_MSG(prm_optimizer_new(NULL, m, &oo), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "out is NULL");
+  const char junk[] = "plain text, not a checkpoint";
+  ASSERT_FAIL_MSG(prm_optimizer_load_buffer(&opt, m, junk, sizeof junk), PRM_ERR_FORMAT,
+                  prm_model_errmsg(m), "not a safetensors file");
+  ASSERT_FAIL_MSG(prm_optimizer_load_buffer(&opt, m, NULL, 4), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "buf is NULL");
+  ASSERT_FAIL_MSG(prm_optimizer_load_buffer(NULL, m, junk, 4), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "out is NULL");
+  ASSERT_FAIL_MSG(prm_optimizer_load(&opt, m, NULL), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "path is NULL");
+  ASSERT_FAIL_MSG(prm_optimizer_load(NULL, m, "x"), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "out is NULL");
+  prmt_tmp_path(path, sizeof path, "api_missing_state");
+  ASSERT_FAIL_MSG(prm_optimizer_load(&opt, m, path), PRM_ERR_IO, prm_model_errmsg(m),
+                  "api_missing_state");
+  assert_null(opt);
+
+  /* the thread-local copy: a pointer keeps its text until the thread's
+   * next prm_model_errmsg, whatever fails meanwhile */
+  const char *held = prm_model_errmsg(m);
+  ASSERT_MSG_IS(held, "api_missing_state");
+  assert_int_equal(prm_model_tensor_info(m, 9, NULL, NULL, NULL, NULL), PRM_ERR_INVALID);
+  ASSERT_MSG_IS(held, "api_missing_state");
+  ASSERT_MSG_IS(prm_model_errmsg(m), "index 9");
+
+  /* prm_model_params(NULL): nothing to record in, the thread says why */
+  uint64_t np = 5;
+  assert_null(prm_model_params(NULL, &np));
+  assert_int_equal(np, 0);
+  ASSERT_MSG_IS(prm_last_errmsg(), "model is NULL");
+  ASSERT_MSG_IS(prm_model_errmsg(m), "index 9"); /* another handle is not touched */
+  prm_model_free(m);
+}
+
+/* ---- the message rule: contexts and optimizers ------------------------------------------ */
+
+static void test_ctx_and_optimizer_errmsg_rule(void **state) {
+  (void)state;
+  prm_model *m = prmt_linear(3, 2);
+  prm_ctx *c = prmt_ctx(m, 4, 0), *inf = prmt_ctx(m, 4, 1);
+  prm_optimizer *opt = make_sgd(m, 0.1);
+  assert_string_equal(prm_ctx_errmsg(c), "");
+  assert_string_equal(prm_ctx_errmsg(NULL), "");
+  assert_string_equal(prm_optimizer_errmsg(opt), "");
+  assert_string_equal(prm_optimizer_errmsg(NULL), "");
+
+  float x[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3}, s[4], ds[4] = {1, -1, 0.5f, 0};
+  prm_batch b = prmt_batch(x, 4, 3);
+  ASSERT_FAIL_MSG(prm_ctx_forward(c, &b, s, 3), PRM_ERR_SIZE, prm_ctx_errmsg(c), "scores holds");
+  ASSERT_FAIL_MSG(prm_ctx_backward(c, ds, 4), PRM_ERR_STATE, prm_ctx_errmsg(c), "no forward");
+  assert_int_equal(prm_ctx_forward(c, &b, s, 4), PRM_OK); /* a success keeps the message */
+  ASSERT_MSG_IS(prm_ctx_errmsg(c), "no forward");
+  ASSERT_FAIL_MSG(prm_ctx_zero_grad(inf), PRM_ERR_STATE, prm_ctx_errmsg(inf), "inference");
+
+  /* item: prm_ctx_grads of an inference context is NULL, with a message */
+  uint64_t n = 99;
+  assert_null(prm_ctx_grads(inf, &n));
+  assert_int_equal(n, 0);
+  ASSERT_MSG_IS(prm_ctx_errmsg(inf), "prm_ctx_grads: inference context");
+  ASSERT_MSG_IS(prm_last_errmsg(), "prm_ctx_grads: inference context");
+  assert_null(prm_ctx_grads(NULL, &n));
+  ASSERT_MSG_IS(prm_last_errmsg(), "prm_ctx_grads: ctx is NULL");
+  assert_non_null(prm_ctx_grads(c, &n));
+  assert_int_equal(n, 3);
+
+  /* a step failing on its context writes both handles */
+  ASSERT_FAIL_MSG(prm_optimizer_step(opt, inf), PRM_ERR_STATE, prm_optimizer_errmsg(opt),
+                  "inference context");
+  ASSERT_MSG_IS(prm_ctx_errmsg(inf), "prm_optimizer_step: ctx is an inference context");
+  ASSERT_FAIL_MSG(prm_optimizer_step(NULL, c), PRM_ERR_NULL, prm_ctx_errmsg(c), "opt is NULL");
+  ASSERT_FAIL_MSG(prm_optimizer_step(opt, NULL), PRM_ERR_NULL, prm_optimizer_errmsg(opt),
+                  "ctx is NULL");
+  /* a context of another model */
+  prm_model *m2 = prmt_linear(3, 3);
+  prm_ctx *c2 = prmt_ctx(m2, 4, 0);
+  ASSERT_FAIL_MSG(prm_optimizer_step(opt, c2), PRM_ERR_MISMATCH, prm_optimizer_errmsg(opt),
+                  "another model");
+  ASSERT_MSG_IS(prm_ctx_errmsg(c2), "another model");
+  /* non-finite gradients */
+  uint64_t ng;
+  float *g = prm_ctx_grads(c, &ng);
+  g[1] = NAN;
+  ASSERT_FAIL_MSG(prm_optimizer_step(opt, c), PRM_ERR_NONFINITE_GRAD, prm_optimizer_errmsg(opt),
+                  "non-finite gradient at parameter 1");
+  ASSERT_MSG_IS(prm_ctx_errmsg(c), "non-finite gradient at parameter 1");
+  assert_int_equal(prm_ctx_zero_grad(c), PRM_OK);
+
+  /* one-call paths: the context and the optimizer */
+  prm_batch odd = prmt_batch(x, 3, 3);
+  ASSERT_FAIL_MSG(prm_train_step(c, opt, &odd, NULL, NULL), PRM_ERR_SIZE, prm_ctx_errmsg(c),
+                  "even number");
+  ASSERT_MSG_IS(prm_optimizer_errmsg(opt), "even number");
+  ASSERT_FAIL_MSG(prm_train_step(inf, opt, &b, NULL, NULL), PRM_ERR_STATE,
+                  prm_optimizer_errmsg(opt), "prm_train_step: inference context");
+  ASSERT_FAIL_MSG(prm_train_step(c2, opt, &b, NULL, NULL), PRM_ERR_MISMATCH,
+                  prm_optimizer_errmsg(opt), "different models");
+  ASSERT_MSG_IS(prm_ctx_errmsg(c2), "different models");
+  ASSERT_FAIL_MSG(prm_train_step(c, NULL, &b, NULL, NULL), PRM_ERR_NULL, prm_ctx_errmsg(c),
+                  "opt is NULL");
+  assert_int_equal(prm_train_step(c, opt, &b, NULL, NULL), PRM_OK);
+  ASSERT_MSG_IS(prm_ctx_errmsg(c), "opt is NULL");
+  ASSERT_MSG_IS(prm_optimizer_errmsg(opt), "different models");
+  int32_t sizes[2] = {2, 1};
+  ASSERT_FAIL_MSG(prm_train_step_groups(c, opt, &b, sizes, 2, NULL, NULL), PRM_ERR_SIZE,
+                  prm_optimizer_errmsg(opt), "group_sizes[1]");
+  ASSERT_MSG_IS(prm_ctx_errmsg(c), "group_sizes[1]");
+  ASSERT_FAIL_MSG(prm_evaluate(inf, &odd, NULL, NULL), PRM_ERR_SIZE, prm_ctx_errmsg(inf),
+                  "even number");
+  ASSERT_FAIL_MSG(prm_evaluate_groups(inf, &b, sizes, 2, NULL, NULL), PRM_ERR_SIZE,
+                  prm_ctx_errmsg(inf), "group_sizes[1]");
+  x[4] = INFINITY;
+  ASSERT_FAIL_MSG(prm_evaluate(inf, &b, NULL, NULL), PRM_ERR_NONFINITE, prm_ctx_errmsg(inf), "Inf");
+
+  /* optimizer saves are const calls: they write the optimizer's message */
+  ASSERT_FAIL_MSG(prm_optimizer_save(opt, NULL), PRM_ERR_NULL, prm_optimizer_errmsg(opt),
+                  "path is NULL");
+  ASSERT_FAIL_MSG(prm_optimizer_save(opt, "/nonexistent-dir/y/opt.safetensors"), PRM_ERR_IO,
+                  prm_optimizer_errmsg(opt), "nonexistent-dir");
+  size_t need;
+  ASSERT_FAIL_MSG(prm_optimizer_save_buffer(opt, NULL, 0, NULL), PRM_ERR_NULL,
+                  prm_optimizer_errmsg(opt), "size_out");
+  unsigned char small[4];
+  ASSERT_FAIL_MSG(prm_optimizer_save_buffer(opt, small, sizeof small, &need), PRM_ERR_SIZE,
+                  prm_optimizer_errmsg(opt), "capacity");
+  /* the copy keeps its text until this thread's next prm_optimizer_errmsg,
+   * and a model message read meanwhile uses another buffer */
+  const char *held = prm_optimizer_errmsg(opt);
+  assert_int_equal(prm_optimizer_save(opt, NULL), PRM_ERR_NULL);
+  assert_string_equal(prm_model_errmsg(m), "");
+  ASSERT_MSG_IS(held, "capacity");
+  ASSERT_MSG_IS(prm_optimizer_errmsg(opt), "path is NULL");
+
+  /* the model was not an argument of any call above */
+  assert_string_equal(prm_model_errmsg(m), "");
+  prm_optimizer_free(opt);
+  prm_ctx_free(c);
+  prm_ctx_free(inf);
+  prm_ctx_free(c2);
+  prm_model_free(m);
+  prm_model_free(m2);
+}
+
+/* ---- the message of a shared model under concurrent failures ------------------------------ */
+
+#define ERR_THREADS 4
+#define ERR_ROUNDS 300
+
+typedef struct err_worker {
+  prm_model *model;
+  int id;
+  int bad; /* messages read that are none of the expected ones */
+  char sample[256];
+} err_worker;
+
+/* A message any worker may have left in the shared model: complete, never
+ * a mix of two (the lock) and never another model's. */
+static int expected_message(const char *msg) {
+  if (msg[0] == '\0') return 1;
+  unsigned idx;
+  if (sscanf(msg, "prm_model_tensor_info: index %u >= 1 tensors", &idx) == 1)
+    return idx >= 100 && idx < 100 + ERR_THREADS;
+  return strcmp(msg, "prm_ctx_new: max_rows 0 not in [1, 2^30]") == 0 ||
+         strcmp(msg, "prm_model_reward_norm: the model has no normalisation statistics "
+                     "(prm_model_set_reward_norm)") == 0;
+}
+
+static void *err_worker_main(void *arg) {
+  err_worker *w = arg;
+  const prm_model *m = w->model;
+  prm_ctx_options co = PRM_CTX_OPTIONS_INIT; /* max_rows 0: refused */
+  prm_ctx *inf = prmt_ctx(m, 2, 1);
+  float x[6] = {1, 2, 3, 4, 5, 6}, s[2];
+  prm_batch b = prmt_batch(x, 2, 3);
+  for (int r = 0; r < ERR_ROUNDS; r++) {
+    prm_ctx *c = NULL;
+    switch ((r + w->id) % 4) {
+    case 0: prm_model_tensor_info(m, 100 + (uint32_t)w->id, NULL, NULL, NULL, NULL); break;
+    case 1: prm_ctx_new(&c, m, &co); break;
+    case 2: prm_model_reward_norm(m, NULL, NULL); break;
+    default: prm_ctx_forward(inf, &b, s, 2); break; /* a success on the shared model */
+    }
+    const char *msg = prm_model_errmsg(m);
+    if (!expected_message(msg)) {
+      w->bad++;
+      snprintf(w->sample, sizeof w->sample, "%s", msg);
+    }
+  }
+  prm_ctx_free(inf);
+  return NULL;
+}
+
+static void test_shared_model_errmsg_threads(void **state) {
+  (void)state;
+  prm_model *m = prmt_linear(3, 4);
+  err_worker w[ERR_THREADS];
+  pthread_t th[ERR_THREADS];
+  for (int t = 0; t < ERR_THREADS; t++) {
+    w[t].model = m;
+    w[t].id = t;
+    w[t].bad = 0;
+    w[t].sample[0] = '\0';
+    assert_int_equal(pthread_create(&th[t], NULL, err_worker_main, &w[t]), 0);
+  }
+  for (int t = 0; t < ERR_THREADS; t++)
+    assert_int_equal(pthread_join(th[t], NULL), 0);
+  for (int t = 0; t < ERR_THREADS; t++)
+    if (w[t].bad)
+      fail_msg("thread %d read %d unexpected messages, e.g. '%s'", t, w[t].bad, w[t].sample);
+  assert_true(expected_message(prm_model_errmsg(m)));
+  assert_true(prm_model_errmsg(m)[0] != '\0');
+  prm_model_free(m);
+}
+
+/* Two threads saving one optimizer (a const call) to bad paths at once, and
+ * reading its message meanwhile. */
+typedef struct save_worker {
+  const prm_optimizer *opt;
+  int id, bad;
+} save_worker;
+
+static void *save_worker_main(void *arg) {
+  save_worker *w = arg;
+  char path[64];
+  snprintf(path, sizeof path, "/nonexistent-dir/%d/opt.safetensors", w->id);
+  for (int r = 0; r < ERR_ROUNDS / 3; r++) {
+    if (prm_optimizer_save(w->opt, path) != PRM_ERR_IO) w->bad++;
+    const char *msg = prm_optimizer_errmsg(w->opt);
+    if (strstr(msg, "/nonexistent-dir/") == NULL || strstr(msg, "/opt.safetensors") == NULL)
+      w->bad++;
+  }
+  return NULL;
+}
+
+static void test_shared_optimizer_errmsg_threads(void **state) {
+  (void)state;
+  prm_model *m = prmt_linear(3, 5);
+  prm_optimizer *opt = make_sgd(m, 0.1);
+  save_worker w[2] = {{opt, 0, 0}, {opt, 1, 0}};
+  pthread_t th[2];
+  for (int t = 0; t < 2; t++)
+    assert_int_equal(pthread_create(&th[t], NULL, save_worker_main, &w[t]), 0);
+  for (int t = 0; t < 2; t++)
+    assert_int_equal(pthread_join(th[t], NULL), 0);
+  assert_int_equal(w[0].bad + w[1].bad, 0);
+  prm_optimizer_free(opt);
+  prm_model_free(m);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_model_errmsg_rule),
+      cmocka_unit_test(test_ctx_and_optimizer_errmsg_rule),
+      cmocka_unit_test(test_shared_model_errmsg_threads),
+      cmocka_unit_test(test_shared_optimizer_errmsg_threads),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
