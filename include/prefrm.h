@@ -432,6 +432,13 @@ PRM_API int prm_model_save_buffer(const prm_model *model, void *buf,
  *         regular file; the file changed while being read), PRM_ERR_FORMAT,
  *         PRM_ERR_NOMEM, PRM_ERR_UNSUPPORTED (a valid file this build cannot
  *         use, e.g. a gpt2 LayerNorm eps other than 1e-5).
+ *         A file of another kind (text, random bytes: fewer than 8 bytes,
+ *         a header length above 100 MB or below 2, a header that does
+ *         not start with '{' after JSON whitespace) is PRM_ERR_FORMAT with
+ *         a message that starts "not a safetensors file: " and says which
+ *         rule it breaks; a safetensors file cut short says "truncated".
+ *         The same holds for every loader (pretrained, optimizer states,
+ *         buffers).
  *
  * Never blocks on a special file: `path` is opened non-blocking and
  * anything but a regular file (a FIFO without a writer, a directory, a

@@ -987,33 +987,40 @@ int prmi_st_parse(prmi_ckpt **out, const unsigned char *b, size_t size) {
   prmi_json j;
   int rc;
   *out = NULL;
+  /* A safetensors file starts with the length of its JSON header, which
+   * starts with '{' (after optional JSON whitespace). A file that breaks
+   * either rule is another kind of file (text, an archive, random bytes)
+   * and says so; one that keeps them but ends early is truncated. */
   if (size < 8)
     return prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "checkpoint is %zu bytes, shorter than the header length", size);
+                     "not a safetensors file: it is %zu bytes, shorter than the header length "
+                     "(8 bytes)",
+                     size);
   hlen = get_u64_le(b);
-  /* A safetensors file starts with the length of its JSON header, which
-   * starts with '{'. Anything else is another kind of file, and says so. */
   if (hlen > ST_HEADER_MAX)
     return prmi_fail(NULL, PRM_ERR_FORMAT,
                      "not a safetensors file: header length %llu (its first 8 bytes) exceeds the "
                      "limit of %llu bytes",
                      (unsigned long long)hlen, (unsigned long long)ST_HEADER_MAX);
+  /* the header bytes the file has, which may be fewer than it claims */
+  const uint64_t have = hlen < size - 8 ? hlen : (uint64_t)(size - 8);
+  uint64_t first = 0; /* the first byte of the header that is not JSON whitespace */
+  while (first < have && (b[8 + first] == ' ' || b[8 + first] == '\t' || b[8 + first] == '\n' ||
+                          b[8 + first] == '\r'))
+    first++;
+  if (first < have && b[8 + first] != '{')
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "not a safetensors file: its header does not start with '{' (byte %llu is "
+                     "0x%02x)",
+                     (unsigned long long)(8 + first), b[8 + first]);
   if (hlen > size - 8)
     return prmi_fail(NULL, PRM_ERR_FORMAT,
                      "header length %llu exceeds the %zu bytes that follow it (a truncated file, "
                      "or not a safetensors file)",
                      (unsigned long long)hlen, size - 8);
-  uint64_t first = 0; /* the first byte of the header that is not JSON whitespace */
-  while (first < hlen && (b[8 + first] == ' ' || b[8 + first] == '\t' || b[8 + first] == '\n' ||
-                          b[8 + first] == '\r'))
-    first++;
-  if (first < hlen && b[8 + first] != '{')
-    return prmi_fail(NULL, PRM_ERR_FORMAT,
-                     "not a safetensors file: its header does not start with '{' (byte %llu is "
-                     "0x%02x)",
-                     (unsigned long long)(8 + first), b[8 + first]);
   if (hlen < 2)
-    return prmi_fail(NULL, PRM_ERR_FORMAT, "header of %llu bytes is too short",
+    return prmi_fail(NULL, PRM_ERR_FORMAT,
+                     "not a safetensors file: a header of %llu bytes cannot hold its JSON object",
                      (unsigned long long)hlen);
   h = calloc(1, sizeof *h);
   if (h == NULL) return prmi_fail(NULL, PRM_ERR_NOMEM, "out of memory reading a checkpoint");

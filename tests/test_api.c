@@ -361,12 +361,93 @@ static void test_shared_optimizer_errmsg_threads(void **state) {
   prm_model_free(m);
 }
 
+/* ---- loading a file of another kind ------------------------------------------------------ */
+
+/* Every loader says "not a safetensors file" for bytes of another kind:
+ * text, random bytes whose first 8 give an absurd or merely too large
+ * header length, a header that is not a JSON object, and files too short to
+ * hold one; a real safetensors file cut short says "truncated". */
+static void check_not_safetensors(const unsigned char *bytes, size_t n, const char *what,
+                                  const char *needle) {
+  prm_model *m = NULL, *host = prmt_linear(3, 9);
+  prm_optimizer *opt = NULL;
+  int rc = prm_model_load_buffer(&m, bytes, n);
+  if (rc != PRM_ERR_FORMAT || strstr(prm_last_errmsg(), needle) == NULL)
+    fail_msg("%s: %s (%s), expected '%s'", what, prm_status_string(rc), prm_last_errmsg(), needle);
+  assert_null(m);
+  assert_int_equal(prm_model_load_pretrained_buffer(&m, bytes, n, NULL, NULL), PRM_ERR_FORMAT);
+  ASSERT_MSG_IS(prm_last_errmsg(), needle);
+  assert_int_equal(prm_optimizer_load_buffer(&opt, host, bytes, n), PRM_ERR_FORMAT);
+  ASSERT_MSG_IS(prm_model_errmsg(host), needle);
+  /* and from a file */
+  char path[512];
+  prmt_tmp_path(path, sizeof path, "api_not_safetensors");
+  FILE *f = fopen(path, "wb");
+  assert_non_null(f);
+  assert_int_equal(fwrite(bytes, 1, n, f), n);
+  fclose(f);
+  assert_int_equal(prm_model_load(&m, path), PRM_ERR_FORMAT);
+  ASSERT_MSG_IS(prm_last_errmsg(), needle);
+  remove(path);
+  prm_model_free(host);
+}
+
+static void test_not_a_safetensors_file(void **state) {
+  (void)state;
+  const char *text = "# a README, or a JSONL file given by mistake\n{\"prompt\": \"hi\"}\n";
+  check_not_safetensors((const unsigned char *)text, strlen(text), "text",
+                        "not a safetensors file");
+  /* random bytes: an absurd header length */
+  unsigned char rnd[200];
+  prmt_rng r = {77};
+  for (size_t i = 0; i < sizeof rnd; i++)
+    rnd[i] = (unsigned char)(prmt_next(&r) >> 56);
+  rnd[7] = 0x9c;
+  check_not_safetensors(rnd, sizeof rnd, "random", "not a safetensors file: header length");
+  /* a plausible length beyond the end of the file, but no '{' where the
+   * header would start: another kind of file, not a truncated one */
+  unsigned char len_past_end[64] = {0};
+  len_past_end[1] = 0x10; /* 4096 */
+  static const char zipish[] = "PK\x03\x04 zip-like bytes";
+  memcpy(len_past_end + 8, zipish, sizeof zipish - 1);
+  check_not_safetensors(len_past_end, sizeof len_past_end, "length past the end",
+                        "not a safetensors file: its header does not start with '{'");
+  /* a header of a fitting length that is not a JSON object */
+  unsigned char not_obj[8 + 6] = {6, 0, 0, 0, 0, 0, 0, 0, ' ', '[', '1', ',', '2', ']'};
+  check_not_safetensors(not_obj, sizeof not_obj, "a JSON array",
+                        "not a safetensors file: its header does not start with '{' (byte 9");
+  /* too short to hold a header, or an empty header */
+  check_not_safetensors((const unsigned char *)"", 0, "empty", "not a safetensors file");
+  check_not_safetensors((const unsigned char *)"abc", 3, "3 bytes",
+                        "shorter than the header length");
+  unsigned char zero[8] = {0};
+  check_not_safetensors(zero, sizeof zero, "header length 0",
+                        "not a safetensors file: a header of 0 bytes");
+  /* a real file cut inside its header: truncated, not "another kind" */
+  prm_model *m = prmt_linear(3, 1);
+  size_t n = 0;
+  assert_int_equal(prm_model_save_buffer(m, NULL, 0, &n), PRM_OK);
+  unsigned char *buf = malloc(n);
+  assert_non_null(buf);
+  assert_int_equal(prm_model_save_buffer(m, buf, n, &n), PRM_OK);
+  prm_model *back = NULL;
+  assert_int_equal(prm_model_load_buffer(&back, buf, 20), PRM_ERR_FORMAT);
+  ASSERT_MSG_IS(prm_last_errmsg(), "truncated");
+  if (strstr(prm_last_errmsg(), "not a safetensors file:") != NULL)
+    fail_msg("a truncated checkpoint called another kind of file: %s", prm_last_errmsg());
+  assert_int_equal(prm_model_load_buffer(&back, buf, n), PRM_OK);
+  prm_model_free(back);
+  free(buf);
+  prm_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_model_errmsg_rule),
       cmocka_unit_test(test_ctx_and_optimizer_errmsg_rule),
       cmocka_unit_test(test_shared_model_errmsg_threads),
       cmocka_unit_test(test_shared_optimizer_errmsg_threads),
+      cmocka_unit_test(test_not_a_safetensors_file),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
