@@ -5,13 +5,15 @@
  *
  *   make_prefs [N_PAIRS [SEED]]     (default 4000 pairs, seed 1) > prefs.jsonl
  *
- * Each prompt asks for a thing of one category ("Name a fruit you like.");
- * the preferred answer names a thing of that category, politely or not, and
- * the other answer names a thing of another category or is curt and rude.
- * So a model must read the prompt to rank most pairs: the category of the
- * answer only means something next to the question. 10% of the pairs are
- * flipped (labeller noise), so the best possible held-out accuracy is about
- * 0.90. Deterministic for a given seed.
+ * Each prompt asks about a topic ("Tell me something about bees."). In two
+ * pairs of three both answers are on topic and the polite one is preferred
+ * to the curt one; in the third, in the same tone, the answer on topic is
+ * preferred to one about another topic. A model of the response alone can
+ * learn the first kind (and must guess the second: about 0.77 held-out
+ * accuracy); one that relates the answer to the question can learn both. Polite and curt answers have the same lengths, so "the
+ * longer answer wins" is close to a coin flip. 10% of the pairs are flipped
+ * (labeller noise): the best possible held-out accuracy is about 0.90.
+ * Deterministic for a given seed.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -29,30 +31,21 @@ static uint64_t next_u64(void) {
 
 static unsigned pick(unsigned n) { return (unsigned)(next_u64() % n); }
 
-#define N_CAT 5
-#define N_ITEM 6
-static const char *const category[N_CAT] = {"fruit", "animal", "colour", "tool", "city"};
-static const char *const with_article[N_CAT] = {"a fruit", "an animal", "a colour", "a tool",
-                                                "a city"};
-static const char *const items[N_CAT][N_ITEM] = {
-    {"apple", "banana", "cherry", "mango", "pear", "plum"},
-    {"horse", "otter", "tiger", "rabbit", "eagle", "whale"},
-    {"red", "green", "blue", "yellow", "purple", "orange"},
-    {"hammer", "saw", "wrench", "chisel", "drill", "spade"},
-    {"Paris", "Lagos", "Lima", "Osaka", "Oslo", "Cairo"},
-};
-/* even entries take the category with its article, odd ones without */
-static const char *const asks[] = {"Name %s you like.", "Which %s would you pick?",
-                                   "Tell me %s, please.", "What is your favourite %s?"};
-static const char *const polite[] = {"Happy to help! I would say %s.", "Sure, %s is a good one.",
-                                     "Thanks for asking: %s.", "I think %s, if that helps."};
-static const char *const curt[] = {"%s. Stop asking.", "Whatever, %s.", "%s, obviously.",
-                                   "Ugh. %s."};
+#define N_TOPIC 12
+static const char *const topic[N_TOPIC] = {"cats",  "maps",   "tea",   "rain",  "jazz",  "bread",
+                                           "trains", "stars", "rivers", "chess", "paper", "bees"};
+static const char *const asks[] = {"Tell me something about %s.", "What do you think of %s?",
+                                   "Can you say a word on %s, please?", "I want to hear about %s."};
+/* polite and curt templates of the same lengths (27, 24, 25, 23 characters
+ * besides the topic), so that length says nothing */
+static const char *const polite[] = {"Happy to help: %s are lovely.", "Sure, %s are a nice topic.",
+                                     "Thanks for asking: %s rock!", "I would say %s are great."};
+static const char *const curt[] = {"%s. Stop asking me about it!!", "Ugh, %s. Leave me alone!!!",
+                                   "Whatever. It is %s, fine???", "%s, obviously! Get lost!!"};
 
-/* One answer: a template with an item. */
-static void answer(char *out, size_t cap, const char *const *tmpl, unsigned n_tmpl,
-                   const char *item) {
-  snprintf(out, cap, tmpl[pick(n_tmpl)], item);
+/* One answer: a template with a topic. */
+static void answer(char *out, size_t cap, const char *const *tmpl, const char *what) {
+  snprintf(out, cap, tmpl[pick(4)], what);
 }
 
 int main(int argc, char **argv) {
@@ -62,23 +55,21 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: make_prefs [N_PAIRS [SEED]] > prefs.jsonl\n");
     return 2;
   }
-  char prompt[128], question[96], good[128], bad[128];
+  char prompt[160], question[128], good[128], bad[128];
   for (long i = 0; i < n; i++) {
-    const unsigned c = pick(N_CAT);
-    const unsigned a = pick(4);
-    snprintf(question, sizeof question, asks[a], a % 2 ? category[c] : with_article[c]);
+    const unsigned t = pick(N_TOPIC);
+    snprintf(question, sizeof question, asks[pick(4)], topic[t]);
     snprintf(prompt, sizeof prompt, "\\n\\nHuman: %s\\n\\nAssistant:", question);
-    /* the preferred answer: right category, mostly polite */
-    answer(good, sizeof good, pick(4) ? polite : curt, 4, items[c][pick(N_ITEM)]);
-    /* the other: a wrong category (politely or not), or the right one, rudely */
-    if (pick(3)) {
-      const unsigned w = (c + 1 + pick(N_CAT - 1)) % N_CAT;
-      answer(bad, sizeof bad, pick(2) ? polite : curt, 4, items[w][pick(N_ITEM)]);
+    if (pick(3) == 0) {
+      /* on topic beats off topic, in the same tone */
+      const unsigned w = (t + 1 + pick(N_TOPIC - 1)) % N_TOPIC;
+      const char *const *tone = pick(2) ? polite : curt;
+      answer(good, sizeof good, tone, topic[t]);
+      answer(bad, sizeof bad, tone, topic[w]);
     } else {
-      answer(bad, sizeof bad, curt, 4, items[c][pick(N_ITEM)]);
-      /* a curt right answer against a curt right answer would be a tie:
-       * then make the preferred one polite */
-      answer(good, sizeof good, polite, 4, items[c][pick(N_ITEM)]);
+      /* both on topic: polite beats curt */
+      answer(good, sizeof good, polite, topic[t]);
+      answer(bad, sizeof bad, curt, topic[t]);
     }
     const int flip = pick(10) == 0; /* labeller noise */
     printf("{\"prompt\": \"%s\", \"chosen\": \" %s\", \"rejected\": \" %s\"}\n", prompt,
