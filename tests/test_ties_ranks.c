@@ -926,7 +926,9 @@ static void test_fd_through_models(void **state) {
       assert_int_equal(prm_ctx_backward(c, d, R), PRM_OK);
       const float *an = prm_ctx_grads(c, NULL);
       double worst = 0.0, worst_norm = 0.0;
-      prmt_check_fd(m, an, model_loss_eval, &a, 3, NULL, &worst, &worst_norm);
+      /* every 9th element of the token models' matrices (all of the 1-D
+       * tensors): this test also runs under valgrind */
+      prmt_check_fd(m, an, model_loss_eval, &a, arch ? 9 : 3, NULL, &worst, &worst_norm);
       print_message("    %s, %s: worst element %.2e, tensor norm %.2e\n",
                     arch == 0 ? "mlp" : (arch == 1 ? "gpt2" : "llama"),
                     kind == 0 ? "davidson ties" : (kind == 1 ? "plackett-luce" : "pairwise"),
