@@ -237,6 +237,12 @@ PRM_API int32_t prm_model_arch(const prm_model *model);
 PRM_API uint64_t prm_model_input_size(const prm_model *model);
 /** Total number of fp32 parameters, or 0 for NULL. */
 PRM_API uint64_t prm_model_num_params(const prm_model *model);
+/** Longest sequence of a token model (gpt2, llama: its n_ctx, the largest
+ *  prm_ctx_options.max_len); 0 for feature models and for NULL. */
+PRM_API uint64_t prm_model_max_len(const prm_model *model);
+/** Vocabulary size of a token model (ids are 0 .. vocab_size-1); 0 for
+ *  feature models and for NULL. */
+PRM_API uint64_t prm_model_vocab_size(const prm_model *model);
 
 /**
  * Flat view of all parameters: one contiguous fp32 array of
@@ -266,6 +272,77 @@ PRM_API uint32_t prm_model_num_tensors(const prm_model *model);
 PRM_API int prm_model_tensor_info(const prm_model *model, uint32_t index,
                                   const char **name, uint64_t *offset,
                                   uint32_t *ndim, uint64_t shape[2]);
+
+/* ---- Copying parameters in and out ----
+ *
+ * For hosts that cannot (or prefer not to) write through the pointer of
+ * prm_model_params, e.g. a ctypes binding filling a numpy array: the
+ * library copies between the model and a caller buffer and checks every
+ * bound and value. Failures change nothing: a write either copies all n
+ * floats or none. Bounds are checked without overflow (offset + n may
+ * exceed 2^64). Messages go to the thread and to the model.
+ * Thread safety: reads (find, read) are const calls, safe with each other
+ * and with forward/backward on the model; writes follow the rule of
+ * prm_optimizer_step: no other call may use the model meanwhile. A write
+ * between a prm_ctx_forward and its prm_ctx_backward changes what the
+ * backward computes, as a write through prm_model_params would.
+ */
+
+/**
+ * Index of the tensor called `name` (exactly as prm_model_tensor_info names
+ * it, e.g. "score.weight", "transformer.h.0.attn.c_attn.weight").
+ * @param index  receives the index (0 .. prm_model_num_tensors()-1).
+ * @return PRM_OK, PRM_ERR_NULL (model, name or index), PRM_ERR_INVALID (no
+ *         tensor of that name; *index untouched).
+ */
+PRM_API int prm_model_find_tensor(const prm_model *model, const char *name,
+                                  uint32_t *index);
+
+/**
+ * Copy tensor `index` into dst (row-major, the layout of
+ * prm_model_tensor_info's shape).
+ * @param dst  caller buffer of n floats.
+ * @param n    must equal the tensor's element count (shape[0] * shape[1],
+ *             or shape[0] for 1-D).
+ * @return PRM_OK, PRM_ERR_NULL (model, dst), PRM_ERR_INVALID (index out of
+ *         range), PRM_ERR_SIZE (n is not the element count). dst is not
+ *         written on failure.
+ */
+PRM_API int prm_model_read_tensor(const prm_model *model, uint32_t index,
+                                  float *dst, uint64_t n);
+
+/**
+ * Replace tensor `index` with the n floats at src (row-major). Frozen
+ * tensors may be written too (freezing concerns gradients only).
+ * @return PRM_OK, PRM_ERR_NULL (model, src), PRM_ERR_INVALID (index out of
+ *         range), PRM_ERR_SIZE (n is not the element count),
+ *         PRM_ERR_NONFINITE (a NaN/Inf in src; the message names the
+ *         first). The model is unchanged on failure.
+ * Not thread-safe with any other call on the model (as prm_optimizer_step).
+ */
+PRM_API int prm_model_write_tensor(prm_model *model, uint32_t index,
+                                   const float *src, uint64_t n);
+
+/**
+ * Copy parameters [offset, offset + n) of the flat arena (prm_model_params'
+ * layout) into dst. n = 0 copies nothing (dst may then be NULL); offset
+ * may equal prm_model_num_params() only then.
+ * @return PRM_OK, PRM_ERR_NULL (model; dst with n > 0), PRM_ERR_SIZE (the
+ *         slice reaches past the arena). dst is not written on failure.
+ */
+PRM_API int prm_model_read_params(const prm_model *model, uint64_t offset,
+                                  float *dst, uint64_t n);
+
+/**
+ * Write parameters [offset, offset + n) of the flat arena from src: all n
+ * or, on failure, none.
+ * @return PRM_OK, PRM_ERR_NULL (model; src with n > 0), PRM_ERR_SIZE (the
+ *         slice reaches past the arena), PRM_ERR_NONFINITE (a NaN/Inf in
+ *         src).
+ * Not thread-safe with any other call on the model (as prm_optimizer_step).
+ */
+PRM_API int prm_model_write_params(prm_model *model, uint64_t offset,
+                                   const float *src, uint64_t n);
 
 /**
  * Choose which parameters train. n_blocks < 0: all (the default after
@@ -651,6 +728,17 @@ PRM_API void prm_ctx_free(prm_ctx *ctx);
 
 /** The model this context was created for (NULL for NULL). */
 PRM_API const prm_model *prm_ctx_model(const prm_ctx *ctx);
+/** Most rows one forward may take (prm_ctx_options.max_rows); 0 for NULL. */
+PRM_API uint64_t prm_ctx_max_rows(const prm_ctx *ctx);
+/** Longest sequence of a token model's context (max_len after its default:
+ *  the model's n_ctx); 0 for feature models and for NULL. */
+PRM_API uint64_t prm_ctx_max_len(const prm_ctx *ctx);
+/** 1 for an inference context, 0 for a training context and for NULL. */
+PRM_API int32_t prm_ctx_is_inference(const prm_ctx *ctx);
+/** Gradients the context holds: the trainable parameters of its model when
+ *  it was created (the count prm_ctx_grads reports); 0 for an inference
+ *  context and for NULL. */
+PRM_API uint64_t prm_ctx_num_grads(const prm_ctx *ctx);
 
 /**
  * Detail of the most recent failing call that took this context as an
@@ -713,6 +801,57 @@ PRM_API int prm_ctx_zero_grad(prm_ctx *ctx);
  *         context and the thread: prm_ctx_errmsg, prm_last_errmsg).
  */
 PRM_API float *prm_ctx_grads(prm_ctx *ctx, uint64_t *n);
+
+/*
+ * Copying gradients in and out: the accumulator of prm_ctx_grads, as flat
+ * slices of its layout (index j is the gradient of parameter
+ * prm_model_trainable_offset() + j, as the trainable set was when the
+ * context was created) or per tensor. The rules of the parameter copies
+ * hold: bounds checked without overflow, n = 0 slices copy nothing (the
+ * buffer may then be NULL), writes copy all or nothing and refuse NaN/Inf,
+ * failures change nothing. Messages go to the thread and to the context.
+ * Every call, reads included, follows the rule of every call on a context:
+ * one thread at a time. Inference contexts hold no gradients:
+ * PRM_ERR_STATE.
+ */
+
+/**
+ * Copy gradients [offset, offset + n) into dst.
+ * @return PRM_OK, PRM_ERR_NULL (ctx; dst with n > 0), PRM_ERR_STATE
+ *         (inference context), PRM_ERR_SIZE (the slice reaches past
+ *         prm_ctx_num_grads()).
+ */
+PRM_API int prm_ctx_read_grads(const prm_ctx *ctx, uint64_t offset, float *dst,
+                               uint64_t n);
+
+/**
+ * Overwrite gradients [offset, offset + n) with src (e.g. the result of an
+ * all-reduce done by the host); they are read by the next
+ * prm_optimizer_step, and later backwards add to them.
+ * @return PRM_OK, PRM_ERR_NULL (ctx; src with n > 0), PRM_ERR_STATE
+ *         (inference context), PRM_ERR_SIZE, PRM_ERR_NONFINITE.
+ */
+PRM_API int prm_ctx_write_grads(prm_ctx *ctx, uint64_t offset, const float *src,
+                                uint64_t n);
+
+/**
+ * Copy the gradient of model tensor `index` (prm_model_tensor_info's
+ * numbering and shape) into dst.
+ * @param n  must equal the tensor's element count.
+ * @return PRM_OK, PRM_ERR_NULL (ctx, dst), PRM_ERR_STATE (inference
+ *         context; a tensor that was frozen when the context was created:
+ *         it has no gradient, the message says so), PRM_ERR_INVALID (index
+ *         out of range), PRM_ERR_SIZE (n is not the element count).
+ */
+PRM_API int prm_ctx_read_grad(const prm_ctx *ctx, uint32_t index, float *dst,
+                              uint64_t n);
+
+/**
+ * Overwrite the gradient of model tensor `index` with src.
+ * @return as prm_ctx_read_grad with src for dst, and PRM_ERR_NONFINITE.
+ */
+PRM_API int prm_ctx_write_grad(prm_ctx *ctx, uint32_t index, const float *src,
+                               uint64_t n);
 
 /* ------------------------------------------------------------------------ */
 /* Pairwise losses (pure functions)                                          */

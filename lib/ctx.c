@@ -306,3 +306,84 @@ float *prm_ctx_grads(prm_ctx *ctx, uint64_t *n) {
   if (n != NULL) *n = ctx->model->n_params - ctx->trainable_offset;
   return ctx->grads;
 }
+
+/* ---- sizes ------------------------------------------------------------------------- */
+
+uint64_t prm_ctx_max_rows(const prm_ctx *ctx) { return ctx ? ctx->max_rows : 0; }
+
+uint64_t prm_ctx_max_len(const prm_ctx *ctx) { return ctx ? ctx->max_len : 0; }
+
+int32_t prm_ctx_is_inference(const prm_ctx *ctx) { return ctx ? ctx->inference : 0; }
+
+/* Gradients the context holds: its trainable suffix as recorded at creation
+ * (the layout of prm_ctx_grads). */
+static uint64_t num_grads(const prm_ctx *ctx) {
+  return ctx->inference ? 0 : ctx->model->n_params - ctx->trainable_offset;
+}
+
+uint64_t prm_ctx_num_grads(const prm_ctx *ctx) { return ctx ? num_grads(ctx) : 0; }
+
+/* ---- copying gradients in and out ------------------------------------------------------ */
+
+static int need_grads(const prm_ctx *ctx, const char *fn) {
+  if (ctx->inference)
+    return prmi_fail(NULL, PRM_ERR_STATE, "%s: inference context (it holds no gradients)", fn);
+  return PRM_OK;
+}
+
+int prm_ctx_read_grads(const prm_ctx *ctx, uint64_t offset, float *dst, uint64_t n) {
+  const char *fn = "prm_ctx_read_grads";
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: ctx is NULL", fn);
+  int rc = need_grads(ctx, fn);
+  if (rc == PRM_OK) rc = prmi_check_slice(offset, n, num_grads(ctx), "gradients", fn);
+  if (rc == PRM_OK && n > 0 && dst == NULL)
+    rc = prmi_fail(NULL, PRM_ERR_NULL, "%s: dst is NULL", fn);
+  if (rc == PRM_OK && n > 0) memcpy(dst, ctx->grads + offset, n * sizeof(float));
+  return prmi_ctx_record(ctx, rc);
+}
+
+int prm_ctx_write_grads(prm_ctx *ctx, uint64_t offset, const float *src, uint64_t n) {
+  const char *fn = "prm_ctx_write_grads";
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: ctx is NULL", fn);
+  int rc = need_grads(ctx, fn);
+  if (rc == PRM_OK) rc = prmi_check_slice(offset, n, num_grads(ctx), "gradients", fn);
+  if (rc == PRM_OK) rc = prmi_check_copy_in(src, n, fn);
+  if (rc == PRM_OK && n > 0) memcpy(ctx->grads + offset, src, n * sizeof(float));
+  return prmi_ctx_record(ctx, rc);
+}
+
+/* The gradient of tensor `index` in ctx's accumulator: PRM_ERR_STATE for a
+ * tensor that was frozen when the context was created. */
+static int grad_of(const prm_ctx *ctx, uint32_t index, uint64_t n, uint64_t *at, const char *fn) {
+  const prmi_tensor *t = NULL;
+  int rc = need_grads(ctx, fn);
+  if (rc == PRM_OK) rc = prmi_tensor_at(ctx->model, index, &t, fn);
+  if (rc == PRM_OK && t->offset < ctx->trainable_offset)
+    rc = prmi_fail(NULL, PRM_ERR_STATE,
+                   "%s: tensor %s is frozen: the context holds gradients from parameter %llu "
+                   "on (prm_model_set_trainable)",
+                   fn, t->name, (unsigned long long)ctx->trainable_offset);
+  if (rc == PRM_OK) rc = prmi_check_tensor_n(t, n, fn);
+  if (rc == PRM_OK) *at = t->offset - ctx->trainable_offset;
+  return rc;
+}
+
+int prm_ctx_read_grad(const prm_ctx *ctx, uint32_t index, float *dst, uint64_t n) {
+  const char *fn = "prm_ctx_read_grad";
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: ctx is NULL", fn);
+  uint64_t at = 0;
+  int rc = grad_of(ctx, index, n, &at, fn);
+  if (rc == PRM_OK && dst == NULL) rc = prmi_fail(NULL, PRM_ERR_NULL, "%s: dst is NULL", fn);
+  if (rc == PRM_OK) memcpy(dst, ctx->grads + at, n * sizeof(float));
+  return prmi_ctx_record(ctx, rc);
+}
+
+int prm_ctx_write_grad(prm_ctx *ctx, uint32_t index, const float *src, uint64_t n) {
+  const char *fn = "prm_ctx_write_grad";
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: ctx is NULL", fn);
+  uint64_t at = 0;
+  int rc = grad_of(ctx, index, n, &at, fn);
+  if (rc == PRM_OK) rc = prmi_check_copy_in(src, n, fn);
+  if (rc == PRM_OK) memcpy(ctx->grads + at, src, n * sizeof(float));
+  return prmi_ctx_record(ctx, rc);
+}

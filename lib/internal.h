@@ -169,6 +169,18 @@ struct prm_model {
  * failure. */
 int prmi_model_record(const prm_model *m, int status);
 
+/* Helpers of the copy-in/copy-out calls (model.c; ctx.c uses them too).
+ * Each fails with a thread message naming fn and returns a prm_status. */
+/* [offset, offset + n) inside [0, total) (no overflow); what names the unit. */
+int prmi_check_slice(uint64_t offset, uint64_t n, uint64_t total, const char *what, const char *fn);
+/* src non-NULL (when n > 0) and n finite floats (PRM_ERR_NONFINITE naming
+ * the first NaN/Inf). */
+int prmi_check_copy_in(const float *src, uint64_t n, const char *fn);
+/* Tensor `index` of m into *t, or PRM_ERR_INVALID. */
+int prmi_tensor_at(const prm_model *m, uint32_t index, const prmi_tensor **t, const char *fn);
+/* n equals the tensor's element count, or PRM_ERR_SIZE. */
+int prmi_check_tensor_n(const prmi_tensor *t, uint64_t n, const char *fn);
+
 /*
  * Validate `opts` (any supported version; fields missing from older versions
  * take defaults) and build a model with its layout. alloc_params: also a

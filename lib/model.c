@@ -236,6 +236,122 @@ int prm_model_tensor_info(const prm_model *model, uint32_t index, const char **n
   return PRM_OK;
 }
 
+uint64_t prm_model_max_len(const prm_model *model) {
+  return model != NULL && model->arch->tokens ? model->opts.n_ctx : 0;
+}
+
+uint64_t prm_model_vocab_size(const prm_model *model) {
+  return model != NULL && model->arch->tokens ? model->opts.vocab_size : 0;
+}
+
+/* ---- copying parameters in and out -------------------------------------------------------- */
+
+int prmi_check_slice(uint64_t offset, uint64_t n, uint64_t total, const char *what,
+                     const char *fn) {
+  /* offset + n may wrap: compare n with the room after offset instead */
+  if (offset > total || n > total - offset)
+    return prmi_fail(NULL, PRM_ERR_SIZE, "%s: offset %llu and n %llu reach past the %llu %s", fn,
+                     (unsigned long long)offset, (unsigned long long)n, (unsigned long long)total,
+                     what);
+  return PRM_OK;
+}
+
+int prmi_check_copy_in(const float *src, uint64_t n, const char *fn) {
+  if (n > 0 && src == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: src is NULL", fn);
+  if (n > 0 && !prmi_all_finite(src, n)) {
+    uint64_t i = 0;
+    while (isfinite(src[i]))
+      i++;
+    return prmi_fail(NULL, PRM_ERR_NONFINITE, "%s: src[%llu] is %s; nothing was written", fn,
+                     (unsigned long long)i, isnan(src[i]) ? "NaN" : "Inf");
+  }
+  return PRM_OK;
+}
+
+int prmi_tensor_at(const prm_model *m, uint32_t index, const prmi_tensor **t, const char *fn) {
+  if (index >= m->n_tensors)
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: index %u >= %u tensors", fn, (unsigned)index,
+                     (unsigned)m->n_tensors);
+  *t = &m->tensors[index];
+  return PRM_OK;
+}
+
+int prmi_check_tensor_n(const prmi_tensor *t, uint64_t n, const char *fn) {
+  if (n != t->numel)
+    return prmi_fail(NULL, PRM_ERR_SIZE, "%s: tensor %s has %llu elements, n is %llu", fn, t->name,
+                     (unsigned long long)t->numel, (unsigned long long)n);
+  return PRM_OK;
+}
+
+int prm_model_find_tensor(const prm_model *model, const char *name, uint32_t *index) {
+  const char *fn = "prm_model_find_tensor";
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: model is NULL", fn);
+  int rc;
+  if (name == NULL) {
+    rc = prmi_fail(NULL, PRM_ERR_NULL, "%s: name is NULL", fn);
+  } else if (index == NULL) {
+    rc = prmi_fail(NULL, PRM_ERR_NULL, "%s: index is NULL", fn);
+  } else {
+    for (uint32_t i = 0; i < model->n_tensors; i++)
+      if (strcmp(model->tensors[i].name, name) == 0) {
+        *index = i;
+        return PRM_OK;
+      }
+    rc = prmi_fail(NULL, PRM_ERR_INVALID, "%s: %s model has no tensor named '%.80s'", fn,
+                   model->arch->article, name);
+  }
+  return prmi_model_record(model, rc);
+}
+
+static int read_tensor(const prm_model *m, uint32_t index, float *dst, uint64_t n) {
+  const char *fn = "prm_model_read_tensor";
+  const prmi_tensor *t = NULL;
+  int rc = prmi_tensor_at(m, index, &t, fn);
+  if (rc == PRM_OK) rc = prmi_check_tensor_n(t, n, fn);
+  if (rc == PRM_OK && dst == NULL) rc = prmi_fail(NULL, PRM_ERR_NULL, "%s: dst is NULL", fn);
+  if (rc == PRM_OK) memcpy(dst, m->params + t->offset, n * sizeof(float));
+  return rc;
+}
+
+int prm_model_read_tensor(const prm_model *model, uint32_t index, float *dst, uint64_t n) {
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_read_tensor: model is NULL");
+  return prmi_model_record(model, read_tensor(model, index, dst, n));
+}
+
+static int write_tensor(prm_model *m, uint32_t index, const float *src, uint64_t n) {
+  const char *fn = "prm_model_write_tensor";
+  const prmi_tensor *t = NULL;
+  int rc = prmi_tensor_at(m, index, &t, fn);
+  if (rc == PRM_OK) rc = prmi_check_tensor_n(t, n, fn);
+  if (rc == PRM_OK) rc = prmi_check_copy_in(src, n, fn);
+  if (rc == PRM_OK) memcpy(m->params + t->offset, src, n * sizeof(float));
+  return rc;
+}
+
+int prm_model_write_tensor(prm_model *model, uint32_t index, const float *src, uint64_t n) {
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_write_tensor: model is NULL");
+  return prmi_model_record(model, write_tensor(model, index, src, n));
+}
+
+int prm_model_read_params(const prm_model *model, uint64_t offset, float *dst, uint64_t n) {
+  const char *fn = "prm_model_read_params";
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: model is NULL", fn);
+  int rc = prmi_check_slice(offset, n, model->n_params, "parameters", fn);
+  if (rc == PRM_OK && n > 0 && dst == NULL)
+    rc = prmi_fail(NULL, PRM_ERR_NULL, "%s: dst is NULL", fn);
+  if (rc == PRM_OK && n > 0) memcpy(dst, model->params + offset, n * sizeof(float));
+  return prmi_model_record(model, rc);
+}
+
+int prm_model_write_params(prm_model *model, uint64_t offset, const float *src, uint64_t n) {
+  const char *fn = "prm_model_write_params";
+  if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: model is NULL", fn);
+  int rc = prmi_check_slice(offset, n, model->n_params, "parameters", fn);
+  if (rc == PRM_OK) rc = prmi_check_copy_in(src, n, fn);
+  if (rc == PRM_OK && n > 0) memcpy(model->params + offset, src, n * sizeof(float));
+  return prmi_model_record(model, rc);
+}
+
 int prm_model_set_trainable(prm_model *model, int32_t n_blocks) {
   if (model == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_model_set_trainable: model is NULL");
   uint64_t off = 0;

@@ -441,6 +441,281 @@ static void test_not_a_safetensors_file(void **state) {
   prm_model_free(m);
 }
 
+/* ---- size getters ------------------------------------------------------------------------ */
+
+static void test_size_getters(void **state) {
+  (void)state;
+  prm_model *lin = prmt_linear(3, 1);
+  prm_model *tok = prmt_gpt2(11, 8, 8, 2, 2, 1);
+  assert_int_equal(prm_model_max_len(lin), 0);
+  assert_int_equal(prm_model_vocab_size(lin), 0);
+  assert_int_equal(prm_model_max_len(tok), 8);
+  assert_int_equal(prm_model_vocab_size(tok), 11);
+  assert_int_equal(prm_model_max_len(NULL), 0);
+  assert_int_equal(prm_model_vocab_size(NULL), 0);
+
+  prm_ctx *c = prmt_ctx(lin, 6, 0), *ci = prmt_ctx(lin, 5, 1);
+  prm_ctx *t = prmt_tok_ctx(tok, 4, 0, 0), *t5 = prmt_tok_ctx(tok, 3, 5, 1);
+  assert_int_equal(prm_ctx_max_rows(c), 6);
+  assert_int_equal(prm_ctx_max_rows(ci), 5);
+  assert_int_equal(prm_ctx_max_rows(t5), 3);
+  assert_int_equal(prm_ctx_max_len(c), 0);
+  assert_int_equal(prm_ctx_max_len(t), 8); /* 0 asked: the model's n_ctx */
+  assert_int_equal(prm_ctx_max_len(t5), 5);
+  assert_int_equal(prm_ctx_is_inference(c), 0);
+  assert_int_equal(prm_ctx_is_inference(ci), 1);
+  assert_int_equal(prm_ctx_is_inference(t5), 1);
+  uint64_t n = 0;
+  assert_non_null(prm_ctx_grads(c, &n));
+  assert_int_equal(prm_ctx_num_grads(c), n);
+  assert_int_equal(prm_ctx_num_grads(c), prm_model_num_params(lin));
+  assert_int_equal(prm_ctx_num_grads(ci), 0);
+  assert_int_equal(prm_ctx_num_grads(t), prm_model_num_params(tok));
+  /* the trainable set as it was when the context was created */
+  assert_int_equal(prm_model_set_trainable(tok, 0), PRM_OK);
+  prm_ctx *head = prmt_tok_ctx(tok, 2, 0, 0);
+  assert_int_equal(prm_ctx_num_grads(head), 8); /* score.weight [1, 8] */
+  assert_int_equal(prm_ctx_num_grads(t), prm_model_num_params(tok));
+  assert_int_equal(prm_ctx_max_rows(NULL), 0);
+  assert_int_equal(prm_ctx_max_len(NULL), 0);
+  assert_int_equal(prm_ctx_is_inference(NULL), 0);
+  assert_int_equal(prm_ctx_num_grads(NULL), 0);
+  prm_ctx_free(head);
+  prm_ctx_free(c);
+  prm_ctx_free(ci);
+  prm_ctx_free(t);
+  prm_ctx_free(t5);
+  prm_model_free(lin);
+  prm_model_free(tok);
+}
+
+/* ---- copying parameters in and out ------------------------------------------------------ */
+
+static void test_model_copy_in_out(void **state) {
+  (void)state;
+  const uint64_t hidden[1] = {4};
+  prm_model *m = prmt_mlp(3, hidden, 1, PRM_ACT_TANH, 3);
+  uint64_t np = 0;
+  float *arena = prm_model_params(m, &np);
+  assert_int_equal(np, 4 * 3 + 4 + 4);
+  const uint32_t nt = prm_model_num_tensors(m);
+  float buf[32], back[32];
+
+  /* every tensor by name, read and written against the arena */
+  for (uint32_t i = 0; i < nt; i++) {
+    const char *name = NULL;
+    uint64_t off = 0, shape[2];
+    uint32_t nd = 0, idx = 999;
+    assert_int_equal(prm_model_tensor_info(m, i, &name, &off, &nd, shape), PRM_OK);
+    assert_int_equal(prm_model_find_tensor(m, name, &idx), PRM_OK);
+    assert_int_equal(idx, i);
+    const uint64_t numel = nd == 2 ? shape[0] * shape[1] : shape[0];
+    assert_int_equal(prm_model_read_tensor(m, i, buf, numel), PRM_OK);
+    assert_memory_equal(buf, arena + off, numel * sizeof(float));
+    for (uint64_t k = 0; k < numel; k++)
+      buf[k] = (float)(i * 100 + k) * 0.25f;
+    assert_int_equal(prm_model_write_tensor(m, i, buf, numel), PRM_OK);
+    assert_memory_equal(arena + off, buf, numel * sizeof(float));
+    assert_int_equal(prm_model_read_tensor(m, i, back, numel), PRM_OK);
+    assert_memory_equal(back, buf, numel * sizeof(float));
+  }
+  /* a write takes effect: a zero head scores 0 */
+  uint32_t head = 0;
+  assert_int_equal(prm_model_find_tensor(m, "score.weight", &head), PRM_OK);
+  const float zeros[4] = {0, 0, 0, 0};
+  assert_int_equal(prm_model_write_tensor(m, head, zeros, 4), PRM_OK);
+  prm_ctx *ci = prmt_ctx(m, 1, 1);
+  float x[3] = {1, -2, 3}, score = 1.0f;
+  prm_batch b = prmt_batch(x, 1, 3);
+  assert_int_equal(prm_ctx_forward(ci, &b, &score, 1), PRM_OK);
+  assert_true(score == 0.0f);
+
+  /* flat slices */
+  float all[20], part[5];
+  assert_int_equal(prm_model_read_params(m, 0, all, np), PRM_OK);
+  assert_memory_equal(all, arena, np * sizeof(float));
+  for (int k = 0; k < 5; k++)
+    part[k] = -1.5f * (float)k;
+  assert_int_equal(prm_model_write_params(m, np - 5, part, 5), PRM_OK);
+  assert_memory_equal(arena + np - 5, part, sizeof part);
+  assert_int_equal(prm_model_read_params(m, np - 5, back, 5), PRM_OK);
+  assert_memory_equal(back, part, sizeof part);
+  assert_int_equal(prm_model_read_params(m, np, NULL, 0), PRM_OK); /* empty, at the end */
+  assert_int_equal(prm_model_write_params(m, 3, NULL, 0), PRM_OK);
+
+  /* every error path: status, messages, nothing changed */
+  assert_int_equal(prm_model_read_params(m, 0, all, np), PRM_OK);
+  float nan_buf[20];
+  memcpy(nan_buf, all, sizeof all);
+  uint32_t idx = 7;
+  ASSERT_FAIL_MSG(prm_model_find_tensor(m, "layers.9.weight", &idx), PRM_ERR_INVALID,
+                  prm_model_errmsg(m), "no tensor named 'layers.9.weight'");
+  assert_int_equal(idx, 7);
+  ASSERT_FAIL_MSG(prm_model_find_tensor(m, NULL, &idx), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "name is NULL");
+  ASSERT_FAIL_MSG(prm_model_find_tensor(m, "score.weight", NULL), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "index is NULL");
+  ASSERT_FAILS(prm_model_find_tensor(NULL, "score.weight", &idx), PRM_ERR_NULL);
+
+  ASSERT_FAIL_MSG(prm_model_read_tensor(m, nt, buf, 4), PRM_ERR_INVALID, prm_model_errmsg(m),
+                  "index 3 >= 3 tensors");
+  ASSERT_FAIL_MSG(prm_model_read_tensor(m, head, buf, 5), PRM_ERR_SIZE, prm_model_errmsg(m),
+                  "score.weight has 4 elements, n is 5");
+  ASSERT_FAIL_MSG(prm_model_read_tensor(m, head, NULL, 4), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "dst is NULL");
+  ASSERT_FAILS(prm_model_read_tensor(NULL, head, buf, 4), PRM_ERR_NULL);
+  ASSERT_FAIL_MSG(prm_model_write_tensor(m, nt, buf, 4), PRM_ERR_INVALID, prm_model_errmsg(m),
+                  "index 3");
+  ASSERT_FAIL_MSG(prm_model_write_tensor(m, head, buf, 3), PRM_ERR_SIZE, prm_model_errmsg(m),
+                  "n is 3");
+  ASSERT_FAIL_MSG(prm_model_write_tensor(m, head, NULL, 4), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "src is NULL");
+  ASSERT_FAILS(prm_model_write_tensor(NULL, head, buf, 4), PRM_ERR_NULL);
+  const float bad_head[4] = {1, 2, NAN, 4}, inf_head[4] = {INFINITY, 0, 0, 0};
+  ASSERT_FAIL_MSG(prm_model_write_tensor(m, head, bad_head, 4), PRM_ERR_NONFINITE,
+                  prm_model_errmsg(m), "src[2] is NaN");
+  ASSERT_FAIL_MSG(prm_model_write_tensor(m, head, inf_head, 4), PRM_ERR_NONFINITE,
+                  prm_model_errmsg(m), "src[0] is Inf");
+
+  ASSERT_FAIL_MSG(prm_model_read_params(m, np + 1, NULL, 0), PRM_ERR_SIZE, prm_model_errmsg(m),
+                  "reach past the 20 parameters");
+  ASSERT_FAIL_MSG(prm_model_read_params(m, 15, buf, 6), PRM_ERR_SIZE, prm_model_errmsg(m),
+                  "offset 15 and n 6");
+  /* offset + n wraps around 2^64: still refused */
+  ASSERT_FAIL_MSG(prm_model_read_params(m, 2, buf, UINT64_MAX), PRM_ERR_SIZE, prm_model_errmsg(m),
+                  "reach past");
+  ASSERT_FAIL_MSG(prm_model_write_params(m, UINT64_MAX, buf, 2), PRM_ERR_SIZE, prm_model_errmsg(m),
+                  "reach past");
+  ASSERT_FAIL_MSG(prm_model_read_params(m, 0, NULL, 1), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "dst is NULL");
+  ASSERT_FAILS(prm_model_read_params(NULL, 0, buf, 1), PRM_ERR_NULL);
+  ASSERT_FAIL_MSG(prm_model_write_params(m, 0, NULL, 1), PRM_ERR_NULL, prm_model_errmsg(m),
+                  "src is NULL");
+  ASSERT_FAILS(prm_model_write_params(NULL, 0, buf, 1), PRM_ERR_NULL);
+  nan_buf[19] = NAN;
+  ASSERT_FAIL_MSG(prm_model_write_params(m, 0, nan_buf, np), PRM_ERR_NONFINITE, prm_model_errmsg(m),
+                  "src[19] is NaN");
+  assert_memory_equal(arena, all, np * sizeof(float)); /* nothing was written */
+  prm_ctx_free(ci);
+  prm_model_free(m);
+}
+
+/* ---- copying gradients in and out ------------------------------------------------------- */
+
+static void test_ctx_grad_copy_in_out(void **state) {
+  (void)state;
+  const uint64_t hidden[1] = {4};
+  prm_model *m = prmt_mlp(3, hidden, 1, PRM_ACT_TANH, 4);
+  const uint64_t np = prm_model_num_params(m);
+  prm_ctx *c = prmt_ctx(m, 2, 0), *ci = prmt_ctx(m, 2, 1);
+  float x[6] = {1, 2, 3, -1, 0.5f, 2}, s[2], ds[2] = {0.5f, -1.0f};
+  prm_batch b = prmt_batch(x, 2, 3);
+  assert_int_equal(prm_ctx_forward(c, &b, s, 2), PRM_OK);
+  assert_int_equal(prm_ctx_backward(c, ds, 2), PRM_OK);
+  uint64_t ng = 0;
+  float *g = prm_ctx_grads(c, &ng);
+  assert_int_equal(ng, np);
+  float all[20], t[20];
+  assert_int_equal(prm_ctx_read_grads(c, 0, all, ng), PRM_OK);
+  assert_memory_equal(all, g, ng * sizeof(float));
+  for (uint32_t i = 0; i < prm_model_num_tensors(m); i++) {
+    uint64_t off, shape[2];
+    uint32_t nd;
+    assert_int_equal(prm_model_tensor_info(m, i, NULL, &off, &nd, shape), PRM_OK);
+    const uint64_t numel = nd == 2 ? shape[0] * shape[1] : shape[0];
+    assert_int_equal(prm_ctx_read_grad(c, i, t, numel), PRM_OK);
+    assert_memory_equal(t, g + off, numel * sizeof(float));
+  }
+  /* written gradients are what the next step uses: SGD p -= lr g */
+  float mine[20], p0[20], p1[20];
+  for (uint64_t k = 0; k < np; k++)
+    mine[k] = (float)k - 7.0f;
+  assert_int_equal(prm_ctx_write_grads(c, 0, mine, 10), PRM_OK);
+  assert_int_equal(prm_ctx_write_grads(c, 10, mine + 10, np - 10), PRM_OK);
+  assert_memory_equal(g, mine, np * sizeof(float));
+  uint32_t head = 0;
+  assert_int_equal(prm_model_find_tensor(m, "score.weight", &head), PRM_OK);
+  const float hg[4] = {0.25f, 0.5f, -0.25f, 1.0f};
+  assert_int_equal(prm_ctx_write_grad(c, head, hg, 4), PRM_OK);
+  assert_memory_equal(g + np - 4, hg, sizeof hg);
+  memcpy(mine + np - 4, hg, sizeof hg);
+  assert_int_equal(prm_model_read_params(m, 0, p0, np), PRM_OK);
+  prm_optimizer *opt = make_sgd(m, 0.5);
+  assert_int_equal(prm_optimizer_step(opt, c), PRM_OK);
+  assert_int_equal(prm_model_read_params(m, 0, p1, np), PRM_OK);
+  for (uint64_t k = 0; k < np; k++)
+    assert_true(p1[k] == p0[k] + (float)-0.5 * mine[k]);
+  assert_int_equal(prm_ctx_read_grads(c, 0, all, np), PRM_OK); /* the step zeroed them */
+  for (uint64_t k = 0; k < np; k++)
+    assert_true(all[k] == 0.0f);
+  assert_int_equal(prm_ctx_read_grads(c, np, NULL, 0), PRM_OK);
+  assert_int_equal(prm_ctx_write_grads(c, 0, NULL, 0), PRM_OK);
+
+  /* error paths */
+  memcpy(all, g, np * sizeof(float));
+  ASSERT_FAILS(prm_ctx_read_grads(NULL, 0, t, 1), PRM_ERR_NULL);
+  ASSERT_FAILS(prm_ctx_write_grads(NULL, 0, t, 1), PRM_ERR_NULL);
+  ASSERT_FAILS(prm_ctx_read_grad(NULL, 0, t, 1), PRM_ERR_NULL);
+  ASSERT_FAILS(prm_ctx_write_grad(NULL, 0, t, 1), PRM_ERR_NULL);
+  ASSERT_FAIL_MSG(prm_ctx_read_grads(ci, 0, t, 1), PRM_ERR_STATE, prm_ctx_errmsg(ci),
+                  "prm_ctx_read_grads: inference context");
+  ASSERT_FAIL_MSG(prm_ctx_write_grads(ci, 0, t, 1), PRM_ERR_STATE, prm_ctx_errmsg(ci),
+                  "prm_ctx_write_grads: inference context");
+  ASSERT_FAIL_MSG(prm_ctx_read_grad(ci, head, t, 4), PRM_ERR_STATE, prm_ctx_errmsg(ci),
+                  "prm_ctx_read_grad: inference context");
+  ASSERT_FAIL_MSG(prm_ctx_write_grad(ci, head, hg, 4), PRM_ERR_STATE, prm_ctx_errmsg(ci),
+                  "prm_ctx_write_grad: inference context");
+  ASSERT_FAIL_MSG(prm_ctx_read_grads(c, np - 1, t, 2), PRM_ERR_SIZE, prm_ctx_errmsg(c),
+                  "reach past the 20 gradients");
+  ASSERT_FAIL_MSG(prm_ctx_read_grads(c, np + 1, NULL, 0), PRM_ERR_SIZE, prm_ctx_errmsg(c),
+                  "reach past");
+  ASSERT_FAIL_MSG(prm_ctx_write_grads(c, 1, t, UINT64_MAX), PRM_ERR_SIZE, prm_ctx_errmsg(c),
+                  "reach past");
+  ASSERT_FAIL_MSG(prm_ctx_read_grads(c, 0, NULL, 1), PRM_ERR_NULL, prm_ctx_errmsg(c),
+                  "dst is NULL");
+  ASSERT_FAIL_MSG(prm_ctx_write_grads(c, 0, NULL, 1), PRM_ERR_NULL, prm_ctx_errmsg(c),
+                  "src is NULL");
+  float bad[20];
+  memcpy(bad, mine, sizeof bad);
+  bad[11] = -INFINITY;
+  ASSERT_FAIL_MSG(prm_ctx_write_grads(c, 0, bad, np), PRM_ERR_NONFINITE, prm_ctx_errmsg(c),
+                  "src[11] is Inf");
+  ASSERT_FAIL_MSG(prm_ctx_read_grad(c, 3, t, 4), PRM_ERR_INVALID, prm_ctx_errmsg(c),
+                  "index 3 >= 3 tensors");
+  ASSERT_FAIL_MSG(prm_ctx_write_grad(c, 99, hg, 4), PRM_ERR_INVALID, prm_ctx_errmsg(c), "index 99");
+  ASSERT_FAIL_MSG(prm_ctx_read_grad(c, head, t, 3), PRM_ERR_SIZE, prm_ctx_errmsg(c), "n is 3");
+  ASSERT_FAIL_MSG(prm_ctx_write_grad(c, head, hg, 5), PRM_ERR_SIZE, prm_ctx_errmsg(c), "n is 5");
+  ASSERT_FAIL_MSG(prm_ctx_read_grad(c, head, NULL, 4), PRM_ERR_NULL, prm_ctx_errmsg(c),
+                  "dst is NULL");
+  ASSERT_FAIL_MSG(prm_ctx_write_grad(c, head, NULL, 4), PRM_ERR_NULL, prm_ctx_errmsg(c),
+                  "src is NULL");
+  const float nan4[4] = {0, 0, 0, NAN};
+  ASSERT_FAIL_MSG(prm_ctx_write_grad(c, head, nan4, 4), PRM_ERR_NONFINITE, prm_ctx_errmsg(c),
+                  "src[3] is NaN");
+  assert_memory_equal(g, all, np * sizeof(float)); /* no failure wrote anything */
+
+  /* a frozen tensor has no gradient in a context created after freezing */
+  assert_int_equal(prm_model_set_trainable(m, 0), PRM_OK);
+  prm_ctx *hc = prmt_ctx(m, 2, 0);
+  assert_int_equal(prm_ctx_num_grads(hc), 4);
+  ASSERT_FAIL_MSG(prm_ctx_read_grad(hc, 0, t, 12), PRM_ERR_STATE, prm_ctx_errmsg(hc),
+                  "tensor layers.0.weight is frozen");
+  ASSERT_FAIL_MSG(prm_ctx_write_grad(hc, 1, t, 4), PRM_ERR_STATE, prm_ctx_errmsg(hc),
+                  "tensor layers.0.bias is frozen");
+  assert_int_equal(prm_ctx_write_grad(hc, head, hg, 4), PRM_OK);
+  assert_int_equal(prm_ctx_read_grads(hc, 0, t, 4), PRM_OK);
+  assert_memory_equal(t, hg, sizeof hg);
+  ASSERT_FAIL_MSG(prm_ctx_read_grads(hc, 0, t, 5), PRM_ERR_SIZE, prm_ctx_errmsg(hc),
+                  "the 4 gradients");
+  /* the older context keeps the layout it was created with */
+  assert_int_equal(prm_ctx_read_grad(c, 0, t, 12), PRM_OK);
+  prm_optimizer_free(opt);
+  prm_ctx_free(hc);
+  prm_ctx_free(c);
+  prm_ctx_free(ci);
+  prm_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_model_errmsg_rule),
@@ -448,6 +723,9 @@ int main(void) {
       cmocka_unit_test(test_shared_model_errmsg_threads),
       cmocka_unit_test(test_shared_optimizer_errmsg_threads),
       cmocka_unit_test(test_not_a_safetensors_file),
+      cmocka_unit_test(test_size_getters),
+      cmocka_unit_test(test_model_copy_in_out),
+      cmocka_unit_test(test_ctx_grad_copy_in_out),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
