@@ -1145,8 +1145,46 @@ PRM_API int prm_optimizer_step(prm_optimizer *opt, prm_ctx *ctx);
 /** Number of updates applied so far (0 for NULL). */
 PRM_API uint64_t prm_optimizer_num_updates(const prm_optimizer *opt);
 
-/** Learning rate the next update will use (0 for NULL). */
+/** Learning rate the next update will use: the schedule at the current
+ *  update applied to the base lr, times the lr scale (see below); 0 for
+ *  NULL. */
 PRM_API double prm_optimizer_lr(const prm_optimizer *opt);
+
+/**
+ * Replace the base learning rate (prm_optimizer_options.lr) for every later
+ * update. The schedule still applies on top of it, at the optimizer's
+ * current position: warm-up rises to the new lr, linear/cosine decay falls
+ * from it to min_lr over what is left of total_steps. Updates already
+ * applied and the moments are untouched. The new lr is what
+ * prm_optimizer_save writes as "lr".
+ * @param lr  >= 0 and finite as a float, as in the options; with a linear
+ *            or cosine schedule at least min_lr; and lr * the current lr
+ *            scale finite as a float.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_INVALID (the optimizer unchanged;
+ *         message to the optimizer and the thread).
+ * Not thread-safe with other calls on the optimizer.
+ */
+PRM_API int prm_optimizer_set_lr(prm_optimizer *opt, double lr);
+
+/**
+ * Multiply the scheduled learning rate of every later update by `scale`
+ * (default 1), e.g. for a host's reduce-on-plateau rule or a manual
+ * cool-down, without touching the schedule: the rate of update t is
+ * schedule(t) * scale. A scale of exactly 1 leaves every update bit for bit
+ * as without this call. Saved and loaded with the optimizer's state
+ * (prm_optimizer_save writes it as "lr_scale" when it is not 1).
+ * @param scale  finite and >= 0 (0 freezes the parameters while moments
+ *               still update); the base lr times scale must be finite as a
+ *               float.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_INVALID (the optimizer unchanged;
+ *         message to the optimizer and the thread).
+ * Not thread-safe with other calls on the optimizer.
+ */
+PRM_API int prm_optimizer_set_lr_scale(prm_optimizer *opt, double scale);
+
+/** The lr scale of prm_optimizer_set_lr_scale (1 unless set or loaded);
+ *  0 for NULL. */
+PRM_API double prm_optimizer_lr_scale(const prm_optimizer *opt);
 
 /** Global L2 norm of the gradient used by the last applied update, before
  *  clipping (0 before the first update or for NULL). */
@@ -1169,7 +1207,11 @@ PRM_API const char *prm_optimizer_errmsg(const prm_optimizer *opt);
 
 /**
  * Save the optimizer's state as a safetensors file: every
- * prm_optimizer_options field, the number of applied updates, the position
+ * prm_optimizer_options field (lr: the base rate as last set by
+ * prm_optimizer_set_lr), the lr scale when it is not 1 (the file then says
+ * "optimizer_version" 2, which libraries before 0.4 refuse instead of
+ * dropping the scale; states without a scale stay version 1 and read
+ * everywhere), the number of applied updates, the position
  * in the accumulation cycle, the last gradient norm, the model it fits
  * (architecture, parameter count, trainable offset) as `__metadata__`
  * strings, and the moments of the trainable tensors as F32 tensors named as
@@ -1210,8 +1252,8 @@ PRM_API int prm_optimizer_save_buffer(const prm_optimizer *opt, void *buf,
 
 /**
  * Create an optimizer for `model` from a state written by
- * prm_optimizer_save: the options, counters and moments of the saved
- * optimizer. `model` is borrowed as by prm_optimizer_new; its parameters
+ * prm_optimizer_save: the options, counters, lr scale and moments of the
+ * saved optimizer (a version-1 state, e.g. written by 0.3, has lr scale 1). `model` is borrowed as by prm_optimizer_new; its parameters
  * are not read or written (load them with prm_model_load).
  *
  * The state must fit the model: the same architecture and parameter count,

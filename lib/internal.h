@@ -283,6 +283,7 @@ struct prm_optimizer {
   uint64_t num_updates;  /* applied updates */
   uint32_t micro;        /* step calls counted in the current accumulation cycle */
   double last_grad_norm; /* norm (after 1/k, before clipping) of the last update */
+  double lr_scale;       /* prm_optimizer_set_lr_scale: multiplies the scheduled lr */
   prmi_errslot err;      /* prm_optimizer_errmsg (saves may run on several threads) */
 };
 
@@ -292,8 +293,12 @@ int prmi_opt_record(const prm_optimizer *opt, int status);
 /* Check options (newest struct version): PRM_OK or PRM_ERR_INVALID naming
  * the field, to the thread; fn names the public function. */
 int prmi_optimizer_validate(const prm_optimizer_options *o, const char *fn);
+/* The rules of a base lr and an lr scale for options o (prm_optimizer_set_lr,
+ * prm_optimizer_set_lr_scale, the loader): PRM_OK or PRM_ERR_INVALID. */
+int prmi_optimizer_check_lr(const prm_optimizer_options *o, double lr, double scale,
+                            const char *fn);
 /* A fresh optimizer for model's current trainable set with validated
- * options o: zero moments and counters. PRM_ERR_NOMEM (message
+ * options o: zero moments and counters, lr scale 1. PRM_ERR_NOMEM (message
  * to the thread and the model); *out NULL on failure. */
 int prmi_optimizer_alloc(prm_optimizer **out, prm_model *model, const prm_optimizer_options *o,
                          const char *fn);

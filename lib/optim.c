@@ -159,6 +159,7 @@ int prmi_optimizer_alloc(prm_optimizer **out, prm_model *model, const prm_optimi
     prmi_free(opt);
     return prmi_model_record(model, prmi_fail(NULL, PRM_ERR_NOMEM, "%s: out of memory", fn));
   }
+  opt->lr_scale = 1.0;
   opt->model = model;
   opt->opts = *o;
   opt->toff = model->trainable_offset;
@@ -227,6 +228,13 @@ static double scheduled_lr(const prm_optimizer_options *o, uint64_t t) {
                       ? 1.0 - progress
                       : 0.5 * (1.0 + cos(3.14159265358979323846 * progress));
   return o->min_lr + (o->lr - o->min_lr) * factor;
+}
+
+/* The rate of the next update: the schedule times prm_optimizer_set_lr_scale's
+ * factor (1 unless set: x * 1.0 is x, so runs that never set it are
+ * unchanged bit for bit). */
+static double effective_lr(const prm_optimizer *opt) {
+  return scheduled_lr(&opt->opts, opt->num_updates) * opt->lr_scale;
 }
 
 /* ---- kernels ---------------------------------------------------------------- */
@@ -393,7 +401,7 @@ static int apply_update(prm_optimizer *opt, float *grads) {
   double norm = sqrt(ss) * inv_k;
   double clip = 1.0;
   if (o->max_grad_norm > 0.0) clip = fmin(1.0, o->max_grad_norm / (norm + 1e-6));
-  double lr = scheduled_lr(o, opt->num_updates);
+  double lr = effective_lr(opt);
   float gscale = (float)(inv_k * clip);
 
   /* Coefficients per segment (they differ only in weight decay). */
@@ -481,14 +489,56 @@ int prm_optimizer_step(prm_optimizer *opt, prm_ctx *ctx) {
   return rc;
 }
 
+/* ---- learning rate ------------------------------------------------------------ */
+
+/* Checks shared by prm_optimizer_set_lr and prm_optimizer_set_lr_scale (and
+ * the loader): base lr and scale as the options require, and a peak
+ * effective rate lr * scale that stays finite as a float (the schedule
+ * never exceeds lr: warm-up rises to it, decays fall from it). */
+int prmi_optimizer_check_lr(const prm_optimizer_options *o, double lr, double scale,
+                            const char *fn) {
+  if (!(float_finite(lr) && lr >= 0.0))
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: lr = %g must be >= 0 and finite as a float", fn,
+                     lr);
+  if ((o->schedule == PRM_SCHED_LINEAR || o->schedule == PRM_SCHED_COSINE) && o->min_lr > lr)
+    return prmi_fail(NULL, PRM_ERR_INVALID,
+                     "%s: lr = %g is below min_lr = %g, the floor of the %s decay", fn, lr,
+                     o->min_lr, o->schedule == PRM_SCHED_LINEAR ? "linear" : "cosine");
+  if (!(isfinite(scale) && scale >= 0.0))
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: lr scale = %g must be finite and >= 0", fn, scale);
+  if (!float_finite(lr * scale))
+    return prmi_fail(NULL, PRM_ERR_INVALID,
+                     "%s: lr %g times scale %g = %g is not finite as a float", fn, lr, scale,
+                     lr * scale);
+  return PRM_OK;
+}
+
+int prm_optimizer_set_lr(prm_optimizer *opt, double lr) {
+  if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_set_lr: opt is NULL");
+  int rc = prmi_optimizer_check_lr(&opt->opts, lr, opt->lr_scale, "prm_optimizer_set_lr");
+  if (rc != PRM_OK) return prmi_opt_record(opt, rc);
+  opt->opts.lr = lr;
+  return PRM_OK;
+}
+
+int prm_optimizer_set_lr_scale(prm_optimizer *opt, double scale) {
+  if (opt == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_optimizer_set_lr_scale: opt is NULL");
+  int rc = prmi_optimizer_check_lr(&opt->opts, opt->opts.lr, scale, "prm_optimizer_set_lr_scale");
+  if (rc != PRM_OK) return prmi_opt_record(opt, rc);
+  opt->lr_scale = scale;
+  return PRM_OK;
+}
+
 /* ---- queries ------------------------------------------------------------------ */
 
 uint64_t prm_optimizer_num_updates(const prm_optimizer *opt) {
   return opt == NULL ? 0 : opt->num_updates;
 }
 
-double prm_optimizer_lr(const prm_optimizer *opt) {
-  return opt == NULL ? 0.0 : scheduled_lr(&opt->opts, opt->num_updates);
+double prm_optimizer_lr(const prm_optimizer *opt) { return opt == NULL ? 0.0 : effective_lr(opt); }
+
+double prm_optimizer_lr_scale(const prm_optimizer *opt) {
+  return opt == NULL ? 0.0 : opt->lr_scale;
 }
 
 double prm_optimizer_last_grad_norm(const prm_optimizer *opt) {

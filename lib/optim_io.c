@@ -4,12 +4,15 @@
  *
  * A state is a safetensors document (lib/safetensors.c writes and parses
  * it) with
- *   __metadata__  "kind": "optimizer", "optimizer_version": "1", the model
- *                 it fits ("model" arch name, "num_params",
- *                 "trainable_offset"), every prm_optimizer_options field,
- *                 and the position: "num_updates", "micro_step",
- *                 "last_grad_norm". Integers in decimal, reals as "%.17g"
- *                 (which reads back as the same double), enums by name.
+ *   __metadata__  "kind": "optimizer", "optimizer_version": "1" (or "2",
+ *                 below), the model it fits ("model" arch name,
+ *                 "num_params", "trainable_offset"), every
+ *                 prm_optimizer_options field ("lr" is the base rate, as
+ *                 last set by prm_optimizer_set_lr), the position:
+ *                 "num_updates", "micro_step", "last_grad_norm", and
+ *                 "lr_scale" when it is not 1 (version "2" then).
+ *                 Integers in decimal, reals as "%.17g" (which reads back
+ *                 as the same double), enums by name.
  *   tensors       the moments of the trainable tensors, F32, named as in
  *                 PyTorch's optimizer state: "exp_avg.<param>" then
  *                 "exp_avg_sq.<param>" (Adam, AdamW), "momentum_buffer.<param>"
@@ -29,7 +32,11 @@
 
 #include "internal.h"
 
-#define OPT_STATE_VERSION 1 /* "optimizer_version" written and read */
+/* "optimizer_version": the oldest reader a state needs. Version 2 adds
+ * "lr_scale" (prm_optimizer_set_lr_scale); a state whose scale is 1 is
+ * written as version 1, byte for byte as before, so that 0.3 reads it, while
+ * a 0.3 reader refuses a scaled state instead of dropping its scale. */
+#define OPT_STATE_VERSION 2 /* the newest written and read */
 /* A prefix (at most 16 bytes) and a model tensor name. Model names are at
  * most 48 bytes, so a state name stays below PRMI_NAME_SIZE, the longest
  * the reader accepts. */
@@ -69,7 +76,7 @@ static void state_meta(const void *arg, prmi_meta_out *out) {
   const prm_optimizer *opt = ((const opt_doc *)arg)->opt;
   const prm_optimizer_options *o = &opt->opts;
   prmi_meta_put(out, "kind", "optimizer");
-  prmi_meta_put_u64(out, "optimizer_version", OPT_STATE_VERSION);
+  prmi_meta_put_u64(out, "optimizer_version", opt->lr_scale != 1.0 ? 2 : 1);
   prmi_meta_put(out, "model", opt->model->arch->name);
   prmi_meta_put_u64(out, "num_params", opt->model->n_params);
   prmi_meta_put_u64(out, "trainable_offset", opt->toff);
@@ -91,6 +98,7 @@ static void state_meta(const void *arg, prmi_meta_out *out) {
   prmi_meta_put_u64(out, "num_updates", opt->num_updates);
   prmi_meta_put_u64(out, "micro_step", opt->micro);
   prmi_meta_put_real(out, "last_grad_norm", opt->last_grad_norm);
+  if (opt->lr_scale != 1.0) prmi_meta_put_real(out, "lr_scale", opt->lr_scale);
 }
 
 static void state_tensor(const void *arg, uint32_t i, prmi_st_tensor *t) {
@@ -229,10 +237,10 @@ static int meta_enum(const prmi_ckpt *c, const char *key, const char *const *nam
   return prmi_fail(NULL, PRM_ERR_FORMAT, "%s: __metadata__ %s='%.64s' is unknown", fn, key, s);
 }
 
-/* An optimizer state of a known version, not a model or anything else. */
-static int check_kind(const prmi_ckpt *c, const char *fn) {
+/* An optimizer state of a known version, not a model or anything else;
+ * the version goes to *version. */
+static int check_kind(const prmi_ckpt *c, const char *fn, uint64_t *version) {
   const char *kind = prmi_ckpt_meta(c, "kind");
-  uint64_t version;
   int rc;
   if (kind == NULL && prmi_ckpt_meta(c, "model") != NULL)
     return prmi_fail(NULL, PRM_ERR_FORMAT,
@@ -245,11 +253,11 @@ static int check_kind(const prmi_ckpt *c, const char *fn) {
   if (strcmp(kind, "optimizer") != 0)
     return prmi_fail(NULL, PRM_ERR_FORMAT, "%s: __metadata__ kind='%.64s', expected 'optimizer'",
                      fn, kind);
-  if ((rc = meta_uint(c, "optimizer_version", UINT64_MAX, &version, fn)) != PRM_OK) return rc;
-  if (version != OPT_STATE_VERSION)
+  if ((rc = meta_uint(c, "optimizer_version", UINT64_MAX, version, fn)) != PRM_OK) return rc;
+  if (*version < 1 || *version > OPT_STATE_VERSION)
     return prmi_fail(NULL, PRM_ERR_UNSUPPORTED,
-                     "%s: optimizer_version %llu; this library reads version %d", fn,
-                     (unsigned long long)version, OPT_STATE_VERSION);
+                     "%s: optimizer_version %llu; this library reads versions 1 to %d", fn,
+                     (unsigned long long)*version, OPT_STATE_VERSION);
   return PRM_OK;
 }
 
@@ -345,10 +353,10 @@ static int load_state(prm_optimizer **out, prm_model *model, const unsigned char
   prmi_ckpt *c = NULL;
   prm_optimizer *opt = NULL;
   prm_optimizer_options o = PRM_OPTIMIZER_OPTIONS_INIT;
-  uint64_t num_updates = 0, micro = 0;
-  double grad_norm = 0.0;
+  uint64_t num_updates = 0, micro = 0, version = 0;
+  double grad_norm = 0.0, scale = 1.0;
   int rc = prmi_st_parse(&c, b, size);
-  if (rc == PRM_OK) rc = check_kind(c, fn);
+  if (rc == PRM_OK) rc = check_kind(c, fn, &version);
   if (rc == PRM_OK) rc = check_model(c, model, fn);
   if (rc == PRM_OK) rc = read_options(c, &o, fn);
   if (rc == PRM_OK) rc = meta_uint(c, "num_updates", UINT64_MAX, &num_updates, fn);
@@ -356,11 +364,19 @@ static int load_state(prm_optimizer **out, prm_model *model, const unsigned char
   if (rc == PRM_OK) rc = meta_real(c, "last_grad_norm", &grad_norm, fn);
   if (rc == PRM_OK && !(grad_norm >= 0.0))
     rc = prmi_fail(NULL, PRM_ERR_FORMAT, "%s: __metadata__ last_grad_norm is negative", fn);
+  /* version 1 (0.3, and any state whose scale is 1) has no scale: 1 */
+  if (rc == PRM_OK && version >= 2) rc = meta_real(c, "lr_scale", &scale, fn);
+  if (rc == PRM_OK && prmi_optimizer_check_lr(&o, o.lr, scale, fn) != PRM_OK) {
+    char why[PRMI_ERRMSG_SIZE]; /* the thread's message is the destination too */
+    snprintf(why, sizeof why, "%s", prm_last_errmsg());
+    rc = prmi_fail(NULL, PRM_ERR_FORMAT, "__metadata__ lr_scale rejected: %s", why);
+  }
   if (rc == PRM_OK) rc = prmi_optimizer_alloc(&opt, model, &o, fn);
   if (rc == PRM_OK) {
     opt->num_updates = num_updates;
     opt->micro = (uint32_t)micro;
     opt->last_grad_norm = grad_norm;
+    opt->lr_scale = scale;
     rc = read_moments(c, opt, fn);
   }
   prmi_st_free(c);

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz/optimizer_models.h"
 #include "testutil.h"
 
 /* The call failed with `status`, and both the thread's message and the
@@ -716,6 +717,317 @@ static void test_ctx_grad_copy_in_out(void **state) {
   prm_model_free(m);
 }
 
+/* ---- learning-rate control --------------------------------------------------------------- */
+
+static prm_optimizer *make_opt(prm_model *m, int32_t algo, int32_t sched, double lr,
+                               double min_lr) {
+  prm_optimizer_options o = PRM_OPTIMIZER_OPTIONS_INIT;
+  o.algorithm = algo;
+  o.lr = lr;
+  o.min_lr = min_lr;
+  o.schedule = sched;
+  o.weight_decay = 0.01;
+  o.warmup_steps = sched == PRM_SCHED_CONSTANT ? 0 : 2;
+  o.total_steps = sched == PRM_SCHED_CONSTANT ? 0 : 10;
+  prm_optimizer *opt = NULL;
+  assert_int_equal(prm_optimizer_new(&opt, m, &o), PRM_OK);
+  return opt;
+}
+
+/* One step with gradient g (np floats) written into c. */
+static void step_with(prm_optimizer *opt, prm_ctx *c, const float *g, uint64_t np) {
+  assert_int_equal(prm_ctx_write_grads(c, 0, g, np), PRM_OK);
+  int rc = prm_optimizer_step(opt, c);
+  if (rc != PRM_OK) fail_msg("step: %s (%s)", prm_status_string(rc), prm_optimizer_errmsg(opt));
+}
+
+static void test_lr_control(void **state) {
+  (void)state;
+  prm_model *m = prmt_linear(4, 5), *twin_m = prmt_linear(4, 5);
+  prm_ctx *c = prmt_ctx(m, 2, 0), *twin_c = prmt_ctx(twin_m, 2, 0);
+  const float g[4] = {0.5f, -1.0f, 0.25f, 2.0f};
+
+  /* the schedule applies on top of a new base lr: the same rates as an
+   * optimizer created with it */
+  prm_optimizer *opt = make_opt(m, PRM_OPT_ADAMW, PRM_SCHED_COSINE, 1e-2, 1e-4);
+  prm_optimizer *twin = make_opt(twin_m, PRM_OPT_ADAMW, PRM_SCHED_COSINE, 3e-2, 1e-4);
+  assert_true(prm_optimizer_lr_scale(opt) == 1.0);
+  assert_true(prm_optimizer_lr(opt) == 0.0); /* warm-up starts at 0 */
+  assert_int_equal(prm_optimizer_set_lr(opt, 3e-2), PRM_OK);
+  for (int t = 0; t < 12; t++) {
+    assert_true(prm_optimizer_lr(opt) == prm_optimizer_lr(twin));
+    step_with(opt, c, g, 4);
+    step_with(twin, twin_c, g, 4);
+  }
+  assert_memory_equal(prm_model_params(m, NULL), prm_model_params(twin_m, NULL), 4 * sizeof(float));
+  /* the scale multiplies the scheduled rate */
+  prm_optimizer_free(opt);
+  prm_optimizer_free(twin);
+  opt = make_opt(m, PRM_OPT_ADAMW, PRM_SCHED_LINEAR, 1e-2, 1e-3);
+  twin = make_opt(twin_m, PRM_OPT_ADAMW, PRM_SCHED_LINEAR, 1e-2, 1e-3);
+  assert_int_equal(prm_optimizer_set_lr_scale(opt, 0.3), PRM_OK);
+  assert_true(prm_optimizer_lr_scale(opt) == 0.3);
+  for (int t = 0; t < 12; t++) {
+    assert_true(prm_optimizer_lr(opt) == prm_optimizer_lr(twin) * 0.3);
+    step_with(opt, c, g, 4);
+    step_with(twin, twin_c, g, 4);
+  }
+  prm_optimizer_free(opt);
+  prm_optimizer_free(twin);
+
+  /* the update uses the effective rate: SGD with lr 0.1 at scale 0.5 equals
+   * lr 0.05 set later, bit for bit; scale 0 leaves the parameters alone */
+  float p0[4], pa[4], pb[4];
+  assert_int_equal(prm_model_read_params(m, 0, p0, 4), PRM_OK);
+  assert_int_equal(prm_model_write_params(twin_m, 0, p0, 4), PRM_OK);
+  opt = make_opt(m, PRM_OPT_SGD, PRM_SCHED_CONSTANT, 0.1, 0.0);
+  twin = make_opt(twin_m, PRM_OPT_SGD, PRM_SCHED_CONSTANT, 1.0, 0.0);
+  assert_int_equal(prm_optimizer_set_lr_scale(opt, 0.5), PRM_OK);
+  assert_int_equal(prm_optimizer_set_lr(twin, 0.05), PRM_OK);
+  assert_true(prm_optimizer_lr(opt) == prm_optimizer_lr(twin));
+  step_with(opt, c, g, 4);
+  step_with(twin, twin_c, g, 4);
+  assert_int_equal(prm_model_read_params(m, 0, pa, 4), PRM_OK);
+  assert_int_equal(prm_model_read_params(twin_m, 0, pb, 4), PRM_OK);
+  assert_memory_equal(pa, pb, sizeof pa);
+  for (int k = 0; k < 4; k++) { /* torch.optim.SGD with weight decay 0.01, in float */
+    const float gk = 1.0f * g[k] + (float)0.01 * p0[k];
+    assert_true(pa[k] == p0[k] + (float)-0.05 * gk);
+  }
+  assert_int_equal(prm_optimizer_set_lr_scale(opt, 0.0), PRM_OK);
+  assert_true(prm_optimizer_lr(opt) == 0.0);
+  step_with(opt, c, g, 4);
+  assert_int_equal(prm_model_read_params(m, 0, pb, 4), PRM_OK);
+  assert_memory_equal(pa, pb, sizeof pa);
+  prm_optimizer_free(opt);
+  prm_optimizer_free(twin);
+
+  /* error paths: the optimizer is unchanged, the message says why */
+  opt = make_opt(m, PRM_OPT_ADAMW, PRM_SCHED_COSINE, 1e-2, 1e-4);
+  const double before = prm_optimizer_lr(opt);
+  ASSERT_FAILS(prm_optimizer_set_lr(NULL, 1.0), PRM_ERR_NULL);
+  ASSERT_FAILS(prm_optimizer_set_lr_scale(NULL, 1.0), PRM_ERR_NULL);
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr(opt, -1e-3), PRM_ERR_INVALID, prm_optimizer_errmsg(opt),
+                  "lr = -0.001 must be >= 0");
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr(opt, NAN), PRM_ERR_INVALID, prm_optimizer_errmsg(opt),
+                  "finite");
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr(opt, INFINITY), PRM_ERR_INVALID, prm_optimizer_errmsg(opt),
+                  "finite");
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr(opt, 1e39), PRM_ERR_INVALID, prm_optimizer_errmsg(opt),
+                  "finite as a float");
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr(opt, 5e-5), PRM_ERR_INVALID, prm_optimizer_errmsg(opt),
+                  "below min_lr = 0.0001, the floor of the cosine decay");
+  assert_int_equal(prm_optimizer_set_lr(opt, 1e-4), PRM_OK); /* min_lr itself is fine */
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr_scale(opt, -0.5), PRM_ERR_INVALID, prm_optimizer_errmsg(opt),
+                  "lr scale = -0.5 must be finite and >= 0");
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr_scale(opt, NAN), PRM_ERR_INVALID, prm_optimizer_errmsg(opt),
+                  "lr scale");
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr_scale(opt, INFINITY), PRM_ERR_INVALID,
+                  prm_optimizer_errmsg(opt), "lr scale");
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr_scale(opt, 1e300), PRM_ERR_INVALID,
+                  prm_optimizer_errmsg(opt), "is not finite as a float");
+  assert_int_equal(prm_optimizer_set_lr_scale(opt, 1e41), PRM_OK); /* 1e-4 * 1e41 fits */
+  ASSERT_FAIL_MSG(prm_optimizer_set_lr(opt, 1e-2), PRM_ERR_INVALID, prm_optimizer_errmsg(opt),
+                  "times scale");
+  assert_int_equal(prm_optimizer_set_lr_scale(opt, 1.0), PRM_OK);
+  assert_int_equal(prm_optimizer_set_lr(opt, 1e-2), PRM_OK);
+  assert_true(prm_optimizer_lr(opt) == before);
+  assert_true(prm_optimizer_lr_scale(NULL) == 0.0);
+  prm_optimizer_free(opt);
+  /* a constant schedule has no floor to respect */
+  opt = make_opt(m, PRM_OPT_SGD, PRM_SCHED_CONSTANT, 1e-2, 1e-3);
+  assert_int_equal(prm_optimizer_set_lr(opt, 1e-4), PRM_OK);
+  assert_true(prm_optimizer_lr(opt) == 1e-4);
+  prm_optimizer_free(opt);
+  prm_ctx_free(c);
+  prm_ctx_free(twin_c);
+  prm_model_free(m);
+  prm_model_free(twin_m);
+}
+
+/* The bytes of a saved optimizer state. */
+static unsigned char *save_state(const prm_optimizer *opt, size_t *n) {
+  assert_int_equal(prm_optimizer_save_buffer(opt, NULL, 0, n), PRM_OK);
+  unsigned char *b = malloc(*n);
+  assert_non_null(b);
+  assert_int_equal(prm_optimizer_save_buffer(opt, b, *n, n), PRM_OK);
+  return b;
+}
+
+/* 1 when the header of a safetensors buffer contains `s`. */
+static int header_has(const unsigned char *b, size_t n, const char *s) {
+  uint64_t h = 0;
+  for (int i = 0; i < 8; i++)
+    h |= (uint64_t)b[i] << (8 * i);
+  assert_true(h <= n - 8);
+  const size_t k = strlen(s);
+  for (uint64_t i = 0; i + k <= h; i++)
+    if (memcmp(b + 8 + i, s, k) == 0) return 1;
+  return 0;
+}
+
+/* A copy of a state whose header has `from` replaced by `to`. */
+static unsigned char *rewrite_header(const unsigned char *b, size_t n, const char *from,
+                                     const char *to, size_t *n_out) {
+  uint64_t h = 0;
+  for (int i = 0; i < 8; i++)
+    h |= (uint64_t)b[i] << (8 * i);
+  const size_t kf = strlen(from), kt = strlen(to);
+  size_t at = 0;
+  while (at + kf <= h && memcmp(b + 8 + at, from, kf) != 0)
+    at++;
+  if (at + kf > h) fail_msg("'%s' is not in the header", from);
+  const uint64_t nh = h - kf + kt;
+  *n_out = n - kf + kt;
+  unsigned char *out = malloc(*n_out);
+  assert_non_null(out);
+  for (int i = 0; i < 8; i++)
+    out[i] = (unsigned char)(nh >> (8 * i));
+  memcpy(out + 8, b + 8, at);
+  memcpy(out + 8 + at, to, kt);
+  memcpy(out + 8 + at + kt, b + 8 + at + kf, n - 8 - at - kf);
+  return out;
+}
+
+/* Training with a changed lr and scale, saved and resumed, writes the same
+ * parameters as the uninterrupted run. */
+static void test_lr_resume_bit_exact(void **state) {
+  (void)state;
+  const uint64_t hidden[1] = {5};
+  prm_model *m = prmt_mlp(4, hidden, 1, PRM_ACT_GELU_TANH, 6);
+  const uint64_t np = prm_model_num_params(m);
+  prm_ctx *c = prmt_ctx(m, 8, 0);
+  prm_optimizer *opt = make_opt(m, PRM_OPT_ADAMW, PRM_SCHED_COSINE, 1e-2, 1e-4);
+  prmt_rng r = {31};
+  float x[10][32];
+  for (int i = 0; i < 10; i++)
+    prmt_fill_normal(&r, x[i], 32, 1.0);
+  for (int i = 0; i < 3; i++) {
+    prm_batch b = prmt_batch(x[i], 8, 4);
+    assert_int_equal(prm_train_step(c, opt, &b, NULL, NULL), PRM_OK);
+  }
+  /* a scale of 1 keeps the state at version 1, byte for byte as 0.3 wrote it */
+  size_t n1;
+  unsigned char *v1 = save_state(opt, &n1);
+  assert_true(header_has(v1, n1, "\"optimizer_version\":\"1\""));
+  assert_false(header_has(v1, n1, "lr_scale"));
+  assert_int_equal(prm_optimizer_set_lr(opt, 2e-2), PRM_OK);
+  assert_int_equal(prm_optimizer_set_lr_scale(opt, 0.7), PRM_OK);
+  size_t nm, no;
+  assert_int_equal(prm_model_save_buffer(m, NULL, 0, &nm), PRM_OK);
+  unsigned char *mb = malloc(nm);
+  assert_non_null(mb);
+  assert_int_equal(prm_model_save_buffer(m, mb, nm, &nm), PRM_OK);
+  unsigned char *ob = save_state(opt, &no);
+  assert_true(header_has(ob, no, "\"optimizer_version\":\"2\""));
+  assert_true(header_has(ob, no, "\"lr_scale\":\"0.69999999999999996\""));
+  assert_true(header_has(ob, no, "\"lr\":\"0.02\""));
+  for (int i = 3; i < 10; i++) {
+    prm_batch b = prmt_batch(x[i], 8, 4);
+    assert_int_equal(prm_train_step(c, opt, &b, NULL, NULL), PRM_OK);
+  }
+  /* resume */
+  prm_model *m2 = NULL;
+  prm_optimizer *o2 = NULL;
+  assert_int_equal(prm_model_load_buffer(&m2, mb, nm), PRM_OK);
+  assert_int_equal(prm_optimizer_load_buffer(&o2, m2, ob, no), PRM_OK);
+  assert_true(prm_optimizer_lr_scale(o2) == 0.7);
+  prm_ctx *c2 = prmt_ctx(m2, 8, 0);
+  for (int i = 3; i < 10; i++) {
+    prm_batch b = prmt_batch(x[i], 8, 4);
+    assert_int_equal(prm_train_step(c2, o2, &b, NULL, NULL), PRM_OK);
+  }
+  assert_memory_equal(prm_model_params(m, NULL), prm_model_params(m2, NULL), np * sizeof(float));
+  assert_true(prm_optimizer_lr(o2) == prm_optimizer_lr(opt));
+  /* a re-save of the loaded state is the same bytes */
+  size_t nr;
+  prm_optimizer *o3 = NULL;
+  assert_int_equal(prm_optimizer_load_buffer(&o3, m2, ob, no), PRM_OK);
+  unsigned char *rb = save_state(o3, &nr);
+  assert_int_equal(nr, no);
+  assert_memory_equal(rb, ob, no);
+  prm_optimizer_free(o3);
+  free(rb);
+
+  /* a version-1 state loads with scale 1 */
+  assert_int_equal(prm_optimizer_load_buffer(&o3, m2, v1, n1), PRM_OK);
+  assert_true(prm_optimizer_lr_scale(o3) == 1.0);
+  prm_optimizer_free(o3);
+  /* malformed scales */
+  size_t nb;
+  unsigned char *bad = rewrite_header(ob, no, "\"lr_scale\"", "\"lr_scalE\"", &nb);
+  ASSERT_FAIL_MSG(prm_optimizer_load_buffer(&o3, m2, bad, nb), PRM_ERR_FORMAT, prm_model_errmsg(m2),
+                  "lacks 'lr_scale'");
+  free(bad);
+  bad = rewrite_header(ob, no, "\"lr_scale\":\"", "\"lr_scale\":\"-", &nb);
+  ASSERT_FAIL_MSG(prm_optimizer_load_buffer(&o3, m2, bad, nb), PRM_ERR_FORMAT, prm_model_errmsg(m2),
+                  "lr_scale rejected");
+  free(bad);
+  bad =
+      rewrite_header(ob, no, "\"lr_scale\":\"0.69999999999999996\"", "\"lr_scale\":\"1e300\"", &nb);
+  ASSERT_FAIL_MSG(prm_optimizer_load_buffer(&o3, m2, bad, nb), PRM_ERR_FORMAT, prm_model_errmsg(m2),
+                  "lr_scale rejected");
+  free(bad);
+  bad = rewrite_header(ob, no, "\"lr_scale\":\"", "\"lr_scale\":\"x", &nb);
+  ASSERT_FAIL_MSG(prm_optimizer_load_buffer(&o3, m2, bad, nb), PRM_ERR_FORMAT, prm_model_errmsg(m2),
+                  "lr_scale");
+  free(bad);
+  bad = rewrite_header(ob, no, "\"optimizer_version\":\"2\"", "\"optimizer_version\":\"3\"", &nb);
+  ASSERT_FAIL_MSG(prm_optimizer_load_buffer(&o3, m2, bad, nb), PRM_ERR_UNSUPPORTED,
+                  prm_model_errmsg(m2), "versions 1 to 2");
+  free(bad);
+  /* version 1 ignores a scale key (it has none) */
+  bad = rewrite_header(ob, no, "\"optimizer_version\":\"2\"", "\"optimizer_version\":\"1\"", &nb);
+  assert_int_equal(prm_optimizer_load_buffer(&o3, m2, bad, nb), PRM_OK);
+  assert_true(prm_optimizer_lr_scale(o3) == 1.0);
+  prm_optimizer_free(o3);
+  free(bad);
+
+  free(v1);
+  free(mb);
+  free(ob);
+  prm_ctx_free(c);
+  prm_ctx_free(c2);
+  prm_optimizer_free(opt);
+  prm_optimizer_free(o2);
+  prm_model_free(m);
+  prm_model_free(m2);
+}
+
+/* The committed optimizer states (tests/fuzz/seeds_optimizer: a byte
+ * choosing the model, then a version-1 state written before lr control
+ * existed) load with scale 1, and this library writes them back as
+ * version 1. */
+static void test_lr_old_states(void **state) {
+  (void)state;
+  static const char *const seeds[] = {"gpt2_adam_fresh", "gpt2_adamw", "gpt2_sgd",
+                                      "mlp_adam_fresh",  "mlp_adamw",  "mlp_sgd"};
+  for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/../fuzz/seeds_optimizer/%s", PRM_CORPUS_DIR, seeds[i]);
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) fail_msg("cannot open %s", path);
+    unsigned char data[8192];
+    const size_t size = fread(data, 1, sizeof data, f);
+    fclose(f);
+    assert_true(size > 1 && size < sizeof data);
+    prm_model *m = fuzz_optimizer_model_new(data[0] & 1u);
+    assert_non_null(m);
+    assert_true(header_has(data + 1, size - 1, "\"optimizer_version\":\"1\""));
+    prm_optimizer *opt = NULL;
+    int rc = prm_optimizer_load_buffer(&opt, m, data + 1, size - 1);
+    if (rc != PRM_OK) fail_msg("%s: %s (%s)", seeds[i], prm_status_string(rc), prm_last_errmsg());
+    assert_true(prm_optimizer_lr_scale(opt) == 1.0);
+    size_t n;
+    unsigned char *b = save_state(opt, &n);
+    assert_true(header_has(b, n, "\"optimizer_version\":\"1\""));
+    assert_false(header_has(b, n, "lr_scale"));
+    free(b);
+    prm_optimizer_free(opt);
+    prm_model_free(m);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_model_errmsg_rule),
@@ -726,6 +1038,9 @@ int main(void) {
       cmocka_unit_test(test_size_getters),
       cmocka_unit_test(test_model_copy_in_out),
       cmocka_unit_test(test_ctx_grad_copy_in_out),
+      cmocka_unit_test(test_lr_control),
+      cmocka_unit_test(test_lr_resume_bit_exact),
+      cmocka_unit_test(test_lr_old_states),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
