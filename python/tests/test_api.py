@@ -146,3 +146,31 @@ def test_reward_norm():
         m.set_reward_norm(None)
         with pytest.raises(prefrm.StateError):
             m.reward_norm()
+
+
+def test_token_model_forward_and_train():
+    with prefrm.Model("gpt2", vocab_size=11, n_ctx=8, n_embd=8, n_layer=1, n_head=2,
+                      seed=3) as m:
+        assert m.arch == "gpt2" and m.max_len == 8 and m.vocab_size == 11
+        rng = np.random.default_rng(1)
+        wide = rng.integers(0, 11, (4, 10)).astype(np.int32)
+        lengths = np.array([3, 6, 6, 2], np.int32)
+        with m.context(4, max_len=6) as ctx, m.optimizer(lr=1e-2) as opt:
+            assert ctx.max_len == 6
+            s_contig = ctx.forward(tokens=np.ascontiguousarray(wide[:, :6]), lengths=lengths)
+            s_strided = ctx.forward(tokens=wide[:, :6], lengths=lengths)  # token_stride 10
+            np.testing.assert_array_equal(s_contig, s_strided)
+            st = ctx.train_step(opt, tokens=wide[:, :6], lengths=lengths)
+            assert opt.num_updates == 1 and st["n_compared"] == 2
+            with pytest.raises(TypeError, match="int32"):
+                ctx.forward(tokens=wide.astype(np.int64), lengths=lengths)
+            with pytest.raises(ValueError, match="lengths"):
+                ctx.forward(tokens=wide[:, :6])
+            with pytest.raises(ValueError, match="4 elements"):
+                ctx.forward(tokens=wide[:, :6], lengths=lengths[:3])
+            bad = wide[:, :6].copy()
+            bad[0, 0] = 11
+            with pytest.raises(prefrm.InvalidError):
+                ctx.forward(tokens=bad, lengths=lengths)
+            with pytest.raises(prefrm.SizeError):
+                ctx.forward(tokens=wide[:, :6], lengths=np.array([3, 7, 6, 2], np.int32))
