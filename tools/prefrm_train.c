@@ -1580,6 +1580,18 @@ static double longer_wins(const pairset *s) {
 
 static double elapsed_total(const app *A) { return A->rs.elapsed + (now_s() - A->t0); }
 
+/* The held-out results of a run, as both state.json and summary.json hold them. */
+static void put_heldout_results(json_t *o, const runstate *rs) {
+  json_object_set_new(o, "best_epoch",
+                      rs->best_epoch > 0 ? json_integer(rs->best_epoch) : json_null());
+  json_object_set_new(o, "best_heldout_loss",
+                      rs->has_best ? json_real(rs->best_loss) : json_null());
+  json_object_set_new(o, "best_heldout_accuracy",
+                      rs->has_best ? json_real(rs->best_acc) : json_null());
+  json_object_set_new(o, "last_heldout",
+                      rs->has_last ? stats_to_json(rs->last_loss, &rs->last_st) : json_null());
+}
+
 static json_t *state_to_json(const app *A) {
   const runstate *rs = &A->rs;
   uint64_t np = 0;
@@ -1598,14 +1610,7 @@ static json_t *state_to_json(const app *A) {
   json_object_set_new(o, "epoch_loss_sum", json_real(rs->ep_loss));
   json_object_set_new(o, "epoch_acc_sum", json_real(rs->ep_acc));
   json_object_set_new(o, "epoch_pairs", json_integer((json_int_t)rs->ep_pairs));
-  json_object_set_new(o, "best_epoch",
-                      rs->best_epoch > 0 ? json_integer(rs->best_epoch) : json_null());
-  json_object_set_new(o, "best_heldout_loss",
-                      rs->has_best ? json_real(rs->best_loss) : json_null());
-  json_object_set_new(o, "best_heldout_accuracy",
-                      rs->has_best ? json_real(rs->best_acc) : json_null());
-  json_object_set_new(o, "last_heldout",
-                      rs->has_last ? stats_to_json(rs->last_loss, &rs->last_st) : json_null());
+  put_heldout_results(o, rs);
   json_object_set_new(o, "elapsed_s", json_real(elapsed_total(A)));
   json_object_set_new(o, "train_s", json_real(rs->train_s + A->train_s));
   json_object_set_new(o, "skipped_steps", json_integer(rs->skipped_steps));
@@ -1699,14 +1704,7 @@ static int write_summary(app *A, int stop) {
   json_object_set_new(o, "epochs_completed", json_integer(rs->epoch));
   json_object_set_new(o, "steps", json_integer(global_step(A)));
   json_object_set_new(o, "skipped_steps", json_integer(rs->skipped_steps));
-  json_object_set_new(o, "best_epoch",
-                      rs->best_epoch > 0 ? json_integer(rs->best_epoch) : json_null());
-  json_object_set_new(o, "best_heldout_loss",
-                      rs->has_best ? json_real(rs->best_loss) : json_null());
-  json_object_set_new(o, "best_heldout_accuracy",
-                      rs->has_best ? json_real(rs->best_acc) : json_null());
-  json_object_set_new(o, "last_heldout",
-                      rs->has_last ? stats_to_json(rs->last_loss, &rs->last_st) : json_null());
+  put_heldout_results(o, rs);
   json_object_set_new(o, "train_pairs", json_integer((json_int_t)A->train.n));
   json_object_set_new(o, "heldout_pairs", json_integer((json_int_t)A->held.n));
   json_object_set_new(o, "heldout_longer_wins",
