@@ -1362,6 +1362,117 @@ PRM_API int prm_evaluate_groups(prm_ctx *ctx, const prm_batch *batch,
                                 const prm_rank_options *rank_opts,
                                 prm_loss_stats *stats);
 
+/* ---- Evaluation over many batches ---- */
+
+#define PRM_EVAL_ACCUM_VERSION 1
+#define PRM_EVAL_CALIB_BINS 10 /**< calibration bins of prm_loss_stats.ece */
+
+/** What an accumulator holds (prm_eval_accum.kind). Values pinned. */
+typedef enum prm_eval_kind {
+  PRM_EVAL_EMPTY = 0,  /**< nothing yet */
+  PRM_EVAL_PAIRS = 1,  /**< pair batches (prm_evaluate_accum) */
+  PRM_EVAL_GROUPS = 2  /**< group batches (prm_evaluate_groups_accum) */
+} prm_eval_kind;
+
+/**
+ * Sums and counts from which prm_eval_accum_stats gives every prm_loss_stats
+ * field exactly as if all the accumulated pairs (or groups) had been one
+ * batch: an evaluation set larger than a context's max_rows is streamed
+ * through prm_evaluate_accum batch by batch. Initialise with
+ * prm_eval_accum_init (or PRM_EVAL_ACCUM_INIT); the library maintains the
+ * fields, which are public so a host can inspect or store them. "Compared
+ * pairs" are those of prm_loss_stats.
+ */
+typedef struct prm_eval_accum {
+  uint32_t version;     /**< PRM_EVAL_ACCUM_VERSION */
+  int32_t kind;         /**< prm_eval_kind: set by the first batch; pairs and
+                             groups do not mix */
+  uint64_t n_units;     /**< pairs (pair batches) or groups accumulated */
+  double loss_sum;      /**< sum over batches of loss * units: the loss of
+                             the whole set is loss_sum / n_units (each
+                             batch's loss averages over its pairs or
+                             groups, so the weighting is per pair/group) */
+  uint64_t n_rewards;   /**< rewards (rows) seen */
+  double reward_mean;   /**< their mean */
+  double reward_m2;     /**< sum of squared deviations from it (batches
+                             merged by Chan, Golub and LeVeque's update) */
+  uint64_t n_compared;  /**< compared pairs */
+  double wins;          /**< compared pairs with r_a > r_b, plus 1/2 for
+                             each with r_a = r_b */
+  double margin_sum;    /**< sum of r_a - r_b over compared pairs */
+  double brier_sum;     /**< sum of (p - y)^2 over compared pairs */
+  double calib_p[PRM_EVAL_CALIB_BINS]; /**< ECE bins: sum of p (each pair
+                             entered as (p, y) and (1 - p, 1 - y)) */
+  double calib_y[PRM_EVAL_CALIB_BINS]; /**< ECE bins: sum of y */
+  uint64_t n_exact;     /**< groups ranked exactly right (group batches) or
+                             compared pairs with r_c > r_r (pair batches) */
+  uint64_t n_tied;      /**< pairs labelled a tie */
+  double tie_prob_tied_sum;   /**< sum of model P(tie) over tied pairs */
+  double tie_prob_untied_sum; /**< ... over compared pairs */
+} prm_eval_accum;
+
+#define PRM_EVAL_ACCUM_INIT \
+  { PRM_EVAL_ACCUM_VERSION, PRM_EVAL_EMPTY, 0, 0.0, 0, 0.0, 0.0, 0, 0.0, 0.0, \
+    0.0, {0}, {0}, 0, 0, 0.0, 0.0 }
+
+/** Fill *acc with an empty accumulator of struct version `version` (use it
+ *  again to start over). @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
+PRM_API int prm_eval_accum_init(prm_eval_accum *acc, uint32_t version);
+
+/**
+ * prm_evaluate, adding the batch's statistics to *acc instead of writing
+ * them: forward a pair batch (2P rows, P chosen then P rejected), compute
+ * prm_loss_bt, merge. Call it once per batch of an evaluation set, then
+ * prm_eval_accum_stats. Batches may use different loss options; each
+ * batch's loss counts with its number of pairs.
+ * @param acc  initialised accumulator, empty or holding pair batches
+ *             (caller owns; only read and written during the call).
+ * @return as prm_evaluate, plus PRM_ERR_NULL / PRM_ERR_VERSION for acc,
+ *         PRM_ERR_INVALID (acc->kind is no prm_eval_kind), PRM_ERR_MISMATCH
+ *         (acc holds group batches). On failure *acc is unchanged; the
+ *         pending-forward rule of prm_evaluate holds (arguments, acc
+ *         included, are checked before the forward). Messages go to the
+ *         context and the thread.
+ * One call at a time per context; distinct accumulators are independent.
+ */
+PRM_API int prm_evaluate_accum(prm_ctx *ctx, const prm_batch *pairs,
+                               const prm_loss_options *loss_opts,
+                               prm_eval_accum *acc);
+
+/**
+ * prm_evaluate_groups, accumulating: forward a group batch, compute
+ * prm_loss_rank, merge into *acc (empty or holding group batches). Each
+ * batch's loss counts with its number of groups.
+ * @return as prm_evaluate_groups, plus the acc errors of
+ *         prm_evaluate_accum (PRM_ERR_MISMATCH: acc holds pair batches).
+ *         On failure *acc is unchanged.
+ */
+PRM_API int prm_evaluate_groups_accum(prm_ctx *ctx, const prm_batch *batch,
+                                      const int32_t *group_sizes,
+                                      uint64_t n_groups,
+                                      const prm_rank_options *rank_opts,
+                                      prm_eval_accum *acc);
+
+/**
+ * The statistics of everything accumulated, as prm_loss_bt / prm_loss_rank
+ * would give them for one batch holding all the pairs (groups): loss =
+ * loss_sum / n_units; accuracy, margin_mean, brier, ece, exact_rate,
+ * tie_prob_* and the counts from their sums (exact up to the order of
+ * floating-point additions: a relative difference of about 1e-15 from the
+ * one-batch values); reward_mean and reward_std from the merged moments.
+ * For a single accumulated batch every field except loss equals that
+ * batch's prm_loss_stats bit for bit (loss may differ in the last bit: it
+ * is (loss * P) / P).
+ * @param out  out->version set by the caller (1 or 2): only the fields of
+ *             that version are written.
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION (acc or out),
+ *         PRM_ERR_STATE (nothing accumulated), PRM_ERR_INVALID (acc->kind
+ *         is no prm_eval_kind, or its counts contradict each other).
+ *         *out is unchanged on failure. Thread-safe (reads acc only).
+ */
+PRM_API int prm_eval_accum_stats(const prm_eval_accum *acc,
+                                 prm_loss_stats *out);
+
 #ifdef __cplusplus
 }
 #endif

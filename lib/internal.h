@@ -354,6 +354,21 @@ prm_loss_options prmi_loss_options_read(const prm_loss_options *in);
 int prmi_rank_check_args(const int32_t *group_sizes, uint64_t n_groups, uint64_t n_rows,
                          const prm_rank_options *opts, const prm_loss_stats *stats);
 
+/* ---- statistics accumulators (loss.c) ---------------------------------- */
+
+/* The statistics of accumulator a (kind PAIRS or GROUPS, n_rewards >= 1),
+ * every field of the newest prm_loss_stats but loss (0). */
+void prmi_eval_accum_fill(const prm_eval_accum *a, prm_loss_stats *full);
+/* dst += src (src non-empty; dst empty or of src's kind). */
+void prmi_eval_accum_merge(prm_eval_accum *dst, const prm_eval_accum *src);
+/* prm_loss_bt / prm_loss_rank without gradients, their statistics and loss
+ * (times the pairs or groups) into a fresh accumulator *batch of that one
+ * batch. Same checks and messages as the public functions. */
+int prmi_loss_bt_accum(const float *r_chosen, const float *r_rejected, uint64_t n_pairs,
+                       const prm_loss_options *opts, prm_eval_accum *batch);
+int prmi_loss_rank_accum(const float *scores, uint64_t n_scores, const int32_t *group_sizes,
+                         uint64_t n_groups, const prm_rank_options *opts, prm_eval_accum *batch);
+
 /* ---- safetensors documents (safetensors.c) ------------------------------ */
 
 /*

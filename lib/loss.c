@@ -120,45 +120,151 @@ static double sigmoid(double x) {
   return e / (1.0 + e);
 }
 
+/* ---- statistics: one accumulator for one batch and for many ------------------------------- */
+
 /*
+ * Every statistic of prm_loss_stats is a ratio of sums (or, for the reward
+ * spread, a count/mean/M2 triple), so one prm_eval_accum describes a batch
+ * and merging two describes their union. prm_loss_bt and prm_loss_rank fill
+ * one for their batch and turn it into statistics (prmi_eval_accum_fill);
+ * the accumulating evaluations merge each batch's into the caller's. The
+ * fill divides the same sums the same way for one batch as for many, so
+ * the pure losses give the statistics they always gave, bit for bit.
+ *
  * Calibration of predicted probabilities p against targets y: the Brier
- * score and the expected calibration error over 10 bins of width 0.1
- * ([0.9, 1] closed). Each (p, y) is entered twice, as (p, y) and
+ * score and the expected calibration error over PRM_EVAL_CALIB_BINS bins of
+ * width 0.1 ([0.9, 1] closed). Each (p, y) is entered twice, as (p, y) and
  * (1 - p, 1 - y), so the reliability curve does not depend on which
  * response a pair lists first (with hard labels every target would be 1
  * otherwise, and the ECE would only measure the mean confidence).
  */
-#define CALIB_BINS 10
-typedef struct calib {
-  double sum_p[CALIB_BINS], sum_y[CALIB_BINS];
-  double brier; /* sum of (p - y)^2 */
-  uint64_t n;
-} calib;
+#define CALIB_BINS PRM_EVAL_CALIB_BINS
 
 static int calib_bin(double p) {
   int b = (int)(p * CALIB_BINS);
   return b < 0 ? 0 : (b >= CALIB_BINS ? CALIB_BINS - 1 : b);
 }
 
-static void calib_add(calib *c, double p, double y) {
+/* One compared pair: its predicted probability p of the first winning, its
+ * target y, and r_a - r_b. */
+static void acc_compared(prm_eval_accum *a, double p, double y, double diff) {
   int b = calib_bin(p);
-  c->sum_p[b] += p;
-  c->sum_y[b] += y;
+  a->calib_p[b] += p;
+  a->calib_y[b] += y;
   b = calib_bin(1.0 - p);
-  c->sum_p[b] += 1.0 - p;
-  c->sum_y[b] += 1.0 - y;
-  c->brier += (p - y) * (p - y);
-  c->n++;
+  a->calib_p[b] += 1.0 - p;
+  a->calib_y[b] += 1.0 - y;
+  a->brier_sum += (p - y) * (p - y);
+  a->n_compared++;
+  a->margin_sum += diff;
+  a->wins += diff > 0.0 ? 1.0 : (diff == 0.0 ? 0.5 : 0.0);
 }
 
-static void calib_finish(const calib *c, prm_loss_stats *st) {
-  st->n_compared = c->n;
-  if (c->n == 0) return;
-  double ece = 0.0;
-  for (int b = 0; b < CALIB_BINS; b++)
-    ece += fabs(c->sum_p[b] - c->sum_y[b]);
-  st->ece = ece / (2.0 * (double)c->n);
-  st->brier = c->brier / (double)c->n;
+/* An empty accumulator of the given kind. */
+static void acc_start(prm_eval_accum *a, int32_t kind) {
+  const prm_eval_accum empty = PRM_EVAL_ACCUM_INIT;
+  *a = empty;
+  a->kind = kind;
+}
+
+void prmi_eval_accum_fill(const prm_eval_accum *a, prm_loss_stats *st) {
+  const prm_loss_stats zero = PRM_LOSS_STATS_INIT;
+  *st = zero;
+  st->reward_mean = a->reward_mean;
+  st->reward_std = sqrt(a->reward_m2 / (double)a->n_rewards);
+  st->n_compared = a->n_compared;
+  st->n_tied = a->n_tied;
+  const double nc = (double)a->n_compared;
+  if (a->n_compared > 0) {
+    st->accuracy = a->wins / nc;
+    st->margin_mean = a->margin_sum / nc;
+    st->tie_prob_untied = a->tie_prob_untied_sum / nc;
+    double ece = 0.0;
+    for (int b = 0; b < CALIB_BINS; b++)
+      ece += fabs(a->calib_p[b] - a->calib_y[b]);
+    st->ece = ece / (2.0 * nc);
+    st->brier = a->brier_sum / nc;
+  }
+  /* exact ranking: of groups, or of a pair batch's untied pairs */
+  if (a->kind == PRM_EVAL_GROUPS)
+    st->exact_rate = (double)a->n_exact / (double)a->n_units;
+  else if (a->n_compared > 0)
+    st->exact_rate = (double)a->n_exact / nc;
+  if (a->n_tied > 0) st->tie_prob_tied = a->tie_prob_tied_sum / (double)a->n_tied;
+}
+
+/*
+ * dst += src. Sums and counts add; the reward moments merge by Chan, Golub
+ * and LeVeque's update (as prm_reward_moments_add), which keeps the spread
+ * exact where E[r^2] - E[r]^2 would cancel. Into an empty accumulator the
+ * moments are copied, so one batch accumulates to exactly its own.
+ */
+void prmi_eval_accum_merge(prm_eval_accum *dst, const prm_eval_accum *src) {
+  if (dst->n_rewards == 0) {
+    dst->reward_mean = src->reward_mean;
+    dst->reward_m2 = src->reward_m2;
+  } else {
+    const double na = (double)dst->n_rewards, nb = (double)src->n_rewards, n = na + nb;
+    const double delta = src->reward_mean - dst->reward_mean;
+    dst->reward_mean += delta * (nb / n);
+    dst->reward_m2 += src->reward_m2 + delta * delta * (na * nb / n);
+  }
+  dst->kind = src->kind;
+  dst->n_rewards += src->n_rewards;
+  dst->n_units += src->n_units;
+  dst->loss_sum += src->loss_sum;
+  dst->n_compared += src->n_compared;
+  dst->wins += src->wins;
+  dst->margin_sum += src->margin_sum;
+  dst->brier_sum += src->brier_sum;
+  for (int b = 0; b < CALIB_BINS; b++) {
+    dst->calib_p[b] += src->calib_p[b];
+    dst->calib_y[b] += src->calib_y[b];
+  }
+  dst->n_exact += src->n_exact;
+  dst->n_tied += src->n_tied;
+  dst->tie_prob_tied_sum += src->tie_prob_tied_sum;
+  dst->tie_prob_untied_sum += src->tie_prob_untied_sum;
+}
+
+int prm_eval_accum_init(prm_eval_accum *acc, uint32_t version) {
+  const prm_eval_accum d = PRM_EVAL_ACCUM_INIT;
+  return prmi_init_struct(acc, &d, sizeof d, version, PRM_EVAL_ACCUM_VERSION,
+                          "prm_eval_accum_init");
+}
+
+int prm_eval_accum_stats(const prm_eval_accum *acc, prm_loss_stats *out) {
+  const char *fn = "prm_eval_accum_stats";
+  int rc = prmi_check_version(NULL, acc, PRM_EVAL_ACCUM_VERSION, "prm_eval_accum_stats: acc");
+  if (rc == PRM_OK)
+    rc = prmi_check_version(NULL, out, PRM_LOSS_STATS_VERSION, "prm_eval_accum_stats: out");
+  if (rc != PRM_OK) return rc;
+  if (acc->kind == PRM_EVAL_EMPTY)
+    return prmi_fail(NULL, PRM_ERR_STATE,
+                     "%s: the accumulator is empty (prm_evaluate_accum or "
+                     "prm_evaluate_groups_accum first)",
+                     fn);
+  if (acc->kind != PRM_EVAL_PAIRS && acc->kind != PRM_EVAL_GROUPS)
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: acc->kind = %d is no prm_eval_kind", fn,
+                     (int)acc->kind);
+  /* what every accumulated batch guarantees: rewards and units, a compared
+   * pair per group, two rewards per pair */
+  const int groups = acc->kind == PRM_EVAL_GROUPS;
+  if (acc->n_units == 0 || acc->n_rewards < 2 * acc->n_units ||
+      (groups && acc->n_compared < acc->n_units) ||
+      (!groups &&
+       (acc->n_rewards != 2 * acc->n_units || acc->n_compared + acc->n_tied != acc->n_units)))
+    return prmi_fail(NULL, PRM_ERR_INVALID,
+                     "%s: the accumulator's counts contradict each other (%llu %s, %llu "
+                     "rewards, %llu compared, %llu tied): it was not filled by the library",
+                     fn, (unsigned long long)acc->n_units, groups ? "groups" : "pairs",
+                     (unsigned long long)acc->n_rewards, (unsigned long long)acc->n_compared,
+                     (unsigned long long)acc->n_tied);
+  prm_loss_stats st;
+  prmi_eval_accum_fill(acc, &st);
+  st.loss = acc->loss_sum / (double)acc->n_units;
+  write_stats(out, &st);
+  return PRM_OK;
 }
 
 /* ---- pair loss: validation --------------------------------------------------------------- */
@@ -355,20 +461,17 @@ static tie_terms tie_terms_at(const tie_model *t, double z) {
 /* ---- pair loss ------------------------------------------------------------------------------- */
 
 /*
- * Statistics of a pair batch (a second pass, only when asked for). The
- * "compared" pairs are the ones not labelled a tie; margins are ignored: the
- * statistics describe the model's predictions, s(r_c - r_r) for
- * Bradley-Terry and Davidson (P_w / (P_w + P_l) = s(2h)), s(lw - ll) for
- * Rao-Kupper.
+ * Statistics of a pair batch into a fresh accumulator (a second pass, only
+ * when asked for; the loss is the caller's). The "compared" pairs are the
+ * ones not labelled a tie; margins are ignored: the statistics describe the
+ * model's predictions, s(r_c - r_r) for Bradley-Terry and Davidson
+ * (P_w / (P_w + P_l) = s(2h)), s(lw - ll) for Rao-Kupper.
  */
-static void pair_stats(const float *r_c, const float *r_r, uint64_t n_pairs,
-                       const prm_loss_options *o, double value, prm_loss_stats *out) {
+static void pair_accum(const float *r_c, const float *r_r, uint64_t n_pairs,
+                       const prm_loss_options *o, prm_eval_accum *acc) {
   const tie_model t = tie_model_of(o);
-  prm_loss_stats st = PRM_LOSS_STATS_INIT;
-  calib cal;
-  memset(&cal, 0, sizeof cal);
-  double sum_r = 0.0, sum_diff = 0.0, wins = 0.0, exact = 0.0, pt_tied = 0.0, pt_untied = 0.0;
-  uint64_t n_tied = 0;
+  acc_start(acc, PRM_EVAL_PAIRS);
+  double sum_r = 0.0;
   for (uint64_t i = 0; i < n_pairs; i++) {
     const double a = (double)r_c[i], b = (double)r_r[i], diff = a - b;
     sum_r += a + b;
@@ -381,37 +484,34 @@ static void pair_stats(const float *r_c, const float *r_r, uint64_t n_pairs,
       p_tie = t.has_tie ? exp(tt.lt) : 0.0;
     }
     if (o->tie != NULL && o->tie[i]) {
-      n_tied++;
-      pt_tied += p_tie;
+      acc->n_tied++;
+      acc->tie_prob_tied_sum += p_tie;
       continue;
     }
-    pt_untied += p_tie;
-    sum_diff += diff;
-    wins += a > b ? 1.0 : (a == b ? 0.5 : 0.0);
-    exact += a > b ? 1.0 : 0.0;
-    calib_add(&cal, p_win, o->label != NULL ? (double)o->label[i] : 1.0);
+    acc->tie_prob_untied_sum += p_tie;
+    acc->n_exact += a > b;
+    acc_compared(acc, p_win, o->label != NULL ? (double)o->label[i] : 1.0, diff);
   }
-  const double n = (double)n_pairs, nc = (double)cal.n;
   /* The spread from squared deviations around the mean: far more accurate
    * than E[r^2] - E[r]^2 when rewards share a big offset. */
-  const double mean = sum_r / (2.0 * n);
+  acc->n_units = n_pairs;
+  acc->n_rewards = 2 * n_pairs;
+  const double mean = sum_r / (double)acc->n_rewards;
   double ss = 0.0;
   for (uint64_t i = 0; i < n_pairs; i++) {
     const double da = (double)r_c[i] - mean, db = (double)r_r[i] - mean;
     ss += da * da + db * db;
   }
-  st.loss = value;
-  st.reward_mean = mean;
-  st.reward_std = sqrt(ss / (2.0 * n));
-  if (cal.n > 0) {
-    st.accuracy = wins / nc;
-    st.margin_mean = sum_diff / nc;
-    st.exact_rate = exact / nc;
-    st.tie_prob_untied = pt_untied / nc;
-  }
-  if (n_tied > 0) st.tie_prob_tied = pt_tied / (double)n_tied;
-  st.n_tied = n_tied;
-  calib_finish(&cal, &st);
+  acc->reward_mean = mean;
+  acc->reward_m2 = ss;
+}
+
+/* The statistics of one batch's accumulator with its loss, into the fields
+ * of the caller's struct version. */
+static void stats_of(const prm_eval_accum *acc, double loss, prm_loss_stats *out) {
+  prm_loss_stats st;
+  prmi_eval_accum_fill(acc, &st);
+  st.loss = loss;
   write_stats(out, &st);
 }
 
@@ -491,7 +591,22 @@ int prm_loss_bt(const float *r_chosen, const float *r_rejected, uint64_t n_pairs
   }
   const double value = sum_wl * inv_n + c * (sum_sq * inv_n);
   if (loss != NULL) *loss = value;
-  if (stats != NULL) pair_stats(r_chosen, r_rejected, n_pairs, &o, value, stats);
+  if (stats != NULL) {
+    prm_eval_accum acc;
+    pair_accum(r_chosen, r_rejected, n_pairs, &o, &acc);
+    stats_of(&acc, value, stats);
+  }
+  return PRM_OK;
+}
+
+int prmi_loss_bt_accum(const float *r_chosen, const float *r_rejected, uint64_t n_pairs,
+                       const prm_loss_options *opts, prm_eval_accum *batch) {
+  double value = 0.0;
+  int rc = prm_loss_bt(r_chosen, r_rejected, n_pairs, opts, &value, NULL, NULL, NULL);
+  if (rc != PRM_OK) return rc;
+  const prm_loss_options o = prmi_loss_options_read(opts);
+  pair_accum(r_chosen, r_rejected, n_pairs, &o, batch);
+  batch->loss_sum = value * (double)n_pairs;
   return PRM_OK;
 }
 
@@ -634,13 +749,12 @@ static double rank_plackett_luce(const float *r, int32_t K, double scale, float 
   return inv_k * l;
 }
 
-/* Statistics over every implied pair of every group (see prm_loss_stats). */
-static void rank_stats(const float *scores, uint64_t n_rows, const int32_t *sizes, uint64_t G,
-                       double value, prm_loss_stats *out) {
-  prm_loss_stats st = PRM_LOSS_STATS_INIT;
-  calib cal;
-  memset(&cal, 0, sizeof cal);
-  double sum_r = 0.0, sum_diff = 0.0, wins = 0.0, exact = 0.0;
+/* Statistics over every implied pair of every group (see prm_loss_stats),
+ * into a fresh accumulator. */
+static void rank_accum(const float *scores, uint64_t n_rows, const int32_t *sizes, uint64_t G,
+                       prm_eval_accum *acc) {
+  acc_start(acc, PRM_EVAL_GROUPS);
+  double sum_r = 0.0;
   const float *r = scores;
   for (uint64_t g = 0; g < G; r += sizes[g], g++) {
     const int32_t K = sizes[g];
@@ -650,25 +764,19 @@ static void rank_stats(const float *scores, uint64_t n_rows, const int32_t *size
       if (a + 1 < K && !(r[a] > r[a + 1])) ordered = 0;
       for (int32_t b = a + 1; b < K; b++) {
         const double diff = (double)r[a] - (double)r[b];
-        sum_diff += diff;
-        wins += diff > 0.0 ? 1.0 : (diff == 0.0 ? 0.5 : 0.0);
-        calib_add(&cal, sigmoid(diff), 1.0);
+        acc_compared(acc, sigmoid(diff), 1.0, diff);
       }
     }
-    exact += ordered;
+    acc->n_exact += (uint64_t)ordered;
   }
+  acc->n_units = G;
+  acc->n_rewards = n_rows;
   const double mean = sum_r / (double)n_rows;
   double ss = 0.0;
   for (uint64_t i = 0; i < n_rows; i++)
     ss += ((double)scores[i] - mean) * ((double)scores[i] - mean);
-  st.loss = value;
-  st.reward_mean = mean;
-  st.reward_std = sqrt(ss / (double)n_rows);
-  st.accuracy = wins / (double)cal.n; /* cal.n >= 1: every group has a pair */
-  st.margin_mean = sum_diff / (double)cal.n;
-  st.exact_rate = exact / (double)G;
-  calib_finish(&cal, &st);
-  write_stats(out, &st);
+  acc->reward_mean = mean;
+  acc->reward_m2 = ss;
 }
 
 int prm_loss_rank(const float *scores, uint64_t n_scores, const int32_t *group_sizes,
@@ -693,6 +801,20 @@ int prm_loss_rank(const float *scores, uint64_t n_scores, const int32_t *group_s
   }
   const double value = sum_wl * inv_g;
   if (loss != NULL) *loss = value;
-  if (stats != NULL) rank_stats(scores, n_scores, group_sizes, n_groups, value, stats);
+  if (stats != NULL) {
+    prm_eval_accum acc;
+    rank_accum(scores, n_scores, group_sizes, n_groups, &acc);
+    stats_of(&acc, value, stats);
+  }
+  return PRM_OK;
+}
+
+int prmi_loss_rank_accum(const float *scores, uint64_t n_scores, const int32_t *group_sizes,
+                         uint64_t n_groups, const prm_rank_options *opts, prm_eval_accum *batch) {
+  double value = 0.0;
+  int rc = prm_loss_rank(scores, n_scores, group_sizes, n_groups, opts, &value, NULL, NULL);
+  if (rc != PRM_OK) return rc;
+  rank_accum(scores, n_scores, group_sizes, n_groups, batch);
+  batch->loss_sum = value * (double)n_groups;
   return PRM_OK;
 }

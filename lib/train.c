@@ -195,3 +195,68 @@ int prm_evaluate_groups(prm_ctx *ctx, const prm_batch *batch, const int32_t *gro
   if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_evaluate_groups: ctx is NULL");
   return prmi_ctx_record(ctx, evaluate_groups(ctx, batch, group_sizes, n_groups, rank_opts, stats));
 }
+
+/* ---- accumulating evaluation ------------------------------------------------------------ */
+
+/* The accumulator of an accumulating evaluation: initialised, and empty or
+ * of this kind. */
+static int check_accum(const prm_eval_accum *acc, int32_t kind, const char *fn) {
+  int rc = prmi_check_version(NULL, acc, PRM_EVAL_ACCUM_VERSION, "acc");
+  if (rc != PRM_OK) return rc;
+  if (acc->kind != PRM_EVAL_EMPTY && acc->kind != PRM_EVAL_PAIRS && acc->kind != PRM_EVAL_GROUPS)
+    return prmi_fail(NULL, PRM_ERR_INVALID, "%s: acc->kind = %d is no prm_eval_kind", fn,
+                     (int)acc->kind);
+  if (acc->kind != PRM_EVAL_EMPTY && acc->kind != kind)
+    return prmi_fail(NULL, PRM_ERR_MISMATCH,
+                     "%s: the accumulator holds %s batches; %s batches need another one", fn,
+                     acc->kind == PRM_EVAL_PAIRS ? "pair" : "group",
+                     kind == PRM_EVAL_PAIRS ? "pair" : "group");
+  return PRM_OK;
+}
+
+static int evaluate_accum(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options *loss_opts,
+                          prm_eval_accum *acc) {
+  uint64_t P = 0, stride = 0;
+  int rc = check_pairs(ctx, pairs, loss_opts, NULL, &P, &stride);
+  if (rc == PRM_OK) rc = check_accum(acc, PRM_EVAL_PAIRS, "prm_evaluate_accum");
+  if (rc != PRM_OK) return rc;
+  rc = prmi_ctx_forward(ctx, pairs, stride, ctx->scores, 0);
+  ctx->have_forward = 0; /* borrowed features: no backward after evaluate */
+  if (rc != PRM_OK) return rc;
+  prm_eval_accum batch;
+  rc = prmi_loss_bt_accum(ctx->scores, ctx->scores + P, P, loss_opts, &batch);
+  if (rc != PRM_OK) return rc;
+  prmi_eval_accum_merge(acc, &batch);
+  return PRM_OK;
+}
+
+int prm_evaluate_accum(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options *loss_opts,
+                       prm_eval_accum *acc) {
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_evaluate_accum: ctx is NULL");
+  return prmi_ctx_record(ctx, evaluate_accum(ctx, pairs, loss_opts, acc));
+}
+
+static int evaluate_groups_accum(prm_ctx *ctx, const prm_batch *batch, const int32_t *group_sizes,
+                                 uint64_t n_groups, const prm_rank_options *rank_opts,
+                                 prm_eval_accum *acc) {
+  uint64_t stride = 0;
+  int rc = check_groups(ctx, batch, group_sizes, n_groups, rank_opts, NULL, &stride);
+  if (rc == PRM_OK) rc = check_accum(acc, PRM_EVAL_GROUPS, "prm_evaluate_groups_accum");
+  if (rc != PRM_OK) return rc;
+  rc = prmi_ctx_forward(ctx, batch, stride, ctx->scores, 0);
+  ctx->have_forward = 0; /* borrowed features: no backward after evaluate */
+  if (rc != PRM_OK) return rc;
+  prm_eval_accum one;
+  rc = prmi_loss_rank_accum(ctx->scores, batch->n, group_sizes, n_groups, rank_opts, &one);
+  if (rc != PRM_OK) return rc;
+  prmi_eval_accum_merge(acc, &one);
+  return PRM_OK;
+}
+
+int prm_evaluate_groups_accum(prm_ctx *ctx, const prm_batch *batch, const int32_t *group_sizes,
+                              uint64_t n_groups, const prm_rank_options *rank_opts,
+                              prm_eval_accum *acc) {
+  if (ctx == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "prm_evaluate_groups_accum: ctx is NULL");
+  return prmi_ctx_record(ctx,
+                         evaluate_groups_accum(ctx, batch, group_sizes, n_groups, rank_opts, acc));
+}

@@ -1028,6 +1028,403 @@ static void test_lr_old_states(void **state) {
   }
 }
 
+/* ---- accumulated evaluation -------------------------------------------------------------- */
+
+/* a and b agree to `rel` relative to their size (exactly when both are 0). */
+static void assert_close(double a, double b, double rel, const char *what) {
+  const double tol = rel * fmax(fabs(a), fabs(b));
+  if (!(fabs(a - b) <= tol)) fail_msg("%s: %.17g vs %.17g (tolerance %g)", what, a, b, tol);
+}
+
+static void assert_stats_close(const prm_loss_stats *a, const prm_loss_stats *b, double rel) {
+  assert_close(a->loss, b->loss, rel, "loss");
+  assert_close(a->accuracy, b->accuracy, rel, "accuracy");
+  assert_close(a->reward_mean, b->reward_mean, rel, "reward_mean");
+  assert_close(a->reward_std, b->reward_std, rel, "reward_std");
+  assert_close(a->margin_mean, b->margin_mean, rel, "margin_mean");
+  assert_close(a->brier, b->brier, rel, "brier");
+  assert_close(a->ece, b->ece, rel, "ece");
+  assert_close(a->exact_rate, b->exact_rate, rel, "exact_rate");
+  assert_close(a->tie_prob_tied, b->tie_prob_tied, rel, "tie_prob_tied");
+  assert_close(a->tie_prob_untied, b->tie_prob_untied, rel, "tie_prob_untied");
+  assert_int_equal(a->n_compared, b->n_compared);
+  assert_int_equal(a->n_tied, b->n_tied);
+}
+
+#define EV_P 40    /* pairs in the set */
+#define EV_D 6     /* features */
+#define EV_ROWS 24 /* context rows: the set does not fit one batch */
+
+/* A pair set: chosen rows then rejected rows, with every option array. */
+typedef struct pair_set {
+  float x[2 * EV_P * EV_D]; /* chosen block, then rejected block */
+  float label[EV_P], weight[EV_P], margin[EV_P];
+  uint8_t tie[EV_P];
+} pair_set;
+
+static void make_pair_set(pair_set *ps, uint64_t seed) {
+  prmt_rng r = {seed};
+  prmt_fill_normal(&r, ps->x, 2 * EV_P * EV_D, 1.0);
+  for (int i = 0; i < EV_P; i++) {
+    ps->label[i] = (float)prmt_uniform(&r);
+    ps->weight[i] = (float)(2.0 * prmt_uniform(&r));
+    ps->margin[i] = (float)(prmt_uniform(&r) - 0.5);
+    ps->tie[i] = prmt_uniform(&r) < 0.25;
+  }
+  /* an equal pair (accuracy counts it 1/2) */
+  memcpy(ps->x + (size_t)(EV_P + 3) * EV_D, ps->x + 3 * EV_D, EV_D * sizeof(float));
+  ps->tie[3] = 0;
+}
+
+/* Rows [i0, i0 + n) of the set's pairs as one pair batch in buf. */
+static prm_batch pair_chunk(const pair_set *ps, int i0, int n, float *buf) {
+  memcpy(buf, ps->x + (size_t)i0 * EV_D, (size_t)n * EV_D * sizeof(float));
+  memcpy(buf + (size_t)n * EV_D, ps->x + (size_t)(EV_P + i0) * EV_D,
+         (size_t)n * EV_D * sizeof(float));
+  return prmt_batch(buf, 2 * (uint64_t)n, EV_D);
+}
+
+static prm_loss_options pair_options(const pair_set *ps, int i0, int tie_model) {
+  prm_loss_options o = PRM_LOSS_OPTIONS_INIT;
+  o.label = ps->label + i0;
+  o.weight = ps->weight + i0;
+  o.margin = ps->margin + i0;
+  o.center_coef = 0.01;
+  if (tie_model != PRM_TIE_NONE) {
+    o.tie_model = tie_model;
+    o.tie_param = tie_model == PRM_TIE_DAVIDSON ? 0.6 : 1.7;
+    o.tie = ps->tie + i0;
+  }
+  return o;
+}
+
+static void test_eval_accum_pairs(void **state) {
+  (void)state;
+  const uint64_t hidden[1] = {8};
+  prm_model *m = prmt_mlp(EV_D, hidden, 1, PRM_ACT_GELU_TANH, 12);
+  prm_ctx *c = prmt_ctx(m, EV_ROWS, 1);
+  pair_set ps;
+  make_pair_set(&ps, 99);
+  const int chunks[] = {7, 1, 12, 10, 10}; /* 40 pairs */
+  static const int tie_models[] = {PRM_TIE_NONE, PRM_TIE_DAVIDSON, PRM_TIE_RAO_KUPPER};
+  for (int tmi = 0; tmi < 3; tmi++) {
+    const int tm = tie_models[tmi];
+    prm_eval_accum acc;
+    assert_int_equal(prm_eval_accum_init(&acc, PRM_EVAL_ACCUM_VERSION), PRM_OK);
+    float rc[EV_P], rr[EV_P], buf[EV_ROWS * EV_D], sc[EV_ROWS];
+    int i0 = 0;
+    for (size_t k = 0; k < sizeof chunks / sizeof chunks[0]; k++) {
+      const int n = chunks[k];
+      prm_batch b = pair_chunk(&ps, i0, n, buf);
+      /* the scores this chunk gets, for the one-batch reference */
+      assert_int_equal(prm_ctx_forward(c, &b, sc, EV_ROWS), PRM_OK);
+      memcpy(rc + i0, sc, (size_t)n * sizeof(float));
+      memcpy(rr + i0, sc + n, (size_t)n * sizeof(float));
+      const prm_loss_options o = pair_options(&ps, i0, tm);
+      assert_int_equal(prm_evaluate_accum(c, &b, &o, &acc), PRM_OK);
+      assert_int_equal(acc.kind, PRM_EVAL_PAIRS);
+      i0 += n;
+      assert_int_equal(acc.n_units, (uint64_t)i0);
+    }
+    /* the reference: every pair as one batch of the pure loss */
+    const prm_loss_options all = pair_options(&ps, 0, tm);
+    prm_loss_stats ref = PRM_LOSS_STATS_INIT, got = PRM_LOSS_STATS_INIT;
+    assert_int_equal(prm_loss_bt(rc, rr, EV_P, &all, NULL, &ref, NULL, NULL), PRM_OK);
+    assert_int_equal(prm_eval_accum_stats(&acc, &got), PRM_OK);
+    assert_stats_close(&got, &ref, 1e-12);
+    assert_int_equal(acc.n_rewards, 2 * EV_P);
+    assert_int_equal(acc.n_compared + acc.n_tied, EV_P);
+    if (tm != PRM_TIE_NONE) assert_true(ref.n_tied > 0 && ref.tie_prob_tied > 0.0);
+    assert_true(ref.accuracy != floor(ref.accuracy * ref.n_compared) / ref.n_compared); /* a 1/2 */
+
+    /* one batch accumulated alone equals prm_evaluate's statistics: every
+     * field bit for bit but the loss, (loss * P) / P */
+    prm_eval_accum one = PRM_EVAL_ACCUM_INIT;
+    prm_batch b = pair_chunk(&ps, 5, 12, buf);
+    const prm_loss_options o = pair_options(&ps, 5, tm);
+    prm_loss_stats ev = PRM_LOSS_STATS_INIT, st = PRM_LOSS_STATS_INIT;
+    assert_int_equal(prm_evaluate(c, &b, &o, &ev), PRM_OK);
+    assert_int_equal(prm_evaluate_accum(c, &b, &o, &one), PRM_OK);
+    assert_int_equal(prm_eval_accum_stats(&one, &st), PRM_OK);
+    assert_close(st.loss, ev.loss, 1e-15, "single-batch loss");
+    st.loss = ev.loss;
+    assert_memory_equal(&st, &ev, sizeof st);
+  }
+  prm_ctx_free(c);
+  prm_model_free(m);
+}
+
+/* The same set through a training context as one prm_evaluate of all its
+ * rows: the forward of a larger batch may round differently (BLAS), so
+ * only to float precision. */
+static void test_eval_accum_matches_one_evaluate(void **state) {
+  (void)state;
+  prm_model *m = prmt_linear(EV_D, 13);
+  prm_ctx *big = prmt_ctx(m, 2 * EV_P, 0), *small = prmt_ctx(m, 16, 0);
+  pair_set ps;
+  make_pair_set(&ps, 7);
+  float buf[16 * EV_D];
+  prm_eval_accum acc = PRM_EVAL_ACCUM_INIT;
+  for (int i0 = 0; i0 < EV_P; i0 += 8) {
+    prm_batch b = pair_chunk(&ps, i0, 8, buf);
+    const prm_loss_options o = pair_options(&ps, i0, PRM_TIE_NONE);
+    assert_int_equal(prm_evaluate_accum(small, &b, &o, &acc), PRM_OK);
+  }
+  prm_batch whole = prmt_batch(ps.x, 2 * EV_P, EV_D);
+  const prm_loss_options o = pair_options(&ps, 0, PRM_TIE_NONE);
+  prm_loss_stats ref = PRM_LOSS_STATS_INIT, got = PRM_LOSS_STATS_INIT;
+  assert_int_equal(prm_evaluate(big, &whole, &o, &ref), PRM_OK);
+  assert_int_equal(prm_eval_accum_stats(&acc, &got), PRM_OK);
+  assert_stats_close(&got, &ref, 1e-5);
+  prm_ctx_free(big);
+  prm_ctx_free(small);
+  prm_model_free(m);
+}
+
+static void test_eval_accum_groups(void **state) {
+  (void)state;
+  const uint64_t hidden[1] = {8};
+  prm_model *m = prmt_mlp(EV_D, hidden, 1, PRM_ACT_TANH, 14);
+  prm_ctx *c = prmt_ctx(m, EV_ROWS, 0);
+  enum { G = 12 };
+  const int32_t sizes[G] = {2, 5, 3, 3, 4, 2, 6, 2, 3, 4, 2, 3}; /* 39 rows */
+  float weight[G], x[39 * EV_D], sc[39], buf[EV_ROWS];
+  prmt_rng r = {5};
+  prmt_fill_normal(&r, x, 39 * EV_D, 1.0);
+  for (int g = 0; g < G; g++)
+    weight[g] = (float)(0.5 + prmt_uniform(&r));
+  const int cuts[] = {0, 3, 4, 8, 12}; /* group ranges of the chunks */
+  for (int pl = 0; pl < 2; pl++) {
+    prm_eval_accum acc;
+    assert_int_equal(prm_eval_accum_init(&acc, 1), PRM_OK);
+    int row = 0;
+    for (int k = 0; k + 1 < 5; k++) {
+      int rows = 0;
+      for (int g = cuts[k]; g < cuts[k + 1]; g++)
+        rows += sizes[g];
+      prm_batch b = prmt_batch(x + (size_t)row * EV_D, (uint64_t)rows, EV_D);
+      assert_int_equal(prm_ctx_forward(c, &b, buf, EV_ROWS), PRM_OK);
+      memcpy(sc + row, buf, (size_t)rows * sizeof(float));
+      prm_rank_options ro = PRM_RANK_OPTIONS_INIT;
+      ro.loss = pl ? PRM_RANK_PLACKETT_LUCE : PRM_RANK_PAIRWISE;
+      ro.weight = weight + cuts[k];
+      assert_int_equal(prm_evaluate_groups_accum(c, &b, sizes + cuts[k],
+                                                 (uint64_t)(cuts[k + 1] - cuts[k]), &ro, &acc),
+                       PRM_OK);
+      row += rows;
+    }
+    assert_int_equal(acc.kind, PRM_EVAL_GROUPS);
+    assert_int_equal(acc.n_units, G);
+    assert_int_equal(acc.n_rewards, 39);
+    prm_rank_options ro = PRM_RANK_OPTIONS_INIT;
+    ro.loss = pl ? PRM_RANK_PLACKETT_LUCE : PRM_RANK_PAIRWISE;
+    ro.weight = weight;
+    prm_loss_stats ref = PRM_LOSS_STATS_INIT, got = PRM_LOSS_STATS_INIT;
+    assert_int_equal(prm_loss_rank(sc, 39, sizes, G, &ro, NULL, &ref, NULL), PRM_OK);
+    assert_int_equal(prm_eval_accum_stats(&acc, &got), PRM_OK);
+    assert_stats_close(&got, &ref, 1e-12);
+    assert_int_equal(got.n_tied, 0);
+  }
+  prm_ctx_free(c);
+  prm_model_free(m);
+}
+
+/* Rewards on a big common offset: the merged spread keeps its digits where
+ * sums of squares would cancel. */
+static void test_eval_accum_reward_spread(void **state) {
+  (void)state;
+  prm_model *m = prmt_linear(1, 15);
+  uint32_t head = 0;
+  assert_int_equal(prm_model_find_tensor(m, "score.weight", &head), PRM_OK);
+  const float one = 1.0f;
+  assert_int_equal(prm_model_write_tensor(m, head, &one, 1), PRM_OK); /* r = x */
+  prm_ctx *c = prmt_ctx(m, 8, 1);
+  float x[64], rc[32], rr[32];
+  for (int i = 0; i < 32; i++) {
+    rc[i] = x[i] = 1e6f + (float)(i % 5);
+    rr[i] = x[32 + i] = 1e6f - (float)(i % 3);
+  }
+  prm_eval_accum acc = PRM_EVAL_ACCUM_INIT;
+  float buf[8];
+  for (int i0 = 0; i0 < 32; i0 += 4) {
+    memcpy(buf, x + i0, 4 * sizeof(float));
+    memcpy(buf + 4, x + 32 + i0, 4 * sizeof(float));
+    prm_batch b = prmt_batch(buf, 8, 1);
+    assert_int_equal(prm_evaluate_accum(c, &b, NULL, &acc), PRM_OK);
+  }
+  prm_loss_stats ref = PRM_LOSS_STATS_INIT, got = PRM_LOSS_STATS_INIT;
+  assert_int_equal(prm_loss_bt(rc, rr, 32, NULL, NULL, &ref, NULL, NULL), PRM_OK);
+  assert_int_equal(prm_eval_accum_stats(&acc, &got), PRM_OK);
+  assert_stats_close(&got, &ref, 1e-12);
+  assert_true(got.reward_std > 1.0 && got.reward_std < 3.0);
+  prm_ctx_free(c);
+  prm_model_free(m);
+}
+
+static void test_eval_accum_errors(void **state) {
+  (void)state;
+  prm_model *m = prmt_linear(EV_D, 16);
+  prm_ctx *c = prmt_ctx(m, 8, 0);
+  pair_set ps;
+  make_pair_set(&ps, 3);
+  float buf[8 * EV_D];
+  prm_batch b = pair_chunk(&ps, 0, 4, buf);
+  prm_eval_accum acc = PRM_EVAL_ACCUM_INIT, snap;
+
+  /* init: the macro and the function agree; versions */
+  prm_eval_accum fn;
+  memset(&fn, 0xab, sizeof fn);
+  assert_int_equal(prm_eval_accum_init(&fn, PRM_EVAL_ACCUM_VERSION), PRM_OK);
+  assert_memory_equal(&fn, &acc, sizeof fn);
+  ASSERT_FAILS(prm_eval_accum_init(NULL, 1), PRM_ERR_NULL);
+  ASSERT_FAILS(prm_eval_accum_init(&fn, 0), PRM_ERR_VERSION);
+  ASSERT_FAILS(prm_eval_accum_init(&fn, 2), PRM_ERR_VERSION);
+
+  /* stats of nothing */
+  prm_loss_stats st = PRM_LOSS_STATS_INIT, keep;
+  st.loss = 42.0;
+  keep = st;
+  ASSERT_FAILS(prm_eval_accum_stats(&acc, &st), PRM_ERR_STATE);
+  ASSERT_MSG_IS(prm_last_errmsg(), "empty");
+  ASSERT_FAILS(prm_eval_accum_stats(NULL, &st), PRM_ERR_NULL);
+  ASSERT_FAILS(prm_eval_accum_stats(&acc, NULL), PRM_ERR_NULL);
+
+  /* prm_evaluate_accum: every argument, acc unchanged, messages in ctx */
+  assert_int_equal(prm_evaluate_accum(c, &b, NULL, &acc), PRM_OK);
+  snap = acc;
+  ASSERT_FAILS(prm_evaluate_accum(NULL, &b, NULL, &acc), PRM_ERR_NULL);
+  ASSERT_FAIL_MSG(prm_evaluate_accum(c, NULL, NULL, &acc), PRM_ERR_NULL, prm_ctx_errmsg(c),
+                  "pairs is NULL");
+  ASSERT_FAIL_MSG(prm_evaluate_accum(c, &b, NULL, NULL), PRM_ERR_NULL, prm_ctx_errmsg(c),
+                  "acc is NULL");
+  prm_batch odd = b;
+  odd.n = 7;
+  ASSERT_FAIL_MSG(prm_evaluate_accum(c, &odd, NULL, &acc), PRM_ERR_SIZE, prm_ctx_errmsg(c),
+                  "even number");
+  prm_loss_options bad = PRM_LOSS_OPTIONS_INIT;
+  const float labels[4] = {0.5f, 2.0f, 0.5f, 0.5f};
+  bad.label = labels;
+  ASSERT_FAIL_MSG(prm_evaluate_accum(c, &b, &bad, &acc), PRM_ERR_INVALID, prm_ctx_errmsg(c),
+                  "label[1]");
+  prm_eval_accum wrong = acc;
+  wrong.version = 3;
+  ASSERT_FAIL_MSG(prm_evaluate_accum(c, &b, NULL, &wrong), PRM_ERR_VERSION, prm_ctx_errmsg(c),
+                  "acc: version 3");
+  wrong = acc;
+  wrong.kind = 9;
+  ASSERT_FAIL_MSG(prm_evaluate_accum(c, &b, NULL, &wrong), PRM_ERR_INVALID, prm_ctx_errmsg(c),
+                  "acc->kind = 9");
+  buf[5] = NAN;
+  ASSERT_FAIL_MSG(prm_evaluate_accum(c, &b, NULL, &acc), PRM_ERR_NONFINITE, prm_ctx_errmsg(c),
+                  "NaN");
+  buf[5] = 0.5f;
+  assert_memory_equal(&acc, &snap, sizeof acc);
+
+  /* pairs and groups do not mix, either way */
+  const int32_t sizes[2] = {3, 5};
+  ASSERT_FAIL_MSG(prm_evaluate_groups_accum(c, &b, sizes, 2, NULL, &acc), PRM_ERR_MISMATCH,
+                  prm_ctx_errmsg(c), "holds pair batches; group batches need another one");
+  prm_eval_accum gacc = PRM_EVAL_ACCUM_INIT;
+  assert_int_equal(prm_evaluate_groups_accum(c, &b, sizes, 2, NULL, &gacc), PRM_OK);
+  prm_eval_accum gsnap = gacc;
+  ASSERT_FAIL_MSG(prm_evaluate_accum(c, &b, NULL, &gacc), PRM_ERR_MISMATCH, prm_ctx_errmsg(c),
+                  "holds group batches; pair batches need another one");
+  ASSERT_FAILS(prm_evaluate_groups_accum(NULL, &b, sizes, 2, NULL, &gacc), PRM_ERR_NULL);
+  ASSERT_FAIL_MSG(prm_evaluate_groups_accum(c, NULL, sizes, 2, NULL, &gacc), PRM_ERR_NULL,
+                  prm_ctx_errmsg(c), "batch is NULL");
+  ASSERT_FAIL_MSG(prm_evaluate_groups_accum(c, &b, sizes, 2, NULL, NULL), PRM_ERR_NULL,
+                  prm_ctx_errmsg(c), "acc is NULL");
+  const int32_t short_sizes[2] = {3, 4};
+  ASSERT_FAIL_MSG(prm_evaluate_groups_accum(c, &b, short_sizes, 2, NULL, &gacc), PRM_ERR_SIZE,
+                  prm_ctx_errmsg(c), "7 rows but there are 8");
+  prm_rank_options ro = PRM_RANK_OPTIONS_INIT;
+  ro.loss = 7;
+  ASSERT_FAIL_MSG(prm_evaluate_groups_accum(c, &b, sizes, 2, &ro, &gacc), PRM_ERR_INVALID,
+                  prm_ctx_errmsg(c), "loss 7");
+  wrong = gacc;
+  wrong.kind = -1;
+  ASSERT_FAIL_MSG(prm_evaluate_groups_accum(c, &b, sizes, 2, NULL, &wrong), PRM_ERR_INVALID,
+                  prm_ctx_errmsg(c), "kind = -1");
+  buf[0] = INFINITY;
+  ASSERT_FAIL_MSG(prm_evaluate_groups_accum(c, &b, sizes, 2, NULL, &gacc), PRM_ERR_NONFINITE,
+                  prm_ctx_errmsg(c), "Inf");
+  buf[0] = 0.25f;
+  assert_memory_equal(&gacc, &gsnap, sizeof gacc);
+
+  /* a pending forward survives argument errors, as for prm_evaluate */
+  float s[8], ds[8] = {1, 1, 1, 1, -1, -1, -1, -1};
+  assert_int_equal(prm_ctx_forward(c, &b, s, 8), PRM_OK);
+  assert_int_equal(prm_evaluate_accum(c, &odd, NULL, &acc), PRM_ERR_SIZE);
+  assert_int_equal(prm_evaluate_accum(c, &b, NULL, &gacc), PRM_ERR_MISMATCH);
+  assert_int_equal(prm_ctx_backward(c, ds, 8), PRM_OK);
+  /* and a successful one consumes it */
+  assert_int_equal(prm_ctx_forward(c, &b, s, 8), PRM_OK);
+  assert_int_equal(prm_evaluate_accum(c, &b, NULL, &acc), PRM_OK);
+  assert_int_equal(prm_ctx_backward(c, ds, 8), PRM_ERR_STATE);
+
+  /* prm_eval_accum_stats: versions, kinds, contradictory counts; out kept */
+  st = keep;
+  wrong = acc;
+  wrong.version = 0;
+  ASSERT_FAILS(prm_eval_accum_stats(&wrong, &st), PRM_ERR_VERSION);
+  prm_loss_stats v9 = keep;
+  v9.version = 9;
+  ASSERT_FAILS(prm_eval_accum_stats(&acc, &v9), PRM_ERR_VERSION);
+  wrong = acc;
+  wrong.kind = 3;
+  ASSERT_FAILS(prm_eval_accum_stats(&wrong, &st), PRM_ERR_INVALID);
+  ASSERT_MSG_IS(prm_last_errmsg(), "acc->kind = 3");
+  wrong = acc;
+  wrong.n_rewards++;
+  ASSERT_FAILS(prm_eval_accum_stats(&wrong, &st), PRM_ERR_INVALID);
+  ASSERT_MSG_IS(prm_last_errmsg(), "contradict");
+  wrong = acc;
+  wrong.n_units = 0;
+  ASSERT_FAILS(prm_eval_accum_stats(&wrong, &st), PRM_ERR_INVALID);
+  wrong = gacc;
+  wrong.n_compared = 1;
+  ASSERT_FAILS(prm_eval_accum_stats(&wrong, &st), PRM_ERR_INVALID);
+  assert_memory_equal(&st, &keep, sizeof st);
+  /* a version-1 struct gets its fields only */
+  struct {
+    prm_loss_stats s;
+    char guard[64];
+  } v1;
+  memset(&v1, 0x5a, sizeof v1);
+  v1.s.version = 1;
+  assert_int_equal(prm_eval_accum_stats(&acc, &v1.s), PRM_OK);
+  assert_int_equal(v1.s.version, 1);
+  const unsigned char *tail = (const unsigned char *)&v1.s + offsetof(prm_loss_stats, brier);
+  for (size_t k = 0; k < sizeof v1.s - offsetof(prm_loss_stats, brier); k++)
+    assert_int_equal(tail[k], 0x5a);
+  assert_true(v1.s.loss > 0.0);
+  prm_ctx_free(c);
+  prm_model_free(m);
+}
+
+/* What bindings hard-code: pinned enum values and the LP64 layout. */
+static void test_eval_accum_abi(void **state) {
+  (void)state;
+  assert_int_equal(PRM_EVAL_EMPTY, 0);
+  assert_int_equal(PRM_EVAL_PAIRS, 1);
+  assert_int_equal(PRM_EVAL_GROUPS, 2);
+  assert_int_equal(PRM_EVAL_ACCUM_VERSION, 1);
+  assert_int_equal(PRM_EVAL_CALIB_BINS, 10);
+  if (sizeof(void *) != 8) skip();
+  assert_int_equal(sizeof(prm_eval_accum), 272);
+  assert_int_equal(offsetof(prm_eval_accum, kind), 4);
+  assert_int_equal(offsetof(prm_eval_accum, n_units), 8);
+  assert_int_equal(offsetof(prm_eval_accum, loss_sum), 16);
+  assert_int_equal(offsetof(prm_eval_accum, n_rewards), 24);
+  assert_int_equal(offsetof(prm_eval_accum, reward_m2), 40);
+  assert_int_equal(offsetof(prm_eval_accum, n_compared), 48);
+  assert_int_equal(offsetof(prm_eval_accum, brier_sum), 72);
+  assert_int_equal(offsetof(prm_eval_accum, calib_p), 80);
+  assert_int_equal(offsetof(prm_eval_accum, calib_y), 160);
+  assert_int_equal(offsetof(prm_eval_accum, n_exact), 240);
+  assert_int_equal(offsetof(prm_eval_accum, tie_prob_untied_sum), 264);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_model_errmsg_rule),
@@ -1041,6 +1438,12 @@ int main(void) {
       cmocka_unit_test(test_lr_control),
       cmocka_unit_test(test_lr_resume_bit_exact),
       cmocka_unit_test(test_lr_old_states),
+      cmocka_unit_test(test_eval_accum_pairs),
+      cmocka_unit_test(test_eval_accum_matches_one_evaluate),
+      cmocka_unit_test(test_eval_accum_groups),
+      cmocka_unit_test(test_eval_accum_reward_spread),
+      cmocka_unit_test(test_eval_accum_errors),
+      cmocka_unit_test(test_eval_accum_abi),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
