@@ -669,6 +669,33 @@ typedef struct prm_batch {
  *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
 PRM_API int prm_batch_init(prm_batch *batch, uint32_t version);
 
+/**
+ * Gather n token sequences of different lengths into the rows of a token
+ * batch: row i of dst (dst[i * stride .. i * stride + stride - 1]) receives
+ * seqs[i][0 .. lengths[i] - 1] followed by `pad` up to the row's end. Then
+ * prm_batch.tokens = dst, token_stride = stride, lengths = lengths. Saves
+ * a foreign-language host the per-row copy loop (see docs/api.md,
+ * Batches).
+ * @param dst      caller buffer of n * stride int32_t ids; must not overlap
+ *                 the sequences.
+ * @param stride   ids per row (>= 1), e.g. the context's max_len.
+ * @param n        rows; 0 does nothing (the pointers may then be NULL).
+ * @param seqs     n pointers to the sequences (borrowed).
+ * @param lengths  n lengths, each in [1, stride].
+ * @param pad      the id written after each sequence (never read by a
+ *                 forward; any value).
+ * Ids are copied as they are: prm_ctx_forward checks them against the
+ * vocabulary.
+ * @return PRM_OK, PRM_ERR_NULL (dst, seqs, lengths or a seqs[i]),
+ *         PRM_ERR_SIZE (stride 0, a length outside [1, stride], n * stride
+ *         ids beyond the address space). dst is not written on failure;
+ *         the message (thread only) names the first bad row.
+ * Thread-safe (pure).
+ */
+PRM_API int prm_tokens_gather(int32_t *dst, uint64_t stride, uint64_t n,
+                              const int32_t *const *seqs,
+                              const int32_t *lengths, int32_t pad);
+
 /* ------------------------------------------------------------------------ */
 /* Contexts                                                                  */
 /* ------------------------------------------------------------------------ */

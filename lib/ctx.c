@@ -213,6 +213,39 @@ int prmi_check_token_batch(prm_ctx *ctx, const prm_batch *b, uint64_t vocab) {
   return PRM_OK;
 }
 
+/*
+ * Everything is checked before the first id is written, so a failure leaves
+ * dst as it was. The bound on n * stride keeps every index below SIZE_MAX
+ * bytes; a length of at most stride keeps each copy inside its row.
+ */
+int prm_tokens_gather(int32_t *dst, uint64_t stride, uint64_t n, const int32_t *const *seqs,
+                      const int32_t *lengths, int32_t pad) {
+  const char *fn = "prm_tokens_gather";
+  if (n == 0) return PRM_OK;
+  if (dst == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: dst is NULL", fn);
+  if (seqs == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: seqs is NULL", fn);
+  if (lengths == NULL) return prmi_fail(NULL, PRM_ERR_NULL, "%s: lengths is NULL", fn);
+  if (stride == 0) return prmi_fail(NULL, PRM_ERR_SIZE, "%s: stride is 0", fn);
+  if (n > SIZE_MAX / sizeof(int32_t) / stride)
+    return prmi_fail(NULL, PRM_ERR_SIZE, "%s: %llu rows of %llu ids exceed the address space", fn,
+                     (unsigned long long)n, (unsigned long long)stride);
+  for (uint64_t i = 0; i < n; i++) {
+    if (lengths[i] < 1 || (uint64_t)lengths[i] > stride)
+      return prmi_fail(NULL, PRM_ERR_SIZE, "%s: lengths[%llu] = %d not in [1, %llu] (stride)", fn,
+                       (unsigned long long)i, (int)lengths[i], (unsigned long long)stride);
+    if (seqs[i] == NULL)
+      return prmi_fail(NULL, PRM_ERR_NULL, "%s: seqs[%llu] is NULL", fn, (unsigned long long)i);
+  }
+  for (uint64_t i = 0; i < n; i++) {
+    int32_t *row = dst + i * stride;
+    const uint64_t len = (uint64_t)lengths[i];
+    memcpy(row, seqs[i], len * sizeof(int32_t));
+    for (uint64_t t = len; t < stride; t++)
+      row[t] = pad;
+  }
+  return PRM_OK;
+}
+
 /* ---- forward ------------------------------------------------------------------------ */
 
 int prmi_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) {

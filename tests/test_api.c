@@ -1425,6 +1425,69 @@ static void test_eval_accum_abi(void **state) {
   assert_int_equal(offsetof(prm_eval_accum, tie_prob_untied_sum), 264);
 }
 
+/* ---- gathering token sequences ----------------------------------------------------------- */
+
+static void test_tokens_gather(void **state) {
+  (void)state;
+  const int32_t s0[] = {3, 1, 4, 1, 5}, s1[] = {9}, s2[] = {2, 6, 5, 3, 5, 8, 9};
+  const int32_t *const seqs[3] = {s0, s1, s2};
+  const int32_t lengths[3] = {5, 1, 7};
+  int32_t dst[3 * 8];
+  assert_int_equal(prm_tokens_gather(dst, 8, 3, seqs, lengths, -1), PRM_OK);
+  const int32_t want[3 * 8] = {3,  1,  4,  1,  5, -1, -1, -1, 9, -1, -1, -1,
+                               -1, -1, -1, -1, 2, 6,  5,  3,  5, 8,  9,  -1};
+  assert_memory_equal(dst, want, sizeof want);
+  /* exactly full rows */
+  int32_t tight[7];
+  assert_int_equal(prm_tokens_gather(tight, 7, 1, seqs + 2, lengths + 2, 0), PRM_OK);
+  assert_memory_equal(tight, s2, sizeof s2);
+  assert_int_equal(prm_tokens_gather(NULL, 0, 0, NULL, NULL, 0), PRM_OK); /* nothing to do */
+
+  /* the gathered batch scores as a hand-built one */
+  prm_model *m = prmt_gpt2(11, 8, 8, 2, 2, 21);
+  prm_ctx *c = prmt_tok_ctx(m, 3, 0, 1);
+  assert_int_equal(prm_tokens_gather(dst, prm_ctx_max_len(c), 3, seqs, lengths, 0), PRM_OK);
+  prm_batch b = prmt_tok_batch(dst, lengths, 3, 8);
+  float sa[3], sb[3];
+  assert_int_equal(prm_ctx_forward(c, &b, sa, 3), PRM_OK);
+  int32_t manual[3 * 8] = {0};
+  for (int i = 0; i < 3; i++)
+    memcpy(manual + 8 * i, seqs[i], (size_t)lengths[i] * 4);
+  b = prmt_tok_batch(manual, lengths, 3, 8);
+  assert_int_equal(prm_ctx_forward(c, &b, sb, 3), PRM_OK);
+  assert_memory_equal(sa, sb, sizeof sa);
+  prm_ctx_free(c);
+  prm_model_free(m);
+
+  /* every error: the status, a message naming the row, dst untouched */
+  int32_t guard[3 * 8];
+  for (int i = 0; i < 24; i++)
+    guard[i] = 77;
+  memcpy(dst, guard, sizeof dst);
+  ASSERT_FAILS(prm_tokens_gather(NULL, 8, 3, seqs, lengths, 0), PRM_ERR_NULL);
+  ASSERT_MSG_IS(prm_last_errmsg(), "dst is NULL");
+  ASSERT_FAILS(prm_tokens_gather(dst, 8, 3, NULL, lengths, 0), PRM_ERR_NULL);
+  ASSERT_MSG_IS(prm_last_errmsg(), "seqs is NULL");
+  ASSERT_FAILS(prm_tokens_gather(dst, 8, 3, seqs, NULL, 0), PRM_ERR_NULL);
+  ASSERT_MSG_IS(prm_last_errmsg(), "lengths is NULL");
+  ASSERT_FAILS(prm_tokens_gather(dst, 0, 3, seqs, lengths, 0), PRM_ERR_SIZE);
+  ASSERT_MSG_IS(prm_last_errmsg(), "stride is 0");
+  ASSERT_FAILS(prm_tokens_gather(dst, 6, 3, seqs, lengths, 0), PRM_ERR_SIZE);
+  ASSERT_MSG_IS(prm_last_errmsg(), "lengths[2] = 7 not in [1, 6]");
+  const int32_t zero_len[3] = {5, 0, 7}, neg_len[3] = {-2, 1, 7};
+  ASSERT_FAILS(prm_tokens_gather(dst, 8, 3, seqs, zero_len, 0), PRM_ERR_SIZE);
+  ASSERT_MSG_IS(prm_last_errmsg(), "lengths[1] = 0");
+  ASSERT_FAILS(prm_tokens_gather(dst, 8, 3, seqs, neg_len, 0), PRM_ERR_SIZE);
+  ASSERT_MSG_IS(prm_last_errmsg(), "lengths[0] = -2");
+  const int32_t *const holes[3] = {s0, NULL, s2};
+  ASSERT_FAILS(prm_tokens_gather(dst, 8, 3, holes, lengths, 0), PRM_ERR_NULL);
+  ASSERT_MSG_IS(prm_last_errmsg(), "seqs[1] is NULL");
+  ASSERT_FAILS(prm_tokens_gather(dst, UINT64_MAX / 2, 3, seqs, lengths, 0), PRM_ERR_SIZE);
+  ASSERT_MSG_IS(prm_last_errmsg(), "address space");
+  ASSERT_FAILS(prm_tokens_gather(dst, 8, UINT64_MAX / 8, seqs, lengths, 0), PRM_ERR_SIZE);
+  assert_memory_equal(dst, guard, sizeof dst);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_model_errmsg_rule),
@@ -1444,6 +1507,7 @@ int main(void) {
       cmocka_unit_test(test_eval_accum_reward_spread),
       cmocka_unit_test(test_eval_accum_errors),
       cmocka_unit_test(test_eval_accum_abi),
+      cmocka_unit_test(test_tokens_gather),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
