@@ -31,7 +31,7 @@ from ._capi import (Batch, CtxOptions, EvalAccum, LoadReport, LossOptions, LossS
 __all__ = [
     "init", "lib", "version", "status_string", "last_errmsg", "PrmError",
     "ClosedError", "Model", "Context", "Optimizer", "Moments", "Accumulator", "loss_bt",
-    "loss_rank",
+    "loss_rank", "gather_tokens",
 ]
 
 _lib: Optional[ctypes.CDLL] = None
@@ -291,6 +291,29 @@ def loss_rank(scores: np.ndarray, group_sizes: np.ndarray, *, loss: str = "pairw
     _check(lib().prm_loss_rank(_ptr(s), s.shape[0], _ptr(g), g.shape[0], byref(opts),
                                byref(out), byref(stats), _ptr(d)), "prm_loss_rank")
     return out.value, _struct_dict(stats), d
+
+
+def gather_tokens(seqs: Sequence[Any], stride: Optional[int] = None,
+                  pad: int = 0) -> np.ndarray:
+    """Pack token sequences (each a 1-D int32 array or list of ids) into the
+    (n, stride) right-padded int32 array a token batch reads, with the
+    library's prm_tokens_gather. `stride` defaults to the longest sequence.
+    Returns the array; pass it with the lengths to Context.forward."""
+    arrs = [np.ascontiguousarray(s_, dtype=np.int32) for s_ in seqs]
+    if not arrs:
+        raise ValueError("gather_tokens: no sequences")
+    lengths = np.array([a.shape[0] for a in arrs], dtype=np.int32)
+    if any(a.ndim != 1 for a in arrs):
+        raise ValueError("gather_tokens: every sequence must be 1-D")
+    width = int(lengths.max()) if stride is None else int(stride)
+    out = np.empty((len(arrs), width), dtype=np.int32)
+    ptrs = (ctypes.POINTER(ctypes.c_int32) * len(arrs))(
+        *[a.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) for a in arrs])
+    _check(lib().prm_tokens_gather(out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), width,
+                                   len(arrs), ptrs,
+                                   lengths.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), pad),
+           "prm_tokens_gather")
+    return out
 
 
 class Moments:

@@ -272,6 +272,10 @@ SIGNATURES: Dict[str, Tuple[Optional[type], list]] = {
                                           POINTER(EvalAccum)]),
     "prm_eval_accum_stats": (c_int, [POINTER(EvalAccum),
                                      POINTER(LossStats)]),
+    # token batches
+    "prm_tokens_gather": (c_int, [POINTER(c_int32), c_uint64, c_uint64,
+                                  POINTER(POINTER(c_int32)), POINTER(c_int32),
+                                  c_int32]),
 }
 
 

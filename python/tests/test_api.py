@@ -174,3 +174,15 @@ def test_token_model_forward_and_train():
                 ctx.forward(tokens=bad, lengths=lengths)
             with pytest.raises(prefrm.SizeError):
                 ctx.forward(tokens=wide[:, :6], lengths=np.array([3, 7, 6, 2], np.int32))
+
+
+def test_gather_tokens():
+    seqs = [[1, 2, 3], [4], np.array([5, 6], dtype=np.int32)]
+    out = prefrm.gather_tokens(seqs, stride=4, pad=9)
+    assert out.dtype == np.int32 and out.shape == (3, 4)
+    assert out.tolist() == [[1, 2, 3, 9], [4, 9, 9, 9], [5, 6, 9, 9]]
+    assert prefrm.gather_tokens(seqs).shape == (3, 3)  # stride: the longest
+    with pytest.raises(prefrm.PrmError):
+        prefrm.gather_tokens(seqs, stride=2)  # a sequence longer than the stride
+    with pytest.raises(prefrm.PrmError):
+        prefrm.gather_tokens([[1], []])  # an empty sequence
