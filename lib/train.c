@@ -115,6 +115,14 @@ static int train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
 }
 
 /* A failure of a one-call trainer is recorded in both handles it takes. */
+/* The forward of every evaluation: scores into ctx->scores. The features
+ * are borrowed, so no backward may follow: the forward is not kept. */
+static int evaluate_forward(prm_ctx *ctx, const prm_batch *batch, uint64_t stride) {
+  int rc = prmi_ctx_forward(ctx, batch, stride, ctx->scores, 0);
+  ctx->have_forward = 0;
+  return rc;
+}
+
 int prm_train_step(prm_ctx *ctx, prm_optimizer *opt, const prm_batch *pairs,
                    const prm_loss_options *loss_opts, prm_loss_stats *stats) {
   const int rc = train_step(ctx, opt, pairs, loss_opts, stats);
@@ -126,8 +134,7 @@ static int evaluate(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_options
   uint64_t P = 0, stride = 0;
   int rc = check_pairs(ctx, pairs, loss_opts, stats, &P, &stride);
   if (rc != PRM_OK) return rc;
-  rc = prmi_ctx_forward(ctx, pairs, stride, ctx->scores, 0);
-  ctx->have_forward = 0; /* borrowed features: no backward after evaluate */
+  rc = evaluate_forward(ctx, pairs, stride);
   if (rc != PRM_OK) return rc;
   const batch_loss bl = {loss_opts, NULL, 0, NULL};
   return run_loss(ctx, &bl, pairs->n, 0, stats);
@@ -182,8 +189,7 @@ static int evaluate_groups(prm_ctx *ctx, const prm_batch *batch, const int32_t *
   uint64_t stride = 0;
   int rc = check_groups(ctx, batch, group_sizes, n_groups, rank_opts, stats, &stride);
   if (rc != PRM_OK) return rc;
-  rc = prmi_ctx_forward(ctx, batch, stride, ctx->scores, 0);
-  ctx->have_forward = 0; /* borrowed features: no backward after evaluate */
+  rc = evaluate_forward(ctx, batch, stride);
   if (rc != PRM_OK) return rc;
   const batch_loss bl = {NULL, group_sizes, n_groups, rank_opts};
   return run_loss(ctx, &bl, batch->n, 0, stats);
@@ -220,8 +226,7 @@ static int evaluate_accum(prm_ctx *ctx, const prm_batch *pairs, const prm_loss_o
   int rc = check_pairs(ctx, pairs, loss_opts, NULL, &P, &stride);
   if (rc == PRM_OK) rc = check_accum(acc, PRM_EVAL_PAIRS, "prm_evaluate_accum");
   if (rc != PRM_OK) return rc;
-  rc = prmi_ctx_forward(ctx, pairs, stride, ctx->scores, 0);
-  ctx->have_forward = 0; /* borrowed features: no backward after evaluate */
+  rc = evaluate_forward(ctx, pairs, stride);
   if (rc != PRM_OK) return rc;
   prm_eval_accum batch;
   rc = prmi_loss_bt_accum(ctx->scores, ctx->scores + P, P, loss_opts, &batch);
@@ -243,8 +248,7 @@ static int evaluate_groups_accum(prm_ctx *ctx, const prm_batch *batch, const int
   int rc = check_groups(ctx, batch, group_sizes, n_groups, rank_opts, NULL, &stride);
   if (rc == PRM_OK) rc = check_accum(acc, PRM_EVAL_GROUPS, "prm_evaluate_groups_accum");
   if (rc != PRM_OK) return rc;
-  rc = prmi_ctx_forward(ctx, batch, stride, ctx->scores, 0);
-  ctx->have_forward = 0; /* borrowed features: no backward after evaluate */
+  rc = evaluate_forward(ctx, batch, stride);
   if (rc != PRM_OK) return rc;
   prm_eval_accum one;
   rc = prmi_loss_rank_accum(ctx->scores, batch->n, group_sizes, n_groups, rank_opts, &one);
