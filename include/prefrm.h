@@ -639,17 +639,29 @@ PRM_API int prm_model_load_pretrained_buffer(prm_model **out, const void *buf,
 /* Batches                                                                   */
 /* ------------------------------------------------------------------------ */
 
-#define PRM_BATCH_VERSION 1
+#define PRM_BATCH_VERSION 2
 
 /**
  * A batch of n rows (samples). For a pair batch of P pairs, n = 2P and rows
  * 0..P-1 are the chosen responses, rows P..2P-1 the rejected ones, in
  * matching order; this is the layout prm_train_step and prm_evaluate expect.
- * linear/mlp read `features` (the token fields are ignored); gpt2 reads the
- * token fields (the feature fields are ignored): sequence i is
+ * linear/mlp read `features` (the token fields are ignored); gpt2 and llama
+ * read the token fields (the feature fields are ignored): sequence i is
  * tokens[i * token_stride + t] for t < lengths[i], right-padded. The score
  * of a sequence is read at position lengths[i] - 1; padding is never read,
  * so its ids do not matter and it costs no compute.
+ *
+ * Shared prefixes (version 2, token models): row i may declare that its
+ * first prefix_len[i] tokens are the first prefix_len[i] tokens of an
+ * earlier row prefix_row[i] (a pair's rejected response naming its chosen
+ * one, the responses of one prompt naming the first). Those tokens are then
+ * computed once, by the earlier row; their gradient collects every row's
+ * contribution, and row i's own tokens attend to them. Scores, losses and
+ * gradients equal those of the same batch without the declaration (up to
+ * float rounding: the sums run in another order). A row may share its whole
+ * sequence (prefix_len[i] == lengths[i]). The tokens are compared: a
+ * declared prefix that differs is rejected (PRM_ERR_INVALID), never trusted.
+ * Picture and rules: docs/api.md, "Shared prefixes".
  */
 typedef struct prm_batch {
   uint32_t version;          /**< PRM_BATCH_VERSION */
@@ -657,13 +669,21 @@ typedef struct prm_batch {
   const float *features;     /**< (n, row_stride) row-major, finite */
   uint64_t n_features;       /**< must equal the model's input size */
   uint64_t row_stride;       /**< floats between rows; 0 means n_features */
-  const int32_t *tokens;     /**< gpt2: (n, token_stride) ids in [0, V) */
-  uint64_t token_stride;     /**< gpt2: ints between sequences (>= every
+  const int32_t *tokens;     /**< token models: (n, token_stride) ids in [0, V) */
+  uint64_t token_stride;     /**< token models: ints between sequences (>= every
                                   length; unused when n == 1) */
-  const int32_t *lengths;    /**< gpt2: n lengths in [1, ctx max_len] */
+  const int32_t *lengths;    /**< token models: n lengths in [1, ctx max_len] */
+  /* version 2 */
+  const int32_t *prefix_row; /**< token models, optional (NULL with prefix_len
+                                  NULL: nothing shared): n row indices,
+                                  0 <= prefix_row[i] < i wherever
+                                  prefix_len[i] > 0 (ignored where it is 0) */
+  const int32_t *prefix_len; /**< n counts: 0 <= prefix_len[i] <=
+                                  min(lengths[i], lengths[prefix_row[i]]);
+                                  prefix_len[0] must be 0 */
 } prm_batch;
 
-#define PRM_BATCH_INIT { PRM_BATCH_VERSION, 0, NULL, 0, 0, NULL, 0, NULL }
+#define PRM_BATCH_INIT { PRM_BATCH_VERSION, 0, NULL, 0, 0, NULL, 0, NULL, NULL, NULL }
 
 /** Fill *batch with an empty batch of struct version `version`.
  *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
@@ -702,7 +722,29 @@ PRM_API int prm_tokens_gather(int32_t *dst, uint64_t stride, uint64_t n,
 
 typedef struct prm_ctx prm_ctx;
 
-#define PRM_CTX_OPTIONS_VERSION 1
+#define PRM_CTX_OPTIONS_VERSION 2
+
+/**
+ * One piece of a context's parallel work: run task number `task` on worker
+ * `worker`. Called by the host's prm_parallel_for_fn (never by the host
+ * directly). Never fails; returns when the piece is done.
+ */
+typedef void (*prm_task_fn)(void *task_arg, uint32_t task, uint32_t worker);
+
+/**
+ * The host's parallel loop, for contexts that run on several threads
+ * (prm_ctx_options version 2). It must call task(task_arg, t, w) exactly
+ * once for every t in [0, n_tasks) -- in any order, on any threads,
+ * including the calling one -- and return only when every call has
+ * returned. w, in [0, n_workers) of the context's options, names the worker
+ * making the call: no two calls that overlap in time may share a w (the
+ * context keeps scratch memory per worker). The library never creates
+ * threads; it calls this from inside prm_ctx_forward, prm_ctx_backward and
+ * the one-call steps, on the thread that called them. prm_pool_parallel_for
+ * is a ready-made implementation (a pthreads pool).
+ */
+typedef void (*prm_parallel_for_fn)(void *parallel_arg, uint32_t n_tasks, prm_task_fn task,
+                                    void *task_arg);
 
 /** Context configuration. Initialise with prm_ctx_options_init. */
 typedef struct prm_ctx_options {
@@ -711,11 +753,22 @@ typedef struct prm_ctx_options {
                            no gradient memory; backward is refused */
   uint64_t max_rows;  /**< most rows one forward may take (>= 1; a pair
                            batch of P pairs needs 2P) */
-  uint64_t max_len;   /**< gpt2: longest sequence (0: the model's n_ctx);
-                           buffers hold max_rows * max_len tokens */
+  uint64_t max_len;   /**< token models: longest sequence (0: the model's
+                           n_ctx); buffers hold max_rows * max_len tokens */
+  /* version 2: threads (token models; feature models run on the caller) */
+  uint32_t n_workers; /**< workers parallel_for may run at once, 1..1024
+                           (0 means 1); per-worker scratch is allocated
+                           for each */
+  prm_parallel_for_fn parallel_for; /**< NULL: everything runs on the
+                           calling thread. Results are bit-identical for
+                           any parallel_for and any n_workers: the work is
+                           cut into the same pieces, summed in the same
+                           order, whoever runs them */
+  void *parallel_arg; /**< passed to parallel_for (borrowed; e.g. a
+                           prm_pool) */
 } prm_ctx_options;
 
-#define PRM_CTX_OPTIONS_INIT { PRM_CTX_OPTIONS_VERSION, 0, 0, 0 }
+#define PRM_CTX_OPTIONS_INIT { PRM_CTX_OPTIONS_VERSION, 0, 0, 0, 1, NULL, NULL }
 
 /** Fill *opts with defaults (training context, sizes 0).
  *  @return PRM_OK, PRM_ERR_NULL, PRM_ERR_VERSION. */
@@ -748,6 +801,37 @@ PRM_API int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version);
 PRM_API int prm_ctx_new(prm_ctx **out, const prm_model *model,
                         const prm_ctx_options *opts);
 
+/**
+ * A pool of threads for prm_ctx_options.parallel_for, for hosts that have no
+ * thread pool of their own: n_workers workers, the thread that calls
+ * prm_pool_parallel_for being one of them and n_workers - 1 pthreads the
+ * others (created here, idle between loops).
+ * @param out  receives the pool (caller owns; prm_pool_free), NULL on
+ *             failure.
+ * @param n_workers  1..1024 (1: no thread is created).
+ * @return PRM_OK, PRM_ERR_NULL, PRM_ERR_INVALID (n_workers),
+ *         PRM_ERR_NOMEM (memory or threads). Thread message only.
+ * Thread-safe.
+ */
+typedef struct prm_pool prm_pool;
+PRM_API int prm_pool_new(prm_pool **out, uint32_t n_workers);
+
+/** Stop and join the pool's threads, then release it. NULL is a no-op. No
+ *  loop may be running on it, and no context may use it afterwards. */
+PRM_API void prm_pool_free(prm_pool *pool);
+
+/** Workers of a pool (the n_workers to put in prm_ctx_options); 0 for NULL. */
+PRM_API uint32_t prm_pool_size(const prm_pool *pool);
+
+/**
+ * A prm_parallel_for_fn over a prm_pool (pass the pool as parallel_arg).
+ * Loops from several host threads (contexts sharing one pool) run one after
+ * the other: each call waits for the pool. Tasks are handed out in order,
+ * one at a time, to whichever worker is free.
+ */
+PRM_API void prm_pool_parallel_for(void *pool, uint32_t n_tasks, prm_task_fn task,
+                                   void *task_arg);
+
 /** Release a context. NULL is a no-op. Reads nothing of the model, so it
  *  may come before or after prm_model_free. Other threads may go on using
  *  the model (and their own contexts) meanwhile. */
@@ -766,6 +850,12 @@ PRM_API int32_t prm_ctx_is_inference(const prm_ctx *ctx);
  *  it was created (the count prm_ctx_grads reports); 0 for an inference
  *  context and for NULL. */
 PRM_API uint64_t prm_ctx_num_grads(const prm_ctx *ctx);
+/** Tokens the last successful forward of a token model ran through the
+ *  network: the batch's tokens less those of shared prefixes, each shared
+ *  prefix counted once (prm_batch, version 2). 0 for feature models, before
+ *  the first forward and for NULL. A failed forward leaves it unchanged.
+ *  Shows whether a declaration took effect, and what a batch costs. */
+PRM_API uint64_t prm_ctx_tokens_computed(const prm_ctx *ctx);
 
 /**
  * Detail of the most recent failing call that took this context as an

@@ -89,8 +89,10 @@ struct prmi_arch {
    * writes it, with ctx_floats). */
   int (*ctx_new)(prm_ctx *c);
   void (*ctx_free)(void *acts); /* NULL-safe */
-  /* Floats ctx_new allocates for these sizes (for messages and docs). */
-  double (*ctx_floats)(const prm_model *m, uint64_t max_rows, uint64_t max_len, int inference);
+  /* Floats ctx_new allocates for these sizes and c->n_workers workers
+   * (for messages and docs). */
+  double (*ctx_floats)(const prm_model *m, uint64_t max_rows, uint64_t max_len, int inference,
+                       uint32_t n_workers);
   /* Validate the architecture's part of a batch (features or tokens;
    * version and NULL batch are checked before). *stride: the row stride of
    * a feature batch (0 for token batches). Writes ctx->errmsg on failure. */
@@ -184,6 +186,48 @@ int prmi_check_feature_batch(prm_ctx *ctx, const prm_batch *b, uint64_t d, uint6
 /* ctx.c: validate a token batch (gpt2, llama): pointers, 1 <= n <= max_rows,
  * lengths in [1, max_len] and within token_stride, ids in [0, vocab). */
 int prmi_check_token_batch(prm_ctx *ctx, const prm_batch *b, uint64_t vocab);
+/* ctx.c: a batch's shared-prefix arrays, both NULL for a version-1 batch
+ * (whose struct ends before them) or when none is declared. */
+void prmi_batch_prefix(const prm_batch *b, const int32_t **row, const int32_t **len);
+
+/*
+ * The packed token layout of a validated token batch (gpt2, llama). Only the
+ * tokens a row does not share are packed: row i owns packed rows
+ * [off[i], off[i+1]), its positions [first[i], len[i]). Position t of row i
+ * is packed row kmap[kmap_off[i] + t] (its own or an earlier row's), and
+ * last[i] that of its last token. pos[r] is packed row r's position.
+ * Without shared prefixes (shared == 0): first[i] = 0, kmap is the identity
+ * along each row, and off[i+1] - off[i] = len[i].
+ */
+typedef struct prmi_pack {
+  uint64_t n, n_tok; /* rows, packed tokens */
+  int shared;        /* some row shares a prefix */
+  uint64_t *off;     /* (max_rows + 1) */
+  uint64_t *first;   /* (max_rows) */
+  uint64_t *len;     /* (max_rows) */
+  uint64_t *last;    /* (max_rows) */
+  uint64_t *kmap_off; /* (max_rows + 1) */
+  uint64_t *kmap;    /* (max_rows * max_len) */
+  int32_t *pos;      /* (max_rows * max_len) */
+  int32_t *ids;      /* (max_rows * max_len) packed token ids */
+  /* Components: rows linked by sharing (a row, the row it shares with, and
+   * so on), which write each other's key/value gradients. comp_rows lists
+   * the rows component by component (ordered by their first row), rows
+   * ascending within one; component c is comp_rows[comp_off[c] ..
+   * comp_off[c+1]). Without sharing every row is its own component. */
+  uint64_t n_comp;
+  uint64_t *comp_off;  /* (max_rows + 1) */
+  uint64_t *comp_rows; /* (max_rows) */
+  uint64_t *root;      /* (max_rows) each row's component's first row */
+  uint64_t *comp_of;   /* (max_rows) each row's component */
+  uint64_t *cursor;    /* (max_rows) scratch */
+} prmi_pack;
+
+prmi_pack *prmi_pack_new(uint64_t max_rows, uint64_t max_len); /* NULL: no memory */
+void prmi_pack_free(prmi_pack *p);                             /* NULL-safe */
+/* Pack b (validated by prmi_check_token_batch, n <= max_rows). */
+void prmi_pack_tokens(prmi_pack *p, const prm_batch *b);
+
 /* arch.c: 1 when name ends with suffix (init hooks pick tensors by name). */
 int prmi_ends_with(const char *name, const char *suffix);
 

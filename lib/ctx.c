@@ -5,6 +5,7 @@
  * (lib/arch.h): linear.c, mlp.c, gpt2.c, ...
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -16,8 +17,8 @@
 
 int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version) {
   const prm_ctx_options d = PRM_CTX_OPTIONS_INIT;
-  return prmi_init_struct(opts, &d, sizeof d, version, PRM_CTX_OPTIONS_VERSION,
-                          "prm_ctx_options_init");
+  return prmi_init_struct(opts, &d, version == 1 ? offsetof(prm_ctx_options, n_workers) : sizeof d,
+                          version, PRM_CTX_OPTIONS_VERSION, "prm_ctx_options_init");
 }
 
 void prm_ctx_free(prm_ctx *ctx) {
@@ -35,7 +36,7 @@ void prm_ctx_free(prm_ctx *ctx) {
 static int fail_nomem(const prm_model *m, const prm_ctx_options *opts, uint64_t max_len) {
   const int train = opts->inference == 0;
   const double f = sizeof(float), MiB = 1024.0 * 1024.0;
-  const double acts = f * m->arch->ctx_floats(m, opts->max_rows, max_len, !train);
+  const double acts = f * m->arch->ctx_floats(m, opts->max_rows, max_len, !train, opts->n_workers);
   const double grads = train ? (double)(m->n_params - m->trainable_offset) * f : 0.0;
   char tokens[48] = "";
   if (m->arch->tokens)
@@ -47,9 +48,19 @@ static int fail_nomem(const prm_model *m, const prm_ctx_options *opts, uint64_t 
                    (unsigned long long)opts->max_rows, tokens, acts / MiB, grads / MiB);
 }
 
-static int ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *opts) {
-  int rc = prmi_check_version(NULL, opts, PRM_CTX_OPTIONS_VERSION, "prm_ctx_options");
+/* Version 1 ends before the threading fields: read only its bytes. */
+#define CTX_OPTIONS_V1_SIZE offsetof(prm_ctx_options, n_workers)
+
+static int ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *in) {
+  int rc = prmi_check_version(NULL, in, PRM_CTX_OPTIONS_VERSION, "prm_ctx_options");
   if (rc != PRM_OK) return rc;
+  prm_ctx_options o = PRM_CTX_OPTIONS_INIT, *opts = &o;
+  memcpy(&o, in, in->version == 1 ? CTX_OPTIONS_V1_SIZE : sizeof o);
+  if (o.n_workers > PRMI_MAX_WORKERS)
+    return prmi_fail(NULL, PRM_ERR_INVALID, "prm_ctx_new: n_workers %u not in [1, %d]",
+                     (unsigned)o.n_workers, PRMI_MAX_WORKERS);
+  /* without a parallel_for everything runs on the caller: one worker */
+  if (o.n_workers == 0 || o.parallel_for == NULL) o.n_workers = 1;
   if (opts->max_rows < 1 || opts->max_rows > PRMI_MAX_DIM)
     return prmi_fail(NULL, PRM_ERR_INVALID, "prm_ctx_new: max_rows %llu not in [1, 2^30]",
                      (unsigned long long)opts->max_rows);
@@ -72,6 +83,9 @@ static int ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options 
   c->max_rows = opts->max_rows;
   c->max_len = max_len;
   c->trainable_offset = model->trainable_offset;
+  c->n_workers = opts->n_workers;
+  c->parallel_for = opts->parallel_for;
+  c->parallel_arg = opts->parallel_arg;
   const uint64_t n = opts->max_rows;
   c->scores = prmi_calloc(n, sizeof(float));
   int ok = c->scores != NULL && c->arch->ctx_new(c) == PRM_OK;
@@ -101,6 +115,8 @@ int prm_ctx_new(prm_ctx **out, const prm_model *model, const prm_ctx_options *op
 
 const prm_model *prm_ctx_model(const prm_ctx *ctx) { return ctx ? ctx->model : NULL; }
 
+uint64_t prm_ctx_tokens_computed(const prm_ctx *ctx) { return ctx ? ctx->last_tokens : 0; }
+
 const char *prm_ctx_errmsg(const prm_ctx *ctx) { return ctx ? ctx->errmsg : ""; }
 
 int prmi_ctx_record(const prm_ctx *ctx, int status) {
@@ -114,9 +130,22 @@ int prmi_ctx_record(const prm_ctx *ctx, int status) {
 
 /* ---- feature batches (linear, mlp) ------------------------------------------------------ */
 
+/* Version 1 ends before the shared-prefix fields: its callers' structs are
+ * read and written only in their own bytes. */
+#define BATCH_V1_SIZE offsetof(prm_batch, prefix_row)
+
 int prm_batch_init(prm_batch *batch, uint32_t version) {
   const prm_batch d = PRM_BATCH_INIT;
-  return prmi_init_struct(batch, &d, sizeof d, version, PRM_BATCH_VERSION, "prm_batch_init");
+  return prmi_init_struct(batch, &d, version == 1 ? BATCH_V1_SIZE : sizeof d, version,
+                          PRM_BATCH_VERSION, "prm_batch_init");
+}
+
+void prmi_batch_prefix(const prm_batch *b, const int32_t **row, const int32_t **len) {
+  *row = *len = NULL;
+  if (b->version >= 2 && b->prefix_row != NULL && b->prefix_len != NULL) {
+    *row = b->prefix_row;
+    *len = b->prefix_len;
+  }
 }
 
 int prmi_report_nonfinite_feature(prm_ctx *ctx, const prm_batch *b, uint64_t stride) {
@@ -185,6 +214,42 @@ int prmi_check_feature_batch(prm_ctx *ctx, const prm_batch *b, uint64_t d, uint6
 
 /* ---- token batches (gpt2, llama) -------------------------------------------------------- */
 
+/* The shared-prefix declaration of a token batch whose rows were checked. */
+static int check_prefixes(prm_ctx *ctx, const prm_batch *b) {
+  if (b->version < 2 || (b->prefix_row == NULL && b->prefix_len == NULL)) return PRM_OK;
+  if (b->prefix_row == NULL || b->prefix_len == NULL)
+    return prmi_fail(ctx->errmsg, PRM_ERR_NULL,
+                     "forward: batch->%s is NULL but %s is not (set both or neither)",
+                     b->prefix_row == NULL ? "prefix_row" : "prefix_len",
+                     b->prefix_row == NULL ? "prefix_len" : "prefix_row");
+  for (uint64_t i = 0; i < b->n; i++) {
+    const int32_t s = b->prefix_len[i];
+    if (s == 0) continue;
+    const int32_t j = b->prefix_row[i];
+    if (s < 0 || i == 0)
+      return prmi_fail(ctx->errmsg, PRM_ERR_INVALID,
+                       "forward: prefix_len[%llu] = %d (must be %s)", (unsigned long long)i,
+                       (int)s, i == 0 ? "0: row 0 has no earlier row" : ">= 0");
+    if (j < 0 || (uint64_t)j >= i)
+      return prmi_fail(ctx->errmsg, PRM_ERR_INVALID,
+                       "forward: prefix_row[%llu] = %d is not an earlier row (0..%llu)",
+                       (unsigned long long)i, (int)j, (unsigned long long)(i - 1));
+    if (s > b->lengths[i] || s > b->lengths[j])
+      return prmi_fail(ctx->errmsg, PRM_ERR_SIZE,
+                       "forward: prefix_len[%llu] = %d exceeds lengths[%llu] = %d or "
+                       "lengths[%d] = %d", (unsigned long long)i, (int)s, (unsigned long long)i,
+                       (int)b->lengths[i], (int)j, (int)b->lengths[j]);
+    const int32_t *a = b->tokens + i * b->token_stride, *o = b->tokens + (uint64_t)j * b->token_stride;
+    for (int32_t t = 0; t < s; t++)
+      if (a[t] != o[t])
+        return prmi_fail(ctx->errmsg, PRM_ERR_INVALID,
+                         "forward: row %llu declares %d tokens shared with row %d, but token %d "
+                         "differs (%d vs %d)", (unsigned long long)i, (int)s, (int)j, (int)t,
+                         (int)a[t], (int)o[t]);
+  }
+  return PRM_OK;
+}
+
 int prmi_check_token_batch(prm_ctx *ctx, const prm_batch *b, uint64_t vocab) {
   if (b->tokens == NULL)
     return prmi_fail(ctx->errmsg, PRM_ERR_NULL, "forward: batch->tokens is NULL");
@@ -210,7 +275,100 @@ int prmi_check_token_batch(prm_ctx *ctx, const prm_batch *b, uint64_t vocab) {
                          "forward: token [%llu, %d] = %d not in [0, %llu) (vocab_size)",
                          (unsigned long long)i, (int)t, (int)row[t], (unsigned long long)vocab);
   }
-  return PRM_OK;
+  return check_prefixes(ctx, b);
+}
+
+/* ---- packed token layout (gpt2, llama) ------------------------------------------------- */
+
+prmi_pack *prmi_pack_new(uint64_t max_rows, uint64_t max_len) {
+  const uint64_t T = max_rows * max_len;
+  prmi_pack *p = calloc(1, sizeof *p);
+  if (p == NULL) return NULL;
+  p->off = calloc(max_rows + 1, sizeof *p->off);
+  p->first = calloc(max_rows, sizeof *p->first);
+  p->len = calloc(max_rows, sizeof *p->len);
+  p->last = calloc(max_rows, sizeof *p->last);
+  p->kmap_off = calloc(max_rows + 1, sizeof *p->kmap_off);
+  p->kmap = calloc(T, sizeof *p->kmap);
+  p->pos = calloc(T, sizeof *p->pos);
+  p->ids = calloc(T, sizeof *p->ids);
+  p->comp_off = calloc(max_rows + 1, sizeof *p->comp_off);
+  p->comp_rows = calloc(max_rows, sizeof *p->comp_rows);
+  p->root = calloc(max_rows, sizeof *p->root);
+  p->comp_of = calloc(max_rows, sizeof *p->comp_of);
+  p->cursor = calloc(max_rows, sizeof *p->cursor);
+  if (!p->comp_of || !p->cursor || !p->off || !p->first || !p->len || !p->last || !p->kmap_off || !p->kmap || !p->pos ||
+      !p->ids || !p->comp_off || !p->comp_rows || !p->root) {
+    prmi_pack_free(p);
+    return NULL;
+  }
+  return p;
+}
+
+void prmi_pack_free(prmi_pack *p) {
+  if (p == NULL) return;
+  free(p->off);
+  free(p->first);
+  free(p->len);
+  free(p->last);
+  free(p->kmap_off);
+  free(p->kmap);
+  free(p->pos);
+  free(p->ids);
+  free(p->comp_off);
+  free(p->comp_rows);
+  free(p->root);
+  free(p->comp_of);
+  free(p->cursor);
+  free(p);
+}
+
+void prmi_pack_tokens(prmi_pack *p, const prm_batch *b) {
+  const int32_t *prow, *plen;
+  prmi_batch_prefix(b, &prow, &plen);
+  uint64_t N = 0, K = 0;
+  p->n = b->n;
+  p->shared = 0;
+  for (uint64_t i = 0; i < b->n; i++) {
+    const uint64_t len = (uint64_t)b->lengths[i];
+    const uint64_t s = plen != NULL ? (uint64_t)plen[i] : 0;
+    const int32_t *row = b->tokens + i * b->token_stride;
+    p->off[i] = N;
+    p->first[i] = s;
+    p->len[i] = len;
+    p->kmap_off[i] = K;
+    if (s > 0) {
+      /* positions [0, s) are those of the earlier row (already mapped) */
+      const uint64_t *src = p->kmap + p->kmap_off[prow[i]];
+      memcpy(p->kmap + K, src, s * sizeof *p->kmap);
+      p->shared = 1;
+    }
+    for (uint64_t t = s; t < len; t++) {
+      p->kmap[K + t] = N + (t - s);
+      p->pos[N + (t - s)] = (int32_t)t;
+    }
+    memcpy(p->ids + N, row + s, (len - s) * sizeof(int32_t));
+    p->last[i] = p->kmap[K + len - 1];
+    N += len - s;
+    K += len;
+  }
+  p->off[b->n] = N;
+  p->kmap_off[b->n] = K;
+  p->n_tok = N;
+  /* components: a row joins its earlier row's, so a component's first row
+   * is the smallest; numbered in the order of their first rows */
+  const uint64_t n = b->n;
+  uint64_t nc = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    p->root[i] = p->first[i] > 0 ? p->root[prow[i]] : i;
+    p->comp_of[i] = p->root[i] == i ? nc++ : p->comp_of[p->root[i]];
+  }
+  memset(p->comp_off, 0, (nc + 1) * sizeof *p->comp_off);
+  for (uint64_t i = 0; i < n; i++) p->comp_off[p->comp_of[i] + 1]++;
+  for (uint64_t c = 0; c < nc; c++) p->comp_off[c + 1] += p->comp_off[c];
+  memcpy(p->cursor, p->comp_off, nc * sizeof *p->cursor);
+  for (uint64_t i = 0; i < n; i++) p->comp_rows[p->cursor[p->comp_of[i]]++] = i;
+  p->n_comp = nc;
 }
 
 /*
@@ -266,6 +424,14 @@ int prmi_ctx_forward(prm_ctx *ctx, const prm_batch *batch, uint64_t stride, floa
   }
   ctx->have_forward = !ctx->inference;
   ctx->last_n = batch->n;
+  if (ctx->arch->tokens) {
+    const int32_t *prow, *plen;
+    prmi_batch_prefix(batch, &prow, &plen);
+    uint64_t t = 0;
+    for (uint64_t i = 0; i < batch->n; i++)
+      t += (uint64_t)batch->lengths[i] - (plen != NULL ? (uint64_t)plen[i] : 0);
+    ctx->last_tokens = t;
+  }
   return PRM_OK;
 }
 

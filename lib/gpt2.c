@@ -55,6 +55,25 @@ typedef struct gpt2_layout {
 
 #define LAYOUT(m) ((const gpt2_layout *)(m)->layout)
 
+/* ---- pieces of parallel work -------------------------------------------------------------- */
+
+/*
+ * Every loop over tokens, channels or (sequence, head) pairs is cut into
+ * pieces that depend only on the sizes (parallel.c): rows of the packed
+ * tokens in at most ROW_PIECES pieces of at least ROW_MIN rows, weight
+ * gradients in tiles of at least COL_MIN x COL_MIN, attention per
+ * (sequence, head) forward and per (component, head) backward. Each piece
+ * writes its own outputs and sums in a fixed order, so results do not
+ * depend on the number of threads.
+ */
+#define ROW_MIN 64
+#define ROW_PIECES 16
+#define COL_MIN 64
+#define COL_PIECES 8
+
+static uint64_t row_piece(uint64_t n) { return prmi_piece(n, ROW_MIN, ROW_PIECES); }
+static uint64_t col_piece(uint64_t n) { return prmi_piece(n, COL_MIN, COL_PIECES); }
+
 /* ---- LayerNorm ------------------------------------------------------------------------ */
 
 /* out = (x - mean) * rstd * w + b per row; stat[2i] = mean, stat[2i+1] = rstd. */
@@ -81,12 +100,10 @@ static void layernorm_forward(float *out, float *stat, const float *x, const flo
   }
 }
 
-/*
- * dx += rstd (dy w - mean(dy w) - xhat mean(dy w xhat)); dw += dy xhat; db += dy.
- * dw/db may be NULL (frozen). x is the LayerNorm input.
- */
-static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                               const float *w, const float *stat, uint64_t n, uint64_t C) {
+/* dx += rstd (dy w - mean(dy w) - xhat mean(dy w xhat)) for n rows; x is the
+ * LayerNorm input. */
+static void layernorm_backward_dx(float *dx, const float *dy, const float *x, const float *w,
+                                  const float *stat, uint64_t n, uint64_t C) {
   for (uint64_t i = 0; i < n; i++) {
     const float *dyi = dy + i * C, *xi = x + i * C;
     const float mean = stat[2 * i], rstd = stat[2 * i + 1];
@@ -104,37 +121,155 @@ static void layernorm_backward(float *dx, float *dw, float *db, const float *dy,
       float xhat = (xi[j] - mean) * rstd;
       dxi[j] += rstd * (dyi[j] * w[j] - s1 - xhat * s2);
     }
-    if (dw != NULL)
-      for (uint64_t j = 0; j < C; j++) {
-        dw[j] += dyi[j] * (xi[j] - mean) * rstd;
-        db[j] += dyi[j];
-      }
   }
+}
+
+/* dw += sum_i dy xhat, db += sum_i dy over all n rows, for channels
+ * [j0, j1) (rows in order). */
+static void layernorm_backward_dw(float *dw, float *db, const float *dy, const float *x,
+                                  const float *stat, uint64_t n, uint64_t C, uint64_t j0,
+                                  uint64_t j1) {
+  for (uint64_t i = 0; i < n; i++) {
+    const float *dyi = dy + i * C, *xi = x + i * C;
+    const float mean = stat[2 * i], rstd = stat[2 * i + 1];
+    for (uint64_t j = j0; j < j1; j++) {
+      dw[j] += dyi[j] * (xi[j] - mean) * rstd;
+      db[j] += dyi[j];
+    }
+  }
+}
+
+typedef struct ln_job {
+  float *out, *stat, *dx, *dw, *db;
+  const float *x, *w, *b, *dy, *cstat;
+  uint64_t n, C;
+} ln_job;
+
+static void ln_fwd_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const ln_job *j = arg;
+  layernorm_forward(j->out + i0 * j->C, j->stat != NULL ? j->stat + 2 * i0 : NULL,
+                    j->x + i0 * j->C, j->w, j->b, i1 - i0, j->C);
+}
+
+static void ln_dx_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const ln_job *j = arg;
+  layernorm_backward_dx(j->dx + i0 * j->C, j->dy + i0 * j->C, j->x + i0 * j->C, j->w,
+                        j->cstat + 2 * i0, i1 - i0, j->C);
+}
+
+static void ln_dw_piece(void *arg, uint64_t j0, uint64_t j1, uint32_t worker) {
+  (void)worker;
+  const ln_job *j = arg;
+  layernorm_backward_dw(j->dw, j->db, j->dy, j->x, j->cstat, j->n, j->C, j0, j1);
+}
+
+static void par_layernorm_forward(const prm_ctx *ctx, float *out, float *stat, const float *x,
+                                  const float *w, const float *b, uint64_t n, uint64_t C) {
+  ln_job j = {.out = out, .stat = stat, .x = x, .w = w, .b = b, .n = n, .C = C};
+  prmi_par_range(ctx, n, row_piece(n), ln_fwd_piece, &j);
+}
+
+/* dx += ...; dw += ...; db += ... (dw/db NULL: frozen). */
+static void par_layernorm_backward(const prm_ctx *ctx, float *dx, float *dw, float *db,
+                                   const float *dy, const float *x, const float *w,
+                                   const float *stat, uint64_t n, uint64_t C) {
+  ln_job j = {.dx = dx, .dw = dw, .db = db, .dy = dy, .x = x, .w = w, .cstat = stat, .n = n,
+              .C = C};
+  prmi_par_range(ctx, n, row_piece(n), ln_dx_piece, &j);
+  if (dw != NULL) prmi_par_range(ctx, C, col_piece(C), ln_dw_piece, &j);
 }
 
 /* ---- dense layers (Conv1D layout) ----------------------------------------------------- */
 
-/* out (n, oc) = x (n, ic) W (ic, oc) + b, or out += ... when accumulate. */
-static void dense_forward(float *out, const float *x, const float *w, const float *b, uint64_t n,
-                          uint64_t ic, uint64_t oc, int accumulate) {
-  if (!accumulate)
-    for (uint64_t i = 0; i < n; i++) memcpy(out + i * oc, b, oc * sizeof(float));
-  else
+typedef struct dense_job {
+  float *out, *dact;
+  const float *x, *w, *b, *resid;
+  uint64_t ic, oc, ldo, ldw; /* out and resid rows: stride ldo; W: stride ldw */
+} dense_job;
+
+/* Rows [i0, i1): out = resid + b + x W (resid NULL: b + x W; resid may be
+ * out), then GELU in place when dact is set (dact: its derivative, or
+ * the out pointer itself for the values only). */
+static void dense_fwd_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const dense_job *j = arg;
+  const uint64_t ic = j->ic, oc = j->oc, ld = j->ldo, n = i1 - i0;
+  float *out = j->out + i0 * ld;
+  if (j->resid == NULL) {
+    for (uint64_t i = 0; i < n; i++) memcpy(out + i * ld, j->b, oc * sizeof(float));
+  } else {
+    const float *r = j->resid + i0 * ld;
     for (uint64_t i = 0; i < n; i++)
-      for (uint64_t j = 0; j < oc; j++) out[i * oc + j] += b[j];
-  prmi_gemm(0, 0, n, oc, ic, 1.0f, x, ic, w, oc, 1.0f, out, oc);
+      for (uint64_t k = 0; k < oc; k++) out[i * ld + k] = r[i * ld + k] + j->b[k];
+  }
+  prmi_gemm(0, 0, n, oc, ic, 1.0f, j->x + i0 * ic, ic, j->w, j->ldw, 1.0f, out, ld);
+  if (j->dact == j->out)
+    prmi_act_forward(PRM_ACT_GELU_TANH, out, n * oc);
+  else if (j->dact != NULL)
+    prmi_act_forward_grad(PRM_ACT_GELU_TANH, out, j->dact + i0 * oc, n * oc);
+}
+
+/* out (n, oc) = [resid +] b + x (n, ic) W (ic, oc); gelu: 0 none, 1 GELU
+ * with its derivative into dact (n, oc), 2 GELU without. */
+static void par_dense_forward(const prm_ctx *ctx, float *out, const float *x, const float *w,
+                              const float *b, const float *resid, uint64_t n, uint64_t ic,
+                              uint64_t oc, int gelu, float *dact) {
+  dense_job j = {.out = out, .dact = gelu == 1 ? dact : gelu == 2 ? out : NULL, .x = x, .w = w,
+                 .b = b, .resid = resid, .ic = ic, .oc = oc, .ldo = oc, .ldw = oc};
+  prmi_par_range(ctx, n, row_piece(n), dense_fwd_piece, &j);
+}
+
+typedef struct colsum_job {
+  float *db;
+  const float *dy;
+  uint64_t n, ld;
+} colsum_job;
+
+static void colsum_piece(void *arg, uint64_t k0, uint64_t k1, uint32_t worker) {
+  (void)worker;
+  const colsum_job *j = arg;
+  for (uint64_t i = 0; i < j->n; i++)
+    for (uint64_t k = k0; k < k1; k++) j->db[k] += j->dy[i * j->ld + k];
+}
+
+/* db[k] += sum_i dy[i * ld + k] for k < oc (rows in order). */
+static void par_colsum(const prm_ctx *ctx, float *db, const float *dy, uint64_t n, uint64_t oc,
+                       uint64_t ld) {
+  colsum_job j = {db, dy, n, ld};
+  prmi_par_range(ctx, oc, col_piece(oc), colsum_piece, &j);
 }
 
 /* dx (+)= dy W^T (dx NULL: not needed); dW += x^T dy; db += colsum(dy) (dW NULL: frozen). */
-static void dense_backward(float *dx, int dx_accumulate, float *dw, float *db, const float *dy,
-                           const float *x, const float *w, uint64_t n, uint64_t ic, uint64_t oc) {
+static void par_dense_backward(const prm_ctx *ctx, float *dx, int dx_accumulate, float *dw,
+                               float *db, const float *dy, const float *x, const float *w,
+                               uint64_t n, uint64_t ic, uint64_t oc) {
   if (dx != NULL)
-    prmi_gemm(0, 1, n, ic, oc, 1.0f, dy, oc, w, oc, dx_accumulate ? 1.0f : 0.0f, dx, ic);
+    prmi_par_gemm(ctx, 0, 1, n, ic, oc, 1.0f, dy, oc, w, oc, dx_accumulate ? 1.0f : 0.0f, dx, ic,
+                  row_piece(n), 0);
   if (dw != NULL) {
-    prmi_gemm(1, 0, ic, oc, n, 1.0f, x, ic, dy, oc, 1.0f, dw, oc);
-    for (uint64_t i = 0; i < n; i++)
-      for (uint64_t j = 0; j < oc; j++) db[j] += dy[i * oc + j];
+    prmi_par_gemm(ctx, 1, 0, ic, oc, n, 1.0f, x, ic, dy, oc, 1.0f, dw, oc, col_piece(ic),
+                  col_piece(oc));
+    par_colsum(ctx, db, dy, n, oc, oc);
   }
+}
+
+typedef struct scale_job {
+  float *x;
+  const float *f;
+} scale_job;
+
+static void mul_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const scale_job *j = arg;
+  for (uint64_t k = i0; k < i1; k++) j->x[k] *= j->f[k];
+}
+
+/* x[k] *= f[k], k < n */
+static void par_mul(const prm_ctx *ctx, float *x, const float *f, uint64_t n) {
+  scale_job j = {x, f};
+  prmi_par_range(ctx, n, prmi_piece(n, 4096, ROW_PIECES), mul_piece, &j);
 }
 
 /* ---- attention ------------------------------------------------------------------------- */
@@ -147,82 +282,106 @@ static void dense_backward(float *dx, int dx_accumulate, float *dw, float *db, c
 #define ATT_BLOCK 32
 
 /*
- * Causal attention of one sequence (T tokens starting at packed row `row`)
- * for every head. qkv rows have stride 3C, atty rows stride C. S is
- * (ATT_BLOCK, T) scratch, one query block at a time, so that it grows
- * linearly with the sequence length. lse[h * ld_lse + row + i] receives log sum_j exp(s_ij).
+ * Causal attention of one head of one sequence of T tokens, for its queries
+ * at positions p0..T-1 (p0 > 0: the first p0 tokens are a shared prefix,
+ * whose queries an earlier row computes). q: the first query (row stride
+ * 3C); k, v: position 0's key and value (row stride ldkv: 3C in place, 2 hs
+ * when gathered). S is (ATT_BLOCK, T) scratch, one query block at a time,
+ * so that it grows linearly with the sequence length. Output rows from out
+ * (stride C); lse[i - p0] = log sum_j exp(s_ij) of query i (NULL: not kept).
  */
-static void attention_forward(float *atty, float *lse, uint64_t ld_lse, const float *qkv,
-                              float *S, uint64_t row, uint64_t T, uint64_t C, uint64_t NH) {
-  const uint64_t hs = C / NH;
+static void attention_forward(float *out, float *lse, const float *q, const float *k,
+                              const float *v, uint64_t ldkv, float *S, uint64_t p0, uint64_t T,
+                              uint64_t C, uint64_t hs) {
   const float scale = 1.0f / sqrtf((float)hs);
-  for (uint64_t h = 0; h < NH; h++) {
-    const float *q = qkv + row * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
-    for (uint64_t i0 = 0; i0 < T; i0 += ATT_BLOCK) {
-      const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
-      /* S holds this block only: row i - i0, columns 0..i1 */
-      prmi_gemm(0, 1, i1 - i0, i1, hs, scale, q + i0 * 3 * C, 3 * C, k, 3 * C, 0.0f, S, T);
-      for (uint64_t i = i0; i < i1; i++) {
-        float *si = S + (i - i0) * T;
-        float m = si[0];
-        for (uint64_t j = 1; j <= i; j++) m = si[j] > m ? si[j] : m;
-        prmi_exp_shifted(si, i + 1, m);
-        float sum = 0.0f;
-        for (uint64_t j = 0; j <= i; j++) sum += si[j];
-        const float inv = 1.0f / sum;
-        for (uint64_t j = 0; j <= i; j++) si[j] *= inv;
-        for (uint64_t j = i + 1; j < i1; j++) si[j] = 0.0f;
-        if (lse != NULL) lse[h * ld_lse + row + i] = m + logf(sum);
-      }
-      prmi_gemm(0, 0, i1 - i0, hs, i1, 1.0f, S, T, v, 3 * C, 0.0f,
-                atty + (row + i0) * C + h * hs, C);
+  for (uint64_t i0 = p0; i0 < T; i0 += ATT_BLOCK) {
+    const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+    /* S holds this block only: row i - i0, columns 0..i1 */
+    prmi_gemm(0, 1, i1 - i0, i1, hs, scale, q + (i0 - p0) * 3 * C, 3 * C, k, ldkv, 0.0f, S, T);
+    for (uint64_t i = i0; i < i1; i++) {
+      float *si = S + (i - i0) * T;
+      float m = si[0];
+      for (uint64_t j = 1; j <= i; j++) m = si[j] > m ? si[j] : m;
+      prmi_exp_shifted(si, i + 1, m);
+      float sum = 0.0f;
+      for (uint64_t j = 0; j <= i; j++) sum += si[j];
+      const float inv = 1.0f / sum;
+      for (uint64_t j = 0; j <= i; j++) si[j] *= inv;
+      for (uint64_t j = i + 1; j < i1; j++) si[j] = 0.0f;
+      if (lse != NULL) lse[i - p0] = m + logf(sum);
     }
+    prmi_gemm(0, 0, i1 - i0, hs, i1, 1.0f, S, T, v, ldkv, 0.0f, out + (i0 - p0) * C, C);
   }
 }
 
 /*
- * Backward of attention_forward for one sequence: dqkv rows of the sequence
- * are overwritten (q, k and v parts). P and dP are (ATT_BLOCK, T) scratch. Blocks
- * run last to first, so the first one (which sees every key) initialises
- * dk and dv and the others accumulate.
+ * Backward of attention_forward for one head (the same q, k, v, lse, p0
+ * and T; dout rows from the first query, stride C). dq rows (stride 3C) of
+ * the queries are overwritten; dk and dv (row stride lddkv) of every
+ * position 0..T-1 are overwritten too: the blocks run last to first, so the
+ * last one (which sees every key) initialises them and the others
+ * accumulate. Needs p0 < T. P and dP are (ATT_BLOCK, T) scratch.
  */
-static void attention_backward(float *dqkv, const float *datty, const float *qkv,
-                               const float *lse, uint64_t ld_lse, float *P, float *dP,
-                               uint64_t row, uint64_t T, uint64_t C, uint64_t NH) {
-  const uint64_t hs = C / NH;
+static void attention_backward(float *dq, float *dk, float *dv, uint64_t lddkv,
+                               const float *dout, const float *q, const float *k, const float *v,
+                               uint64_t ldkv, const float *lse, float *P, float *dP, uint64_t p0,
+                               uint64_t T, uint64_t C, uint64_t hs) {
   const float scale = 1.0f / sqrtf((float)hs);
-  const uint64_t n_blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
-  for (uint64_t h = 0; h < NH; h++) {
-    const float *q = qkv + row * 3 * C + h * hs, *k = q + C, *v = q + 2 * C;
-    const float *dout = datty + row * C + h * hs;
-    float *dq = dqkv + row * 3 * C + h * hs, *dk = dq + C, *dv = dq + 2 * C;
-    const float *l = lse + h * ld_lse + row;
-    for (uint64_t b = n_blocks; b-- > 0;) {
-      const uint64_t i0 = b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
-      const uint64_t m = i1 - i0;
-      const float beta = b + 1 == n_blocks ? 0.0f : 1.0f;
-      float *Pb = P, *dPb = dP; /* this block's rows only */
-      /* P = exp(q k^T scale - lse), causal */
-      prmi_gemm(0, 1, m, i1, hs, scale, q + i0 * 3 * C, 3 * C, k, 3 * C, 0.0f, Pb, T);
-      for (uint64_t i = i0; i < i1; i++) {
-        float *pi = P + (i - i0) * T;
-        prmi_exp_shifted(pi, i + 1, l[i]);
-        for (uint64_t j = i + 1; j < i1; j++) pi[j] = 0.0f;
+  const uint64_t n_blocks = (T - p0 + ATT_BLOCK - 1) / ATT_BLOCK;
+  for (uint64_t b = n_blocks; b-- > 0;) {
+    const uint64_t i0 = p0 + b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+    const uint64_t m = i1 - i0, r0 = i0 - p0; /* r0: the block's first query row */
+    const float beta = b + 1 == n_blocks ? 0.0f : 1.0f;
+    /* P = exp(q k^T scale - lse), causal */
+    prmi_gemm(0, 1, m, i1, hs, scale, q + r0 * 3 * C, 3 * C, k, ldkv, 0.0f, P, T);
+    for (uint64_t i = i0; i < i1; i++) {
+      float *pi = P + (i - i0) * T;
+      prmi_exp_shifted(pi, i + 1, lse[i - p0]);
+      for (uint64_t j = i + 1; j < i1; j++) pi[j] = 0.0f;
+    }
+    /* dv (+)= P^T dout; dP = dout v^T */
+    prmi_gemm(1, 0, i1, hs, m, 1.0f, P, T, dout + r0 * C, C, beta, dv, lddkv);
+    prmi_gemm(0, 1, m, i1, hs, 1.0f, dout + r0 * C, C, v, ldkv, 0.0f, dP, T);
+    /* dS = P (dP - rowsum(P dP)) * scale */
+    for (uint64_t i = i0; i < i1; i++) {
+      float *pi = P + (i - i0) * T, *dpi = dP + (i - i0) * T;
+      float dsum = 0.0f;
+      for (uint64_t j = 0; j <= i; j++) dsum += pi[j] * dpi[j];
+      for (uint64_t j = 0; j <= i; j++) dpi[j] = pi[j] * (dpi[j] - dsum) * scale;
+      for (uint64_t j = i + 1; j < i1; j++) dpi[j] = 0.0f;
+    }
+    /* dq = dS k; dk (+)= dS^T q */
+    prmi_gemm(0, 0, m, hs, i1, 1.0f, dP, T, k, ldkv, 0.0f, dq + r0 * 3 * C, 3 * C);
+    prmi_gemm(1, 0, i1, hs, m, 1.0f, dP, T, q + r0 * 3 * C, 3 * C, beta, dk, lddkv);
+  }
+}
+
+/* Gather head h's key and value of positions 0..T-1 (packed rows kmap[t])
+ * of a (., 3C) qkv buffer into kv (T, 2 hs): k | v. */
+static void gather_kv(float *kv, const float *qkv, const uint64_t *kmap, uint64_t T, uint64_t C,
+                      uint64_t hs, uint64_t h) {
+  for (uint64_t t = 0; t < T; t++) {
+    const float *src = qkv + kmap[t] * 3 * C + C + h * hs;
+    memcpy(kv + t * 2 * hs, src, hs * sizeof(float));
+    memcpy(kv + t * 2 * hs + hs, src + C, hs * sizeof(float));
+  }
+}
+
+/* The reverse of gather_kv for gradients: positions from `own` on are the
+ * row's own (written here first: set), earlier ones an earlier row's (add). */
+static void scatter_dkv(float *dqkv, const float *dkv, const uint64_t *kmap, uint64_t own,
+                        uint64_t T, uint64_t C, uint64_t hs, uint64_t h) {
+  for (uint64_t t = 0; t < T; t++) {
+    float *dk = dqkv + kmap[t] * 3 * C + C + h * hs, *dv = dk + C;
+    const float *s = dkv + t * 2 * hs;
+    if (t >= own) {
+      memcpy(dk, s, hs * sizeof(float));
+      memcpy(dv, s + hs, hs * sizeof(float));
+    } else {
+      for (uint64_t j = 0; j < hs; j++) {
+        dk[j] += s[j];
+        dv[j] += s[hs + j];
       }
-      /* dv (+)= P^T dout; dP = dout v^T */
-      prmi_gemm(1, 0, i1, hs, m, 1.0f, Pb, T, dout + i0 * C, C, beta, dv, 3 * C);
-      prmi_gemm(0, 1, m, i1, hs, 1.0f, dout + i0 * C, C, v, 3 * C, 0.0f, dPb, T);
-      /* dS = P (dP - rowsum(P dP)) * scale */
-      for (uint64_t i = i0; i < i1; i++) {
-        float *pi = P + (i - i0) * T, *dpi = dP + (i - i0) * T;
-        float dsum = 0.0f;
-        for (uint64_t j = 0; j <= i; j++) dsum += pi[j] * dpi[j];
-        for (uint64_t j = 0; j <= i; j++) dpi[j] = pi[j] * (dpi[j] - dsum) * scale;
-        for (uint64_t j = i + 1; j < i1; j++) dpi[j] = 0.0f;
-      }
-      /* dq = dS k; dk (+)= dS^T q */
-      prmi_gemm(0, 0, m, hs, i1, 1.0f, dPb, T, k, 3 * C, 0.0f, dq + i0 * 3 * C, 3 * C);
-      prmi_gemm(1, 0, i1, hs, m, 1.0f, dPb, T, q + i0 * 3 * C, 3 * C, beta, dk, 3 * C);
     }
   }
 }
@@ -266,17 +425,22 @@ typedef struct gpt2_last_acts {
   float *out;      /* (R, C) residual stream leaving the last block */
 } gpt2_last_acts;
 
+/* Scratch of one worker: attention blocks, a head's gathered k | v. */
+typedef struct gpt2_worker {
+  float *att_a, *att_b; /* (ATT_BLOCK, max_len) */
+  float *kv;            /* (max_len, 2 hs) */
+  float *dkv;           /* (max_len, 2 hs) (training) */
+} gpt2_worker;
+
 typedef struct gpt2_acts {
   uint64_t max_tok; /* max_rows * max_len */
   uint64_t max_rows;
-  uint64_t n_tok;   /* tokens of the last forward */
-  uint64_t *off;    /* (max_rows + 1) packed row offsets of the last forward */
-  int32_t *ids;     /* (max_tok) packed token ids of the last forward */
+  prmi_pack *pk;    /* the last forward's packed layout (shared prefixes) */
   gpt2_layer_acts *layer; /* [L]; the last block uses res, ln1, ln1_stat, qkv */
   gpt2_last_acts last;
   float *lnf;       /* (R, C) final LayerNorm at the pooled tokens */
   float *lnf_stat;  /* (R, 2) */
-  float *att_a, *att_b; /* (ATT_BLOCK, max_len) attention scratch */
+  gpt2_worker *wk;  /* [n_workers] */
   /* backward scratch (training only) */
   float *d_res;     /* (max_tok, C) */
   float *d_c;       /* (max_tok, C) */
@@ -284,7 +448,7 @@ typedef struct gpt2_acts {
   float *d_4c;      /* (max_tok, 4C) */
   float *d_last;    /* (R, C) */
   float *d_lastq;   /* (R, C) */
-  float **blocks; /* every allocation, for free: one per full block + 16 */
+  float **blocks; /* every allocation, for free */
   int n_blocks, cap_blocks;
 } gpt2_acts;
 
@@ -300,44 +464,51 @@ static void gpt2_acts_free(gpt2_acts *g) {
   for (int i = 0; i < g->n_blocks; i++) prmi_free(g->blocks[i]);
   free(g->blocks);
   free(g->layer);
-  free(g->off);
-  free(g->ids);
+  free(g->wk);
+  prmi_pack_free(g->pk);
   free(g);
+}
+
+/* Floats of one worker's scratch. */
+static uint64_t worker_floats(uint64_t max_len, uint64_t hs, int inference) {
+  return 2 * ATT_BLOCK * max_len + (inference ? 2 : 4) * max_len * hs;
 }
 
 /*
  * Float counts (docs/gpt2.md has the formula): per token of a full block
  * res, ln1, qkv, atty, res2, ln2 (8C), fch (4C), dgelu (4C, training),
  * LayerNorm stats (4), lse (NH). The last block keeps res, ln1, ln1 stats and
- * qkv per token (5C + 2) plus compact per-sequence buffers.
+ * qkv per token (5C + 2) plus compact per-sequence buffers. Each worker has
+ * its attention scratch.
  */
 static uint64_t gpt2_acts_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
-                                 int inference) {
+                                 int inference, uint32_t n_workers) {
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
   const uint64_t R = max_rows, T = max_rows * max_len;
   const uint64_t full_sets = inference ? (L > 1 ? 1 : 0) : L - 1;
   uint64_t f = full_sets * T * ((inference ? 12 : 16) * C + 4 + NH);
   if (!inference || L == 1) f += T * (5 * C + 2);
   f += R * (12 * C + 2 + NH) + (inference ? 0 : R * 4 * C); /* last block, compact */
-  f += R * C + R * 2 + 2 * ATT_BLOCK * max_len;              /* ln_f, attention scratch */
+  f += R * C + R * 2;                                         /* ln_f */
+  f += n_workers * worker_floats(max_len, C / NH, inference); /* attention scratch */
   if (!inference) f += T * 9 * C + 2 * R * C;                 /* backward scratch */
   return f;
 }
 
 static gpt2_acts *gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t max_len,
-                                int inference) {
+                                int inference, uint32_t n_workers) {
   const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer;
-  const uint64_t T = max_rows * max_len, R = max_rows;
+  const uint64_t T = max_rows * max_len, R = max_rows, hs = C / NH;
   gpt2_acts *g = calloc(1, sizeof *g);
   if (g == NULL) return NULL;
   g->max_tok = T;
   g->max_rows = R;
   g->layer = calloc(L, sizeof *g->layer);
-  g->off = calloc(max_rows + 1, sizeof *g->off);
-  g->ids = calloc(T, sizeof *g->ids);
-  g->cap_blocks = (int)L + 16;
+  g->wk = calloc(n_workers, sizeof *g->wk);
+  g->pk = prmi_pack_new(max_rows, max_len);
+  g->cap_blocks = (int)L + 16 + (int)n_workers;
   g->blocks = calloc((size_t)g->cap_blocks, sizeof *g->blocks);
-  int ok = g->layer != NULL && g->off != NULL && g->ids != NULL && g->blocks != NULL;
+  int ok = g->layer != NULL && g->wk != NULL && g->pk != NULL && g->blocks != NULL;
   /* full blocks: training one set each, inference one set shared by all;
    * the last block gets a smaller set of its own when training */
   const uint64_t full_sets = inference ? (L > 1 ? 1 : 0) : L - 1;
@@ -395,9 +566,17 @@ static gpt2_acts *gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t 
   if (ok) {
     g->lnf = take(g, R * C);
     g->lnf_stat = take(g, R * 2);
-    g->att_a = take(g, ATT_BLOCK * max_len);
-    g->att_b = take(g, ATT_BLOCK * max_len);
-    ok = g->lnf && g->lnf_stat && g->att_a && g->att_b;
+    ok = g->lnf && g->lnf_stat;
+  }
+  for (uint32_t w = 0; ok && w < n_workers; w++) {
+    float *s = take(g, worker_floats(max_len, hs, inference));
+    ok = s != NULL;
+    if (ok) {
+      g->wk[w].att_a = s;
+      g->wk[w].att_b = s + ATT_BLOCK * max_len;
+      g->wk[w].kv = s + 2 * ATT_BLOCK * max_len;
+      g->wk[w].dkv = inference ? NULL : g->wk[w].kv + 2 * max_len * hs;
+    }
   }
   if (ok && !inference) {
     g->d_res = take(g, T * C);
@@ -422,30 +601,162 @@ static int gpt2_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride) 
   return prmi_check_token_batch(ctx, b, ctx->model->opts.vocab_size);
 }
 
+/* ---- attention tasks -------------------------------------------------------------------- */
+
+typedef struct att_job {
+  const prm_ctx *ctx;
+  gpt2_acts *g;
+  const gpt2_layer_acts *a;
+  uint64_t C, NH, hs;
+  int keep_lse;
+} att_job;
+
+/* Task (sequence i, head h) of a full block's attention. */
+static void att_fwd_task(void *arg, uint32_t t, uint32_t worker) {
+  const att_job *j = arg;
+  const prmi_pack *pk = j->g->pk;
+  const uint64_t C = j->C, hs = j->hs, i = t / j->NH, h = t % j->NH;
+  const uint64_t row = pk->off[i], p0 = pk->first[i], T = pk->len[i];
+  if (p0 >= T) return; /* the whole row is an earlier row's */
+  const gpt2_worker *w = &j->g->wk[worker];
+  const float *q = j->a->qkv + row * 3 * C + h * hs;
+  float *out = j->a->atty + row * C + h * hs;
+  float *lse = j->keep_lse ? j->a->lse + h * j->g->max_tok + row : NULL;
+  if (p0 == 0) {
+    attention_forward(out, lse, q, q + C, q + 2 * C, 3 * C, w->att_a, 0, T, C, hs);
+  } else { /* keys and values partly an earlier row's */
+    gather_kv(w->kv, j->a->qkv, pk->kmap + pk->kmap_off[i], T, C, hs, h);
+    attention_forward(out, lse, q, w->kv, w->kv + hs, 2 * hs, w->att_a, p0, T, C, hs);
+  }
+}
+
+/*
+ * Task (component c, head h) of a full block's attention backward: the rows
+ * of the component in order, so that a row's own keys are set by it before
+ * later rows that share them add their part. d(atty) is in d_c.
+ */
+static void att_bwd_task(void *arg, uint32_t t, uint32_t worker) {
+  const att_job *j = arg;
+  gpt2_acts *g = j->g;
+  const prmi_pack *pk = g->pk;
+  const uint64_t C = j->C, hs = j->hs, c = t / j->NH, h = t % j->NH;
+  const gpt2_worker *w = &g->wk[worker];
+  for (uint64_t r = pk->comp_off[c]; r < pk->comp_off[c + 1]; r++) {
+    const uint64_t i = pk->comp_rows[r];
+    const uint64_t row = pk->off[i], p0 = pk->first[i], T = pk->len[i];
+    if (p0 >= T) continue;
+    const float *q = j->a->qkv + row * 3 * C + h * hs;
+    const float *lse = j->a->lse + h * g->max_tok + row;
+    const float *dout = g->d_c + row * C + h * hs;
+    float *dq = g->d_3c + row * 3 * C + h * hs;
+    if (p0 == 0) {
+      attention_backward(dq, dq + C, dq + 2 * C, 3 * C, dout, q, q + C, q + 2 * C, 3 * C, lse,
+                         w->att_a, w->att_b, 0, T, C, hs);
+    } else {
+      const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
+      gather_kv(w->kv, j->a->qkv, kmap, T, C, hs, h);
+      attention_backward(dq, w->dkv, w->dkv + hs, 2 * hs, dout, q, w->kv, w->kv + hs, 2 * hs,
+                         lse, w->att_a, w->att_b, p0, T, C, hs);
+      scatter_dkv(g->d_3c, w->dkv, kmap, p0, T, C, hs, h);
+    }
+  }
+}
+
+/* Task (sequence i, head h) of the last block: the last token's query
+ * against every key of the sequence. */
+static void last_fwd_task(void *arg, uint32_t t, uint32_t worker) {
+  const att_job *j = arg;
+  gpt2_acts *g = j->g;
+  const prmi_pack *pk = g->pk;
+  const gpt2_last_acts *z = &g->last;
+  const uint64_t C = j->C, hs = j->hs, i = t / j->NH, h = t % j->NH, T = pk->len[i];
+  const float scale = 1.0f / sqrtf((float)hs);
+  const gpt2_worker *w = &g->wk[worker];
+  const float *k = j->a->qkv + pk->off[i] * 3 * C + C + h * hs, *v = k + C;
+  uint64_t ldkv = 3 * C;
+  if (pk->first[i] > 0) { /* keys and values partly an earlier row's */
+    gather_kv(w->kv, j->a->qkv, pk->kmap + pk->kmap_off[i], T, C, hs, h);
+    k = w->kv;
+    v = w->kv + hs;
+    ldkv = 2 * hs;
+  }
+  float *s = w->att_a;
+  prmi_gemv(0, T, hs, scale, k, ldkv, z->q + i * C + h * hs, 0.0f, s);
+  float mx = s[0];
+  for (uint64_t x = 1; x < T; x++) mx = s[x] > mx ? s[x] : mx;
+  prmi_exp_shifted(s, T, mx);
+  float sum = 0.0f;
+  for (uint64_t x = 0; x < T; x++) sum += s[x];
+  const float inv = 1.0f / sum;
+  for (uint64_t x = 0; x < T; x++) s[x] *= inv;
+  z->lse[h * g->max_rows + i] = mx + logf(sum);
+  prmi_gemv(1, T, hs, 1.0f, v, ldkv, s, 0.0f, z->atty + i * C + h * hs);
+}
+
+/* Task (component c, head h) of the last block's backward: dk, dv of every
+ * key the component's last tokens saw (added: d_3c starts at zero; a key
+ * shared by several rows collects each one's part), dq compact. d(atty) of
+ * the last tokens is in d_c rows 0..n-1. */
+static void last_bwd_task(void *arg, uint32_t t, uint32_t worker) {
+  const att_job *j = arg;
+  gpt2_acts *g = j->g;
+  const prmi_pack *pk = g->pk;
+  const gpt2_last_acts *z = &g->last;
+  const uint64_t C = j->C, hs = j->hs, c = t / j->NH, h = t % j->NH;
+  const float scale = 1.0f / sqrtf((float)hs);
+  const gpt2_worker *w = &g->wk[worker];
+  for (uint64_t r = pk->comp_off[c]; r < pk->comp_off[c + 1]; r++) {
+    const uint64_t i = pk->comp_rows[r], T = pk->len[i];
+    const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
+    const float *k = j->a->qkv + pk->off[i] * 3 * C + C + h * hs, *v = k + C;
+    uint64_t ldkv = 3 * C;
+    if (pk->first[i] > 0) {
+      gather_kv(w->kv, j->a->qkv, kmap, T, C, hs, h);
+      k = w->kv;
+      v = w->kv + hs;
+      ldkv = 2 * hs;
+    }
+    const float *q = z->q + i * C + h * hs, *dout = g->d_c + i * C + h * hs;
+    float *pr = w->att_a, *dp = w->att_b;
+    prmi_gemv(0, T, hs, scale, k, ldkv, q, 0.0f, pr);
+    prmi_exp_shifted(pr, T, z->lse[h * g->max_rows + i]);
+    prmi_gemv(0, T, hs, 1.0f, v, ldkv, dout, 0.0f, dp); /* dp_x = dout . v_x */
+    float dsum = 0.0f;
+    for (uint64_t x = 0; x < T; x++) dsum += pr[x] * dp[x];
+    for (uint64_t x = 0; x < T; x++) dp[x] = pr[x] * (dp[x] - dsum) * scale; /* ds_x */
+    for (uint64_t x = 0; x < T; x++) {
+      float *dkx = g->d_3c + kmap[x] * 3 * C + C + h * hs, *dvx = dkx + C;
+      for (uint64_t e = 0; e < hs; e++) {
+        dvx[e] += pr[x] * dout[e];
+        dkx[e] += dp[x] * q[e];
+      }
+    }
+    prmi_gemv(1, T, hs, 1.0f, k, ldkv, dp, 0.0f, g->d_lastq + i * C + h * hs); /* dq */
+  }
+}
+
 /* ---- forward -------------------------------------------------------------------------- */
 
 /* A full block l: every token. */
-static void block_forward(const prm_model *m, gpt2_acts *g, uint64_t l, float *res_next,
-                          int inference, uint64_t n) {
+static void block_forward(const prm_ctx *ctx, gpt2_acts *g, uint64_t l, float *res_next,
+                          uint64_t n) {
+  const prm_model *m = ctx->model;
   const float *p = m->params;
-  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, N = g->n_tok;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, N = g->pk->n_tok;
   const gpt2_block *B = &LAYOUT(m)->blocks[l];
   gpt2_layer_acts *a = &g->layer[l];
-  layernorm_forward(a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
-  dense_forward(a->qkv, a->ln1, p + B->attn_w, p + B->attn_b, N, C, 3 * C, 0);
-  for (uint64_t i = 0; i < n; i++)
-    attention_forward(a->atty, inference ? NULL : a->lse, g->max_tok, a->qkv, g->att_a, g->off[i],
-                      g->off[i + 1] - g->off[i], C, NH);
-  if (a->res2 != a->res) memcpy(a->res2, a->res, N * C * sizeof(float));
-  dense_forward(a->res2, a->atty, p + B->aproj_w, p + B->aproj_b, N, C, C, 1);
-  layernorm_forward(a->ln2, a->ln2_stat, a->res2, p + B->ln2_w, p + B->ln2_b, N, C);
-  dense_forward(a->fch, a->ln2, p + B->fc_w, p + B->fc_b, N, C, 4 * C, 0);
-  if (a->dgelu != NULL)
-    prmi_act_forward_grad(PRM_ACT_GELU_TANH, a->fch, a->dgelu, N * 4 * C);
-  else
-    prmi_act_forward(PRM_ACT_GELU_TANH, a->fch, N * 4 * C);
-  if (res_next != a->res2) memcpy(res_next, a->res2, N * C * sizeof(float));
-  dense_forward(res_next, a->fch, p + B->mproj_w, p + B->mproj_b, N, 4 * C, C, 1);
+  par_layernorm_forward(ctx, a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
+  par_dense_forward(ctx, a->qkv, a->ln1, p + B->attn_w, p + B->attn_b, NULL, N, C, 3 * C, 0,
+                    NULL);
+  att_job aj = {ctx, g, a, C, NH, C / NH, !ctx->inference};
+  prmi_par_for(ctx, (uint32_t)(n * NH), att_fwd_task, &aj);
+  par_dense_forward(ctx, a->res2, a->atty, p + B->aproj_w, p + B->aproj_b, a->res, N, C, C, 0,
+                    NULL);
+  par_layernorm_forward(ctx, a->ln2, a->ln2_stat, a->res2, p + B->ln2_w, p + B->ln2_b, N, C);
+  par_dense_forward(ctx, a->fch, a->ln2, p + B->fc_w, p + B->fc_b, NULL, N, C, 4 * C,
+                    a->dgelu != NULL ? 1 : 2, a->dgelu);
+  par_dense_forward(ctx, res_next, a->fch, p + B->mproj_w, p + B->mproj_b, a->res2, N, 4 * C, C,
+                    0, NULL);
 }
 
 /*
@@ -453,53 +764,71 @@ static void block_forward(const prm_model *m, gpt2_acts *g, uint64_t l, float *r
  * token r_i of each sequence only (compact rows i = 0..n-1). Attention of one
  * query: s_j = q.k_j / sqrt(hs) over the sequence's tokens j.
  */
-static void last_block_forward(const prm_model *m, gpt2_acts *g, uint64_t n) {
+static void last_block_forward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
+  const prm_model *m = ctx->model;
   const float *p = m->params;
-  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer, N = g->n_tok;
-  const uint64_t hs = C / NH;
-  const float scale = 1.0f / sqrtf((float)hs);
+  const prmi_pack *pk = g->pk;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer, N = pk->n_tok;
   const gpt2_block *B = &LAYOUT(m)->blocks[L - 1];
   gpt2_layer_acts *a = &g->layer[L - 1];
   gpt2_last_acts *z = &g->last;
-  layernorm_forward(a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
-  /* k | v for all tokens: columns C..3C of c_attn */
-  for (uint64_t r = 0; r < N; r++)
-    memcpy(a->qkv + r * 3 * C + C, p + B->attn_b + C, 2 * C * sizeof(float));
-  prmi_gemm(0, 0, N, 2 * C, C, 1.0f, a->ln1, C, p + B->attn_w + C, 3 * C, 1.0f, a->qkv + C, 3 * C);
+  par_layernorm_forward(ctx, a->ln1, a->ln1_stat, a->res, p + B->ln1_w, p + B->ln1_b, N, C);
+  /* k | v for all tokens: columns C..3C of c_attn, into qkv's k | v part */
+  dense_job kv = {.out = a->qkv + C, .x = a->ln1, .w = p + B->attn_w + C, .b = p + B->attn_b + C,
+                  .ic = C, .oc = 2 * C, .ldo = 3 * C, .ldw = 3 * C};
+  prmi_par_range(ctx, N, row_piece(N), dense_fwd_piece, &kv);
   /* q of the last tokens: columns 0..C */
   for (uint64_t i = 0; i < n; i++) {
-    memcpy(z->ln1 + i * C, a->ln1 + (g->off[i + 1] - 1) * C, C * sizeof(float));
+    memcpy(z->ln1 + i * C, a->ln1 + pk->last[i] * C, C * sizeof(float));
     memcpy(z->q + i * C, p + B->attn_b, C * sizeof(float));
   }
   prmi_gemm(0, 0, n, C, C, 1.0f, z->ln1, C, p + B->attn_w, 3 * C, 1.0f, z->q, C);
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t row = g->off[i], T = g->off[i + 1] - row;
-    for (uint64_t h = 0; h < NH; h++) {
-      const float *k = a->qkv + row * 3 * C + C + h * hs, *v = k + C;
-      float *s = g->att_a;
-      prmi_gemv(0, T, hs, scale, k, 3 * C, z->q + i * C + h * hs, 0.0f, s);
-      float mx = s[0];
-      for (uint64_t j = 1; j < T; j++) mx = s[j] > mx ? s[j] : mx;
-      prmi_exp_shifted(s, T, mx);
-      float sum = 0.0f;
-      for (uint64_t j = 0; j < T; j++) sum += s[j];
-      const float inv = 1.0f / sum;
-      for (uint64_t j = 0; j < T; j++) s[j] *= inv;
-      z->lse[h * g->max_rows + i] = mx + logf(sum);
-      prmi_gemv(1, T, hs, 1.0f, v, 3 * C, s, 0.0f, z->atty + i * C + h * hs);
+  att_job aj = {ctx, g, a, C, NH, C / NH, 1};
+  prmi_par_for(ctx, (uint32_t)(n * NH), last_fwd_task, &aj);
+  for (uint64_t i = 0; i < n; i++) /* the residual: res at the last token */
+    memcpy(z->res2 + i * C, a->res + pk->last[i] * C, C * sizeof(float));
+  par_dense_forward(ctx, z->res2, z->atty, p + B->aproj_w, p + B->aproj_b, z->res2, n, C, C, 0,
+                    NULL);
+  par_layernorm_forward(ctx, z->ln2, z->ln2_stat, z->res2, p + B->ln2_w, p + B->ln2_b, n, C);
+  par_dense_forward(ctx, z->fch, z->ln2, p + B->fc_w, p + B->fc_b, NULL, n, C, 4 * C,
+                    z->dgelu != NULL ? 1 : 2, z->dgelu);
+  par_dense_forward(ctx, z->out, z->fch, p + B->mproj_w, p + B->mproj_b, z->res2, n, 4 * C, C, 0,
+                    NULL);
+}
+
+typedef struct embed_job {
+  const prmi_pack *pk;
+  const float *wte, *wpe;
+  float *res, *gte, *gpe;
+  const float *d;
+  uint64_t C;
+} embed_job;
+
+static void embed_fwd_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const embed_job *j = arg;
+  const uint64_t C = j->C;
+  for (uint64_t r = r0; r < r1; r++) {
+    const float *te = j->wte + (uint64_t)j->pk->ids[r] * C;
+    const float *pe = j->wpe + (uint64_t)j->pk->pos[r] * C;
+    float *o = j->res + r * C;
+    for (uint64_t k = 0; k < C; k++) o[k] = te[k] + pe[k];
+  }
+}
+
+/* Channels [k0, k1) of the embedding gradients, tokens in order. */
+static void embed_bwd_piece(void *arg, uint64_t k0, uint64_t k1, uint32_t worker) {
+  (void)worker;
+  const embed_job *j = arg;
+  const uint64_t C = j->C;
+  for (uint64_t r = 0; r < j->pk->n_tok; r++) {
+    float *te = j->gte + (uint64_t)j->pk->ids[r] * C, *pe = j->gpe + (uint64_t)j->pk->pos[r] * C;
+    const float *d = j->d + r * C;
+    for (uint64_t k = k0; k < k1; k++) {
+      te[k] += d[k];
+      pe[k] += d[k];
     }
   }
-  for (uint64_t i = 0; i < n; i++)
-    memcpy(z->res2 + i * C, a->res + (g->off[i + 1] - 1) * C, C * sizeof(float));
-  dense_forward(z->res2, z->atty, p + B->aproj_w, p + B->aproj_b, n, C, C, 1);
-  layernorm_forward(z->ln2, z->ln2_stat, z->res2, p + B->ln2_w, p + B->ln2_b, n, C);
-  dense_forward(z->fch, z->ln2, p + B->fc_w, p + B->fc_b, n, C, 4 * C, 0);
-  if (z->dgelu != NULL)
-    prmi_act_forward_grad(PRM_ACT_GELU_TANH, z->fch, z->dgelu, n * 4 * C);
-  else
-    prmi_act_forward(PRM_ACT_GELU_TANH, z->fch, n * 4 * C);
-  memcpy(z->out, z->res2, n * C * sizeof(float));
-  dense_forward(z->out, z->fch, p + B->mproj_w, p + B->mproj_b, n, 4 * C, C, 1);
 }
 
 /* Token ids were validated before anything is written, and are packed into
@@ -514,28 +843,15 @@ static int gpt2_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, float
   const uint64_t C = m->opts.n_embd, L = m->opts.n_layer;
   const uint64_t n = b->n;
 
-  /* pack the tokens; embeddings: res_0[r] = wte[id] + wpe[pos] */
-  uint64_t N = 0;
-  for (uint64_t i = 0; i < n; i++) {
-    g->off[i] = N;
-    const uint64_t len = (uint64_t)b->lengths[i];
-    memcpy(g->ids + N, b->tokens + i * b->token_stride, len * sizeof(int32_t));
-    N += len;
-  }
-  g->off[n] = N;
-  g->n_tok = N;
-  float *res0 = g->layer[0].res;
-  for (uint64_t i = 0; i < n; i++)
-    for (uint64_t r = g->off[i]; r < g->off[i + 1]; r++) {
-      const float *te = p + LAYOUT(m)->wte + (uint64_t)g->ids[r] * C;
-      const float *pe = p + LAYOUT(m)->wpe + (r - g->off[i]) * C;
-      float *o = res0 + r * C;
-      for (uint64_t j = 0; j < C; j++) o[j] = te[j] + pe[j];
-    }
+  /* pack the tokens (each shared prefix once); res_0[r] = wte[id] + wpe[pos] */
+  prmi_pack *pk = g->pk;
+  prmi_pack_tokens(pk, b);
+  embed_job ej = {.pk = pk, .wte = p + LAYOUT(m)->wte, .wpe = p + LAYOUT(m)->wpe,
+                  .res = g->layer[0].res, .C = C};
+  prmi_par_range(ctx, pk->n_tok, row_piece(pk->n_tok), embed_fwd_piece, &ej);
 
-  for (uint64_t l = 0; l + 1 < L; l++)
-    block_forward(m, g, l, g->layer[l + 1].res, ctx->inference, n);
-  last_block_forward(m, g, n);
+  for (uint64_t l = 0; l + 1 < L; l++) block_forward(ctx, g, l, g->layer[l + 1].res, n);
+  last_block_forward(ctx, g, n);
   /* head: final LayerNorm and score at the last token of each sequence */
   const float *w = p + m->head_w;
   layernorm_forward(g->lnf, g->lnf_stat, g->last.out, p + LAYOUT(m)->lnf_w, p + LAYOUT(m)->lnf_b,
@@ -556,32 +872,48 @@ static float *gslot(const prm_ctx *ctx, uint64_t off) {
 }
 
 /* Backward of a full block l; g->d_res holds d(res_{l+1}) and receives d(res_l). */
-static void block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t l, uint64_t n) {
+static void block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t l) {
   const prm_model *m = ctx->model;
   const float *p = m->params;
-  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, N = g->n_tok;
+  const prmi_pack *pk = g->pk;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, N = pk->n_tok;
   const gpt2_block *B = &LAYOUT(m)->blocks[l];
   const gpt2_layer_acts *a = &g->layer[l];
   /* res_{l+1} = res2 + fch Wm + bm */
-  dense_backward(g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), g->d_res, a->fch,
-                 p + B->mproj_w, N, 4 * C, C);
-  for (uint64_t k = 0; k < N * 4 * C; k++) g->d_4c[k] *= a->dgelu[k];
+  par_dense_backward(ctx, g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), g->d_res,
+                     a->fch, p + B->mproj_w, N, 4 * C, C);
+  par_mul(ctx, g->d_4c, a->dgelu, N * 4 * C);
   /* fch = gelu(ln2 Wfc + bfc); ln2 = LN(res2) */
-  dense_backward(g->d_c, 0, gslot(ctx, B->fc_w), gslot(ctx, B->fc_b), g->d_4c, a->ln2,
-                 p + B->fc_w, N, C, 4 * C);
-  layernorm_backward(g->d_res, gslot(ctx, B->ln2_w), gslot(ctx, B->ln2_b), g->d_c, a->res2,
-                     p + B->ln2_w, a->ln2_stat, N, C);
+  par_dense_backward(ctx, g->d_c, 0, gslot(ctx, B->fc_w), gslot(ctx, B->fc_b), g->d_4c, a->ln2,
+                     p + B->fc_w, N, C, 4 * C);
+  par_layernorm_backward(ctx, g->d_res, gslot(ctx, B->ln2_w), gslot(ctx, B->ln2_b), g->d_c,
+                         a->res2, p + B->ln2_w, a->ln2_stat, N, C);
   /* res2 = res + atty Wp + bp */
-  dense_backward(g->d_c, 0, gslot(ctx, B->aproj_w), gslot(ctx, B->aproj_b), g->d_res, a->atty,
-                 p + B->aproj_w, N, C, C);
-  for (uint64_t i = 0; i < n; i++)
-    attention_backward(g->d_3c, g->d_c, a->qkv, a->lse, g->max_tok, g->att_a, g->att_b,
-                       g->off[i], g->off[i + 1] - g->off[i], C, NH);
+  par_dense_backward(ctx, g->d_c, 0, gslot(ctx, B->aproj_w), gslot(ctx, B->aproj_b), g->d_res,
+                     a->atty, p + B->aproj_w, N, C, C);
+  att_job aj = {ctx, g, a, C, NH, C / NH, 1};
+  prmi_par_for(ctx, (uint32_t)(pk->n_comp * NH), att_bwd_task, &aj);
   /* qkv = ln1 Wqkv + bqkv; ln1 = LN(res) */
-  dense_backward(g->d_c, 0, gslot(ctx, B->attn_w), gslot(ctx, B->attn_b), g->d_3c, a->ln1,
-                 p + B->attn_w, N, C, 3 * C);
-  layernorm_backward(g->d_res, gslot(ctx, B->ln1_w), gslot(ctx, B->ln1_b), g->d_c, a->res,
-                     p + B->ln1_w, a->ln1_stat, N, C);
+  par_dense_backward(ctx, g->d_c, 0, gslot(ctx, B->attn_w), gslot(ctx, B->attn_b), g->d_3c,
+                     a->ln1, p + B->attn_w, N, C, 3 * C);
+  par_layernorm_backward(ctx, g->d_res, gslot(ctx, B->ln1_w), gslot(ctx, B->ln1_b), g->d_c,
+                         a->res, p + B->ln1_w, a->ln1_stat, N, C);
+}
+
+typedef struct zero_job {
+  float *x;
+  uint64_t width;
+} zero_job;
+
+static void zero_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const zero_job *j = arg;
+  memset(j->x + r0 * j->width, 0, (r1 - r0) * j->width * sizeof(float));
+}
+
+static void par_zero_rows(const prm_ctx *ctx, float *x, uint64_t rows, uint64_t width) {
+  zero_job j = {x, width};
+  prmi_par_range(ctx, rows, row_piece(rows), zero_piece, &j);
 }
 
 /* Backward of the last block: g->d_last holds d(out) (n, C); g->d_res
@@ -589,56 +921,35 @@ static void block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t l, uint64_
 static void last_block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
   const prm_model *m = ctx->model;
   const float *p = m->params;
-  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer, N = g->n_tok;
-  const uint64_t hs = C / NH;
-  const float scale = 1.0f / sqrtf((float)hs);
+  const prmi_pack *pk = g->pk;
+  const uint64_t C = m->opts.n_embd, NH = m->opts.n_head, L = m->opts.n_layer, N = pk->n_tok;
   const gpt2_block *B = &LAYOUT(m)->blocks[L - 1];
   const gpt2_layer_acts *a = &g->layer[L - 1];
   const gpt2_last_acts *z = &g->last;
   float *dz = g->d_last; /* d(out), then d(res2): out = res2 + ... */
   /* MLP on the n last tokens */
-  dense_backward(g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), dz, z->fch,
-                 p + B->mproj_w, n, 4 * C, C);
-  for (uint64_t k = 0; k < n * 4 * C; k++) g->d_4c[k] *= z->dgelu[k];
-  dense_backward(g->d_c, 0, gslot(ctx, B->fc_w), gslot(ctx, B->fc_b), g->d_4c, z->ln2, p + B->fc_w,
-                 n, C, 4 * C);
-  layernorm_backward(dz, gslot(ctx, B->ln2_w), gslot(ctx, B->ln2_b), g->d_c, z->res2,
-                     p + B->ln2_w, z->ln2_stat, n, C);
+  par_dense_backward(ctx, g->d_4c, 0, gslot(ctx, B->mproj_w), gslot(ctx, B->mproj_b), dz, z->fch,
+                     p + B->mproj_w, n, 4 * C, C);
+  par_mul(ctx, g->d_4c, z->dgelu, n * 4 * C);
+  par_dense_backward(ctx, g->d_c, 0, gslot(ctx, B->fc_w), gslot(ctx, B->fc_b), g->d_4c, z->ln2,
+                     p + B->fc_w, n, C, 4 * C);
+  par_layernorm_backward(ctx, dz, gslot(ctx, B->ln2_w), gslot(ctx, B->ln2_b), g->d_c, z->res2,
+                         p + B->ln2_w, z->ln2_stat, n, C);
   /* res2 = res[r_i] + atty Wp + bp: d(atty) into d_c rows 0..n-1 */
-  dense_backward(g->d_c, 0, gslot(ctx, B->aproj_w), gslot(ctx, B->aproj_b), dz, z->atty,
-                 p + B->aproj_w, n, C, C);
+  par_dense_backward(ctx, g->d_c, 0, gslot(ctx, B->aproj_w), gslot(ctx, B->aproj_b), dz, z->atty,
+                     p + B->aproj_w, n, C, C);
   /* attention of the last queries: dk, dv for every token, dq compact */
-  memset(g->d_3c, 0, N * 3 * C * sizeof(float));
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t row = g->off[i], T = g->off[i + 1] - row;
-    for (uint64_t h = 0; h < NH; h++) {
-      const float *k = a->qkv + row * 3 * C + C + h * hs, *v = k + C;
-      const float *q = z->q + i * C + h * hs, *dout = g->d_c + i * C + h * hs;
-      float *dk = g->d_3c + row * 3 * C + C + h * hs, *dv = dk + C;
-      float *pr = g->att_a, *dp = g->att_b;
-      prmi_gemv(0, T, hs, scale, k, 3 * C, q, 0.0f, pr);
-      prmi_exp_shifted(pr, T, z->lse[h * g->max_rows + i]);
-      prmi_gemv(0, T, hs, 1.0f, v, 3 * C, dout, 0.0f, dp); /* dp_j = dout . v_j */
-      float dsum = 0.0f;
-      for (uint64_t j = 0; j < T; j++) dsum += pr[j] * dp[j];
-      for (uint64_t j = 0; j < T; j++) dp[j] = pr[j] * (dp[j] - dsum) * scale; /* ds_j */
-      for (uint64_t j = 0; j < T; j++) {
-        float *dkj = dk + j * 3 * C, *dvj = dv + j * 3 * C;
-        for (uint64_t t = 0; t < hs; t++) {
-          dvj[t] = pr[j] * dout[t];
-          dkj[t] = dp[j] * q[t];
-        }
-      }
-      prmi_gemv(1, T, hs, 1.0f, k, 3 * C, dp, 0.0f, g->d_lastq + i * C + h * hs); /* dq */
-    }
-  }
+  par_zero_rows(ctx, g->d_3c, N, 3 * C);
+  att_job aj = {ctx, g, a, C, NH, C / NH, 1};
+  prmi_par_for(ctx, (uint32_t)(pk->n_comp * NH), last_bwd_task, &aj);
   /* c_attn: k | v columns for every token, q columns for the last tokens */
   float *gw = gslot(ctx, B->attn_w), *gb = gslot(ctx, B->attn_b);
-  prmi_gemm(0, 1, N, C, 2 * C, 1.0f, g->d_3c + C, 3 * C, p + B->attn_w + C, 3 * C, 0.0f, g->d_c, C);
+  prmi_par_gemm(ctx, 0, 1, N, C, 2 * C, 1.0f, g->d_3c + C, 3 * C, p + B->attn_w + C, 3 * C, 0.0f,
+                g->d_c, C, row_piece(N), 0);
   if (gw != NULL) {
-    prmi_gemm(1, 0, C, 2 * C, N, 1.0f, a->ln1, C, g->d_3c + C, 3 * C, 1.0f, gw + C, 3 * C);
-    for (uint64_t r = 0; r < N; r++)
-      for (uint64_t j = 0; j < 2 * C; j++) gb[C + j] += g->d_3c[r * 3 * C + C + j];
+    prmi_par_gemm(ctx, 1, 0, C, 2 * C, N, 1.0f, a->ln1, C, g->d_3c + C, 3 * C, 1.0f, gw + C,
+                  3 * C, col_piece(C), col_piece(2 * C));
+    par_colsum(ctx, gb + C, g->d_3c + C, N, 2 * C, 3 * C);
     prmi_gemm(1, 0, C, C, n, 1.0f, z->ln1, C, g->d_lastq, C, 1.0f, gw, 3 * C);
     for (uint64_t i = 0; i < n; i++)
       for (uint64_t j = 0; j < C; j++) gb[j] += g->d_lastq[i * C + j];
@@ -646,15 +957,17 @@ static void last_block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
   /* d(ln1) of the last tokens gets the q path too: use d_4c rows as (n, C) */
   prmi_gemm(0, 1, n, C, C, 1.0f, g->d_lastq, C, p + B->attn_w, 3 * C, 0.0f, g->d_4c, C);
   for (uint64_t i = 0; i < n; i++) {
-    float *d = g->d_c + (g->off[i + 1] - 1) * C;
+    float *d = g->d_c + pk->last[i] * C;
     for (uint64_t j = 0; j < C; j++) d[j] += g->d_4c[i * C + j];
   }
   /* d(res) = scatter of d(res2) at the last tokens + LN1 backward */
-  memset(g->d_res, 0, N * C * sizeof(float));
-  for (uint64_t i = 0; i < n; i++)
-    memcpy(g->d_res + (g->off[i + 1] - 1) * C, dz + i * C, C * sizeof(float));
-  layernorm_backward(g->d_res, gslot(ctx, B->ln1_w), gslot(ctx, B->ln1_b), g->d_c, a->res,
-                     p + B->ln1_w, a->ln1_stat, N, C);
+  par_zero_rows(ctx, g->d_res, N, C);
+  for (uint64_t i = 0; i < n; i++) { /* rows sharing their last token add */
+    float *d = g->d_res + pk->last[i] * C;
+    for (uint64_t j = 0; j < C; j++) d[j] += dz[i * C + j];
+  }
+  par_layernorm_backward(ctx, g->d_res, gslot(ctx, B->ln1_w), gslot(ctx, B->ln1_b), g->d_c,
+                         a->res, p + B->ln1_w, a->ln1_stat, N, C);
 }
 
 static void gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
@@ -675,26 +988,20 @@ static void gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   memset(g->d_last, 0, n * C * sizeof(float));
   for (uint64_t i = 0; i < n; i++)
     for (uint64_t j = 0; j < C; j++) g->d_c[i * C + j] = dscores[i] * w[j];
-  layernorm_backward(g->d_last, gslot(ctx, LAYOUT(m)->lnf_w), gslot(ctx, LAYOUT(m)->lnf_b), g->d_c, g->last.out,
-                     p + LAYOUT(m)->lnf_w, g->lnf_stat, n, C);
+  par_layernorm_backward(ctx, g->d_last, gslot(ctx, LAYOUT(m)->lnf_w),
+                         gslot(ctx, LAYOUT(m)->lnf_b), g->d_c, g->last.out, p + LAYOUT(m)->lnf_w,
+                         g->lnf_stat, n, C);
   if (LAYOUT(m)->blocks[L - 1].start < ctx->trainable_offset) return; /* blocks frozen */
   last_block_backward(ctx, g, n);
   for (uint64_t l = L - 1; l-- > 0;) {
     if (LAYOUT(m)->blocks[l].start < ctx->trainable_offset) return; /* this and all below frozen */
-    block_backward(ctx, g, l, n);
+    block_backward(ctx, g, l);
   }
   /* embeddings (only when everything trains) */
   float *gte = gslot(ctx, LAYOUT(m)->wte), *gpe = gslot(ctx, LAYOUT(m)->wpe);
   if (gte == NULL) return;
-  for (uint64_t i = 0; i < n; i++)
-    for (uint64_t r = g->off[i]; r < g->off[i + 1]; r++) {
-      float *te = gte + (uint64_t)g->ids[r] * C, *pe = gpe + (r - g->off[i]) * C;
-      const float *d = g->d_res + r * C;
-      for (uint64_t j = 0; j < C; j++) {
-        te[j] += d[j];
-        pe[j] += d[j];
-      }
-    }
+  embed_job ej = {.pk = g->pk, .gte = gte, .gpe = gpe, .d = g->d_res, .C = C};
+  prmi_par_range(ctx, C, col_piece(C), embed_bwd_piece, &ej);
 }
 
 /* ---- model ---------------------------------------------------------------------------- */
@@ -955,15 +1262,15 @@ static int gpt2_config(const prmi_ckpt *c, prm_model_options *o) {
 /* ---- contexts ------------------------------------------------------------------------- */
 
 static int gpt2_ctx_new(prm_ctx *c) {
-  c->acts = gpt2_acts_new(c->model, c->max_rows, c->max_len, c->inference);
+  c->acts = gpt2_acts_new(c->model, c->max_rows, c->max_len, c->inference, c->n_workers);
   return c->acts != NULL ? PRM_OK : PRM_ERR_NOMEM;
 }
 
 static void gpt2_ctx_free(void *acts) { gpt2_acts_free(acts); }
 
 static double gpt2_ctx_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
-                              int inference) {
-  return (double)gpt2_acts_floats(m, max_rows, max_len, inference);
+                              int inference, uint32_t n_workers) {
+  return (double)gpt2_acts_floats(m, max_rows, max_len, inference, n_workers);
 }
 
 const prmi_arch prmi_arch_gpt2 = {

@@ -229,6 +229,12 @@ struct prm_ctx {
   float *scores;  /* (max_rows) scores for train_step / evaluate */
   float *dscores; /* (max_rows) d(loss)/d(score) for train_step */
   uint64_t last_n;  /* rows of the last successful forward */
+  uint64_t last_tokens; /* tokens it computed (token models) */
+  /* threads (prm_ctx_options version 2): work is cut into pieces that
+   * depend only on sizes; parallel_for (NULL: the caller) runs them */
+  uint32_t n_workers; /* 1 without parallel_for */
+  prm_parallel_for_fn parallel_for;
+  void *parallel_arg;
   int have_forward; /* a forward awaits its backward */
   /* prm_ctx_errmsg. No lock: a context is used by one thread at a time,
    * const calls included. */
@@ -326,6 +332,25 @@ void prmi_gemv(int trans, uint64_t m, uint64_t n, float alpha, const float *a, u
 /* 64-byte aligned, zeroed; NULL on overflow or failure. */
 void *prmi_calloc(size_t count, size_t size);
 void prmi_free(void *p);
+
+/* ---- threads (parallel.c) ------------------------------------------------ */
+
+#define PRMI_MAX_WORKERS 1024
+
+/* The piece size that cuts n items into at most max_pieces pieces of at
+ * least min_piece items (a multiple of 16). Depends on the sizes only. */
+uint64_t prmi_piece(uint64_t n, uint64_t min_piece, uint64_t max_pieces);
+/* Run fn(arg, t, worker) for t in [0, n_tasks) through ctx's parallel_for,
+ * or in order on the caller (worker 0). Not from inside a task. */
+void prmi_par_for(const prm_ctx *ctx, uint32_t n_tasks, prm_task_fn fn, void *arg);
+/* The range [0, n) in pieces of `piece`: fn(arg, i0, i1, worker). */
+typedef void (*prmi_range_fn)(void *arg, uint64_t i0, uint64_t i1, uint32_t worker);
+void prmi_par_range(const prm_ctx *ctx, uint64_t n, uint64_t piece, prmi_range_fn fn, void *arg);
+/* prmi_gemm in tiles of mt x nt elements of C (0: undivided), one task
+ * each: every element sums the whole inner dimension in one call. */
+void prmi_par_gemm(const prm_ctx *ctx, int ta, int tb, uint64_t M, uint64_t N, uint64_t K,
+                   float alpha, const float *A, uint64_t lda, const float *B, uint64_t ldb,
+                   float beta, float *C, uint64_t ldc, uint64_t mt, uint64_t nt);
 
 /* ---- shared numerics (loss.c) ------------------------------------------- */
 

@@ -79,7 +79,9 @@ static void linear_ctx_free(void *p) {
   free(a);
 }
 
-static double linear_ctx_floats(const prm_model *m, uint64_t R, uint64_t max_len, int inference) {
+static double linear_ctx_floats(const prm_model *m, uint64_t R, uint64_t max_len, int inference,
+                                uint32_t n_workers) {
+  (void)n_workers; /* runs on the caller */
   (void)max_len;
   return inference ? 0.0 : (double)R * (double)m->opts.input_size;
 }

@@ -493,34 +493,38 @@ static void unstack_heads(float *dst, uint64_t ldd, const float *src, uint64_t m
 }
 
 /*
- * Causal attention of one sequence (T rows from packed row `row`) for every
- * query head, blocked as in gpt2.c: query rows [i0, i1) only see keys
- * [0, i1). qkv rows (stride QKV) hold the rotated q | rotated k | v; o rows
- * have stride QD. lse[h * ld_lse + row + i] = log sum_j exp(s_ij) (lse
- * NULL: not kept).
+ * Causal attention of one sequence of T tokens for every query head, for
+ * its queries at positions p0..T-1 (p0 > 0: the first p0 tokens are a
+ * shared prefix, whose queries an earlier row computes), blocked as in
+ * gpt2.c: query rows [i0, i1) only see keys [0, i1). q points at the first
+ * query's qkv row (stride QKV: rotated q | rotated k | v); kv at position
+ * 0's rotated k | v (row stride ldkv: QKV in place, with kv = q's row + QD;
+ * 2 KD when gathered). o rows (stride QD) from the first query;
+ * lse[h * ld_lse + i - p0] = log sum_j exp(s_ij) (lse NULL: not kept).
  */
 static void attention_forward(float *o, float *lse, uint64_t ld_lse, const float *qkv,
-                              const att_scratch *w, uint64_t row, uint64_t T, const dims *d) {
+                              const float *kv, uint64_t ldkv, const att_scratch *w, uint64_t p0,
+                              uint64_t T, const dims *d) {
   const uint64_t hd = d->hd, ld = d->QKV, QD = d->QD;
   for (uint64_t j = 0; j < d->G; j++) {
-    const float *k = qkv + row * ld + QD + j * hd, *v = k + d->KD;
+    const float *k = kv + j * hd, *v = k + d->KD;
     for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
       const uint64_t c = d->g - u0 < ATT_STACK ? d->g - u0 : ATT_STACK, h0 = j * d->g + u0;
-      for (uint64_t i0 = 0; i0 < T; i0 += ATT_BLOCK) {
+      for (uint64_t i0 = p0; i0 < T; i0 += ATT_BLOCK) {
         const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T, m = i1 - i0;
-        const float *q = qkv + (row + i0) * ld + h0 * hd;
-        float *out = o + (row + i0) * QD + h0 * hd;
+        const float *q = qkv + (i0 - p0) * ld + h0 * hd;
+        float *out = o + (i0 - p0) * QD + h0 * hd;
         if (c > 1) stack_heads(w->qs, q, ld, m, c, hd);
-        prmi_gemm(0, 1, c * m, i1, hd, d->scale, c > 1 ? w->qs : q, c > 1 ? hd : ld, k, ld, 0.0f,
-                  w->S, T);
+        prmi_gemm(0, 1, c * m, i1, hd, d->scale, c > 1 ? w->qs : q, c > 1 ? hd : ld, k, ldkv,
+                  0.0f, w->S, T);
         for (uint64_t u = 0; u < c; u++)
           prmi_llama_softmax(w->S + u * m * T, T, m, i0 + 1, 1, i1, w->inv + u * m,
-                             lse != NULL ? lse + (h0 + u) * ld_lse + row + i0 : NULL);
+                             lse != NULL ? lse + (h0 + u) * ld_lse + i0 - p0 : NULL);
         if (c > 1) {
-          prmi_gemm(0, 0, c * m, hd, i1, 1.0f, w->S, T, v, ld, 0.0f, w->os, hd);
+          prmi_gemm(0, 0, c * m, hd, i1, 1.0f, w->S, T, v, ldkv, 0.0f, w->os, hd);
           unstack_heads(out, QD, w->os, m, c, hd, w->inv);
         } else {
-          prmi_gemm(0, 0, m, hd, i1, 1.0f, w->S, T, v, ld, 0.0f, out, QD);
+          prmi_gemm(0, 0, m, hd, i1, 1.0f, w->S, T, v, ldkv, 0.0f, out, QD);
           scale_rows(out, QD, m, hd, w->inv);
         }
       }
@@ -529,28 +533,31 @@ static void attention_forward(float *o, float *lse, uint64_t ld_lse, const float
 }
 
 /*
- * Backward of attention_forward for one sequence: the sequence's rows of
- * dqkv (d(rotated q) | dk | dv) are overwritten. Blocks run last to first;
- * the first heads of each kv group in the last block (which sees every key)
- * initialise dk and dv, everything after accumulates (the g heads of a
- * group add into one kv head).
+ * Backward of attention_forward for one sequence (the same qkv, kv, ldkv,
+ * lse, p0 and T; d_o rows from the first query, stride QD). dq rows (stride
+ * QKV, from the first query; d(rotated q)) are overwritten, and so are dkv's
+ * rows 0..T-1 (row stride lddkv: dk | dv, KD apart). Blocks run last to
+ * first; the first heads of each kv group in the last block (which sees
+ * every key) initialise dk and dv, everything after accumulates (the g
+ * heads of a group add into one kv head). Needs p0 < T.
  */
-static void attention_backward(float *dqkv, const float *d_o, const float *qkv, const float *lse,
-                               uint64_t ld_lse, const att_scratch *w, uint64_t row, uint64_t T,
+static void attention_backward(float *dq, float *dkv, uint64_t lddkv, const float *d_o,
+                               const float *qkv, const float *kv, uint64_t ldkv, const float *lse,
+                               uint64_t ld_lse, const att_scratch *w, uint64_t p0, uint64_t T,
                                const dims *d) {
   const uint64_t hd = d->hd, ld = d->QKV, QD = d->QD;
-  const uint64_t n_blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
+  const uint64_t n_blocks = (T - p0 + ATT_BLOCK - 1) / ATT_BLOCK;
   for (uint64_t j = 0; j < d->G; j++) {
-    const float *k = qkv + row * ld + QD + j * hd, *v = k + d->KD;
-    float *dk = dqkv + row * ld + QD + j * hd, *dv = dk + d->KD;
+    const float *k = kv + j * hd, *v = k + d->KD;
+    float *dk = dkv + j * hd, *dv = dk + d->KD;
     for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
       const uint64_t c = d->g - u0 < ATT_STACK ? d->g - u0 : ATT_STACK, h0 = j * d->g + u0;
       for (uint64_t b = n_blocks; b-- > 0;) {
-        const uint64_t i0 = b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
-        const uint64_t m = i1 - i0, cm = c * m;
+        const uint64_t i0 = p0 + b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+        const uint64_t m = i1 - i0, cm = c * m, r0 = i0 - p0;
         const float beta = (b + 1 == n_blocks && u0 == 0) ? 0.0f : 1.0f;
-        const float *q = qkv + (row + i0) * ld + h0 * hd, *dout = d_o + (row + i0) * QD + h0 * hd;
-        float *dq = dqkv + (row + i0) * ld + h0 * hd;
+        const float *q = qkv + r0 * ld + h0 * hd, *dout = d_o + r0 * QD + h0 * hd;
+        float *dqb = dq + r0 * ld + h0 * hd;
         const float *qs = q, *dos = dout;
         uint64_t ldq = ld, lddo = QD;
         if (c > 1) {
@@ -560,26 +567,48 @@ static void attention_backward(float *dqkv, const float *d_o, const float *qkv, 
           dos = w->os;
           ldq = lddo = hd;
         }
-        prmi_gemm(0, 1, cm, i1, hd, d->scale, qs, ldq, k, ld, 0.0f, w->S, T);
+        prmi_gemm(0, 1, cm, i1, hd, d->scale, qs, ldq, k, ldkv, 0.0f, w->S, T);
         for (uint64_t u = 0; u < c; u++)
-          prmi_llama_probs(w->S + u * m * T, T, m, i0 + 1, 1, i1,
-                           lse + (h0 + u) * ld_lse + row + i0);
+          prmi_llama_probs(w->S + u * m * T, T, m, i0 + 1, 1, i1, lse + (h0 + u) * ld_lse + r0);
         /* dv (+)= P^T dout; dP = dout v^T */
-        prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->S, T, dos, lddo, beta, dv, ld);
-        prmi_gemm(0, 1, cm, i1, hd, 1.0f, dos, lddo, v, ld, 0.0f, w->dS, T);
+        prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->S, T, dos, lddo, beta, dv, lddkv);
+        prmi_gemm(0, 1, cm, i1, hd, 1.0f, dos, lddo, v, ldkv, 0.0f, w->dS, T);
         for (uint64_t u = 0; u < c; u++)
           prmi_llama_softmax_bwd(w->dS + u * m * T, w->S + u * m * T, T, m, i0 + 1, 1, i1,
                                  d->scale);
         /* dq = dS k; dk (+)= dS^T q */
         if (c > 1) {
-          prmi_gemm(0, 0, cm, hd, i1, 1.0f, w->dS, T, k, ld, 0.0f, w->dqs, hd);
-          unstack_heads(dq, ld, w->dqs, m, c, hd, NULL);
+          prmi_gemm(0, 0, cm, hd, i1, 1.0f, w->dS, T, k, ldkv, 0.0f, w->dqs, hd);
+          unstack_heads(dqb, ld, w->dqs, m, c, hd, NULL);
         } else {
-          prmi_gemm(0, 0, m, hd, i1, 1.0f, w->dS, T, k, ld, 0.0f, dq, ld);
+          prmi_gemm(0, 0, m, hd, i1, 1.0f, w->dS, T, k, ldkv, 0.0f, dqb, ld);
         }
-        prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->dS, T, qs, ldq, beta, dk, ld);
+        prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->dS, T, qs, ldq, beta, dk, lddkv);
       }
     }
+  }
+}
+
+/* Gather w floats at column c0 of positions 0..T-1 (packed rows kmap[t],
+ * stride ld) into dst (T, w). */
+static void gather_rows(float *dst, const float *src, uint64_t ld, uint64_t c0, uint64_t w,
+                        const uint64_t *kmap, uint64_t T) {
+  for (uint64_t t = 0; t < T; t++)
+    memcpy(dst + t * w, src + kmap[t] * ld + c0, w * sizeof(float));
+}
+
+/* The reverse for gradients: positions from `own` on are the row's own
+ * (written here first: set), earlier ones an earlier row's (add). */
+static void scatter_rows(float *dst, uint64_t ld, uint64_t c0, const float *src, uint64_t w,
+                         const uint64_t *kmap, uint64_t own, uint64_t T) {
+  for (uint64_t t = 0; t < T; t++) {
+    float *o = dst + kmap[t] * ld + c0;
+    const float *s = src + t * w;
+    if (t >= own)
+      memcpy(o, s, w * sizeof(float));
+    else
+      for (uint64_t j = 0; j < w; j++)
+        o[j] += s[j];
   }
 }
 
@@ -623,13 +652,13 @@ typedef struct last_acts {
 
 typedef struct llama_acts {
   uint64_t max_tok, max_rows, max_len;
-  uint64_t n_tok;    /* rows of the last forward */
-  uint64_t *off;     /* (max_rows + 1) packed row offsets */
-  int32_t *ids;      /* (max_tok) packed token ids */
+  prmi_pack *pk;     /* the last forward's packed layout (shared prefixes) */
   float *cos, *sin;  /* (max_len, hd/2) RoPE table */
   layer_acts *layer; /* [L - 1] full layers */
   last_acts last;
   att_scratch att; /* attention scratch (dS, dqs: training) */
+  float *kvg;      /* (max_len, 2 KD) gathered k | v of a row with a shared prefix */
+  float *dkvg;     /* (max_len, 2 KD) their gradient (training) */
   float *tmp;      /* (F) exponentials of one row of gates */
   /* training */
   float *d_res;   /* (max_tok, D) d(residual stream) */
@@ -664,7 +693,6 @@ static float *carve(planner *pl, uint64_t n) {
 /*
  * Floats, with T = max_rows * max_len, R = max_rows, q = 1 with qk_norm (else
  * 0) (each term rounded up to a multiple of 16):
- *   ids, offsets                          T + 2 (R + 1)
  *   RoPE table                            max_len hd
  *   full layers (training: L - 1 sets; inference: 1 set when L > 1, else 0)
  *     training:  T (4D + QKV + QD + 2F + H + 2 + q (QD + KD + H + G))
@@ -672,8 +700,8 @@ static float *carve(planner *pl, uint64_t n) {
  *   last layer, per row (training, or inference with L = 1)
  *                T (2D + 2KD) + training T (1 + q (KD + G))
  *   last layer, pooled rows               R (5D + 2QD + 2F + 2) + training R (H + q (QD + H))
- *   attention and gate scratch            128 (max_len + 2 hd + 1) + F
- *                                         + training 128 (max_len + hd)
+ *   attention and gate scratch            128 (max_len + 2 hd + 1) + F + 2 max_len KD
+ *                                         + training 128 (max_len + hd) + 2 max_len KD
  *   training backward                     T (2D + max(2F, QD) + QKV) + R (D + QD)
  * Linear in max_rows * max_len: no T x T buffer anywhere.
  */
@@ -681,8 +709,6 @@ static void plan(planner *pl, llama_acts *g, const dims *d, uint64_t R, uint64_t
                  int inference) {
   const uint64_t T = R * max_len, D = d->D, F = d->F, L = d->L;
   const int train = !inference, kq = train && d->qkn;
-  g->ids = (int32_t *)(void *)carve(pl, T);
-  g->off = (uint64_t *)(void *)carve(pl, 2 * (R + 1));
   g->cos = carve(pl, max_len * d->half);
   g->sin = carve(pl, max_len * d->half);
   const uint64_t full_sets = inference ? (L > 1 ? 1 : 0) : L - 1;
@@ -743,6 +769,8 @@ static void plan(planner *pl, llama_acts *g, const dims *d, uint64_t R, uint64_t
   g->att.dqs = train ? carve(pl, ATT_ROWS * d->hd) : NULL;
   g->att.inv = carve(pl, ATT_ROWS);
   g->tmp = carve(pl, F);
+  g->kvg = carve(pl, max_len * 2 * d->KD);
+  g->dkvg = train ? carve(pl, max_len * 2 * d->KD) : NULL;
   if (train) {
     g->d_res = carve(pl, T * D);
     g->d_a = carve(pl, T * D);
@@ -758,11 +786,13 @@ static void llama_ctx_free(void *acts) {
   if (g == NULL) return;
   prmi_free(g->arena);
   free(g->layer);
+  prmi_pack_free(g->pk);
   free(g);
 }
 
 static double llama_ctx_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
-                               int inference) {
+                               int inference, uint32_t n_workers) {
+  (void)n_workers;
   const dims d = dims_of(m);
   llama_acts g;
   memset(&g, 0, sizeof g);
@@ -790,7 +820,7 @@ static void rope_table(float *cs, float *sn, uint64_t max_len, uint64_t hd, doub
 static int llama_ctx_new(prm_ctx *c) {
   const prm_model *m = c->model;
   const dims d = dims_of(m);
-  const double floats = llama_ctx_floats(m, c->max_rows, c->max_len, c->inference);
+  const double floats = llama_ctx_floats(m, c->max_rows, c->max_len, c->inference, c->n_workers);
   if (floats > (double)((uint64_t)1 << 46)) return PRM_ERR_NOMEM;
   llama_acts *g = calloc(1, sizeof *g);
   if (g == NULL) return PRM_ERR_NOMEM;
@@ -799,7 +829,8 @@ static int llama_ctx_new(prm_ctx *c) {
   g->max_tok = c->max_rows * c->max_len;
   g->layer = calloc(d.L, sizeof *g->layer);
   g->arena = prmi_calloc((size_t)floats, sizeof(float));
-  if (g->layer == NULL || g->arena == NULL) {
+  g->pk = prmi_pack_new(c->max_rows, c->max_len);
+  if (g->layer == NULL || g->arena == NULL || g->pk == NULL) {
     llama_ctx_free(g);
     return PRM_ERR_NOMEM;
   }
@@ -835,12 +866,16 @@ static void head_norm_backward(float *dx, uint64_t ld, float *dw, const float *r
 }
 
 /* Rotate (or, inverse, rotate back) n_heads heads of every packed row at its
- * position: rows of sequence i are off[i] .. off[i+1]-1, positions 0, 1, ... */
+ * position: the own rows of sequence i, off[i] .. off[i+1]-1, hold positions
+ * first[i], first[i] + 1, ... */
 static void rope_packed(float *x, uint64_t ld, uint64_t n_heads, const llama_acts *g, uint64_t n,
                         const dims *d, int inverse) {
-  for (uint64_t i = 0; i < n; i++)
-    prmi_llama_rope(x + g->off[i] * ld, ld, g->off[i + 1] - g->off[i], n_heads, g->cos, g->sin,
-                    d->half, inverse);
+  const prmi_pack *pk = g->pk;
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t t0 = pk->first[i];
+    prmi_llama_rope(x + pk->off[i] * ld, ld, pk->off[i + 1] - pk->off[i], n_heads,
+                    g->cos + t0 * d->half, g->sin + t0 * d->half, d->half, inverse);
+  }
 }
 
 /* The same for one row per sequence (compact row i, stride ld) at its pooled
@@ -848,7 +883,7 @@ static void rope_packed(float *x, uint64_t ld, uint64_t n_heads, const llama_act
 static void rope_pooled(float *x, uint64_t ld, uint64_t n_heads, const llama_acts *g, uint64_t n,
                         const dims *d, int inverse) {
   for (uint64_t i = 0; i < n; i++) {
-    const uint64_t t = g->off[i + 1] - 1 - g->off[i];
+    const uint64_t t = g->pk->len[i] - 1;
     prmi_llama_rope(x + i * ld, ld, 1, n_heads, g->cos + t * d->half, g->sin + t * d->half, d->half,
                     inverse);
   }
@@ -860,7 +895,8 @@ static void layer_forward(const prm_model *m, llama_acts *g, const dims *d, uint
   const float *p = m->params;
   const llama_block *B = &LAYOUT(m)->blk[l];
   const layer_acts *A = &g->layer[l];
-  const uint64_t N = g->n_tok, D = d->D, QKV = d->QKV;
+  const prmi_pack *pk = g->pk;
+  const uint64_t N = pk->n_tok, D = d->D, QKV = d->QKV;
   rmsnorm_forward(A->a, A->rs1, A->x, p + B->ln1, N, D, d->eps);
   if (!d->bias) {
     linear_forward(A->qkv, QKV, A->a, N, D, p + B->wq, NULL, QKV);
@@ -878,9 +914,18 @@ static void layer_forward(const prm_model *m, llama_acts *g, const dims *d, uint
                       p + B->kn, N, d->G, d);
   }
   rope_packed(A->qkv, QKV, d->H + d->G, g, n, d, 0); /* q and k heads are adjacent */
-  for (uint64_t i = 0; i < n; i++)
-    attention_forward(A->o, A->lse, g->max_tok, A->qkv, &g->att, g->off[i],
-                      g->off[i + 1] - g->off[i], d);
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t row = pk->off[i], p0 = pk->first[i], T = pk->len[i];
+    const float *q = A->qkv + row * QKV;
+    float *lse = A->lse != NULL ? A->lse + row : NULL;
+    if (p0 == 0) {
+      attention_forward(A->o + row * d->QD, lse, g->max_tok, q, q + d->QD, QKV, &g->att, 0, T, d);
+    } else if (p0 < T) { /* keys and values partly an earlier row's */
+      gather_rows(g->kvg, A->qkv, QKV, d->QD, 2 * d->KD, pk->kmap + pk->kmap_off[i], T);
+      attention_forward(A->o + row * d->QD, lse, g->max_tok, q, g->kvg, 2 * d->KD, &g->att, p0, T,
+                        d);
+    }
+  }
   if (A->x2 != A->x) memcpy(A->x2, A->x, N * D * sizeof(float));
   prmi_gemm(0, 1, N, D, d->QD, 1.0f, A->o, d->QD, p + B->wo, d->QD, 1.0f, A->x2, D);
   rmsnorm_forward(A->m, A->rs2, A->x2, p + B->ln2, N, D, d->eps);
@@ -905,7 +950,8 @@ static void last_forward(const prm_model *m, llama_acts *g, const dims *d, float
   const float *p = m->params;
   const llama_block *B = &LAYOUT(m)->blk[d->L - 1];
   last_acts *Z = &g->last;
-  const uint64_t N = g->n_tok, D = d->D, QD = d->QD, KD = d->KD, hd = d->hd;
+  const prmi_pack *pk = g->pk;
+  const uint64_t N = pk->n_tok, D = d->D, QD = d->QD, KD = d->KD, hd = d->hd;
   rmsnorm_forward(Z->a, Z->rs1, Z->x, p + B->ln1, N, D, d->eps);
   if (!d->bias) {
     linear_forward(Z->kv, 2 * KD, Z->a, N, D, p + B->wk, NULL, 2 * KD);
@@ -914,7 +960,7 @@ static void last_forward(const prm_model *m, llama_acts *g, const dims *d, float
     linear_forward(Z->kv + KD, 2 * KD, Z->a, N, D, p + B->wv, p + B->bv, KD);
   }
   for (uint64_t i = 0; i < n; i++)
-    memcpy(Z->ac + i * D, Z->a + (g->off[i + 1] - 1) * D, D * sizeof(float));
+    memcpy(Z->ac + i * D, Z->a + pk->last[i] * D, D * sizeof(float));
   linear_forward(Z->q, QD, Z->ac, n, D, p + B->wq, d->bias ? p + B->bq : NULL, QD);
   if (d->qkn) {
     if (Z->k_raw != NULL) {
@@ -928,9 +974,14 @@ static void last_forward(const prm_model *m, llama_acts *g, const dims *d, float
   rope_packed(Z->kv, 2 * KD, d->G, g, n, d, 0);
   rope_pooled(Z->q, QD, d->H, g, n, d, 0);
   for (uint64_t i = 0; i < n; i++) {
-    const uint64_t row = g->off[i], T = g->off[i + 1] - row;
+    const uint64_t T = pk->len[i];
+    const float *kv = Z->kv + pk->off[i] * 2 * KD;
+    if (pk->first[i] > 0) { /* keys and values partly an earlier row's */
+      gather_rows(g->kvg, Z->kv, 2 * KD, 0, 2 * KD, pk->kmap + pk->kmap_off[i], T);
+      kv = g->kvg;
+    }
     for (uint64_t j = 0; j < d->G; j++) {
-      const float *k = Z->kv + row * 2 * KD + j * hd, *v = k + KD;
+      const float *k = kv + j * hd, *v = k + KD;
       const float *q = Z->q + i * QD + j * d->g * hd;
       float *S = g->att.S, *inv = g->att.inv;
       for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_ROWS) {
@@ -945,7 +996,7 @@ static void last_forward(const prm_model *m, llama_acts *g, const dims *d, float
     }
   }
   for (uint64_t i = 0; i < n; i++)
-    memcpy(Z->x2 + i * D, Z->x + (g->off[i + 1] - 1) * D, D * sizeof(float));
+    memcpy(Z->x2 + i * D, Z->x + pk->last[i] * D, D * sizeof(float));
   prmi_gemm(0, 1, n, D, QD, 1.0f, Z->o, QD, p + B->wo, QD, 1.0f, Z->x2, D);
   rmsnorm_forward(Z->m, Z->rs2, Z->x2, p + B->ln2, n, D, d->eps);
   linear_forward(Z->gu, 2 * d->F, Z->m, n, D, p + B->wg, NULL, 2 * d->F);
@@ -969,18 +1020,12 @@ static int llama_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, floa
   const float *p = m->params;
   const uint64_t n = b->n, D = d.D, L = d.L;
 
-  uint64_t N = 0;
-  for (uint64_t i = 0; i < n; i++) {
-    g->off[i] = N;
-    const uint64_t len = (uint64_t)b->lengths[i];
-    memcpy(g->ids + N, b->tokens + i * b->token_stride, len * sizeof(int32_t));
-    N += len;
-  }
-  g->off[n] = N;
-  g->n_tok = N;
+  /* pack the tokens, each shared prefix once */
+  const prmi_pack *pk = g->pk;
+  prmi_pack_tokens(g->pk, b);
   float *x0 = L > 1 ? g->layer[0].x : g->last.x;
-  for (uint64_t r = 0; r < N; r++)
-    memcpy(x0 + r * D, p + LAYOUT(m)->embed + (uint64_t)g->ids[r] * D, D * sizeof(float));
+  for (uint64_t r = 0; r < pk->n_tok; r++)
+    memcpy(x0 + r * D, p + LAYOUT(m)->embed + (uint64_t)pk->ids[r] * D, D * sizeof(float));
 
   /* training: h of a full layer lives only until its down projection */
   float *hbuf = ctx->inference ? NULL : g->d_big;
@@ -1007,7 +1052,8 @@ static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t 
   const float *p = m->params;
   const llama_block *B = &LAYOUT(m)->blk[l];
   const layer_acts *A = &g->layer[l];
-  const uint64_t N = g->n_tok, D = d->D, QD = d->QD, KD = d->KD, QKV = d->QKV;
+  const prmi_pack *pk = g->pk;
+  const uint64_t N = pk->n_tok, D = d->D, QD = d->QD, KD = d->KD, QKV = d->QKV;
   /* x' = x2 + mlp(m), m = rmsnorm(x2) */
   mlp_backward(ctx, d, B, g->d_a, g->d_res, A->gu, A->m, g->d_big, N);
   rmsnorm_backward(g->d_res, prmi_grad_slot(ctx, B->ln2), g->d_a, A->x2, p + B->ln2, A->rs2, N, D);
@@ -1015,9 +1061,23 @@ static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t 
   float *d_o = g->d_big;
   linear_backward(d_o, 0.0f, prmi_grad_slot(ctx, B->wo), NULL, g->d_res, D, A->o, N, QD, p + B->wo,
                   D);
-  for (uint64_t i = 0; i < n; i++)
-    attention_backward(g->d_qkv, d_o, A->qkv, A->lse, g->max_tok, &g->att, g->off[i],
-                       g->off[i + 1] - g->off[i], d);
+  /* rows in order: a row's own keys are set by it before later rows that
+   * share them add their part */
+  for (uint64_t i = 0; i < n; i++) {
+    const uint64_t row = pk->off[i], p0 = pk->first[i], T = pk->len[i];
+    const float *q = A->qkv + row * QKV;
+    float *dq = g->d_qkv + row * QKV;
+    if (p0 == 0) {
+      attention_backward(dq, dq + QD, QKV, d_o + row * QD, q, q + QD, QKV, A->lse + row,
+                         g->max_tok, &g->att, 0, T, d);
+    } else if (p0 < T) {
+      const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
+      gather_rows(g->kvg, A->qkv, QKV, QD, 2 * KD, kmap, T);
+      attention_backward(dq, g->dkvg, 2 * KD, d_o + row * QD, q, g->kvg, 2 * KD, A->lse + row,
+                         g->max_tok, &g->att, p0, T, d);
+      scatter_rows(g->d_qkv, QKV, QD, g->dkvg, 2 * KD, kmap, p0, T);
+    }
+  }
   rope_packed(g->d_qkv, QKV, d->H + d->G, g, n, d, 1);
   if (d->qkn) {
     head_norm_backward(g->d_qkv, QKV, prmi_grad_slot(ctx, B->qn), A->qk_raw, QD + KD, A->qk_rs,
@@ -1047,7 +1107,8 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   const float *p = m->params;
   const llama_block *B = &LAYOUT(m)->blk[d->L - 1];
   const last_acts *Z = &g->last;
-  const uint64_t N = g->n_tok, D = d->D, QD = d->QD, KD = d->KD, hd = d->hd;
+  const prmi_pack *pk = g->pk;
+  const uint64_t N = pk->n_tok, D = d->D, QD = d->QD, KD = d->KD, hd = d->hd;
   float *dz = g->d_last; /* d(out), then d(x2) */
   mlp_backward(ctx, d, B, g->d_a, dz, Z->gu, Z->m, g->d_big, n);
   rmsnorm_backward(dz, prmi_grad_slot(ctx, B->ln2), g->d_a, Z->x2, p + B->ln2, Z->rs2, n, D);
@@ -1055,13 +1116,24 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   linear_backward(d_o, 0.0f, prmi_grad_slot(ctx, B->wo), NULL, dz, D, Z->o, n, QD, p + B->wo, D);
   /* attention of the pooled queries: dk, dv of every row (one GEMM each
    * over the g heads of a group), dq compact */
-  float *dkv = g->d_qkv; /* (N, 2 KD): each (sequence, kv head) block written once */
+  /* (N, 2 KD): each (sequence, kv head) block is written once by its row;
+   * a row with a shared prefix works on gathered rows and adds the shared
+   * part into the earlier row's (rows in order) */
+  float *dkv = g->d_qkv;
   for (uint64_t i = 0; i < n; i++) {
-    const uint64_t row = g->off[i], T = g->off[i + 1] - row;
+    const uint64_t T = pk->len[i], shared = pk->first[i] > 0;
+    const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
+    const float *kv = Z->kv + pk->off[i] * 2 * KD;
+    float *dkvr = dkv + pk->off[i] * 2 * KD;
+    if (shared) {
+      gather_rows(g->kvg, Z->kv, 2 * KD, 0, 2 * KD, kmap, T);
+      kv = g->kvg;
+      dkvr = g->dkvg;
+    }
     for (uint64_t j = 0; j < d->G; j++) {
-      const float *k = Z->kv + row * 2 * KD + j * hd, *v = k + KD;
+      const float *k = kv + j * hd, *v = k + KD;
       const float *q = Z->q + i * QD + j * d->g * hd, *dout = d_o + i * QD + j * d->g * hd;
-      float *dk = dkv + row * 2 * KD + j * hd, *dv = dk + KD;
+      float *dk = dkvr + j * hd, *dv = dk + KD;
       float *P = g->att.S, *dP = g->att.dS;
       for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_ROWS) {
         const uint64_t nu = d->g - u0 < ATT_ROWS ? d->g - u0 : ATT_ROWS;
@@ -1077,6 +1149,7 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
         prmi_gemm(1, 0, T, hd, nu, 1.0f, dP, T, qu, hd, beta, dk, 2 * KD);
       }
     }
+    if (shared) scatter_rows(dkv, 2 * KD, 0, g->dkvg, 2 * KD, kmap, pk->first[i], T);
   }
   /* un-rotate, then qk_norm */
   rope_packed(dkv, 2 * KD, d->G, g, n, d, 1);
@@ -1089,8 +1162,11 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   }
   /* d(x) = scatter of d(x2) at the pooled rows + input_layernorm backward */
   memset(g->d_res, 0, N * D * sizeof(float));
-  for (uint64_t i = 0; i < n; i++)
-    memcpy(g->d_res + (g->off[i + 1] - 1) * D, dz + i * D, D * sizeof(float));
+  for (uint64_t i = 0; i < n; i++) { /* rows sharing their last token add */
+    float *dr = g->d_res + pk->last[i] * D;
+    for (uint64_t j = 0; j < D; j++)
+      dr[j] += dz[i * D + j];
+  }
   /* d(a): k|v of every row, then q of the pooled rows (via d_last, free now) */
   if (!d->bias) {
     linear_backward(g->d_a, 0.0f, prmi_grad_slot(ctx, B->wk), NULL, dkv, 2 * KD, Z->a, N, D,
@@ -1105,7 +1181,7 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
                   d->bias ? prmi_grad_slot(ctx, B->bq) : NULL, g->d_lastq, QD, Z->ac, n, D,
                   p + B->wq, QD);
   for (uint64_t i = 0; i < n; i++) {
-    float *da = g->d_a + (g->off[i + 1] - 1) * D;
+    float *da = g->d_a + pk->last[i] * D;
     const float *dq = g->d_last + i * D;
     for (uint64_t j = 0; j < D; j++)
       da[j] += dq[j];
@@ -1146,8 +1222,8 @@ static void llama_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   }
   float *ge = prmi_grad_slot(ctx, Ly->embed);
   if (ge == NULL) return;
-  for (uint64_t r = 0; r < g->n_tok; r++) {
-    float *e = ge + (uint64_t)g->ids[r] * D;
+  for (uint64_t r = 0; r < g->pk->n_tok; r++) {
+    float *e = ge + (uint64_t)g->pk->ids[r] * D;
     const float *dr = g->d_res + r * D;
     for (uint64_t j = 0; j < D; j++)
       e[j] += dr[j];

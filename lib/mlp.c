@@ -256,7 +256,9 @@ static void mlp_ctx_free(void *p) {
 /* Inference ping-pongs between two (R, max_width) buffers; training keeps
  * A_l and act'(Z_l) of every layer, a copy of the input, and uses the
  * scratch for deltas. */
-static double mlp_ctx_floats(const prm_model *m, uint64_t R, uint64_t max_len, int inference) {
+static double mlp_ctx_floats(const prm_model *m, uint64_t R, uint64_t max_len, int inference,
+                             uint32_t n_workers) {
+  (void)n_workers; /* runs on the caller */
   (void)max_len;
   const mlp_layout *L = LAYOUT(m);
   double f = 2.0 * (double)R * (double)L->max_width;

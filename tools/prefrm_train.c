@@ -322,6 +322,7 @@ typedef struct config {
   char *init, *tokenizer;
   int64_t max_len;
   int64_t train_blocks;
+  int no_share_prefix;
   /* optimisation */
   int64_t epochs, batch, eval_batch, warmup;
   char *optimizer, *schedule;
@@ -394,6 +395,11 @@ static const optdef OPTS[] = {
      "start of their prompt (default: the model's context)"},
     {"train-blocks", T_INT, O(train_blocks), F_RUN, "K",
      "train only the last K blocks and the head (0: the head only; default -1: all)"},
+    {"no-share-prefix", T_FLAG, O(no_share_prefix), F_RUN, NULL,
+     "token models: compute both sequences of each pair in full. By default the "
+     "rejected sequence reuses the chosen one's common start (the prompt and any "
+     "identical opening of the responses), computed once (prm_batch version 2): "
+     "the same results up to float rounding, for less work"},
     {NULL, T_SECTION, 0, 0, NULL, "Optimisation"},
     {"epochs", T_INT, O(epochs), F_RUN, "N", "passes over the training pairs (default 3)"},
     {"batch", T_INT, O(batch), F_RUN, "PAIRS", "pairs per optimizer step (default 16)"},
@@ -792,6 +798,12 @@ static int config_merge_saved(config *c, const unsigned char set[N_OPTS], const 
     const optdef *d = &OPTS[i];
     if (!(d->flags & F_RUN)) continue;
     const json_t *sv = json_object_get(saved, d->name);
+    if (sv == NULL && d->off == O(no_share_prefix)) {
+      /* a run saved before prefix sharing (0.4) computed every pair in
+       * full: resuming it bit-exactly means going on doing so */
+      c->no_share_prefix = 1;
+      continue;
+    }
     if (sv == NULL) {
       errf("%s: config lacks \"%s\"", state_path, d->name);
       return -1;
@@ -1250,7 +1262,7 @@ typedef struct worker {
   prm_ctx *ictx; /* inference context: held-out scoring */
   float *grads;  /* prm_ctx_grads(ctx) */
   size_t cap;    /* pairs the buffers hold */
-  int32_t *tokens, *lengths;
+  int32_t *tokens, *lengths, *prefix_row, *prefix_len;
   float *features, *scores, *dscores, *margin, *label;
   /* the current job */
   size_t n; /* pairs */
@@ -1311,10 +1323,20 @@ static void fill_batch(const trainer *T, worker *w, const pairset *s, const size
     w->lengths[n + i] = (int32_t)q->nr;
     w->margin[i] = q->margin;
     w->label[i] = q->label;
+    /* the rejected row repeats the chosen row's common start */
+    size_t lcp = 0;
+    while (lcp < q->nc && lcp < q->nr && q->c[lcp] == q->r[lcp]) lcp++;
+    w->prefix_row[i] = w->prefix_len[i] = 0;
+    w->prefix_row[n + i] = (int32_t)i;
+    w->prefix_len[n + i] = (int32_t)lcp;
   }
   b->tokens = w->tokens;
   b->token_stride = stride;
   b->lengths = w->lengths;
+  if (!T->cfg->no_share_prefix) {
+    b->prefix_row = w->prefix_row;
+    b->prefix_len = w->prefix_len;
+  }
 }
 
 static void loss_options(const trainer *T, const pairset *s, const float *margin,
@@ -2102,6 +2124,8 @@ static int setup_training(app *A) {
     else
       w->tokens = xcalloc(2 * cap * T->max_len, sizeof(int32_t));
     w->lengths = xcalloc(2 * cap, sizeof(int32_t));
+    w->prefix_row = xcalloc(2 * cap, sizeof(int32_t));
+    w->prefix_len = xcalloc(2 * cap, sizeof(int32_t));
     w->scores = xcalloc(2 * cap, sizeof(float));
     w->dscores = xcalloc(2 * cap, sizeof(float));
     w->margin = xcalloc(cap, sizeof(float));
@@ -2462,6 +2486,8 @@ static void app_free(app *A) {
       prm_ctx_free(w->ictx);
       free(w->tokens);
       free(w->lengths);
+      free(w->prefix_row);
+      free(w->prefix_len);
       free(w->features);
       free(w->scores);
       free(w->dscores);

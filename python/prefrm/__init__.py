@@ -174,9 +174,14 @@ class _BatchArgs:
     """A prm_batch over borrowed numpy arrays (kept referenced here)."""
 
     def __init__(self, features: Optional[np.ndarray], tokens: Optional[np.ndarray],
-                 lengths: Optional[np.ndarray]):
+                 lengths: Optional[np.ndarray], prefix_row: Optional[np.ndarray] = None,
+                 prefix_len: Optional[np.ndarray] = None):
         self.b = _capi.new_struct(lib(), Batch)
-        self.keep = (features, tokens, lengths)
+        self.keep = (features, tokens, lengths, prefix_row, prefix_len)
+        if (prefix_row is None) != (prefix_len is None):
+            raise ValueError("give both prefix_row and prefix_len, or neither")
+        if prefix_row is not None and tokens is None:
+            raise ValueError("shared prefixes (prefix_row, prefix_len) need a token batch")
         if features is not None:
             if tokens is not None or lengths is not None:
                 raise ValueError("give features or tokens/lengths, not both")
@@ -214,6 +219,13 @@ class _BatchArgs:
             self.b.tokens = tokens.ctypes.data
             self.b.token_stride = t if tokens.flags.c_contiguous else s0 // 4
             self.b.lengths = lengths.ctypes.data
+            if prefix_row is not None:
+                # prm_batch version 2: row i repeats the first prefix_len[i]
+                # tokens of the earlier row prefix_row[i] (computed once)
+                _arr(prefix_row, np.int32, "prefix_row", 1, n)
+                _arr(prefix_len, np.int32, "prefix_len", 1, n)
+                self.b.prefix_row = prefix_row.ctypes.data
+                self.b.prefix_len = prefix_len.ctypes.data
         else:
             raise ValueError("a batch needs features or tokens and lengths")
 
@@ -719,6 +731,12 @@ class Context(_Handle):
         return lib().prm_ctx_num_grads(self._h())
 
     @property
+    def tokens_computed(self) -> int:
+        """prm_ctx_tokens_computed: tokens the last forward ran (each
+        shared prefix once)."""
+        return lib().prm_ctx_tokens_computed(self._h())
+
+    @property
     def errmsg(self) -> str:
         """prm_ctx_errmsg: the last failure involving this context."""
         return lib().prm_ctx_errmsg(self._h()).decode(errors="replace")
@@ -729,12 +747,14 @@ class Context(_Handle):
 
     def forward(self, features: Optional[np.ndarray] = None, *,
                 tokens: Optional[np.ndarray] = None, lengths: Optional[np.ndarray] = None,
+                prefix_row: Optional[np.ndarray] = None,
+                prefix_len: Optional[np.ndarray] = None,
                 out: Optional[np.ndarray] = None) -> np.ndarray:
         """prm_ctx_forward. features: float32 (rows, input_size); or tokens
         int32 (rows, stride) with lengths int32 (rows,). Scores go into `out`
         (float32, >= rows, contiguous) or a new array; returned."""
         h = self._h()
-        b = _BatchArgs(features, tokens, lengths)
+        b = _BatchArgs(features, tokens, lengths, prefix_row, prefix_len)
         n = b.b.n
         if out is None:
             out = np.empty(n, np.float32)
@@ -793,11 +813,13 @@ class Context(_Handle):
     # ---- one-call training and evaluation
     def train_step(self, opt: "Optimizer", features: Optional[np.ndarray] = None, *,
                    tokens: Optional[np.ndarray] = None, lengths: Optional[np.ndarray] = None,
+                   prefix_row: Optional[np.ndarray] = None,
+                   prefix_len: Optional[np.ndarray] = None,
                    **loss_options: Any) -> Dict[str, Any]:
         """prm_train_step on a pair batch (2P rows: P chosen then P
         rejected). loss_options as for :func:`loss_bt`. Returns the stats."""
         h, oh = self._h(), opt._h()
-        b = _BatchArgs(features, tokens, lengths)
+        b = _BatchArgs(features, tokens, lengths, prefix_row, prefix_len)
         lo, keep = _loss_opts(b.b.n // 2, **loss_options)
         st = _new_stats()
         _check(lib().prm_train_step(h, oh, byref(b.b), byref(lo) if lo else None, byref(st)),
@@ -806,10 +828,12 @@ class Context(_Handle):
 
     def evaluate(self, features: Optional[np.ndarray] = None, *,
                  tokens: Optional[np.ndarray] = None, lengths: Optional[np.ndarray] = None,
+                 prefix_row: Optional[np.ndarray] = None,
+                 prefix_len: Optional[np.ndarray] = None,
                  **loss_options: Any) -> Dict[str, Any]:
         """prm_evaluate on a pair batch; returns the stats."""
         h = self._h()
-        b = _BatchArgs(features, tokens, lengths)
+        b = _BatchArgs(features, tokens, lengths, prefix_row, prefix_len)
         lo, keep = _loss_opts(b.b.n // 2, **loss_options)
         st = _new_stats()
         _check(lib().prm_evaluate(h, byref(b.b), byref(lo) if lo else None, byref(st)),
@@ -818,12 +842,14 @@ class Context(_Handle):
 
     def evaluate_accum(self, acc: Accumulator, features: Optional[np.ndarray] = None, *,
                        tokens: Optional[np.ndarray] = None,
-                       lengths: Optional[np.ndarray] = None, **loss_options: Any) -> None:
+                       lengths: Optional[np.ndarray] = None,
+                       prefix_row: Optional[np.ndarray] = None,
+                       prefix_len: Optional[np.ndarray] = None, **loss_options: Any) -> None:
         """prm_evaluate_accum: evaluate a pair batch into `acc`."""
         h = self._h()
         if not isinstance(acc, Accumulator):
             raise TypeError("acc must be a prefrm.Accumulator")
-        b = _BatchArgs(features, tokens, lengths)
+        b = _BatchArgs(features, tokens, lengths, prefix_row, prefix_len)
         lo, keep = _loss_opts(b.b.n // 2, **loss_options)
         _check(lib().prm_evaluate_accum(h, byref(b.b), byref(lo) if lo else None,
                                         byref(acc._a)), "prm_evaluate_accum")
@@ -831,14 +857,16 @@ class Context(_Handle):
     def evaluate_groups_accum(self, acc: Accumulator, group_sizes: np.ndarray,
                               features: Optional[np.ndarray] = None, *,
                               tokens: Optional[np.ndarray] = None,
-                              lengths: Optional[np.ndarray] = None, loss: str = "pairwise",
+                              lengths: Optional[np.ndarray] = None,
+                              prefix_row: Optional[np.ndarray] = None,
+                              prefix_len: Optional[np.ndarray] = None, loss: str = "pairwise",
                               weight: Optional[np.ndarray] = None) -> None:
         """prm_evaluate_groups_accum: evaluate a group batch into `acc`."""
         h = self._h()
         if not isinstance(acc, Accumulator):
             raise TypeError("acc must be a prefrm.Accumulator")
         g = _arr(group_sizes, np.int32, "group_sizes")
-        b = _BatchArgs(features, tokens, lengths)
+        b = _BatchArgs(features, tokens, lengths, prefix_row, prefix_len)
         ro, keep = _rank_opts(g.shape[0], loss, weight)
         _check(lib().prm_evaluate_groups_accum(h, byref(b.b), _ptr(g), g.shape[0], byref(ro),
                                                byref(acc._a)), "prm_evaluate_groups_accum")
@@ -846,13 +874,15 @@ class Context(_Handle):
     def train_step_groups(self, opt: "Optimizer", group_sizes: np.ndarray,
                           features: Optional[np.ndarray] = None, *,
                           tokens: Optional[np.ndarray] = None,
-                          lengths: Optional[np.ndarray] = None, loss: str = "pairwise",
+                          lengths: Optional[np.ndarray] = None,
+                          prefix_row: Optional[np.ndarray] = None,
+                          prefix_len: Optional[np.ndarray] = None, loss: str = "pairwise",
                           weight: Optional[np.ndarray] = None) -> Dict[str, Any]:
         """prm_train_step_groups: groups back to back, best first;
         group_sizes int32. Returns the stats."""
         h, oh = self._h(), opt._h()
         g = _arr(group_sizes, np.int32, "group_sizes")
-        b = _BatchArgs(features, tokens, lengths)
+        b = _BatchArgs(features, tokens, lengths, prefix_row, prefix_len)
         ro, keep = _rank_opts(g.shape[0], loss, weight)
         st = _new_stats()
         _check(lib().prm_train_step_groups(h, oh, byref(b.b), _ptr(g), g.shape[0], byref(ro),
@@ -861,12 +891,14 @@ class Context(_Handle):
 
     def evaluate_groups(self, group_sizes: np.ndarray, features: Optional[np.ndarray] = None,
                         *, tokens: Optional[np.ndarray] = None,
-                        lengths: Optional[np.ndarray] = None, loss: str = "pairwise",
+                        lengths: Optional[np.ndarray] = None,
+                        prefix_row: Optional[np.ndarray] = None,
+                        prefix_len: Optional[np.ndarray] = None, loss: str = "pairwise",
                         weight: Optional[np.ndarray] = None) -> Dict[str, Any]:
         """prm_evaluate_groups; returns the stats."""
         h = self._h()
         g = _arr(group_sizes, np.int32, "group_sizes")
-        b = _BatchArgs(features, tokens, lengths)
+        b = _BatchArgs(features, tokens, lengths, prefix_row, prefix_len)
         ro, keep = _rank_opts(g.shape[0], loss, weight)
         st = _new_stats()
         _check(lib().prm_evaluate_groups(h, byref(b.b), _ptr(g), g.shape[0], byref(ro),

@@ -24,7 +24,7 @@ PRM_MODEL_OPTIONS_VERSION = 2
 PRM_REWARD_MOMENTS_VERSION = 1
 PRM_PRETRAINED_OPTIONS_VERSION = 1
 PRM_LOAD_REPORT_VERSION = 1
-PRM_BATCH_VERSION = 1
+PRM_BATCH_VERSION = 2
 PRM_CTX_OPTIONS_VERSION = 1
 PRM_LOSS_OPTIONS_VERSION = 2
 PRM_LOSS_STATS_VERSION = 2
@@ -71,11 +71,13 @@ class LoadReport(Structure):
 
 
 class Batch(Structure):
-    """prm_batch, version 1."""
+    """prm_batch, version 2."""
     _fields_ = [("version", c_uint32), ("n", c_uint64),
                 ("features", c_void_p), ("n_features", c_uint64),
                 ("row_stride", c_uint64), ("tokens", c_void_p),
-                ("token_stride", c_uint64), ("lengths", c_void_p)]
+                ("token_stride", c_uint64), ("lengths", c_void_p),
+                # version 2
+                ("prefix_row", c_void_p), ("prefix_len", c_void_p)]
 
 
 class CtxOptions(Structure):
@@ -216,6 +218,7 @@ SIGNATURES: Dict[str, Tuple[Optional[type], list]] = {
     "prm_ctx_max_len": (c_uint64, [_p]),
     "prm_ctx_is_inference": (c_int32, [_p]),
     "prm_ctx_num_grads": (c_uint64, [_p]),
+    "prm_ctx_tokens_computed": (c_uint64, [_p]),
     "prm_ctx_errmsg": (c_char_p, [_p]),
     "prm_ctx_forward": (c_int, [_p, POINTER(Batch), _p, c_uint64]),
     "prm_ctx_backward": (c_int, [_p, _p, c_uint64]),

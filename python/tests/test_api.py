@@ -176,6 +176,34 @@ def test_token_model_forward_and_train():
                 ctx.forward(tokens=wide[:, :6], lengths=np.array([3, 7, 6, 2], np.int32))
 
 
+def test_shared_prefixes():
+    # rows 2 and 3 (the rejected responses) repeat their chosen row's prompt
+    with prefrm.Model("llama", vocab_size=13, n_ctx=12, n_embd=16, n_layer=2, n_head=4,
+                      n_kv_head=2, seed=4) as m, m.context(4) as ctx:
+        rng = np.random.default_rng(2)
+        tokens = rng.integers(0, 13, (4, 12)).astype(np.int32)
+        lengths = np.array([9, 7, 11, 5], np.int32)
+        prefix_row = np.array([0, 0, 0, 1], np.int32)
+        prefix_len = np.array([0, 0, 4, 3], np.int32)
+        tokens[2, :4] = tokens[0, :4]
+        tokens[3, :3] = tokens[1, :3]
+        plain = ctx.forward(tokens=tokens, lengths=lengths)
+        assert ctx.tokens_computed == 32
+        shared = ctx.forward(tokens=tokens, lengths=lengths, prefix_row=prefix_row,
+                             prefix_len=prefix_len)
+        assert ctx.tokens_computed == 32 - 7
+        np.testing.assert_allclose(shared, plain, rtol=1e-5, atol=1e-6)
+        st = ctx.evaluate(tokens=tokens, lengths=lengths, prefix_row=prefix_row,
+                          prefix_len=prefix_len)
+        assert st["n_compared"] == 2
+        tokens[3, 0] = (tokens[3, 0] + 1) % 13  # no longer row 1's prefix: refused
+        with pytest.raises(prefrm.InvalidError, match="differs"):
+            ctx.forward(tokens=tokens, lengths=lengths, prefix_row=prefix_row,
+                        prefix_len=prefix_len)
+        with pytest.raises(ValueError, match="both"):
+            ctx.forward(tokens=tokens, lengths=lengths, prefix_row=prefix_row)
+
+
 def test_gather_tokens():
     seqs = [[1, 2, 3], [4], np.array([5, 6], dtype=np.int32)]
     out = prefrm.gather_tokens(seqs, stride=4, pad=9)

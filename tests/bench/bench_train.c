@@ -4,7 +4,8 @@
  *
  *   bench_train [--model linear|mlp|gpt2|llama] [--d D] [--hidden 1024,256]
  *               [--act gelu|relu|tanh] [--batch P] [--steps S] [--warmup W] [--lr 1e-4]
- *               [--seed 0] [--batches NB] [--threads N] [--no-phases] [--blas-probe]
+ *               [--seed 0] [--batches NB] [--threads N] [--workers W] [--no-phases]
+ *               [--blas-probe]
  *               [--json-out FILE]
  *   gpt2/llama: [--vocab 512] [--ctx 128] [--dim 128] [--layers 4] [--heads 4]
  *               [--seq-len T] [--min-len M] [--score]
@@ -31,6 +32,10 @@
  * the environment (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS), which OpenBLAS
  * reads when it is loaded -- before main. --threads N therefore sets both
  * variables and re-executes the program when they differ.
+ *
+ * --workers W (gpt2, llama) runs the context on a prm_pool of W workers
+ * (prm_ctx_options.parallel_for: the library's own threading, independent
+ * of the BLAS's threads, which --threads sets).
  *
  * --no-phases skips the second loop that times forward+loss / backward /
  * optimizer separately through the split API (prm_ctx_forward, prm_loss_bt,
@@ -577,6 +582,7 @@ typedef struct tok_cfg {
   int attn_bias, qk_norm;
   double lr;
   int phases, probe, score;
+  long workers; /* > 0: a prm_pool of this many workers runs the context */
   const char *json_out;
 } tok_cfg;
 
@@ -662,6 +668,13 @@ static int run_tok(const tok_cfg *cf) {
   co.max_rows = rows;
   co.max_len = T;
   co.inference = score;
+  prm_pool *pool = NULL;
+  if (cf->workers > 0) { /* the library's own threads: one context on a pool */
+    CHECK(prm_pool_new(&pool, (uint32_t)cf->workers));
+    co.n_workers = prm_pool_size(pool);
+    co.parallel_for = prm_pool_parallel_for;
+    co.parallel_arg = pool;
+  }
   CHECK(prm_ctx_new(&ctx, model, &co));
   if (!score) {
     prm_optimizer_options oo;
@@ -803,9 +816,11 @@ static int run_tok(const tok_cfg *cf) {
   u += (size_t)snprintf(
       json + u, sizeof json - u,
       "\"seq_len\": %llu, \"min_len\": %llu}, \"pairs_per_step\": %llu, \"threads\": %s, "
+      "\"workers\": %ld, "
       "\"steps\": %ld, \"warmup\": %ld, \"batches\": %d, \"tokens_per_step_computed\": %.1f, ",
       (unsigned long long)T, (unsigned long long)min_len, (unsigned long long)P,
-      strcmp(threads_env, "(unset)") ? threads_env : "null", steps, warmup, nb, tok_real);
+      strcmp(threads_env, "(unset)") ? threads_env : "null", cf->workers > 0 ? cf->workers : 1,
+      steps, warmup, nb, tok_real);
   if (score)
     u += (size_t)snprintf(json + u, sizeof json - u,
                           "\"seqs_per_forward\": %llu, \"ms_forward_median\": %.6f, "
@@ -879,6 +894,7 @@ static int run_tok(const tok_cfg *cf) {
   free(ids);
   prm_optimizer_free(opt);
   prm_ctx_free(ctx);
+  prm_pool_free(pool);
   prm_model_free(model);
   return rc;
 }
@@ -890,7 +906,7 @@ static void usage(void) {
   fprintf(stderr,
           "usage: bench_train [--model linear|mlp|gpt2|llama] [--d D] [--hidden H1,H2,...]\n"
           "                   [--act gelu|relu|tanh] [--batch P] [--steps S] [--warmup W]\n"
-          "                   [--lr LR] [--seed N] [--batches NB] [--threads N]\n"
+          "                   [--lr LR] [--seed N] [--batches NB] [--threads N] [--workers W]\n"
           "                   [--no-phases] [--blas-probe] [--json-out FILE]\n"
           "       gpt2/llama: [--vocab V] [--ctx T] [--dim D] [--layers L] [--heads H]\n"
           "                   [--seq-len T] [--min-len M] [--score]\n"
@@ -925,6 +941,7 @@ static double parse_real(const char *flag, const char *s, double lo, double hi) 
 int main(int argc, char **argv) {
   const char *model_name = "linear", *act_name = "gelu", *hidden_arg = NULL, *json_out = NULL;
   long d = 0, batch = 0, steps = 20, warmup = 3, seed = 0, nbatches = 0, threads = 0;
+  long workers = 0;
   long vocab = 512, n_ctx = 128, dim = 128, layers = 4, heads = 4, seq_len = 0, min_len = 0;
   long kv_heads = 0, head_dim = 0, ffn = 0; /* llama; 0: the library's default */
   double rope_theta = 0.0, rms_eps = -1.0;  /* llama; not given: the library's default */
@@ -969,6 +986,9 @@ int main(int argc, char **argv) {
     } else if (!strcmp(a, "--threads")) {
       NEED_VALUE;
       threads = parse_long(a, v, 1, 1024);
+    } else if (!strcmp(a, "--workers")) {
+      NEED_VALUE;
+      workers = parse_long(a, v, 1, 1024);
     } else if (!strcmp(a, "--lr")) {
       NEED_VALUE;
       lr = strtod(v, NULL);
@@ -1079,6 +1099,7 @@ int main(int argc, char **argv) {
                         .phases = phases,
                         .probe = probe,
                         .score = score,
+                        .workers = workers,
                         .json_out = json_out};
     return run_tok(&cf);
   }
