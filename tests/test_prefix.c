@@ -270,6 +270,65 @@ static void test_one_call(void **state) {
 }
 
 /*
+ * Group batches (K-wise rankings): every response of a group names the
+ * group's first row; Plackett-Luce training and evaluation agree with the
+ * undeclared batch.
+ */
+static void check_groups(int kind) {
+  enum { G = 3, ROWS = 9 };
+  static const int32_t sizes[G] = {4, 2, 3};
+  static const int32_t prompt[G] = {33, 2, 20};
+  int32_t tokens[ROWS * CTX], len[ROWS], prow[ROWS], plen[ROWS];
+  prmt_rng r = {77};
+  int row = 0;
+  for (int gi = 0; gi < G; gi++)
+    for (int k = 0; k < sizes[gi]; k++, row++) {
+      len[row] = prompt[gi] + 3 + (int32_t)(prmt_next(&r) % 40);
+      prow[row] = row - k; /* the group's first row */
+      plen[row] = k == 0 ? 0 : prompt[gi];
+    }
+  prmt_fill_tokens(&r, tokens, len, ROWS, CTX, V, 1);
+  for (int i = 0; i < ROWS; i++)
+    memcpy(tokens + i * CTX, tokens + prow[i] * CTX, (size_t)plen[i] * sizeof(int32_t));
+  prm_batch bu = prmt_tok_batch(tokens, len, ROWS, CTX), bs = bu;
+  bs.prefix_row = prow;
+  bs.prefix_len = plen;
+  prm_rank_options ro;
+  assert_int_equal(prm_rank_options_init(&ro, PRM_RANK_OPTIONS_VERSION), PRM_OK);
+  ro.loss = PRM_RANK_PLACKETT_LUCE;
+  prm_model *mu = model_of(kind, 2), *ms = model_of(kind, 2);
+  prm_ctx *cu = prmt_tok_ctx(mu, ROWS, CTX, 0), *cs = prmt_tok_ctx(ms, ROWS, CTX, 0);
+  prm_loss_stats eu, es;
+  assert_int_equal(prm_loss_stats_init(&eu, PRM_LOSS_STATS_VERSION), PRM_OK);
+  assert_int_equal(prm_loss_stats_init(&es, PRM_LOSS_STATS_VERSION), PRM_OK);
+  assert_int_equal(prm_evaluate_groups(cu, &bu, sizes, G, &ro, &eu), PRM_OK);
+  assert_int_equal(prm_evaluate_groups(cs, &bs, sizes, G, &ro, &es), PRM_OK);
+  assert_true(fabs(eu.loss - es.loss) <= 1e-6 * (1 + fabs(eu.loss)));
+  uint64_t own = 0;
+  for (int i = 0; i < ROWS; i++) own += (uint64_t)(len[i] - plen[i]);
+  assert_int_equal(prm_ctx_tokens_computed(cs), own);
+  prm_optimizer *ou = sgd(mu), *os = sgd(ms);
+  for (int step = 0; step < 2; step++) {
+    assert_int_equal(prm_train_step_groups(cu, ou, &bu, sizes, G, &ro, &eu), PRM_OK);
+    assert_int_equal(prm_train_step_groups(cs, os, &bs, sizes, G, &ro, &es), PRM_OK);
+  }
+  uint64_t np;
+  const float *pu = prm_model_params(mu, &np), *ps = prm_model_params(ms, &np);
+  assert_close(ps, pu, np, 1e-6, "group parameters after 2 steps");
+  prm_optimizer_free(ou);
+  prm_optimizer_free(os);
+  prm_ctx_free(cu);
+  prm_ctx_free(cs);
+  prm_model_free(mu);
+  prm_model_free(ms);
+}
+
+static void test_groups(void **state) {
+  (void)state;
+  for (int kind = 0; kind <= 1; kind++) check_groups(kind);
+}
+
+/*
  * Bad declarations: each is refused with its status and a message, and the
  * context keeps the forward it had (its backward still gives the gradient
  * of that forward).
@@ -424,6 +483,7 @@ int main(void) {
       cmocka_unit_test(test_split_gpt2),
       cmocka_unit_test(test_split_llama),
       cmocka_unit_test(test_one_call),
+      cmocka_unit_test(test_groups),
       cmocka_unit_test(test_bad_declarations),
       cmocka_unit_test(test_version_1_batch),
       cmocka_unit_test(test_no_declaration_unchanged),
