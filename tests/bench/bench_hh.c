@@ -88,10 +88,10 @@ static void fail_call(const char *what, int rc, const prm_ctx *ctx) {
   exit(1);
 }
 
-#define CHECK(call, ctx)                                                                          \
-  do {                                                                                            \
-    int rc_ = (call);                                                                             \
-    if (rc_ != PRM_OK) fail_call(#call, rc_, (ctx));                                              \
+#define CHECK(call, ctx)                                                                           \
+  do {                                                                                             \
+    int rc_ = (call);                                                                              \
+    if (rc_ != PRM_OK) fail_call(#call, rc_, (ctx));                                               \
   } while (0)
 
 static void *xmalloc(size_t n) {
@@ -109,11 +109,11 @@ typedef struct seq {
 
 typedef struct hh_data {
   uint32_t ctx, n_pairs, n_groups, group_size;
-  uint64_t pairs_read;        /* pairs kept (the first ones of the file) */
-  seq *chosen, *rejected;     /* pairs_read each */
-  uint32_t *pair_prompt;      /* prompt bytes kept, per pair */
-  seq *group_seqs;            /* n_groups * group_size when groups were read */
-  uint32_t *group_prompt;     /* per group */
+  uint64_t pairs_read;    /* pairs kept (the first ones of the file) */
+  seq *chosen, *rejected; /* pairs_read each */
+  uint32_t *pair_prompt;  /* prompt bytes kept, per pair */
+  seq *group_seqs;        /* n_groups * group_size when groups were read */
+  uint32_t *group_prompt; /* per group */
 } hh_data;
 
 static uint32_t read_u32(FILE *f, const char *path) {
@@ -127,7 +127,8 @@ static seq read_seq(FILE *f, uint32_t len, uint32_t ctx, const char *path) {
   seq s = {(int32_t)len, xmalloc(len * sizeof(int32_t))};
   unsigned char *buf = xmalloc(len);
   if (fread(buf, 1, len, f) != len) die("%s: truncated", path);
-  for (uint32_t t = 0; t < len; t++) s.tok[t] = buf[t]; /* id = byte */
+  for (uint32_t t = 0; t < len; t++)
+    s.tok[t] = buf[t]; /* id = byte */
   free(buf);
   return s;
 }
@@ -173,8 +174,10 @@ static void read_data(hh_data *d, const char *path, uint64_t want_pairs, int wan
     uint32_t *lens = xmalloc(gs * sizeof(uint32_t));
     for (uint64_t g = 0; g < d->n_groups; g++) {
       d->group_prompt[g] = read_u32(f, path);
-      for (uint64_t i = 0; i < gs; i++) lens[i] = read_u32(f, path);
-      for (uint64_t i = 0; i < gs; i++) d->group_seqs[g * gs + i] = read_seq(f, lens[i], d->ctx, path);
+      for (uint64_t i = 0; i < gs; i++)
+        lens[i] = read_u32(f, path);
+      for (uint64_t i = 0; i < gs; i++)
+        d->group_seqs[g * gs + i] = read_seq(f, lens[i], d->ctx, path);
     }
     free(lens);
   }
@@ -187,7 +190,8 @@ static void free_data(hh_data *d) {
     free(d->rejected[k].tok);
   }
   if (d->group_seqs)
-    for (uint64_t i = 0; i < (uint64_t)d->n_groups * d->group_size; i++) free(d->group_seqs[i].tok);
+    for (uint64_t i = 0; i < (uint64_t)d->n_groups * d->group_size; i++)
+      free(d->group_seqs[i].tok);
   free(d->chosen);
   free(d->rejected);
   free(d->pair_prompt);
@@ -197,16 +201,18 @@ static void free_data(hh_data *d) {
 
 static int32_t common_prefix(const seq *a, const seq *b) {
   int32_t n = a->len < b->len ? a->len : b->len, i = 0;
-  while (i < n && a->tok[i] == b->tok[i]) i++;
+  while (i < n && a->tok[i] == b->tok[i])
+    i++;
   return i;
 }
 
-/* ---- token batches ---------------------------------------------------------------------------- */
+/* ---- token batches ----------------------------------------------------------------------------
+ */
 
 typedef struct tok_batch {
-  uint64_t n, stride;           /* rows; ids per row (the batch's longest row) */
+  uint64_t n, stride; /* rows; ids per row (the batch's longest row) */
   int32_t *tokens, *len, *prow, *plen;
-  uint64_t sum_len, sum_plen;   /* tokens of the batch; of its declared prefixes */
+  uint64_t sum_len, sum_plen; /* tokens of the batch; of its declared prefixes */
 } tok_batch;
 
 /* rows[i] with prefix (prow[i], plen[i]) given by the caller afterwards */
@@ -303,7 +309,8 @@ static const char *env_or(const char *name, const char *dflt) {
 
 static void json_floats(FILE *f, const float *v, uint64_t n) {
   fputc('[', f);
-  for (uint64_t i = 0; i < n; i++) fprintf(f, "%s%.9g", i ? ", " : "", (double)v[i]);
+  for (uint64_t i = 0; i < n; i++)
+    fprintf(f, "%s%.9g", i ? ", " : "", (double)v[i]);
   fputc(']', f);
 }
 
@@ -319,9 +326,9 @@ static void json_doubles(FILE *f, const double *v, uint64_t n, const char *fmt) 
 /* ---- options --------------------------------------------------------------------------------- */
 
 typedef struct opts {
-  int train;                 /* 1: train, 0: score */
+  int train; /* 1: train, 0: score */
   const char *data, *init, *json_out;
-  int share, check;          /* check: -1 = default (on without --share) */
+  int share, check; /* check: -1 = default (on without --share) */
   long batch, warmup, steps, per_call, threads;
   long seed;
   double lr;
@@ -377,10 +384,10 @@ static void parse_opts(opts *o, int argc, char **argv) {
   for (int i = 2; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-#define VALUE()                                                                                   \
-  do {                                                                                            \
-    if (v == NULL) usage();                                                                       \
-    i++;                                                                                          \
+#define VALUE()                                                                                    \
+  do {                                                                                             \
+    if (v == NULL) usage();                                                                        \
+    i++;                                                                                           \
   } while (0)
     if (!strcmp(a, "--data")) {
       VALUE();
@@ -473,8 +480,8 @@ static void model_json(FILE *f, const prm_model *m) {
 
 /* Forward b (and, on a training context, back-propagate the Bradley-Terry
  * loss of its pairs into grads); returns the tokens computed. */
-static uint64_t guard_pass(prm_ctx *ctx, const tok_batch *b, int share, float *scores,
-                           float *grads, uint64_t n_grads) {
+static uint64_t guard_pass(prm_ctx *ctx, const tok_batch *b, int share, float *scores, float *grads,
+                           uint64_t n_grads) {
   prm_batch pb = as_prm_batch(b, share);
   CHECK(prm_ctx_forward(ctx, &pb, scores, b->n), ctx);
   uint64_t tok = prm_ctx_tokens_computed(ctx);
@@ -544,8 +551,8 @@ static void guard(prm_ctx *ctx, const tok_batch *b, int training, guard_result *
   printf("check: first batch (%llu rows, %llu tokens, %llu in declared prefixes): shared and "
          "unshared scores agree to %.2e%s; tokens computed %llu unshared, %llu shared, as "
          "declared\n",
-         (unsigned long long)b->n, (unsigned long long)b->sum_len,
-         (unsigned long long)b->sum_plen, r->score_rel, grads, (unsigned long long)r->tok_unshared,
+         (unsigned long long)b->n, (unsigned long long)b->sum_len, (unsigned long long)b->sum_plen,
+         r->score_rel, grads, (unsigned long long)r->tok_unshared,
          (unsigned long long)r->tok_shared);
 }
 
@@ -554,13 +561,13 @@ static void guard_json(FILE *f, const guard_result *g) {
     fputs("\"check\": null", f);
     return;
   }
-  fprintf(f,
-          "\"check\": {\"score_rel_diff\": %.3g, \"grad_rel_diff\": %.3g, \"tokens_unshared\": %llu, "
-          "\"tokens_shared\": %llu}",
-          g->score_rel, g->grad_rel, (unsigned long long)g->tok_unshared,
-          (unsigned long long)g->tok_shared);
+  fprintf(
+      f,
+      "\"check\": {\"score_rel_diff\": %.3g, \"grad_rel_diff\": %.3g, \"tokens_unshared\": %llu, "
+      "\"tokens_shared\": %llu}",
+      g->score_rel, g->grad_rel, (unsigned long long)g->tok_unshared,
+      (unsigned long long)g->tok_shared);
 }
-
 
 /* The JSON line is written to memory, then printed after "JSON " and, with
  * --json-out, appended to that file. */
@@ -695,7 +702,8 @@ static void run_train(const opts *o) {
           (unsigned long long)shared, (unsigned long long)padded, rss, rss_setup);
   json_doubles(f, loss, nb, "%.7g");
   fputs(", \"ms_steps\": ", f);
-  for (uint64_t k = 0; k < nb; k++) t[k] *= 1e3;
+  for (uint64_t k = 0; k < nb; k++)
+    t[k] *= 1e3;
   json_doubles(f, t, nb, "%.2f");
   fputs(", ", f);
   guard_json(f, &gr);
@@ -704,7 +712,8 @@ static void run_train(const opts *o) {
 
   free(t);
   free(loss);
-  for (uint64_t k = 0; k < nb; k++) batch_free(&bs[k]);
+  for (uint64_t k = 0; k < nb; k++)
+    batch_free(&bs[k]);
   free(bs);
   prm_optimizer_free(opt);
   prm_ctx_free(ctx);
@@ -727,7 +736,8 @@ static void run_score(const opts *o) {
   tok_batch *bs = xmalloc(nb * sizeof(tok_batch));
   const seq **rows = xmalloc(rows_per_call * sizeof *rows);
   for (uint64_t k = 0; k < nb; k++) {
-    for (uint64_t i = 0; i < rows_per_call; i++) rows[i] = &d.group_seqs[k * rows_per_call + i];
+    for (uint64_t i = 0; i < rows_per_call; i++)
+      rows[i] = &d.group_seqs[k * rows_per_call + i];
     batch_alloc(&bs[k], rows, rows_per_call);
     for (uint64_t i = 0; i < rows_per_call; i++) { /* each row shares with its prompt's first row */
       const uint64_t first = i - i % K;
@@ -777,7 +787,8 @@ static void run_score(const opts *o) {
     fprintf(stderr, "bench_hh: WARNING: %llu tokens computed, %llu declared\n",
             (unsigned long long)tok, (unsigned long long)tok_want);
   double total = 0.0;
-  for (uint64_t k = 0; k < nb; k++) total += t[k];
+  for (uint64_t k = 0; k < nb; k++)
+    total += t[k];
   const double med = median(t, nb);
   const uint64_t n_resp = nb * rows_per_call;
   const long rss = peak_rss_kb();
@@ -813,7 +824,8 @@ static void run_score(const opts *o) {
 
   free(t);
   free(scores);
-  for (uint64_t k = 0; k < nb; k++) batch_free(&bs[k]);
+  for (uint64_t k = 0; k < nb; k++)
+    batch_free(&bs[k]);
   free(bs);
   prm_ctx_free(ctx);
   prm_model_free(m);
@@ -834,7 +846,8 @@ int main(int argc, char **argv) {
     if (cur == NULL || strcmp(cur, want) != 0) differ = 1;
   }
   if (differ) { /* BLAS reads them when it is loaded, before main: start again with them set */
-    for (int i = 0; i < 3; i++) setenv(vars[i], want, 1);
+    for (int i = 0; i < 3; i++)
+      setenv(vars[i], want, 1);
     execv("/proc/self/exe", argv);
     die("cannot re-execute to set the thread count: %s", strerror(errno));
   }
