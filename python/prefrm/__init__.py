@@ -508,9 +508,11 @@ class Model(_Handle):
         return m, report
 
     # ---- children
-    def context(self, max_rows: int, *, inference: bool = False, max_len: int = 0) -> "Context":
-        """A new :class:`Context` (prm_ctx_new) for up to max_rows rows."""
-        return Context(self, max_rows, inference=inference, max_len=max_len)
+    def context(self, max_rows: int, *, inference: bool = False, max_len: int = 0,
+                workers: int = 1) -> "Context":
+        """A new :class:`Context` (prm_ctx_new) for up to max_rows rows;
+        workers > 1 runs it on a thread pool of its own."""
+        return Context(self, max_rows, inference=inference, max_len=max_len, workers=workers)
 
     def optimizer(self, **options: Any) -> "Optimizer":
         """A new :class:`Optimizer` (prm_optimizer_new) for this model."""
@@ -703,16 +705,47 @@ class Context(_Handle):
     _free_name = "prm_ctx_free"
 
     def __init__(self, model: Model, max_rows: int, *, inference: bool = False,
-                 max_len: int = 0) -> None:
+                 max_len: int = 0, workers: int = 1) -> None:
+        """workers > 1: the context runs each call on a prm_pool of that
+        many threads of its own (results bit-identical to workers=1)."""
         if not isinstance(model, Model):
             raise TypeError("model must be a prefrm.Model")
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError("workers must be an int >= 1")
         o = _capi.new_struct(lib(), CtxOptions)
         o.inference, o.max_rows, o.max_len = int(bool(inference)), max_rows, max_len
+        self._pool: Optional[int] = None
+        if workers > 1:
+            pool = c_void_p()
+            _check(lib().prm_pool_new(byref(pool), workers), "prm_pool_new")
+            self._pool = pool.value
+            o.n_workers = workers
+            o.parallel_for = ctypes.cast(lib().prm_pool_parallel_for, c_void_p).value
+            o.parallel_arg = self._pool
         out = c_void_p()
-        _check(lib().prm_ctx_new(byref(out), model._h(), byref(o)), "prm_ctx_new")
+        try:
+            _check(lib().prm_ctx_new(byref(out), model._h(), byref(o)), "prm_ctx_new")
+        except BaseException:
+            self._free_pool()
+            raise
         super().__init__(out.value)
         self.model = model
         model._children.add(self)
+
+    def _free_pool(self) -> None:
+        p, self._pool = getattr(self, "_pool", None), None
+        if p is not None:
+            lib().prm_pool_free(p)
+
+    def close(self) -> None:
+        """Free the context, then its thread pool (workers > 1)."""
+        super().close()
+        self._free_pool()
+
+    @property
+    def workers(self) -> int:
+        """Threads each call runs on (prm_pool_size; 1 without a pool)."""
+        return lib().prm_pool_size(self._pool) if self._pool is not None else 1
 
     @property
     def max_rows(self) -> int:

@@ -25,7 +25,7 @@ PRM_REWARD_MOMENTS_VERSION = 1
 PRM_PRETRAINED_OPTIONS_VERSION = 1
 PRM_LOAD_REPORT_VERSION = 1
 PRM_BATCH_VERSION = 2
-PRM_CTX_OPTIONS_VERSION = 1
+PRM_CTX_OPTIONS_VERSION = 2
 PRM_LOSS_OPTIONS_VERSION = 2
 PRM_LOSS_STATS_VERSION = 2
 PRM_RANK_OPTIONS_VERSION = 1
@@ -81,9 +81,13 @@ class Batch(Structure):
 
 
 class CtxOptions(Structure):
-    """prm_ctx_options, version 1."""
+    """prm_ctx_options, version 2."""
     _fields_ = [("version", c_uint32), ("inference", c_int32),
-                ("max_rows", c_uint64), ("max_len", c_uint64)]
+                ("max_rows", c_uint64), ("max_len", c_uint64),
+                # version 2: threads (parallel_for is a C function pointer,
+                # in practice prm_pool_parallel_for's address)
+                ("n_workers", c_uint32), ("parallel_for", c_void_p),
+                ("parallel_arg", c_void_p)]
 
 
 class LossOptions(Structure):
@@ -213,6 +217,10 @@ SIGNATURES: Dict[str, Tuple[Optional[type], list]] = {
     "prm_ctx_options_init": (c_int, [POINTER(CtxOptions), c_uint32]),
     "prm_ctx_new": (c_int, [POINTER(_p), _p, POINTER(CtxOptions)]),
     "prm_ctx_free": (None, [_p]),
+    "prm_pool_new": (c_int, [POINTER(_p), c_uint32]),
+    "prm_pool_free": (None, [_p]),
+    "prm_pool_size": (c_uint32, [_p]),
+    "prm_pool_parallel_for": (None, [_p, c_uint32, _p, _p]),
     "prm_ctx_model": (_p, [_p]),
     "prm_ctx_max_rows": (c_uint64, [_p]),
     "prm_ctx_max_len": (c_uint64, [_p]),

@@ -204,6 +204,29 @@ def test_shared_prefixes():
             ctx.forward(tokens=tokens, lengths=lengths, prefix_row=prefix_row)
 
 
+def test_workers_bit_identical():
+    # one context on a pool of 3 threads scores and trains bit for bit like
+    # one on the calling thread
+    with prefrm.Model("gpt2", vocab_size=17, n_ctx=40, n_embd=16, n_layer=2, n_head=2,
+                      seed=5) as m1, prefrm.Model("gpt2", vocab_size=17, n_ctx=40, n_embd=16,
+                                                  n_layer=2, n_head=2, seed=5) as m3:
+        rng = np.random.default_rng(3)
+        tokens = rng.integers(0, 17, (6, 40)).astype(np.int32)
+        lengths = rng.integers(1, 41, 6).astype(np.int32)
+        with m1.context(6) as c1, m3.context(6, workers=3) as c3, \
+                m1.optimizer(lr=1e-2) as o1, m3.optimizer(lr=1e-2) as o3:
+            assert c1.workers == 1 and c3.workers == 3
+            np.testing.assert_array_equal(c1.forward(tokens=tokens, lengths=lengths),
+                                          c3.forward(tokens=tokens, lengths=lengths))
+            for _ in range(2):
+                s1 = c1.train_step(o1, tokens=tokens, lengths=lengths)
+                s3 = c3.train_step(o3, tokens=tokens, lengths=lengths)
+                assert s1["loss"] == s3["loss"]
+            np.testing.assert_array_equal(m1.params(), m3.params())
+    with pytest.raises(ValueError, match="workers"):
+        prefrm.Model("linear", input_size=3).context(2, workers=0)
+
+
 def test_gather_tokens():
     seqs = [[1, 2, 3], [4], np.array([5, 6], dtype=np.int32)]
     out = prefrm.gather_tokens(seqs, stride=4, pad=9)
