@@ -51,10 +51,12 @@ static double heap_bytes(void) {
 /*
  * "Context memory must grow linearly in max_len" (a 2 MB checkpoint with
  * n_ctx = 65536 asked for 32 GiB of attention scratch). The documented
- * formula (docs/gpt2.md, prefrm.h at prm_ctx_new) for L = 1:
- *   train: R T (14C + 2) + R (19C + 4 + NH) + 64 T     floats
- *   infer: R T (5C + 2)  + R (13C + 4 + NH) + 64 T     floats
- * The heap must grow by that (plus gradients, scores, ids), within 1%.
+ * formula (docs/gpt2.md, prefrm.h at prm_ctx_new) for L = 1 and one worker
+ * (W = 1, hs = C / NH):
+ *   train: R T (14C + 2) + R (19C + 4 + NH) + W T (64 + 4 hs)     floats
+ *   infer: R T (5C + 2)  + R (13C + 4 + NH) + W T (64 + 2 hs)     floats
+ * The heap must grow by that (plus gradients, scores, and 16 bytes per
+ * token of packed ids, positions and key indices), within 1%.
  */
 static void test_ctx_memory_linear_in_max_len(void **state) {
   (void)state;
@@ -72,10 +74,11 @@ static void test_ctx_memory_linear_in_max_len(void **state) {
     if (rc != PRM_OK) fail_msg("prm_ctx_new: %s", prm_last_errmsg());
 #ifdef HAVE_HEAP_BYTES
     const double grown = heap_bytes() - before;
-    const double R = 1, Tf = (double)T, Cf = (double)C, H = (double)NH;
-    double floats = inference ? R * Tf * (5 * Cf + 2) + R * (13 * Cf + 4 + H) + 64 * Tf
-                              : R * Tf * (14 * Cf + 2) + R * (19 * Cf + 4 + H) + 64 * Tf;
-    double other = R * 4 + Tf * 4 + 16; /* scores, ids, offsets */
+    const double R = 1, Tf = (double)T, Cf = (double)C, H = (double)NH, hs = Cf / H, W = 1;
+    double floats = inference
+                        ? R * Tf * (5 * Cf + 2) + R * (13 * Cf + 4 + H) + W * Tf * (64 + 2 * hs)
+                        : R * Tf * (14 * Cf + 2) + R * (19 * Cf + 4 + H) + W * Tf * (64 + 4 * hs);
+    double other = R * 4 + R * Tf * 16 + 128; /* scores, packed tokens, per-row offsets */
     if (!inference) other += (double)prm_model_num_params(m) * 4 + R * 4;
     const double expect = floats * 4 + other;
     /* ASan and valgrind replace malloc, and glibc's mallinfo2 then sees
