@@ -153,14 +153,14 @@ extern "C" {
 /** Major part of the version of this header. */
 #define PRM_VERSION_MAJOR 0
 /** Minor part of the version of this header. */
-#define PRM_VERSION_MINOR 4
+#define PRM_VERSION_MINOR 5
 /** Patch part of the version of this header. */
 #define PRM_VERSION_PATCH 0
-/** MAJOR * 10000 + MINOR * 100 + PATCH (400 for 0.4.0). */
+/** MAJOR * 10000 + MINOR * 100 + PATCH (500 for 0.5.0). */
 #define PRM_VERSION_NUMBER \
   (PRM_VERSION_MAJOR * 10000 + PRM_VERSION_MINOR * 100 + PRM_VERSION_PATCH)
 /** The version of this header as "MAJOR.MINOR.PATCH". */
-#define PRM_VERSION_STRING "0.4.0"
+#define PRM_VERSION_STRING "0.5.0"
 
 /**
  * Runtime twin of PRM_VERSION_NUMBER: the version of the linked library.

@@ -65,8 +65,8 @@ static void test_struct_layouts(void **state) {
   assert_int_equal(offsetof(prm_optimizer_options, version), 0);
   assert_int_equal(offsetof(prm_rank_options, version), 0);
   assert_int_equal(PRM_MODEL_OPTIONS_VERSION, 2);
-  assert_int_equal(PRM_CTX_OPTIONS_VERSION, 1);
-  assert_int_equal(PRM_BATCH_VERSION, 1);
+  assert_int_equal(PRM_CTX_OPTIONS_VERSION, 2);
+  assert_int_equal(PRM_BATCH_VERSION, 2);
   assert_int_equal(PRM_LOSS_OPTIONS_VERSION, 2);
   assert_int_equal(PRM_LOSS_STATS_VERSION, 2);
   assert_int_equal(PRM_RANK_OPTIONS_VERSION, 1);
@@ -78,9 +78,16 @@ static void test_struct_layouts(void **state) {
   assert_int_equal(offsetof(prm_model_options, n_kv_head), 200);
   assert_int_equal(offsetof(prm_model_options, rope_theta), 224);
   assert_int_equal(offsetof(prm_model_options, qk_norm), 244);
-  assert_int_equal(sizeof(prm_ctx_options), 24);
-  assert_int_equal(sizeof(prm_batch), 64);
+  /* version 2 appended threads (version 1 ends at 24) */
+  assert_int_equal(offsetof(prm_ctx_options, n_workers), 24);
+  assert_int_equal(offsetof(prm_ctx_options, parallel_for), 32);
+  assert_int_equal(offsetof(prm_ctx_options, parallel_arg), 40);
+  assert_int_equal(sizeof(prm_ctx_options), 48);
+  /* version 2 appended shared prefixes (version 1 ends at 64) */
   assert_int_equal(offsetof(prm_batch, lengths), 56);
+  assert_int_equal(offsetof(prm_batch, prefix_row), 64);
+  assert_int_equal(offsetof(prm_batch, prefix_len), 72);
+  assert_int_equal(sizeof(prm_batch), 80);
   /* version 2 appended ties (version 1 ends at 40) */
   assert_int_equal(offsetof(prm_loss_options, tie_model), 40);
   assert_int_equal(offsetof(prm_loss_options, tie_param), 48);

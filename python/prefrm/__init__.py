@@ -112,7 +112,7 @@ class ClosedError(ValueError):
 
 
 def version() -> str:
-    """prm_version_string of the loaded library, e.g. '0.4.0'."""
+    """prm_version_string of the loaded library, e.g. '0.5.0'."""
     return lib().prm_version_string().decode()
 
 

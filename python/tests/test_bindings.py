@@ -61,5 +61,5 @@ def test_structs_initialise_at_current_version():
 
 
 def test_version():
-    assert prefrm.version() == "0.4.0" or prefrm.version().count(".") == 2
+    assert prefrm.version() == "0.5.0" or prefrm.version().count(".") == 2
     assert prefrm.lib().prm_version_number() >= 400
