@@ -36,14 +36,17 @@
  *   (SLEEF, 1-ulp) powf/cos/sin differ from them by one ulp in a few per cent
  *   of the entries (inv_freq by at most 2 ulp), i.e. by ~6e-8 relative.
  *
- * As in gpt2.c: Q/K/V and the MLP projections run as GEMMs over all N packed
- * rows; causal attention runs per sequence in blocks of ATT_BLOCK query rows
- * (the query heads of one kv head stacked, see att_scratch) with (ATT_ROWS,
- * T) scratch, and keeps only the log-sum-exp of each softmax row for the
- * backward, which recomputes the probabilities. The last layer only matters
- * at the n pooled rows: it computes keys and values for every row and
- * everything else for the pooled rows alone, in compact (n, .) buffers --
- * the same math, all of the layer but its k/v projection done once per
+ * As in gpt2.c: Q/K/V and the MLP projections run as GEMMs over pieces of
+ * the N packed rows (weight gradients as tiles over all of them, see
+ * "pieces of parallel work": a context with a parallel_for runs the pieces
+ * on several workers, with the same bits for any number of them); causal
+ * attention runs per (sequence, kv head) in blocks of ATT_BLOCK query rows
+ * (the query heads of the kv head stacked, see att_scratch) with (ATT_ROWS,
+ * T) scratch per worker, and keeps only the log-sum-exp of each softmax row
+ * for the backward, which recomputes the probabilities. The last layer only
+ * matters at the n pooled rows: it computes keys and values for every row
+ * and everything else for the pooled rows alone, in compact (n, .) buffers
+ * -- the same math, all of the layer but its k/v projection done once per
  * sequence instead of once per token.
  *
  * Contiguity used by the GEMMs: mlp.gate_proj.weight and mlp.up_proj.weight
@@ -172,6 +175,29 @@ static inline float dot_n(const float *a, const float *b, uint64_t n) {
   return lanes_sum(acc);
 }
 
+/* ---- pieces of parallel work -------------------------------------------------------------- */
+
+/*
+ * As in gpt2.c, with the same sizes: every loop is cut into pieces that
+ * depend only on the sizes of the work (parallel.c) -- rows of the packed
+ * tokens (or of the pooled rows) in at most ROW_PIECES pieces of at least
+ * ROW_MIN rows, weight gradients in tiles of at least COL_MIN x COL_MIN,
+ * each over the whole token sum, channel ranges for the RMSNorm weight,
+ * bias and embedding gradients (rows in order), attention per (sequence,
+ * kv head) forward and per (sharing component, kv head) backward. Each
+ * piece writes its own outputs and keeps every sum's order, so results do
+ * not depend on the number of workers; a worker id only picks the scratch
+ * (llama_worker) a task uses. Row pieces run every row-local step between
+ * two steps that need all rows (a weight gradient, attention) in one go.
+ */
+#define ROW_MIN 64
+#define ROW_PIECES 16
+#define COL_MIN 64
+#define COL_PIECES 8
+
+static uint64_t row_piece(uint64_t n) { return prmi_piece(n, ROW_MIN, ROW_PIECES); }
+static uint64_t col_piece(uint64_t n) { return prmi_piece(n, COL_MIN, COL_PIECES); }
+
 /* ---- RMSNorm ------------------------------------------------------------------------------ */
 
 /*
@@ -204,12 +230,13 @@ static void prmi_llama_rms(float *y, uint64_t ldy, float *rs, uint64_t ld_rs, co
 }
 
 /*
- * Backward of prmi_llama_rms (same vector layout): with gw = dy w, xh = x r,
- *   dx (+)= r (gw - xh mean(gw xh)),   dw += dy xh   (dw NULL: frozen).
- * x is the forward's input. dx may be dy when not accumulating.
+ * Backward of prmi_llama_rms (same vector layout), the input gradient:
+ * with gw = dy w, xh = x r,  dx (+)= r (gw - xh mean(gw xh)). x is the
+ * forward's input. dx may be dy when not accumulating. The weight
+ * gradient is prmi_llama_rms_dw's, by channels.
  */
 PRMI_TARGET_CLONES
-static void prmi_llama_rms_bwd(float *dx, uint64_t lddx, int accumulate, float *dw, const float *dy,
+static void prmi_llama_rms_bwd(float *dx, uint64_t lddx, int accumulate, const float *dy,
                                uint64_t lddy, const float *x, uint64_t ldx, const float *w,
                                const float *rs, uint64_t ld_rs, uint64_t rows, uint64_t nv,
                                uint64_t n) {
@@ -226,9 +253,6 @@ static void prmi_llama_rms_bwd(float *dx, uint64_t lddx, int accumulate, float *
       for (int k = 0; j < n; j++, k++)
         acc[k] += (double)(dyv[j] * w[j]) * (double)(xv[j] * r);
       const float mean = (float)(lanes_sum_d(acc) / (double)n);
-      if (dw != NULL)
-        for (j = 0; j < n; j++)
-          dw[j] += dyv[j] * (xv[j] * r);
       if (accumulate)
         for (j = 0; j < n; j++)
           dxv[j] += r * (dyv[j] * w[j] - (xv[j] * r) * mean);
@@ -238,16 +262,85 @@ static void prmi_llama_rms_bwd(float *dx, uint64_t lddx, int accumulate, float *
     }
 }
 
+/* The weight gradient of prmi_llama_rms for channels [j0, j1):
+ * dw += dy xh over every vector, rows in order (then vectors in a row). */
+PRMI_TARGET_CLONES
+static void prmi_llama_rms_dw(float *dw, const float *dy, uint64_t lddy, const float *x,
+                              uint64_t ldx, const float *rs, uint64_t ld_rs, uint64_t rows,
+                              uint64_t nv, uint64_t n, uint64_t j0, uint64_t j1) {
+  for (uint64_t i = 0; i < rows; i++)
+    for (uint64_t v = 0; v < nv; v++) {
+      const float *xv = x + i * ldx + v * n, *dyv = dy + i * lddy + v * n;
+      const float r = rs[i * ld_rs + v];
+      for (uint64_t j = j0; j < j1; j++)
+        dw[j] += dyv[j] * (xv[j] * r);
+    }
+}
+
 /* rows of D: out = rmsnorm(x) w; rs[i] = r when rs is not NULL. */
 static void rmsnorm_forward(float *out, float *rs, const float *x, const float *w, uint64_t rows,
                             uint64_t D, float eps) {
   prmi_llama_rms(out, D, rs, 1, x, D, w, rows, 1, D, eps);
 }
 
-/* rows of D: dx += rmsnorm backward of dy (x, rs: the forward's input and rstd). */
-static void rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
-                             const float *rs, uint64_t rows, uint64_t D) {
-  prmi_llama_rms_bwd(dx, D, 1, dw, dy, D, x, D, w, rs, 1, rows, 1, D);
+/* qk_norm in place on rows of x (n_heads heads of hd, row stride ld); the
+ * per-head rstd goes to rs[i * ld_rs + h] when rs is not NULL. */
+static void head_norm_forward(float *x, uint64_t ld, float *rs, uint64_t ld_rs, const float *w,
+                              uint64_t rows, uint64_t n_heads, const dims *d) {
+  prmi_llama_rms(x, ld, rs, ld_rs, x, ld, w, rows, n_heads, d->hd, d->eps);
+}
+
+/* Backward of head_norm_forward in place, d(x) only: dx holds d(normed) on
+ * entry; raw is the forward's input. (Its weight gradient: rms_dw_job.) */
+static void head_norm_backward(float *dx, uint64_t ld, const float *raw, uint64_t ld_raw,
+                               const float *rs, uint64_t ld_rs, const float *w, uint64_t rows,
+                               uint64_t n_heads, const dims *d) {
+  prmi_llama_rms_bwd(dx, ld, 0, dx, ld, raw, ld_raw, w, rs, ld_rs, rows, n_heads, d->hd);
+}
+
+/* The weight gradient of an RMSNorm (vectors as in prmi_llama_rms) over
+ * `rows` rows, by channel pieces of n. */
+typedef struct rms_dw_job {
+  float *dw;
+  const float *dy, *x, *rs;
+  uint64_t lddy, ldx, ld_rs, rows, nv, n;
+} rms_dw_job;
+
+static void rms_dw_part(const rms_dw_job *j, uint64_t j0, uint64_t j1) {
+  prmi_llama_rms_dw(j->dw, j->dy, j->lddy, j->x, j->ldx, j->rs, j->ld_rs, j->rows, j->nv, j->n,
+                    j0, j1);
+}
+
+/* Up to two weight gradients in one loop (a q norm and a k norm): task t
+ * is a channel piece of the first, then of the second (b NULL: none). */
+typedef struct rms_dw_pair {
+  const rms_dw_job *a, *b;
+  uint64_t pa, pb; /* piece sizes */
+  uint32_t na;     /* pieces of a */
+} rms_dw_pair;
+
+static void rms_dw_task(void *arg, uint32_t t, uint32_t worker) {
+  (void)worker;
+  const rms_dw_pair *j = arg;
+  const rms_dw_job *r = t < j->na ? j->a : j->b;
+  const uint64_t piece = t < j->na ? j->pa : j->pb, u = t < j->na ? t : t - j->na;
+  const uint64_t j0 = u * piece, j1 = j0 + piece < r->n ? j0 + piece : r->n;
+  rms_dw_part(r, j0, j1);
+}
+
+static void par_rms_dw(const prm_ctx *ctx, const rms_dw_job *a, const rms_dw_job *b) {
+  rms_dw_pair j = {a, b, col_piece(a->n), b != NULL ? col_piece(b->n) : 1, 0};
+  j.na = (uint32_t)((a->n + j.pa - 1) / j.pa);
+  const uint32_t nb = b != NULL ? (uint32_t)((b->n + j.pb - 1) / j.pb) : 0;
+  prmi_par_for(ctx, j.na + nb, rms_dw_task, &j);
+}
+
+/* A layer norm's weight gradient (vectors of D, rstd stride 1). */
+static void par_norm_dw(const prm_ctx *ctx, float *dw, const float *dy, const float *x,
+                        const float *rs, uint64_t rows, uint64_t D) {
+  if (dw == NULL) return;
+  const rms_dw_job j = {dw, dy, x, rs, D, D, 1, rows, 1, D};
+  par_rms_dw(ctx, &j, NULL);
 }
 
 /* ---- RoPE --------------------------------------------------------------------------------- */
@@ -292,19 +385,35 @@ static void linear_forward(float *out, uint64_t ldo, const float *x, uint64_t n,
   prmi_gemm(0, 1, n, rows, in, 1.0f, x, in, w, in, b != NULL ? 1.0f : 0.0f, out, ldo);
 }
 
-/*
- * Backward of linear_forward: dx (n, in) = beta dx + dy W (dx NULL: not
- * needed); dW += dy^T x, db += colsum(dy) (dW NULL: frozen; db NULL: no bias).
- */
-static void linear_backward(float *dx, float beta, float *dw, float *db, const float *dy,
-                            uint64_t ldy, const float *x, uint64_t n, uint64_t in, const float *w,
-                            uint64_t rows) {
-  if (dx != NULL) prmi_gemm(0, 0, n, in, rows, 1.0f, dy, ldy, w, in, beta, dx, in);
-  if (dw != NULL) prmi_gemm(1, 0, rows, in, n, 1.0f, dy, ldy, x, in, 1.0f, dw, in);
-  if (db != NULL)
-    for (uint64_t i = 0; i < n; i++)
-      for (uint64_t j = 0; j < rows; j++)
-        db[j] += dy[i * ldy + j];
+/* The weight gradient of linear_forward: dW (rows, in) += dy^T x over n
+ * token rows (strides ldy, ldx), in tiles (dW NULL: frozen). */
+static void par_linear_dw(const prm_ctx *ctx, float *dw, const float *dy, uint64_t ldy,
+                          const float *x, uint64_t ldx, uint64_t n, uint64_t in, uint64_t rows) {
+  if (dw == NULL) return;
+  prmi_par_gemm(ctx, 1, 0, rows, in, n, 1.0f, dy, ldy, x, ldx, 1.0f, dw, in, col_piece(rows),
+                col_piece(in));
+}
+
+typedef struct colsum_job {
+  float *db;
+  const float *dy;
+  uint64_t n, ld;
+} colsum_job;
+
+static void colsum_piece(void *arg, uint64_t k0, uint64_t k1, uint32_t worker) {
+  (void)worker;
+  const colsum_job *j = arg;
+  for (uint64_t i = 0; i < j->n; i++)
+    for (uint64_t k = k0; k < k1; k++)
+      j->db[k] += j->dy[i * j->ld + k];
+}
+
+/* db[k] += sum_i dy[i * ld + k] for k < oc (rows in order; db NULL: none). */
+static void par_colsum(const prm_ctx *ctx, float *db, const float *dy, uint64_t n, uint64_t oc,
+                       uint64_t ld) {
+  if (db == NULL) return;
+  colsum_job j = {db, dy, n, ld};
+  prmi_par_range(ctx, oc, col_piece(oc), colsum_piece, &j);
 }
 
 /* ---- SwiGLU ------------------------------------------------------------------------------- */
@@ -358,36 +467,6 @@ static void swiglu_forward(float *h, uint64_t ldh, const float *gu, uint64_t n, 
     prmi_exp_shifted(tmp, F, 0.0f);
     prmi_llama_swiglu_row(h + i * ldh, gt, gt + F, tmp, F);
   }
-}
-
-/*
- * Backward of the MLP on n rows: dy (n, D) is d(x'), gu and mm the forward's
- * gate|up and its input m. SG (n, 2F) is scratch. dm (n, D) receives d(m).
- *   h = silu(gate) up:   dWdown += dy^T h,   dh = dy Wdown
- *   [dgate|dup] from dh (prmi_llama_swiglu_bwd_row)
- *   dWgate|up += [dgate|dup]^T m,   dm = [dgate|dup] [Wgate|Wup]
- */
-static void mlp_backward(prm_ctx *ctx, const dims *d, const llama_block *B, float *dm,
-                         const float *dy, const float *gu, const float *mm, float *SG, uint64_t n) {
-  const float *p = ctx->model->params;
-  const uint64_t F = d->F, D = d->D;
-  /* SG = [e | h] per row, e = exp(-|gate|): h as the forward computed it */
-  for (uint64_t i = 0; i < n; i++) {
-    const float *gt = gu + i * 2 * F;
-    float *e = SG + i * 2 * F;
-    prmi_llama_neg_abs(e, gt, F);
-    prmi_exp_shifted(e, F, 0.0f);
-    prmi_llama_swiglu_row(e + F, gt, gt + F, e, F);
-  }
-  float *gwd = prmi_grad_slot(ctx, B->wd);
-  if (gwd != NULL) prmi_gemm(1, 0, D, F, n, 1.0f, dy, D, SG + F, 2 * F, 1.0f, gwd, F);
-  prmi_gemm(0, 0, n, F, D, 1.0f, dy, D, p + B->wd, F, 0.0f, SG + F, 2 * F); /* dh over h */
-  for (uint64_t i = 0; i < n; i++) {
-    const float *gt = gu + i * 2 * F;
-    prmi_llama_swiglu_bwd_row(SG + i * 2 * F, SG + i * 2 * F + F, gt, gt + F, F);
-  }
-  linear_backward(dm, 0.0f, prmi_grad_slot(ctx, B->wg), NULL, SG, 2 * F, mm, n, D, p + B->wg,
-                  2 * F);
 }
 
 /* ---- attention ---------------------------------------------------------------------------- */
@@ -453,7 +532,7 @@ static void scale_rows(float *x, uint64_t ld, uint64_t rows, uint64_t n, const f
 }
 
 /*
- * Attention scratch of a context. The g query heads that share a kv head
+ * Attention scratch of a worker. The g query heads that share a kv head
  * run together, ATT_STACK at a time: their query rows are stacked into one
  * (c m, hd) matrix, so that each GEMM against the shared keys and values is
  * c times taller and there are c times fewer of them (the GEMMs of one head
@@ -493,122 +572,124 @@ static void unstack_heads(float *dst, uint64_t ldd, const float *src, uint64_t m
 }
 
 /*
- * Causal attention of one sequence of T tokens for every query head, for
- * its queries at positions p0..T-1 (p0 > 0: the first p0 tokens are a
- * shared prefix, whose queries an earlier row computes), blocked as in
- * gpt2.c: query rows [i0, i1) only see keys [0, i1). q points at the first
- * query's qkv row (stride QKV: rotated q | rotated k | v); kv at position
- * 0's rotated k | v (row stride ldkv: QKV in place, with kv = q's row + QD;
- * 2 KD when gathered). o rows (stride QD) from the first query;
+ * Causal attention of one sequence of T tokens for the g query heads of kv
+ * head j, for its queries at positions p0..T-1 (p0 > 0: the first p0 tokens
+ * are a shared prefix, whose queries an earlier row computes), blocked as
+ * in gpt2.c: query rows [i0, i1) only see keys [0, i1). qkv points at the
+ * first query's row (stride QKV: rotated q | rotated k | v); k and v at
+ * position 0's rotated key and value of kv head j (row stride ldkv: QKV in
+ * place, 2 hd when gathered). o rows (stride QD) from the first query;
  * lse[h * ld_lse + i - p0] = log sum_j exp(s_ij) (lse NULL: not kept).
  */
 static void attention_forward(float *o, float *lse, uint64_t ld_lse, const float *qkv,
-                              const float *kv, uint64_t ldkv, const att_scratch *w, uint64_t p0,
-                              uint64_t T, const dims *d) {
+                              const float *k, const float *v, uint64_t ldkv, const att_scratch *w,
+                              uint64_t p0, uint64_t T, uint64_t j, const dims *d) {
   const uint64_t hd = d->hd, ld = d->QKV, QD = d->QD;
-  for (uint64_t j = 0; j < d->G; j++) {
-    const float *k = kv + j * hd, *v = k + d->KD;
-    for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
-      const uint64_t c = d->g - u0 < ATT_STACK ? d->g - u0 : ATT_STACK, h0 = j * d->g + u0;
-      for (uint64_t i0 = p0; i0 < T; i0 += ATT_BLOCK) {
-        const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T, m = i1 - i0;
-        const float *q = qkv + (i0 - p0) * ld + h0 * hd;
-        float *out = o + (i0 - p0) * QD + h0 * hd;
-        if (c > 1) stack_heads(w->qs, q, ld, m, c, hd);
-        prmi_gemm(0, 1, c * m, i1, hd, d->scale, c > 1 ? w->qs : q, c > 1 ? hd : ld, k, ldkv,
-                  0.0f, w->S, T);
-        for (uint64_t u = 0; u < c; u++)
-          prmi_llama_softmax(w->S + u * m * T, T, m, i0 + 1, 1, i1, w->inv + u * m,
-                             lse != NULL ? lse + (h0 + u) * ld_lse + i0 - p0 : NULL);
-        if (c > 1) {
-          prmi_gemm(0, 0, c * m, hd, i1, 1.0f, w->S, T, v, ldkv, 0.0f, w->os, hd);
-          unstack_heads(out, QD, w->os, m, c, hd, w->inv);
-        } else {
-          prmi_gemm(0, 0, m, hd, i1, 1.0f, w->S, T, v, ldkv, 0.0f, out, QD);
-          scale_rows(out, QD, m, hd, w->inv);
-        }
+  for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
+    const uint64_t c = d->g - u0 < ATT_STACK ? d->g - u0 : ATT_STACK, h0 = j * d->g + u0;
+    for (uint64_t i0 = p0; i0 < T; i0 += ATT_BLOCK) {
+      const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T, m = i1 - i0;
+      const float *q = qkv + (i0 - p0) * ld + h0 * hd;
+      float *out = o + (i0 - p0) * QD + h0 * hd;
+      if (c > 1) stack_heads(w->qs, q, ld, m, c, hd);
+      prmi_gemm(0, 1, c * m, i1, hd, d->scale, c > 1 ? w->qs : q, c > 1 ? hd : ld, k, ldkv, 0.0f,
+                w->S, T);
+      for (uint64_t u = 0; u < c; u++)
+        prmi_llama_softmax(w->S + u * m * T, T, m, i0 + 1, 1, i1, w->inv + u * m,
+                           lse != NULL ? lse + (h0 + u) * ld_lse + i0 - p0 : NULL);
+      if (c > 1) {
+        prmi_gemm(0, 0, c * m, hd, i1, 1.0f, w->S, T, v, ldkv, 0.0f, w->os, hd);
+        unstack_heads(out, QD, w->os, m, c, hd, w->inv);
+      } else {
+        prmi_gemm(0, 0, m, hd, i1, 1.0f, w->S, T, v, ldkv, 0.0f, out, QD);
+        scale_rows(out, QD, m, hd, w->inv);
       }
     }
   }
 }
 
 /*
- * Backward of attention_forward for one sequence (the same qkv, kv, ldkv,
- * lse, p0 and T; d_o rows from the first query, stride QD). dq rows (stride
- * QKV, from the first query; d(rotated q)) are overwritten, and so are dkv's
- * rows 0..T-1 (row stride lddkv: dk | dv, KD apart). Blocks run last to
- * first; the first heads of each kv group in the last block (which sees
- * every key) initialise dk and dv, everything after accumulates (the g
- * heads of a group add into one kv head). Needs p0 < T.
+ * Backward of attention_forward for one sequence and kv head j (the same
+ * qkv, k, v, ldkv, lse, p0 and T; d_o rows from the first query, stride
+ * QD). dq rows (stride QKV, from the first query; d(rotated q)) of the
+ * group's query heads are overwritten, and so are dk and dv of positions
+ * 0..T-1 (row stride lddkv). Blocks run last to first; the first heads of
+ * the group in the last block (which sees every key) initialise dk and dv,
+ * everything after accumulates (the g heads of a group add into one kv
+ * head). Needs p0 < T.
  */
-static void attention_backward(float *dq, float *dkv, uint64_t lddkv, const float *d_o,
-                               const float *qkv, const float *kv, uint64_t ldkv, const float *lse,
-                               uint64_t ld_lse, const att_scratch *w, uint64_t p0, uint64_t T,
-                               const dims *d) {
+static void attention_backward(float *dq, float *dk, float *dv, uint64_t lddkv, const float *d_o,
+                               const float *qkv, const float *k, const float *v, uint64_t ldkv,
+                               const float *lse, uint64_t ld_lse, const att_scratch *w,
+                               uint64_t p0, uint64_t T, uint64_t j, const dims *d) {
   const uint64_t hd = d->hd, ld = d->QKV, QD = d->QD;
   const uint64_t n_blocks = (T - p0 + ATT_BLOCK - 1) / ATT_BLOCK;
-  for (uint64_t j = 0; j < d->G; j++) {
-    const float *k = kv + j * hd, *v = k + d->KD;
-    float *dk = dkv + j * hd, *dv = dk + d->KD;
-    for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
-      const uint64_t c = d->g - u0 < ATT_STACK ? d->g - u0 : ATT_STACK, h0 = j * d->g + u0;
-      for (uint64_t b = n_blocks; b-- > 0;) {
-        const uint64_t i0 = p0 + b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
-        const uint64_t m = i1 - i0, cm = c * m, r0 = i0 - p0;
-        const float beta = (b + 1 == n_blocks && u0 == 0) ? 0.0f : 1.0f;
-        const float *q = qkv + r0 * ld + h0 * hd, *dout = d_o + r0 * QD + h0 * hd;
-        float *dqb = dq + r0 * ld + h0 * hd;
-        const float *qs = q, *dos = dout;
-        uint64_t ldq = ld, lddo = QD;
-        if (c > 1) {
-          stack_heads(w->qs, q, ld, m, c, hd);
-          stack_heads(w->os, dout, QD, m, c, hd);
-          qs = w->qs;
-          dos = w->os;
-          ldq = lddo = hd;
-        }
-        prmi_gemm(0, 1, cm, i1, hd, d->scale, qs, ldq, k, ldkv, 0.0f, w->S, T);
-        for (uint64_t u = 0; u < c; u++)
-          prmi_llama_probs(w->S + u * m * T, T, m, i0 + 1, 1, i1, lse + (h0 + u) * ld_lse + r0);
-        /* dv (+)= P^T dout; dP = dout v^T */
-        prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->S, T, dos, lddo, beta, dv, lddkv);
-        prmi_gemm(0, 1, cm, i1, hd, 1.0f, dos, lddo, v, ldkv, 0.0f, w->dS, T);
-        for (uint64_t u = 0; u < c; u++)
-          prmi_llama_softmax_bwd(w->dS + u * m * T, w->S + u * m * T, T, m, i0 + 1, 1, i1,
-                                 d->scale);
-        /* dq = dS k; dk (+)= dS^T q */
-        if (c > 1) {
-          prmi_gemm(0, 0, cm, hd, i1, 1.0f, w->dS, T, k, ldkv, 0.0f, w->dqs, hd);
-          unstack_heads(dqb, ld, w->dqs, m, c, hd, NULL);
-        } else {
-          prmi_gemm(0, 0, m, hd, i1, 1.0f, w->dS, T, k, ldkv, 0.0f, dqb, ld);
-        }
-        prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->dS, T, qs, ldq, beta, dk, lddkv);
+  for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
+    const uint64_t c = d->g - u0 < ATT_STACK ? d->g - u0 : ATT_STACK, h0 = j * d->g + u0;
+    for (uint64_t b = n_blocks; b-- > 0;) {
+      const uint64_t i0 = p0 + b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+      const uint64_t m = i1 - i0, cm = c * m, r0 = i0 - p0;
+      const float beta = (b + 1 == n_blocks && u0 == 0) ? 0.0f : 1.0f;
+      const float *q = qkv + r0 * ld + h0 * hd, *dout = d_o + r0 * QD + h0 * hd;
+      float *dqb = dq + r0 * ld + h0 * hd;
+      const float *qs = q, *dos = dout;
+      uint64_t ldq = ld, lddo = QD;
+      if (c > 1) {
+        stack_heads(w->qs, q, ld, m, c, hd);
+        stack_heads(w->os, dout, QD, m, c, hd);
+        qs = w->qs;
+        dos = w->os;
+        ldq = lddo = hd;
       }
+      prmi_gemm(0, 1, cm, i1, hd, d->scale, qs, ldq, k, ldkv, 0.0f, w->S, T);
+      for (uint64_t u = 0; u < c; u++)
+        prmi_llama_probs(w->S + u * m * T, T, m, i0 + 1, 1, i1, lse + (h0 + u) * ld_lse + r0);
+      /* dv (+)= P^T dout; dP = dout v^T */
+      prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->S, T, dos, lddo, beta, dv, lddkv);
+      prmi_gemm(0, 1, cm, i1, hd, 1.0f, dos, lddo, v, ldkv, 0.0f, w->dS, T);
+      for (uint64_t u = 0; u < c; u++)
+        prmi_llama_softmax_bwd(w->dS + u * m * T, w->S + u * m * T, T, m, i0 + 1, 1, i1,
+                               d->scale);
+      /* dq = dS k; dk (+)= dS^T q */
+      if (c > 1) {
+        prmi_gemm(0, 0, cm, hd, i1, 1.0f, w->dS, T, k, ldkv, 0.0f, w->dqs, hd);
+        unstack_heads(dqb, ld, w->dqs, m, c, hd, NULL);
+      } else {
+        prmi_gemm(0, 0, m, hd, i1, 1.0f, w->dS, T, k, ldkv, 0.0f, dqb, ld);
+      }
+      prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->dS, T, qs, ldq, beta, dk, lddkv);
     }
   }
 }
 
-/* Gather w floats at column c0 of positions 0..T-1 (packed rows kmap[t],
- * stride ld) into dst (T, w). */
-static void gather_rows(float *dst, const float *src, uint64_t ld, uint64_t c0, uint64_t w,
-                        const uint64_t *kmap, uint64_t T) {
-  for (uint64_t t = 0; t < T; t++)
-    memcpy(dst + t * w, src + kmap[t] * ld + c0, w * sizeof(float));
+/* Gather one kv head's key (column c0 of a row of stride ld) and value
+ * (column c0 + vo) of positions 0..T-1 (packed rows kmap[t]) into kv
+ * (T, 2 hd): k | v. */
+static void gather_kv(float *kv, const float *src, uint64_t ld, uint64_t c0, uint64_t vo,
+                      uint64_t hd, const uint64_t *kmap, uint64_t T) {
+  for (uint64_t t = 0; t < T; t++) {
+    const float *s = src + kmap[t] * ld + c0;
+    memcpy(kv + t * 2 * hd, s, hd * sizeof(float));
+    memcpy(kv + t * 2 * hd + hd, s + vo, hd * sizeof(float));
+  }
 }
 
-/* The reverse for gradients: positions from `own` on are the row's own
- * (written here first: set), earlier ones an earlier row's (add). */
-static void scatter_rows(float *dst, uint64_t ld, uint64_t c0, const float *src, uint64_t w,
-                         const uint64_t *kmap, uint64_t own, uint64_t T) {
+/* The reverse of gather_kv for gradients: positions from `own` on are the
+ * row's own (written here first: set), earlier ones an earlier row's (add). */
+static void scatter_dkv(float *dst, uint64_t ld, uint64_t c0, uint64_t vo, const float *dkv,
+                        uint64_t hd, const uint64_t *kmap, uint64_t own, uint64_t T) {
   for (uint64_t t = 0; t < T; t++) {
-    float *o = dst + kmap[t] * ld + c0;
-    const float *s = src + t * w;
-    if (t >= own)
-      memcpy(o, s, w * sizeof(float));
-    else
-      for (uint64_t j = 0; j < w; j++)
-        o[j] += s[j];
+    float *dk = dst + kmap[t] * ld + c0, *dv = dk + vo;
+    const float *s = dkv + t * 2 * hd;
+    if (t >= own) {
+      memcpy(dk, s, hd * sizeof(float));
+      memcpy(dv, s + hd, hd * sizeof(float));
+    } else {
+      for (uint64_t e = 0; e < hd; e++) {
+        dk[e] += s[e];
+        dv[e] += s[hd + e];
+      }
+    }
   }
 }
 
@@ -650,16 +731,22 @@ typedef struct last_acts {
   float *fn, *fn_rs;   /* (R, D), (R): model.norm output and rstd */
 } last_acts;
 
+/* Scratch of one worker: attention blocks, one kv head's gathered k | v
+ * for a row with a shared prefix, one row's gate exponentials. */
+typedef struct llama_worker {
+  att_scratch att; /* dS, dqs: training */
+  float *kv;       /* (max_len, 2 hd) */
+  float *dkv;      /* (max_len, 2 hd) their gradient (training) */
+  float *tmp;      /* (F) */
+} llama_worker;
+
 typedef struct llama_acts {
   uint64_t max_tok, max_rows, max_len;
   prmi_pack *pk;     /* the last forward's packed layout (shared prefixes) */
   float *cos, *sin;  /* (max_len, hd/2) RoPE table */
   layer_acts *layer; /* [L - 1] full layers */
   last_acts last;
-  att_scratch att; /* attention scratch (dS, dqs: training) */
-  float *kvg;      /* (max_len, 2 KD) gathered k | v of a row with a shared prefix */
-  float *dkvg;     /* (max_len, 2 KD) their gradient (training) */
-  float *tmp;      /* (F) exponentials of one row of gates */
+  llama_worker *wk; /* [n_workers] */
   /* training */
   float *d_res;   /* (max_tok, D) d(residual stream) */
   float *d_a;     /* (max_tok, D) d(a), d(m) */
@@ -691,8 +778,8 @@ static float *carve(planner *pl, uint64_t n) {
 }
 
 /*
- * Floats, with T = max_rows * max_len, R = max_rows, q = 1 with qk_norm (else
- * 0) (each term rounded up to a multiple of 16):
+ * Floats, with T = max_rows * max_len, R = max_rows, W = n_workers, q = 1
+ * with qk_norm (else 0) (each term rounded up to a multiple of 16):
  *   RoPE table                            max_len hd
  *   full layers (training: L - 1 sets; inference: 1 set when L > 1, else 0)
  *     training:  T (4D + QKV + QD + 2F + H + 2 + q (QD + KD + H + G))
@@ -700,13 +787,14 @@ static float *carve(planner *pl, uint64_t n) {
  *   last layer, per row (training, or inference with L = 1)
  *                T (2D + 2KD) + training T (1 + q (KD + G))
  *   last layer, pooled rows               R (5D + 2QD + 2F + 2) + training R (H + q (QD + H))
- *   attention and gate scratch            128 (max_len + 2 hd + 1) + F + 2 max_len KD
- *                                         + training 128 (max_len + hd) + 2 max_len KD
+ *   per worker, W times: attention, gathered k|v, gates
+ *                                         128 (max_len + 2 hd + 1) + 2 max_len hd + F
+ *                                         + training 128 (max_len + hd) + 2 max_len hd
  *   training backward                     T (2D + max(2F, QD) + QKV) + R (D + QD)
  * Linear in max_rows * max_len: no T x T buffer anywhere.
  */
 static void plan(planner *pl, llama_acts *g, const dims *d, uint64_t R, uint64_t max_len,
-                 int inference) {
+                 int inference, uint32_t n_workers) {
   const uint64_t T = R * max_len, D = d->D, F = d->F, L = d->L;
   const int train = !inference, kq = train && d->qkn;
   g->cos = carve(pl, max_len * d->half);
@@ -762,15 +850,18 @@ static void plan(planner *pl, llama_acts *g, const dims *d, uint64_t R, uint64_t
   Z->lse = train ? carve(pl, R * d->H) : NULL;
   Z->q_raw = kq ? carve(pl, R * d->QD) : NULL;
   Z->q_rs = kq ? carve(pl, R * d->H) : NULL;
-  g->att.S = carve(pl, ATT_ROWS * max_len);
-  g->att.dS = train ? carve(pl, ATT_ROWS * max_len) : NULL;
-  g->att.qs = carve(pl, ATT_ROWS * d->hd);
-  g->att.os = carve(pl, ATT_ROWS * d->hd);
-  g->att.dqs = train ? carve(pl, ATT_ROWS * d->hd) : NULL;
-  g->att.inv = carve(pl, ATT_ROWS);
-  g->tmp = carve(pl, F);
-  g->kvg = carve(pl, max_len * 2 * d->KD);
-  g->dkvg = train ? carve(pl, max_len * 2 * d->KD) : NULL;
+  for (uint32_t w = 0; w < n_workers; w++) {
+    llama_worker scratch_w, *W = pl->base != NULL ? &g->wk[w] : &scratch_w;
+    W->att.S = carve(pl, ATT_ROWS * max_len);
+    W->att.dS = train ? carve(pl, ATT_ROWS * max_len) : NULL;
+    W->att.qs = carve(pl, ATT_ROWS * d->hd);
+    W->att.os = carve(pl, ATT_ROWS * d->hd);
+    W->att.dqs = train ? carve(pl, ATT_ROWS * d->hd) : NULL;
+    W->att.inv = carve(pl, ATT_ROWS);
+    W->tmp = carve(pl, F);
+    W->kv = carve(pl, max_len * 2 * d->hd);
+    W->dkv = train ? carve(pl, max_len * 2 * d->hd) : NULL;
+  }
   if (train) {
     g->d_res = carve(pl, T * D);
     g->d_a = carve(pl, T * D);
@@ -786,18 +877,18 @@ static void llama_ctx_free(void *acts) {
   if (g == NULL) return;
   prmi_free(g->arena);
   free(g->layer);
+  free(g->wk);
   prmi_pack_free(g->pk);
   free(g);
 }
 
 static double llama_ctx_floats(const prm_model *m, uint64_t max_rows, uint64_t max_len,
                                int inference, uint32_t n_workers) {
-  (void)n_workers;
   const dims d = dims_of(m);
   llama_acts g;
   memset(&g, 0, sizeof g);
   planner pl = {NULL, 0.0, 0};
-  plan(&pl, &g, &d, max_rows, max_len, inference);
+  plan(&pl, &g, &d, max_rows, max_len, inference, n_workers);
   return pl.total;
 }
 
@@ -828,14 +919,15 @@ static int llama_ctx_new(prm_ctx *c) {
   g->max_len = c->max_len;
   g->max_tok = c->max_rows * c->max_len;
   g->layer = calloc(d.L, sizeof *g->layer);
+  g->wk = calloc(c->n_workers, sizeof *g->wk);
   g->arena = prmi_calloc((size_t)floats, sizeof(float));
   g->pk = prmi_pack_new(c->max_rows, c->max_len);
-  if (g->layer == NULL || g->arena == NULL || g->pk == NULL) {
+  if (g->layer == NULL || g->wk == NULL || g->arena == NULL || g->pk == NULL) {
     llama_ctx_free(g);
     return PRM_ERR_NOMEM;
   }
   planner pl = {g->arena, 0.0, 0};
-  plan(&pl, g, &d, c->max_rows, c->max_len, c->inference);
+  plan(&pl, g, &d, c->max_rows, c->max_len, c->inference, c->n_workers);
   rope_table(g->cos, g->sin, c->max_len, d.hd, m->opts.rope_theta);
   c->acts = g;
   return PRM_OK;
@@ -848,166 +940,292 @@ static int llama_check_batch(prm_ctx *ctx, const prm_batch *b, uint64_t *stride)
   return prmi_check_token_batch(ctx, b, ctx->model->opts.vocab_size);
 }
 
+/* ---- RoPE on packed and pooled rows -------------------------------------------------------- */
+
+/* Rotate (or, inverse, rotate back) n_heads heads of packed rows [r0, r1)
+ * (x: row r0, stride ld) at their positions, one call per run of
+ * consecutive positions. */
+static void rope_rows(float *x, uint64_t ld, uint64_t n_heads, const llama_acts *g, uint64_t r0,
+                      uint64_t r1, const dims *d, int inverse) {
+  const int32_t *pos = g->pk->pos;
+  for (uint64_t r = r0; r < r1;) {
+    uint64_t e = r + 1;
+    while (e < r1 && pos[e] == pos[e - 1] + 1)
+      e++;
+    const uint64_t t0 = (uint64_t)pos[r];
+    prmi_llama_rope(x + (r - r0) * ld, ld, e - r, n_heads, g->cos + t0 * d->half,
+                    g->sin + t0 * d->half, d->half, inverse);
+    r = e;
+  }
+}
+
+/* The same for pooled rows [i0, i1) (x: compact row i0, stride ld), row i
+ * at position len_i - 1. */
+static void rope_pooled(float *x, uint64_t ld, uint64_t n_heads, const llama_acts *g, uint64_t i0,
+                        uint64_t i1, const dims *d, int inverse) {
+  for (uint64_t i = i0; i < i1; i++) {
+    const uint64_t t = g->pk->len[i] - 1;
+    prmi_llama_rope(x + (i - i0) * ld, ld, 1, n_heads, g->cos + t * d->half, g->sin + t * d->half,
+                    d->half, inverse);
+  }
+}
+
 /* ---- forward ------------------------------------------------------------------------------ */
 
-/* qk_norm in place on rows of x (n_heads heads of hd, row stride ld); the
- * per-head rstd goes to rs[i * ld_rs + h] when rs is not NULL. */
-static void head_norm_forward(float *x, uint64_t ld, float *rs, uint64_t ld_rs, const float *w,
-                              uint64_t rows, uint64_t n_heads, const dims *d) {
-  prmi_llama_rms(x, ld, rs, ld_rs, x, ld, w, rows, n_heads, d->hd, d->eps);
+/* What the pieces of one layer's forward or backward read. */
+typedef struct layer_job {
+  prm_ctx *ctx;
+  llama_acts *g;
+  const dims *d;
+  const float *p;       /* parameters */
+  const llama_block *B; /* the layer's offsets */
+  const layer_acts *A;  /* a full layer (NULL: the last) */
+  float *xn;            /* forward: the residual stream leaving a full layer */
+  float *h;             /* forward: silu(gate) up, stride ldh (NULL: over the gate half of gu) */
+  uint64_t ldh;
+  float *d_o;           /* backward: d(attention output) */
+} layer_job;
+
+/* The MLP of rows: out = x2 + (silu(gate) up) Wdown^T, m = rmsnorm(x2)
+ * w_post (rstd rs2), gu = m [Wgate|Wup]^T; h (stride ldh) receives
+ * silu(gate) up (NULL: over the gate half of gu). out may be x2; tmp (F). */
+static void mlp_forward(float *out, const float *x2, float *m, float *rs2, float *gu, float *h,
+                        uint64_t ldh, uint64_t n, const llama_block *B, const float *p,
+                        const dims *d, float *tmp) {
+  const uint64_t D = d->D, F = d->F;
+  rmsnorm_forward(m, rs2, x2, p + B->ln2, n, D, d->eps);
+  linear_forward(gu, 2 * F, m, n, D, p + B->wg, NULL, 2 * F);
+  if (h == NULL) {
+    h = gu;
+    ldh = 2 * F;
+  }
+  swiglu_forward(h, ldh, gu, n, F, tmp);
+  if (out != x2) memcpy(out, x2, n * D * sizeof(float));
+  prmi_gemm(0, 1, n, D, F, 1.0f, h, ldh, p + B->wd, F, 1.0f, out, D);
 }
 
-/* Backward of head_norm_forward in place: dx holds d(normed) on entry; raw
- * is the forward's input. */
-static void head_norm_backward(float *dx, uint64_t ld, float *dw, const float *raw, uint64_t ld_raw,
-                               const float *rs, uint64_t ld_rs, const float *w, uint64_t rows,
-                               uint64_t n_heads, const dims *d) {
-  prmi_llama_rms_bwd(dx, ld, 0, dw, dx, ld, raw, ld_raw, w, rs, ld_rs, rows, n_heads, d->hd);
+/* Rows [r0, r1) of a full layer up to attention: a = rmsnorm(x), q|k|v,
+ * qk_norm, RoPE. */
+static void layer_in_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const float *p = j->p;
+  const llama_block *B = j->B;
+  const layer_acts *A = j->A;
+  const uint64_t n = r1 - r0, D = d->D, QKV = d->QKV, QD = d->QD, KD = d->KD, HG = d->H + d->G;
+  const float *a = A->a + r0 * D;
+  float *qkv = A->qkv + r0 * QKV;
+  rmsnorm_forward(A->a + r0 * D, A->rs1 != NULL ? A->rs1 + r0 : NULL, A->x + r0 * D, p + B->ln1,
+                  n, D, d->eps);
+  if (!d->bias) {
+    linear_forward(qkv, QKV, a, n, D, p + B->wq, NULL, QKV);
+  } else {
+    linear_forward(qkv, QKV, a, n, D, p + B->wq, p + B->bq, QD);
+    linear_forward(qkv + QD, QKV, a, n, D, p + B->wk, p + B->bk, KD);
+    linear_forward(qkv + QD + KD, QKV, a, n, D, p + B->wv, p + B->bv, KD);
+  }
+  if (d->qkn) {
+    float *rs = A->qk_rs != NULL ? A->qk_rs + r0 * HG : NULL;
+    if (A->qk_raw != NULL)
+      for (uint64_t r = 0; r < n; r++)
+        memcpy(A->qk_raw + (r0 + r) * (QD + KD), qkv + r * QKV, (QD + KD) * sizeof(float));
+    head_norm_forward(qkv, QKV, rs, HG, p + B->qn, n, d->H, d);
+    head_norm_forward(qkv + QD, QKV, rs != NULL ? rs + d->H : NULL, HG, p + B->kn, n, d->G, d);
+  }
+  rope_rows(qkv, QKV, HG, j->g, r0, r1, d, 0); /* q and k heads are adjacent */
 }
 
-/* Rotate (or, inverse, rotate back) n_heads heads of every packed row at its
- * position: the own rows of sequence i, off[i] .. off[i+1]-1, hold positions
- * first[i], first[i] + 1, ... */
-static void rope_packed(float *x, uint64_t ld, uint64_t n_heads, const llama_acts *g, uint64_t n,
-                        const dims *d, int inverse) {
+/* Task (sequence i, kv head kh) of a full layer's attention. */
+static void att_fwd_task(void *arg, uint32_t t, uint32_t worker) {
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const llama_acts *g = j->g;
   const prmi_pack *pk = g->pk;
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t t0 = pk->first[i];
-    prmi_llama_rope(x + pk->off[i] * ld, ld, pk->off[i + 1] - pk->off[i], n_heads,
-                    g->cos + t0 * d->half, g->sin + t0 * d->half, d->half, inverse);
+  const layer_acts *A = j->A;
+  const uint64_t i = t / d->G, kh = t % d->G, QKV = d->QKV, QD = d->QD, hd = d->hd;
+  const uint64_t row = pk->off[i], p0 = pk->first[i], T = pk->len[i];
+  if (p0 >= T) return; /* the whole row is an earlier row's */
+  const llama_worker *w = &g->wk[worker];
+  const float *q = A->qkv + row * QKV, *k = q + QD + kh * hd, *v = k + d->KD;
+  uint64_t ldkv = QKV;
+  if (p0 > 0) { /* keys and values partly an earlier row's */
+    gather_kv(w->kv, A->qkv, QKV, QD + kh * hd, d->KD, hd, pk->kmap + pk->kmap_off[i], T);
+    k = w->kv;
+    v = w->kv + hd;
+    ldkv = 2 * hd;
   }
+  attention_forward(A->o + row * QD, A->lse != NULL ? A->lse + row : NULL, g->max_tok, q, k, v,
+                    ldkv, &w->att, p0, T, kh, d);
 }
 
-/* The same for one row per sequence (compact row i, stride ld) at its pooled
- * position len_i - 1. */
-static void rope_pooled(float *x, uint64_t ld, uint64_t n_heads, const llama_acts *g, uint64_t n,
-                        const dims *d, int inverse) {
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t t = g->pk->len[i] - 1;
-    prmi_llama_rope(x + i * ld, ld, 1, n_heads, g->cos + t * d->half, g->sin + t * d->half, d->half,
-                    inverse);
-  }
+/* Rows [r0, r1) of a full layer after attention: x2 = x + o Wo^T, then the
+ * MLP into xn. */
+static void layer_out_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const layer_acts *A = j->A;
+  const uint64_t n = r1 - r0, D = d->D, QD = d->QD;
+  float *x2 = A->x2 + r0 * D;
+  if (A->x2 != A->x) memcpy(x2, A->x + r0 * D, n * D * sizeof(float));
+  prmi_gemm(0, 1, n, D, QD, 1.0f, A->o + r0 * QD, QD, j->p + j->B->wo, QD, 1.0f, x2, D);
+  mlp_forward(j->xn + r0 * D, x2, A->m + r0 * D, A->rs2 != NULL ? A->rs2 + r0 : NULL,
+              A->gu + r0 * 2 * d->F, j->h != NULL ? j->h + r0 * j->ldh : NULL, j->ldh, n, j->B,
+              j->p, d, j->g->wk[worker].tmp);
 }
 
 /* A full layer l over all N rows; the residual stream leaving it goes to xn. */
-static void layer_forward(const prm_model *m, llama_acts *g, const dims *d, uint64_t l, float *xn,
+static void layer_forward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t l, float *xn,
                           float *hbuf, uint64_t ldh, uint64_t n) {
-  const float *p = m->params;
-  const llama_block *B = &LAYOUT(m)->blk[l];
-  const layer_acts *A = &g->layer[l];
-  const prmi_pack *pk = g->pk;
-  const uint64_t N = pk->n_tok, D = d->D, QKV = d->QKV;
-  rmsnorm_forward(A->a, A->rs1, A->x, p + B->ln1, N, D, d->eps);
+  const uint64_t N = g->pk->n_tok;
+  layer_job j = {.ctx = ctx, .g = g, .d = d, .p = ctx->model->params,
+                 .B = &LAYOUT(ctx->model)->blk[l], .A = &g->layer[l], .xn = xn, .h = hbuf,
+                 .ldh = ldh};
+  prmi_par_range(ctx, N, row_piece(N), layer_in_piece, &j);
+  prmi_par_for(ctx, (uint32_t)(n * d->G), att_fwd_task, &j);
+  prmi_par_range(ctx, N, row_piece(N), layer_out_piece, &j);
+}
+
+/* Rows [r0, r1) of the last layer's per-row part: a = rmsnorm(x), k|v,
+ * k_norm, RoPE. */
+static void last_in_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const float *p = j->p;
+  const llama_block *B = j->B;
+  const last_acts *Z = &j->g->last;
+  const uint64_t n = r1 - r0, D = d->D, KD = d->KD;
+  const float *a = Z->a + r0 * D;
+  float *kv = Z->kv + r0 * 2 * KD;
+  rmsnorm_forward(Z->a + r0 * D, Z->rs1 != NULL ? Z->rs1 + r0 : NULL, Z->x + r0 * D, p + B->ln1,
+                  n, D, d->eps);
   if (!d->bias) {
-    linear_forward(A->qkv, QKV, A->a, N, D, p + B->wq, NULL, QKV);
+    linear_forward(kv, 2 * KD, a, n, D, p + B->wk, NULL, 2 * KD);
   } else {
-    linear_forward(A->qkv, QKV, A->a, N, D, p + B->wq, p + B->bq, d->QD);
-    linear_forward(A->qkv + d->QD, QKV, A->a, N, D, p + B->wk, p + B->bk, d->KD);
-    linear_forward(A->qkv + d->QD + d->KD, QKV, A->a, N, D, p + B->wv, p + B->bv, d->KD);
+    linear_forward(kv, 2 * KD, a, n, D, p + B->wk, p + B->bk, KD);
+    linear_forward(kv + KD, 2 * KD, a, n, D, p + B->wv, p + B->bv, KD);
   }
   if (d->qkn) {
-    if (A->qk_raw != NULL)
-      for (uint64_t r = 0; r < N; r++)
-        memcpy(A->qk_raw + r * (d->QD + d->KD), A->qkv + r * QKV, (d->QD + d->KD) * sizeof(float));
-    head_norm_forward(A->qkv, QKV, A->qk_rs, d->H + d->G, p + B->qn, N, d->H, d);
-    head_norm_forward(A->qkv + d->QD, QKV, A->qk_rs == NULL ? NULL : A->qk_rs + d->H, d->H + d->G,
-                      p + B->kn, N, d->G, d);
+    if (Z->k_raw != NULL)
+      for (uint64_t r = 0; r < n; r++)
+        memcpy(Z->k_raw + (r0 + r) * KD, kv + r * 2 * KD, KD * sizeof(float));
+    head_norm_forward(kv, 2 * KD, Z->k_rs != NULL ? Z->k_rs + r0 * d->G : NULL, d->G, p + B->kn, n,
+                      d->G, d);
   }
-  rope_packed(A->qkv, QKV, d->H + d->G, g, n, d, 0); /* q and k heads are adjacent */
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t row = pk->off[i], p0 = pk->first[i], T = pk->len[i];
-    const float *q = A->qkv + row * QKV;
-    float *lse = A->lse != NULL ? A->lse + row : NULL;
-    if (p0 == 0) {
-      attention_forward(A->o + row * d->QD, lse, g->max_tok, q, q + d->QD, QKV, &g->att, 0, T, d);
-    } else if (p0 < T) { /* keys and values partly an earlier row's */
-      gather_rows(g->kvg, A->qkv, QKV, d->QD, 2 * d->KD, pk->kmap + pk->kmap_off[i], T);
-      attention_forward(A->o + row * d->QD, lse, g->max_tok, q, g->kvg, 2 * d->KD, &g->att, p0, T,
-                        d);
-    }
+  rope_rows(kv, 2 * KD, d->G, j->g, r0, r1, d, 0);
+}
+
+/* Pooled rows [i0, i1) of the last layer: the query of the last token. */
+static void pooled_in_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const float *p = j->p;
+  const llama_block *B = j->B;
+  const last_acts *Z = &j->g->last;
+  const prmi_pack *pk = j->g->pk;
+  const uint64_t n = i1 - i0, D = d->D, QD = d->QD;
+  for (uint64_t i = i0; i < i1; i++)
+    memcpy(Z->ac + i * D, Z->a + pk->last[i] * D, D * sizeof(float));
+  float *q = Z->q + i0 * QD;
+  linear_forward(q, QD, Z->ac + i0 * D, n, D, p + B->wq, d->bias ? p + B->bq : NULL, QD);
+  if (d->qkn) {
+    if (Z->q_raw != NULL) memcpy(Z->q_raw + i0 * QD, q, n * QD * sizeof(float));
+    head_norm_forward(q, QD, Z->q_rs != NULL ? Z->q_rs + i0 * d->H : NULL, d->H, p + B->qn, n,
+                      d->H, d);
   }
-  if (A->x2 != A->x) memcpy(A->x2, A->x, N * D * sizeof(float));
-  prmi_gemm(0, 1, N, D, d->QD, 1.0f, A->o, d->QD, p + B->wo, d->QD, 1.0f, A->x2, D);
-  rmsnorm_forward(A->m, A->rs2, A->x2, p + B->ln2, N, D, d->eps);
-  linear_forward(A->gu, 2 * d->F, A->m, N, D, p + B->wg, NULL, 2 * d->F);
-  if (hbuf == NULL) { /* inference: h over the gate half */
-    hbuf = A->gu;
-    ldh = 2 * d->F;
-  }
-  swiglu_forward(hbuf, ldh, A->gu, N, d->F, g->tmp);
-  if (xn != A->x2) memcpy(xn, A->x2, N * D * sizeof(float));
-  prmi_gemm(0, 1, N, D, d->F, 1.0f, hbuf, ldh, p + B->wd, d->F, 1.0f, xn, D);
+  rope_pooled(q, QD, d->H, j->g, i0, i1, d, 0);
 }
 
 /*
- * The last layer: keys and values of every row, the rest at the pooled row
- * r_i = off[i+1] - 1 of each sequence (compact row i). The g query heads of
- * kv head j at one pooled row are adjacent, so each (sequence, kv head) is
- * one (g, hd) x (hd, T) GEMM.
+ * Task (sequence i, kv head kh) of the last layer: the pooled query of the
+ * g heads of the group against every key of the sequence. The g queries
+ * are adjacent, so this is one (g, hd) x (hd, T) GEMM (ATT_ROWS at a time).
  */
-static void last_forward(const prm_model *m, llama_acts *g, const dims *d, float *hbuf,
-                         uint64_t n) {
-  const float *p = m->params;
-  const llama_block *B = &LAYOUT(m)->blk[d->L - 1];
-  last_acts *Z = &g->last;
+static void last_att_fwd_task(void *arg, uint32_t t, uint32_t worker) {
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const llama_acts *g = j->g;
   const prmi_pack *pk = g->pk;
-  const uint64_t N = pk->n_tok, D = d->D, QD = d->QD, KD = d->KD, hd = d->hd;
-  rmsnorm_forward(Z->a, Z->rs1, Z->x, p + B->ln1, N, D, d->eps);
-  if (!d->bias) {
-    linear_forward(Z->kv, 2 * KD, Z->a, N, D, p + B->wk, NULL, 2 * KD);
-  } else {
-    linear_forward(Z->kv, 2 * KD, Z->a, N, D, p + B->wk, p + B->bk, KD);
-    linear_forward(Z->kv + KD, 2 * KD, Z->a, N, D, p + B->wv, p + B->bv, KD);
+  const last_acts *Z = &g->last;
+  const uint64_t i = t / d->G, kh = t % d->G, QD = d->QD, KD = d->KD, hd = d->hd, T = pk->len[i];
+  const llama_worker *w = &g->wk[worker];
+  const float *k = Z->kv + pk->off[i] * 2 * KD + kh * hd, *v = k + KD;
+  uint64_t ldkv = 2 * KD;
+  if (pk->first[i] > 0) { /* keys and values partly an earlier row's */
+    gather_kv(w->kv, Z->kv, 2 * KD, kh * hd, KD, hd, pk->kmap + pk->kmap_off[i], T);
+    k = w->kv;
+    v = w->kv + hd;
+    ldkv = 2 * hd;
   }
-  for (uint64_t i = 0; i < n; i++)
-    memcpy(Z->ac + i * D, Z->a + pk->last[i] * D, D * sizeof(float));
-  linear_forward(Z->q, QD, Z->ac, n, D, p + B->wq, d->bias ? p + B->bq : NULL, QD);
-  if (d->qkn) {
-    if (Z->k_raw != NULL) {
-      for (uint64_t r = 0; r < N; r++)
-        memcpy(Z->k_raw + r * KD, Z->kv + r * 2 * KD, KD * sizeof(float));
-      memcpy(Z->q_raw, Z->q, n * QD * sizeof(float));
-    }
-    head_norm_forward(Z->kv, 2 * KD, Z->k_rs, d->G, p + B->kn, N, d->G, d);
-    head_norm_forward(Z->q, QD, Z->q_rs, d->H, p + B->qn, n, d->H, d);
+  const float *q = Z->q + i * QD + kh * d->g * hd;
+  float *S = w->att.S, *inv = w->att.inv;
+  for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_ROWS) {
+    const uint64_t nu = d->g - u0 < ATT_ROWS ? d->g - u0 : ATT_ROWS;
+    prmi_gemm(0, 1, nu, T, hd, d->scale, q + u0 * hd, hd, k, ldkv, 0.0f, S, T);
+    prmi_llama_softmax(S, T, nu, T, 0, T, inv,
+                       Z->lse != NULL ? Z->lse + i * d->H + kh * d->g + u0 : NULL);
+    float *oq = Z->o + i * QD + (kh * d->g + u0) * hd;
+    prmi_gemm(0, 0, nu, hd, T, 1.0f, S, T, v, ldkv, 0.0f, oq, hd);
+    scale_rows(oq, hd, nu, hd, inv);
   }
-  rope_packed(Z->kv, 2 * KD, d->G, g, n, d, 0);
-  rope_pooled(Z->q, QD, d->H, g, n, d, 0);
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t T = pk->len[i];
-    const float *kv = Z->kv + pk->off[i] * 2 * KD;
-    if (pk->first[i] > 0) { /* keys and values partly an earlier row's */
-      gather_rows(g->kvg, Z->kv, 2 * KD, 0, 2 * KD, pk->kmap + pk->kmap_off[i], T);
-      kv = g->kvg;
-    }
-    for (uint64_t j = 0; j < d->G; j++) {
-      const float *k = kv + j * hd, *v = k + KD;
-      const float *q = Z->q + i * QD + j * d->g * hd;
-      float *S = g->att.S, *inv = g->att.inv;
-      for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_ROWS) {
-        const uint64_t nu = d->g - u0 < ATT_ROWS ? d->g - u0 : ATT_ROWS;
-        prmi_gemm(0, 1, nu, T, hd, d->scale, q + u0 * hd, hd, k, 2 * KD, 0.0f, S, T);
-        prmi_llama_softmax(S, T, nu, T, 0, T, inv,
-                           Z->lse != NULL ? Z->lse + i * d->H + j * d->g + u0 : NULL);
-        float *oq = Z->o + i * QD + (j * d->g + u0) * hd;
-        prmi_gemm(0, 0, nu, hd, T, 1.0f, S, T, v, 2 * KD, 0.0f, oq, hd);
-        scale_rows(oq, hd, nu, hd, inv);
-      }
-    }
-  }
-  for (uint64_t i = 0; i < n; i++)
+}
+
+/* Pooled rows [i0, i1) of the last layer after attention: x2 = x[r_i] +
+ * o Wo^T, then the MLP into out. */
+static void pooled_out_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const last_acts *Z = &j->g->last;
+  const prmi_pack *pk = j->g->pk;
+  const uint64_t n = i1 - i0, D = d->D, QD = d->QD;
+  for (uint64_t i = i0; i < i1; i++)
     memcpy(Z->x2 + i * D, Z->x + pk->last[i] * D, D * sizeof(float));
-  prmi_gemm(0, 1, n, D, QD, 1.0f, Z->o, QD, p + B->wo, QD, 1.0f, Z->x2, D);
-  rmsnorm_forward(Z->m, Z->rs2, Z->x2, p + B->ln2, n, D, d->eps);
-  linear_forward(Z->gu, 2 * d->F, Z->m, n, D, p + B->wg, NULL, 2 * d->F);
-  uint64_t ldh = d->F;
-  if (hbuf == NULL) {
-    hbuf = Z->gu;
-    ldh = 2 * d->F;
+  prmi_gemm(0, 1, n, D, QD, 1.0f, Z->o + i0 * QD, QD, j->p + j->B->wo, QD, 1.0f, Z->x2 + i0 * D, D);
+  mlp_forward(Z->out + i0 * D, Z->x2 + i0 * D, Z->m + i0 * D, Z->rs2 + i0, Z->gu + i0 * 2 * d->F,
+              j->h != NULL ? j->h + i0 * j->ldh : NULL, j->ldh, n, j->B, j->p, d,
+              j->g->wk[worker].tmp);
+}
+
+/* The last layer: keys and values of every row, the rest at the pooled row
+ * r_i = off[i+1] - 1 of each sequence (compact row i). */
+static void last_forward(prm_ctx *ctx, llama_acts *g, const dims *d, float *hbuf, uint64_t n) {
+  const uint64_t N = g->pk->n_tok;
+  layer_job j = {.ctx = ctx, .g = g, .d = d, .p = ctx->model->params,
+                 .B = &LAYOUT(ctx->model)->blk[d->L - 1], .h = hbuf, .ldh = d->F};
+  prmi_par_range(ctx, N, row_piece(N), last_in_piece, &j);
+  prmi_par_range(ctx, n, row_piece(n), pooled_in_piece, &j);
+  prmi_par_for(ctx, (uint32_t)(n * d->G), last_att_fwd_task, &j);
+  prmi_par_range(ctx, n, row_piece(n), pooled_out_piece, &j);
+}
+
+typedef struct embed_job {
+  const prmi_pack *pk;
+  const float *e; /* the embedding table */
+  float *x;       /* forward: the residual stream */
+  float *ge;      /* backward: the table's gradient */
+  const float *dx;
+  uint64_t D;
+} embed_job;
+
+static void embed_fwd_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const embed_job *j = arg;
+  for (uint64_t r = r0; r < r1; r++)
+    memcpy(j->x + r * j->D, j->e + (uint64_t)j->pk->ids[r] * j->D, j->D * sizeof(float));
+}
+
+/* Channels [k0, k1) of the embedding gradient, tokens in order. */
+static void embed_bwd_piece(void *arg, uint64_t k0, uint64_t k1, uint32_t worker) {
+  (void)worker;
+  const embed_job *j = arg;
+  for (uint64_t r = 0; r < j->pk->n_tok; r++) {
+    float *e = j->ge + (uint64_t)j->pk->ids[r] * j->D;
+    const float *dr = j->dx + r * j->D;
+    for (uint64_t k = k0; k < k1; k++)
+      e[k] += dr[k];
   }
-  swiglu_forward(hbuf, ldh, Z->gu, n, d->F, g->tmp);
-  memcpy(Z->out, Z->x2, n * D * sizeof(float));
-  prmi_gemm(0, 1, n, D, d->F, 1.0f, hbuf, ldh, p + B->wd, d->F, 1.0f, Z->out, D);
 }
 
 static int llama_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, float *scores,
@@ -1023,15 +1241,15 @@ static int llama_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, floa
   /* pack the tokens, each shared prefix once */
   const prmi_pack *pk = g->pk;
   prmi_pack_tokens(g->pk, b);
-  float *x0 = L > 1 ? g->layer[0].x : g->last.x;
-  for (uint64_t r = 0; r < pk->n_tok; r++)
-    memcpy(x0 + r * D, p + LAYOUT(m)->embed + (uint64_t)pk->ids[r] * D, D * sizeof(float));
+  embed_job ej = {.pk = pk, .e = p + LAYOUT(m)->embed, .x = L > 1 ? g->layer[0].x : g->last.x,
+                  .D = D};
+  prmi_par_range(ctx, pk->n_tok, row_piece(pk->n_tok), embed_fwd_piece, &ej);
 
   /* training: h of a full layer lives only until its down projection */
   float *hbuf = ctx->inference ? NULL : g->d_big;
   for (uint64_t l = 0; l + 1 < L; l++)
-    layer_forward(m, g, &d, l, l + 2 < L ? g->layer[l + 1].x : g->last.x, hbuf, d.F, n);
-  last_forward(m, g, &d, hbuf, n);
+    layer_forward(ctx, g, &d, l, l + 2 < L ? g->layer[l + 1].x : g->last.x, hbuf, d.F, n);
+  last_forward(ctx, g, &d, hbuf, n);
   const last_acts *Z = &g->last;
   const float *w = p + m->head_w;
   rmsnorm_forward(Z->fn, Z->fn_rs, Z->out, p + LAYOUT(m)->norm, n, D, d.eps);
@@ -1046,8 +1264,155 @@ static int llama_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, floa
 
 /* ---- backward ----------------------------------------------------------------------------- */
 
+/* Backward of the MLP of n rows (a full layer's or the pooled rows'). */
+typedef struct mlp_job {
+  const dims *d;
+  const float *p;
+  const llama_block *B;
+  float *dy;         /* (n, D) d(out) on entry; d(x2) on return */
+  const float *gu;   /* (n, 2F) the forward's gate | up */
+  const float *mm;   /* (n, D) its input m = rmsnorm(x2) */
+  const float *x2;   /* (n, D) */
+  const float *rs2;  /* (n) */
+  float *SG;         /* (n, 2F) scratch */
+  float *dm;         /* (n, D) receives d(m) */
+} mlp_job;
+
+/* Rows: SG = [e | h], e = exp(-|gate|), h as the forward computed it. */
+static void mlp_h_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const mlp_job *j = arg;
+  const uint64_t F = j->d->F;
+  for (uint64_t i = i0; i < i1; i++) {
+    const float *gt = j->gu + i * 2 * F;
+    float *e = j->SG + i * 2 * F;
+    prmi_llama_neg_abs(e, gt, F);
+    prmi_exp_shifted(e, F, 0.0f);
+    prmi_llama_swiglu_row(e + F, gt, gt + F, e, F);
+  }
+}
+
+/* Rows: dh = dy Wdown over h, then SG = [dgate | dup]. */
+static void mlp_dh_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const mlp_job *j = arg;
+  const uint64_t F = j->d->F, D = j->d->D;
+  float *sg = j->SG + i0 * 2 * F;
+  prmi_gemm(0, 0, i1 - i0, F, D, 1.0f, j->dy + i0 * D, D, j->p + j->B->wd, F, 0.0f, sg + F, 2 * F);
+  for (uint64_t i = i0; i < i1; i++) {
+    const float *gt = j->gu + i * 2 * F;
+    prmi_llama_swiglu_bwd_row(j->SG + i * 2 * F, j->SG + i * 2 * F + F, gt, gt + F, F);
+  }
+}
+
+/* Rows: dm = [dgate | dup] [Wgate | Wup]; dy += the rmsnorm backward of dm. */
+static void mlp_dm_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const mlp_job *j = arg;
+  const uint64_t F = j->d->F, D = j->d->D, n = i1 - i0;
+  float *dm = j->dm + i0 * D;
+  prmi_gemm(0, 0, n, D, 2 * F, 1.0f, j->SG + i0 * 2 * F, 2 * F, j->p + j->B->wg, D, 0.0f, dm, D);
+  prmi_llama_rms_bwd(j->dy + i0 * D, D, 1, dm, D, j->x2 + i0 * D, D, j->p + j->B->ln2,
+                     j->rs2 + i0, 1, n, 1, D);
+}
+
+/*
+ * Backward of the MLP and its rmsnorm on n rows: dy holds d(out) and
+ * receives d(x2) (out = x2 + mlp(rmsnorm(x2))).
+ *   h = silu(gate) up:   dWdown += dy^T h,   dh = dy Wdown
+ *   [dgate|dup] from dh (prmi_llama_swiglu_bwd_row)
+ *   dWgate|up += [dgate|dup]^T m,   dm = [dgate|dup] [Wgate|Wup]
+ */
+static void mlp_backward(prm_ctx *ctx, const mlp_job *j, uint64_t n) {
+  const dims *d = j->d;
+  const uint64_t F = d->F, D = d->D, rp = row_piece(n);
+  prmi_par_range(ctx, n, rp, mlp_h_piece, (void *)j);
+  par_linear_dw(ctx, prmi_grad_slot(ctx, j->B->wd), j->dy, D, j->SG + F, 2 * F, n, F, D);
+  prmi_par_range(ctx, n, rp, mlp_dh_piece, (void *)j);
+  par_linear_dw(ctx, prmi_grad_slot(ctx, j->B->wg), j->SG, 2 * F, j->mm, D, n, D, 2 * F);
+  prmi_par_range(ctx, n, rp, mlp_dm_piece, (void *)j);
+  par_norm_dw(ctx, prmi_grad_slot(ctx, j->B->ln2), j->dm, j->x2, j->rs2, n, D);
+}
+
+/*
+ * Task (component c, kv head kh) of a full layer's attention backward: the
+ * rows of the component in order, so that a row's own keys are set by it
+ * before later rows that share them add their part.
+ */
+static void att_bwd_task(void *arg, uint32_t t, uint32_t worker) {
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const llama_acts *g = j->g;
+  const prmi_pack *pk = g->pk;
+  const layer_acts *A = j->A;
+  const uint64_t c = t / d->G, kh = t % d->G, QKV = d->QKV, QD = d->QD, KD = d->KD, hd = d->hd;
+  const llama_worker *w = &g->wk[worker];
+  for (uint64_t r = pk->comp_off[c]; r < pk->comp_off[c + 1]; r++) {
+    const uint64_t i = pk->comp_rows[r];
+    const uint64_t row = pk->off[i], p0 = pk->first[i], T = pk->len[i];
+    if (p0 >= T) continue;
+    const float *q = A->qkv + row * QKV, *lse = A->lse + row, *dout = j->d_o + row * QD;
+    float *dq = g->d_qkv + row * QKV;
+    if (p0 == 0) {
+      const float *k = q + QD + kh * hd;
+      float *dk = dq + QD + kh * hd;
+      attention_backward(dq, dk, dk + KD, QKV, dout, q, k, k + KD, QKV, lse, g->max_tok, &w->att,
+                         0, T, kh, d);
+    } else {
+      const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
+      gather_kv(w->kv, A->qkv, QKV, QD + kh * hd, KD, hd, kmap, T);
+      attention_backward(dq, w->dkv, w->dkv + hd, 2 * hd, dout, q, w->kv, w->kv + hd, 2 * hd, lse,
+                         g->max_tok, &w->att, p0, T, kh, d);
+      scatter_dkv(g->d_qkv, QKV, QD + kh * hd, KD, w->dkv, hd, kmap, p0, T);
+    }
+  }
+}
+
+/* Rows: rotate d(q|k) back (the step before qk_norm's weight gradient). */
+static void qk_unrope_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  if (j->A != NULL)
+    rope_rows(j->g->d_qkv + r0 * d->QKV, d->QKV, d->H + d->G, j->g, r0, r1, d, 1);
+  else
+    rope_rows(j->g->d_qkv + r0 * 2 * d->KD, 2 * d->KD, d->G, j->g, r0, r1, d, 1);
+}
+
+/*
+ * Rows [r0, r1) of a full layer from d(rotated q|k|v) to d(x): RoPE back
+ * (qk_norm: done, then the norm back), d(a) = d(q|k|v) [Wq|Wk|Wv], d(x) +=
+ * the input_layernorm backward.
+ */
+static void layer_qkv_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const float *p = j->p;
+  const llama_block *B = j->B;
+  const layer_acts *A = j->A;
+  const uint64_t n = r1 - r0, D = d->D, QKV = d->QKV, QD = d->QD, KD = d->KD, HG = d->H + d->G;
+  float *dq = j->g->d_qkv + r0 * QKV, *da = j->g->d_a + r0 * D;
+  if (!d->qkn) {
+    rope_rows(dq, QKV, HG, j->g, r0, r1, d, 1);
+  } else {
+    const float *raw = A->qk_raw + r0 * (QD + KD), *rs = A->qk_rs + r0 * HG;
+    head_norm_backward(dq, QKV, raw, QD + KD, rs, HG, p + B->qn, n, d->H, d);
+    head_norm_backward(dq + QD, QKV, raw + QD, QD + KD, rs + d->H, HG, p + B->kn, n, d->G, d);
+  }
+  if (!d->bias) {
+    prmi_gemm(0, 0, n, D, QKV, 1.0f, dq, QKV, p + B->wq, D, 0.0f, da, D);
+  } else {
+    prmi_gemm(0, 0, n, D, QD, 1.0f, dq, QKV, p + B->wq, D, 0.0f, da, D);
+    prmi_gemm(0, 0, n, D, KD, 1.0f, dq + QD, QKV, p + B->wk, D, 1.0f, da, D);
+    prmi_gemm(0, 0, n, D, KD, 1.0f, dq + QD + KD, QKV, p + B->wv, D, 1.0f, da, D);
+  }
+  prmi_llama_rms_bwd(j->g->d_res + r0 * D, D, 1, da, D, A->x + r0 * D, D, p + B->ln1,
+                     A->rs1 + r0, 1, n, 1, D);
+}
+
 /* Backward of a full layer l: g->d_res holds d(x_{l+1}) and receives d(x_l). */
-static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t l, uint64_t n) {
+static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t l) {
   const prm_model *m = ctx->model;
   const float *p = m->params;
   const llama_block *B = &LAYOUT(m)->blk[l];
@@ -1055,49 +1420,171 @@ static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t 
   const prmi_pack *pk = g->pk;
   const uint64_t N = pk->n_tok, D = d->D, QD = d->QD, KD = d->KD, QKV = d->QKV;
   /* x' = x2 + mlp(m), m = rmsnorm(x2) */
-  mlp_backward(ctx, d, B, g->d_a, g->d_res, A->gu, A->m, g->d_big, N);
-  rmsnorm_backward(g->d_res, prmi_grad_slot(ctx, B->ln2), g->d_a, A->x2, p + B->ln2, A->rs2, N, D);
+  const mlp_job mj = {d, p, B, g->d_res, A->gu, A->m, A->x2, A->rs2, g->d_big, g->d_a};
+  mlp_backward(ctx, &mj, N);
   /* x2 = x + o Wo^T */
   float *d_o = g->d_big;
-  linear_backward(d_o, 0.0f, prmi_grad_slot(ctx, B->wo), NULL, g->d_res, D, A->o, N, QD, p + B->wo,
-                  D);
-  /* rows in order: a row's own keys are set by it before later rows that
-   * share them add their part */
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t row = pk->off[i], p0 = pk->first[i], T = pk->len[i];
-    const float *q = A->qkv + row * QKV;
-    float *dq = g->d_qkv + row * QKV;
-    if (p0 == 0) {
-      attention_backward(dq, dq + QD, QKV, d_o + row * QD, q, q + QD, QKV, A->lse + row,
-                         g->max_tok, &g->att, 0, T, d);
-    } else if (p0 < T) {
-      const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
-      gather_rows(g->kvg, A->qkv, QKV, QD, 2 * KD, kmap, T);
-      attention_backward(dq, g->dkvg, 2 * KD, d_o + row * QD, q, g->kvg, 2 * KD, A->lse + row,
-                         g->max_tok, &g->att, p0, T, d);
-      scatter_rows(g->d_qkv, QKV, QD, g->dkvg, 2 * KD, kmap, p0, T);
-    }
-  }
-  rope_packed(g->d_qkv, QKV, d->H + d->G, g, n, d, 1);
-  if (d->qkn) {
-    head_norm_backward(g->d_qkv, QKV, prmi_grad_slot(ctx, B->qn), A->qk_raw, QD + KD, A->qk_rs,
-                       d->H + d->G, p + B->qn, N, d->H, d);
-    head_norm_backward(g->d_qkv + QD, QKV, prmi_grad_slot(ctx, B->kn), A->qk_raw + QD, QD + KD,
-                       A->qk_rs + d->H, d->H + d->G, p + B->kn, N, d->G, d);
+  prmi_par_gemm(ctx, 0, 0, N, QD, D, 1.0f, g->d_res, D, p + B->wo, QD, 0.0f, d_o, QD,
+                row_piece(N), 0);
+  par_linear_dw(ctx, prmi_grad_slot(ctx, B->wo), g->d_res, D, A->o, QD, N, QD, D);
+  layer_job j = {.ctx = ctx, .g = g, .d = d, .p = p, .B = B, .A = A, .d_o = d_o};
+  prmi_par_for(ctx, (uint32_t)(pk->n_comp * d->G), att_bwd_task, &j);
+  if (d->qkn) { /* RoPE back, then the norms' weight gradients before d(q|k) changes */
+    prmi_par_range(ctx, N, row_piece(N), qk_unrope_piece, &j);
+    const rms_dw_job qj = {prmi_grad_slot(ctx, B->qn), g->d_qkv, A->qk_raw, A->qk_rs, QKV,
+                           QD + KD, d->H + d->G, N, d->H, d->hd};
+    const rms_dw_job kj = {prmi_grad_slot(ctx, B->kn), g->d_qkv + QD, A->qk_raw + QD,
+                           A->qk_rs + d->H, QKV, QD + KD, d->H + d->G, N, d->G, d->hd};
+    if (qj.dw != NULL) par_rms_dw(ctx, &qj, &kj);
   }
   /* q|k|v = a W^T + b; a = rmsnorm(x) */
+  prmi_par_range(ctx, N, row_piece(N), layer_qkv_piece, &j);
   if (!d->bias) {
-    linear_backward(g->d_a, 0.0f, prmi_grad_slot(ctx, B->wq), NULL, g->d_qkv, QKV, A->a, N, D,
-                    p + B->wq, QKV);
+    par_linear_dw(ctx, prmi_grad_slot(ctx, B->wq), g->d_qkv, QKV, A->a, D, N, D, QKV);
   } else {
-    linear_backward(g->d_a, 0.0f, prmi_grad_slot(ctx, B->wq), prmi_grad_slot(ctx, B->bq), g->d_qkv,
-                    QKV, A->a, N, D, p + B->wq, QD);
-    linear_backward(g->d_a, 1.0f, prmi_grad_slot(ctx, B->wk), prmi_grad_slot(ctx, B->bk),
-                    g->d_qkv + QD, QKV, A->a, N, D, p + B->wk, KD);
-    linear_backward(g->d_a, 1.0f, prmi_grad_slot(ctx, B->wv), prmi_grad_slot(ctx, B->bv),
-                    g->d_qkv + QD + KD, QKV, A->a, N, D, p + B->wv, KD);
+    par_linear_dw(ctx, prmi_grad_slot(ctx, B->wq), g->d_qkv, QKV, A->a, D, N, D, QD);
+    par_linear_dw(ctx, prmi_grad_slot(ctx, B->wk), g->d_qkv + QD, QKV, A->a, D, N, D, KD);
+    par_linear_dw(ctx, prmi_grad_slot(ctx, B->wv), g->d_qkv + QD + KD, QKV, A->a, D, N, D, KD);
+    par_colsum(ctx, prmi_grad_slot(ctx, B->bq), g->d_qkv, N, QD, QKV);
+    par_colsum(ctx, prmi_grad_slot(ctx, B->bk), g->d_qkv + QD, N, KD, QKV);
+    par_colsum(ctx, prmi_grad_slot(ctx, B->bv), g->d_qkv + QD + KD, N, KD, QKV);
   }
-  rmsnorm_backward(g->d_res, prmi_grad_slot(ctx, B->ln1), g->d_a, A->x, p + B->ln1, A->rs1, N, D);
+  par_norm_dw(ctx, prmi_grad_slot(ctx, B->ln1), g->d_a, A->x, A->rs1, N, D);
+}
+
+/*
+ * Task (component c, kv head kh) of the last layer's backward: dk, dv of
+ * every key the pooled queries of the component saw, dq compact. Each
+ * (sequence, kv head) block of d(k|v) (N, 2 KD) is written once by its
+ * row; a row with a shared prefix works on gathered rows and adds the
+ * shared part into the earlier row's (rows in order).
+ */
+static void last_att_bwd_task(void *arg, uint32_t t, uint32_t worker) {
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const llama_acts *g = j->g;
+  const prmi_pack *pk = g->pk;
+  const last_acts *Z = &g->last;
+  const uint64_t c = t / d->G, kh = t % d->G, QD = d->QD, KD = d->KD, hd = d->hd;
+  const llama_worker *w = &g->wk[worker];
+  float *dkv = g->d_qkv;
+  for (uint64_t r = pk->comp_off[c]; r < pk->comp_off[c + 1]; r++) {
+    const uint64_t i = pk->comp_rows[r], T = pk->len[i], shared = pk->first[i] > 0;
+    const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
+    const float *k = Z->kv + pk->off[i] * 2 * KD + kh * hd, *v = k + KD;
+    float *dk = dkv + pk->off[i] * 2 * KD + kh * hd, *dv = dk + KD;
+    uint64_t ldkv = 2 * KD;
+    if (shared) {
+      gather_kv(w->kv, Z->kv, 2 * KD, kh * hd, KD, hd, kmap, T);
+      k = w->kv;
+      v = w->kv + hd;
+      dk = w->dkv;
+      dv = w->dkv + hd;
+      ldkv = 2 * hd;
+    }
+    const float *q = Z->q + i * QD + kh * d->g * hd, *dout = j->d_o + i * QD + kh * d->g * hd;
+    float *P = w->att.S, *dP = w->att.dS;
+    for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_ROWS) {
+      const uint64_t nu = d->g - u0 < ATT_ROWS ? d->g - u0 : ATT_ROWS;
+      const float beta = u0 == 0 ? 0.0f : 1.0f;
+      const float *qu = q + u0 * hd, *du = dout + u0 * hd;
+      prmi_gemm(0, 1, nu, T, hd, d->scale, qu, hd, k, ldkv, 0.0f, P, T);
+      prmi_llama_probs(P, T, nu, T, 0, T, Z->lse + i * d->H + kh * d->g + u0);
+      prmi_gemm(1, 0, T, hd, nu, 1.0f, P, T, du, hd, beta, dv, ldkv);
+      prmi_gemm(0, 1, nu, T, hd, 1.0f, du, hd, v, ldkv, 0.0f, dP, T);
+      prmi_llama_softmax_bwd(dP, P, T, nu, T, 0, T, d->scale);
+      prmi_gemm(0, 0, nu, hd, T, 1.0f, dP, T, k, ldkv, 0.0f,
+                g->d_lastq + i * QD + (kh * d->g + u0) * hd, hd);
+      prmi_gemm(1, 0, T, hd, nu, 1.0f, dP, T, qu, hd, beta, dk, ldkv);
+    }
+    if (shared) scatter_dkv(dkv, 2 * KD, kh * hd, KD, w->dkv, hd, kmap, pk->first[i], T);
+  }
+}
+
+/* Pooled rows [i0, i1) of the last layer from d(rotated q) to d(a) at the
+ * pooled rows (in d_last): RoPE back (qk_norm: done, then the norm back),
+ * d_last = d(q) Wq. */
+static void pooled_q_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const float *p = j->p;
+  const last_acts *Z = &j->g->last;
+  const uint64_t n = i1 - i0, D = d->D, QD = d->QD;
+  float *dq = j->g->d_lastq + i0 * QD;
+  if (!d->qkn)
+    rope_pooled(dq, QD, d->H, j->g, i0, i1, d, 1);
+  else
+    head_norm_backward(dq, QD, Z->q_raw + i0 * QD, QD, Z->q_rs + i0 * d->H, d->H, p + j->B->qn, n,
+                       d->H, d);
+  prmi_gemm(0, 0, n, D, QD, 1.0f, dq, QD, p + j->B->wq, D, 0.0f, j->g->d_last + i0 * D, D);
+}
+
+/* Pooled rows: rotate d(q) back (qk_norm: before the norm's weight gradient). */
+static void pooled_unrope_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  rope_pooled(j->g->d_lastq + i0 * j->d->QD, j->d->QD, j->d->H, j->g, i0, i1, j->d, 1);
+}
+
+/* Rows [r0, r1) of d(x_{L-1}) = d(x2) at the pooled rows (rows that share
+ * their last token add, in row order); the input_layernorm backward adds
+ * the rest (last_kv_piece). */
+static void last_res_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  const prmi_pack *pk = j->g->pk;
+  const uint64_t D = j->d->D;
+  memset(j->g->d_res + r0 * D, 0, (r1 - r0) * D * sizeof(float));
+  for (uint64_t i = 0; i < pk->n; i++) {
+    const uint64_t r = pk->last[i];
+    if (r < r0 || r >= r1) continue;
+    float *dr = j->g->d_res + r * D;
+    const float *dz = j->g->d_last + i * D;
+    for (uint64_t c = 0; c < D; c++)
+      dr[c] += dz[c];
+  }
+}
+
+/*
+ * Rows [r0, r1) of the last layer's per-row part from d(rotated k|v) to
+ * d(x): RoPE back (qk_norm: done, then the norm back), d(a) = d(k|v)
+ * [Wk|Wv] plus d_last (the q path) at the pooled rows, d(x) += the
+ * input_layernorm backward. Rows that share their last token add in row
+ * order.
+ */
+static void last_kv_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
+  (void)worker;
+  const layer_job *j = arg;
+  const dims *d = j->d;
+  const float *p = j->p;
+  const llama_block *B = j->B;
+  const llama_acts *g = j->g;
+  const last_acts *Z = &g->last;
+  const prmi_pack *pk = g->pk;
+  const uint64_t n = r1 - r0, D = d->D, KD = d->KD;
+  float *dkv = g->d_qkv + r0 * 2 * KD, *da = g->d_a + r0 * D;
+  if (!d->qkn)
+    rope_rows(dkv, 2 * KD, d->G, g, r0, r1, d, 1);
+  else
+    head_norm_backward(dkv, 2 * KD, Z->k_raw + r0 * KD, KD, Z->k_rs + r0 * d->G, d->G, p + B->kn,
+                       n, d->G, d);
+  if (!d->bias) {
+    prmi_gemm(0, 0, n, D, 2 * KD, 1.0f, dkv, 2 * KD, p + B->wk, D, 0.0f, da, D);
+  } else {
+    prmi_gemm(0, 0, n, D, KD, 1.0f, dkv, 2 * KD, p + B->wk, D, 0.0f, da, D);
+    prmi_gemm(0, 0, n, D, KD, 1.0f, dkv + KD, 2 * KD, p + B->wv, D, 1.0f, da, D);
+  }
+  for (uint64_t i = 0; i < pk->n; i++) {
+    const uint64_t r = pk->last[i];
+    if (r < r0 || r >= r1) continue;
+    float *dai = g->d_a + r * D;
+    const float *dl = g->d_last + i * D;
+    for (uint64_t c = 0; c < D; c++)
+      dai[c] += dl[c];
+  }
+  prmi_llama_rms_bwd(g->d_res + r0 * D, D, 1, da, D, Z->x + r0 * D, D, p + B->ln1, Z->rs1 + r0, 1,
+                     n, 1, D);
 }
 
 /* Backward of the last layer: g->d_last holds d(out) (n, D); g->d_res
@@ -1108,85 +1595,42 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   const llama_block *B = &LAYOUT(m)->blk[d->L - 1];
   const last_acts *Z = &g->last;
   const prmi_pack *pk = g->pk;
-  const uint64_t N = pk->n_tok, D = d->D, QD = d->QD, KD = d->KD, hd = d->hd;
+  const uint64_t N = pk->n_tok, D = d->D, QD = d->QD, KD = d->KD;
   float *dz = g->d_last; /* d(out), then d(x2) */
-  mlp_backward(ctx, d, B, g->d_a, dz, Z->gu, Z->m, g->d_big, n);
-  rmsnorm_backward(dz, prmi_grad_slot(ctx, B->ln2), g->d_a, Z->x2, p + B->ln2, Z->rs2, n, D);
+  const mlp_job mj = {d, p, B, dz, Z->gu, Z->m, Z->x2, Z->rs2, g->d_big, g->d_a};
+  mlp_backward(ctx, &mj, n);
   float *d_o = g->d_big; /* (n, QD) */
-  linear_backward(d_o, 0.0f, prmi_grad_slot(ctx, B->wo), NULL, dz, D, Z->o, n, QD, p + B->wo, D);
-  /* attention of the pooled queries: dk, dv of every row (one GEMM each
-   * over the g heads of a group), dq compact */
-  /* (N, 2 KD): each (sequence, kv head) block is written once by its row;
-   * a row with a shared prefix works on gathered rows and adds the shared
-   * part into the earlier row's (rows in order) */
-  float *dkv = g->d_qkv;
-  for (uint64_t i = 0; i < n; i++) {
-    const uint64_t T = pk->len[i], shared = pk->first[i] > 0;
-    const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
-    const float *kv = Z->kv + pk->off[i] * 2 * KD;
-    float *dkvr = dkv + pk->off[i] * 2 * KD;
-    if (shared) {
-      gather_rows(g->kvg, Z->kv, 2 * KD, 0, 2 * KD, kmap, T);
-      kv = g->kvg;
-      dkvr = g->dkvg;
-    }
-    for (uint64_t j = 0; j < d->G; j++) {
-      const float *k = kv + j * hd, *v = k + KD;
-      const float *q = Z->q + i * QD + j * d->g * hd, *dout = d_o + i * QD + j * d->g * hd;
-      float *dk = dkvr + j * hd, *dv = dk + KD;
-      float *P = g->att.S, *dP = g->att.dS;
-      for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_ROWS) {
-        const uint64_t nu = d->g - u0 < ATT_ROWS ? d->g - u0 : ATT_ROWS;
-        const float beta = u0 == 0 ? 0.0f : 1.0f;
-        const float *qu = q + u0 * hd, *du = dout + u0 * hd;
-        prmi_gemm(0, 1, nu, T, hd, d->scale, qu, hd, k, 2 * KD, 0.0f, P, T);
-        prmi_llama_probs(P, T, nu, T, 0, T, Z->lse + i * d->H + j * d->g + u0);
-        prmi_gemm(1, 0, T, hd, nu, 1.0f, P, T, du, hd, beta, dv, 2 * KD);
-        prmi_gemm(0, 1, nu, T, hd, 1.0f, du, hd, v, 2 * KD, 0.0f, dP, T);
-        prmi_llama_softmax_bwd(dP, P, T, nu, T, 0, T, d->scale);
-        prmi_gemm(0, 0, nu, hd, T, 1.0f, dP, T, k, 2 * KD, 0.0f,
-                  g->d_lastq + i * QD + (j * d->g + u0) * hd, hd);
-        prmi_gemm(1, 0, T, hd, nu, 1.0f, dP, T, qu, hd, beta, dk, 2 * KD);
-      }
-    }
-    if (shared) scatter_rows(dkv, 2 * KD, 0, g->dkvg, 2 * KD, kmap, pk->first[i], T);
+  prmi_par_gemm(ctx, 0, 0, n, QD, D, 1.0f, dz, D, p + B->wo, QD, 0.0f, d_o, QD, row_piece(n), 0);
+  par_linear_dw(ctx, prmi_grad_slot(ctx, B->wo), dz, D, Z->o, QD, n, QD, D);
+  /* attention of the pooled queries: d(k|v) of every row (N, 2 KD) in
+   * d_qkv, dq compact */
+  layer_job j = {.ctx = ctx, .g = g, .d = d, .p = p, .B = B, .d_o = d_o};
+  prmi_par_for(ctx, (uint32_t)(pk->n_comp * d->G), last_att_bwd_task, &j);
+  /* d(x_{L-1}) starts as d(x2) at the pooled rows: dz is free after it,
+   * and d_last takes d(a) at the pooled rows (pooled_q_piece) */
+  prmi_par_range(ctx, N, row_piece(N), last_res_piece, &j);
+  if (d->qkn) { /* RoPE back, then the norms' weight gradients before d(q|k) changes */
+    prmi_par_range(ctx, N, row_piece(N), qk_unrope_piece, &j);
+    prmi_par_range(ctx, n, row_piece(n), pooled_unrope_piece, &j);
+    const rms_dw_job kj = {prmi_grad_slot(ctx, B->kn), g->d_qkv, Z->k_raw, Z->k_rs, 2 * KD, KD,
+                           d->G, N, d->G, d->hd};
+    const rms_dw_job qj = {prmi_grad_slot(ctx, B->qn), g->d_lastq, Z->q_raw, Z->q_rs, QD, QD,
+                           d->H, n, d->H, d->hd};
+    if (qj.dw != NULL) par_rms_dw(ctx, &qj, &kj);
   }
-  /* un-rotate, then qk_norm */
-  rope_packed(dkv, 2 * KD, d->G, g, n, d, 1);
-  rope_pooled(g->d_lastq, QD, d->H, g, n, d, 1);
-  if (d->qkn) {
-    head_norm_backward(dkv, 2 * KD, prmi_grad_slot(ctx, B->kn), Z->k_raw, KD, Z->k_rs, d->G,
-                       p + B->kn, N, d->G, d);
-    head_norm_backward(g->d_lastq, QD, prmi_grad_slot(ctx, B->qn), Z->q_raw, QD, Z->q_rs, d->H,
-                       p + B->qn, n, d->H, d);
-  }
-  /* d(x) = scatter of d(x2) at the pooled rows + input_layernorm backward */
-  memset(g->d_res, 0, N * D * sizeof(float));
-  for (uint64_t i = 0; i < n; i++) { /* rows sharing their last token add */
-    float *dr = g->d_res + pk->last[i] * D;
-    for (uint64_t j = 0; j < D; j++)
-      dr[j] += dz[i * D + j];
-  }
-  /* d(a): k|v of every row, then q of the pooled rows (via d_last, free now) */
+  prmi_par_range(ctx, n, row_piece(n), pooled_q_piece, &j);
+  prmi_par_range(ctx, N, row_piece(N), last_kv_piece, &j);
   if (!d->bias) {
-    linear_backward(g->d_a, 0.0f, prmi_grad_slot(ctx, B->wk), NULL, dkv, 2 * KD, Z->a, N, D,
-                    p + B->wk, 2 * KD);
+    par_linear_dw(ctx, prmi_grad_slot(ctx, B->wk), g->d_qkv, 2 * KD, Z->a, D, N, D, 2 * KD);
   } else {
-    linear_backward(g->d_a, 0.0f, prmi_grad_slot(ctx, B->wk), prmi_grad_slot(ctx, B->bk), dkv,
-                    2 * KD, Z->a, N, D, p + B->wk, KD);
-    linear_backward(g->d_a, 1.0f, prmi_grad_slot(ctx, B->wv), prmi_grad_slot(ctx, B->bv), dkv + KD,
-                    2 * KD, Z->a, N, D, p + B->wv, KD);
+    par_linear_dw(ctx, prmi_grad_slot(ctx, B->wk), g->d_qkv, 2 * KD, Z->a, D, N, D, KD);
+    par_linear_dw(ctx, prmi_grad_slot(ctx, B->wv), g->d_qkv + KD, 2 * KD, Z->a, D, N, D, KD);
+    par_colsum(ctx, prmi_grad_slot(ctx, B->bk), g->d_qkv, N, KD, 2 * KD);
+    par_colsum(ctx, prmi_grad_slot(ctx, B->bv), g->d_qkv + KD, N, KD, 2 * KD);
+    par_colsum(ctx, prmi_grad_slot(ctx, B->bq), g->d_lastq, n, QD, QD);
   }
-  linear_backward(g->d_last, 0.0f, prmi_grad_slot(ctx, B->wq),
-                  d->bias ? prmi_grad_slot(ctx, B->bq) : NULL, g->d_lastq, QD, Z->ac, n, D,
-                  p + B->wq, QD);
-  for (uint64_t i = 0; i < n; i++) {
-    float *da = g->d_a + pk->last[i] * D;
-    const float *dq = g->d_last + i * D;
-    for (uint64_t j = 0; j < D; j++)
-      da[j] += dq[j];
-  }
-  rmsnorm_backward(g->d_res, prmi_grad_slot(ctx, B->ln1), g->d_a, Z->x, p + B->ln1, Z->rs1, N, D);
+  par_linear_dw(ctx, prmi_grad_slot(ctx, B->wq), g->d_lastq, QD, Z->ac, D, n, D, QD);
+  par_norm_dw(ctx, prmi_grad_slot(ctx, B->ln1), g->d_a, Z->x, Z->rs1, N, D);
 }
 
 static void llama_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
@@ -1212,22 +1656,18 @@ static void llama_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   for (uint64_t i = 0; i < n; i++)
     for (uint64_t j = 0; j < D; j++)
       g->d_a[i * D + j] = dscores[i] * w[j];
-  rmsnorm_backward(g->d_last, prmi_grad_slot(ctx, Ly->norm), g->d_a, Z->out, p + Ly->norm, Z->fn_rs,
-                   n, D);
+  par_norm_dw(ctx, prmi_grad_slot(ctx, Ly->norm), g->d_a, Z->out, Z->fn_rs, n, D);
+  prmi_llama_rms_bwd(g->d_last, D, 1, g->d_a, D, Z->out, D, p + Ly->norm, Z->fn_rs, 1, n, 1, D);
   if (Ly->blk[L - 1].start < ctx->trainable_offset) return; /* layers frozen */
   last_backward(ctx, g, &d, n);
   for (uint64_t l = L - 1; l-- > 0;) {
     if (Ly->blk[l].start < ctx->trainable_offset) return; /* this and all below frozen */
-    layer_backward(ctx, g, &d, l, n);
+    layer_backward(ctx, g, &d, l);
   }
   float *ge = prmi_grad_slot(ctx, Ly->embed);
   if (ge == NULL) return;
-  for (uint64_t r = 0; r < g->pk->n_tok; r++) {
-    float *e = ge + (uint64_t)g->pk->ids[r] * D;
-    const float *dr = g->d_res + r * D;
-    for (uint64_t j = 0; j < D; j++)
-      e[j] += dr[j];
-  }
+  embed_job ej = {.pk = g->pk, .ge = ge, .dx = g->d_res, .D = D};
+  prmi_par_range(ctx, D, col_piece(D), embed_bwd_piece, &ej);
 }
 
 /* ---- models ------------------------------------------------------------------------------- */
