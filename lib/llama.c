@@ -178,13 +178,13 @@ static inline float dot_n(const float *a, const float *b, uint64_t n) {
 /* ---- pieces of parallel work -------------------------------------------------------------- */
 
 /*
- * As in gpt2.c, with the same sizes: every loop is cut into pieces that
- * depend only on the sizes of the work (parallel.c) -- rows of the packed
- * tokens (or of the pooled rows) in at most ROW_PIECES pieces of at least
- * ROW_MIN rows, weight gradients in tiles of at least COL_MIN x COL_MIN,
- * each over the whole token sum, channel ranges for the RMSNorm weight,
- * bias and embedding gradients (rows in order), attention per (sequence,
- * kv head) forward and per (sharing component, kv head) backward. Each
+ * As in gpt2.c: every loop is cut into pieces that depend only on the
+ * sizes of the work (parallel.c) -- rows of the packed tokens (or of the
+ * pooled rows) in at most ROW_PIECES pieces of at least ROW_MIN rows,
+ * weight gradients in tiles (DW_MIN below), each over the whole token sum,
+ * channel ranges of at least COL_MIN for the RMSNorm weight, bias and
+ * embedding gradients (rows in order), attention per (sequence, kv head)
+ * forward and per (sharing component, kv head) backward. Each
  * piece writes its own outputs and keeps every sum's order, so results do
  * not depend on the number of workers; a worker id only picks the scratch
  * (llama_worker) a task uses. Row pieces run every row-local step between
@@ -197,6 +197,17 @@ static inline float dot_n(const float *a, const float *b, uint64_t n) {
 
 static uint64_t row_piece(uint64_t n) { return prmi_piece(n, ROW_MIN, ROW_PIECES); }
 static uint64_t col_piece(uint64_t n) { return prmi_piece(n, COL_MIN, COL_PIECES); }
+
+/*
+ * Weight-gradient tiles are whole rows or whole columns of dW: its larger
+ * dimension in at most COL_PIECES pieces of at least DW_MIN, the other
+ * undivided. A tile is one GEMM over the whole token sum and packs both of
+ * its token-long operands, so every cut of a dimension packs the other
+ * operand once more: gpt2.c's col_piece x col_piece tiles made the packing
+ * cost a sixth of llama's backward at one worker (bench_train: vocab 512,
+ * dim 128, 4 layers, 16 pairs of 128 tokens), these keep it near one GEMM's.
+ */
+#define DW_MIN 256
 
 /* ---- RMSNorm ------------------------------------------------------------------------------ */
 
@@ -386,12 +397,13 @@ static void linear_forward(float *out, uint64_t ldo, const float *x, uint64_t n,
 }
 
 /* The weight gradient of linear_forward: dW (rows, in) += dy^T x over n
- * token rows (strides ldy, ldx), in tiles (dW NULL: frozen). */
+ * token rows (strides ldy, ldx), in tiles (see DW_MIN; dW NULL: frozen). */
 static void par_linear_dw(const prm_ctx *ctx, float *dw, const float *dy, uint64_t ldy,
                           const float *x, uint64_t ldx, uint64_t n, uint64_t in, uint64_t rows) {
   if (dw == NULL) return;
-  prmi_par_gemm(ctx, 1, 0, rows, in, n, 1.0f, dy, ldy, x, ldx, 1.0f, dw, in, col_piece(rows),
-                col_piece(in));
+  const uint64_t mt = rows >= in ? prmi_piece(rows, DW_MIN, COL_PIECES) : 0;
+  const uint64_t nt = rows >= in ? 0 : prmi_piece(in, DW_MIN, COL_PIECES);
+  prmi_par_gemm(ctx, 1, 0, rows, in, n, 1.0f, dy, ldy, x, ldx, 1.0f, dw, in, mt, nt);
 }
 
 typedef struct colsum_job {
