@@ -318,8 +318,8 @@ typedef struct rms_dw_job {
 } rms_dw_job;
 
 static void rms_dw_part(const rms_dw_job *j, uint64_t j0, uint64_t j1) {
-  prmi_llama_rms_dw(j->dw, j->dy, j->lddy, j->x, j->ldx, j->rs, j->ld_rs, j->rows, j->nv, j->n,
-                    j0, j1);
+  prmi_llama_rms_dw(j->dw, j->dy, j->lddy, j->x, j->ldx, j->rs, j->ld_rs, j->rows, j->nv, j->n, j0,
+                    j1);
 }
 
 /* Up to two weight gradients in one loop (a q norm and a k norm): task t
@@ -350,7 +350,16 @@ static void par_rms_dw(const prm_ctx *ctx, const rms_dw_job *a, const rms_dw_job
 static void par_norm_dw(const prm_ctx *ctx, float *dw, const float *dy, const float *x,
                         const float *rs, uint64_t rows, uint64_t D) {
   if (dw == NULL) return;
-  const rms_dw_job j = {dw, dy, x, rs, D, D, 1, rows, 1, D};
+  const rms_dw_job j = {.dw = dw,
+                        .dy = dy,
+                        .x = x,
+                        .rs = rs,
+                        .lddy = D,
+                        .ldx = D,
+                        .ld_rs = 1,
+                        .rows = rows,
+                        .nv = 1,
+                        .n = D};
   par_rms_dw(ctx, &j, NULL);
 }
 
@@ -632,8 +641,8 @@ static void attention_forward(float *o, float *lse, uint64_t ld_lse, const float
  */
 static void attention_backward(float *dq, float *dk, float *dv, uint64_t lddkv, const float *d_o,
                                const float *qkv, const float *k, const float *v, uint64_t ldkv,
-                               const float *lse, uint64_t ld_lse, const att_scratch *w,
-                               uint64_t p0, uint64_t T, uint64_t j, const dims *d) {
+                               const float *lse, uint64_t ld_lse, const att_scratch *w, uint64_t p0,
+                               uint64_t T, uint64_t j, const dims *d) {
   const uint64_t hd = d->hd, ld = d->QKV, QD = d->QD;
   const uint64_t n_blocks = (T - p0 + ATT_BLOCK - 1) / ATT_BLOCK;
   for (uint64_t u0 = 0; u0 < d->g; u0 += ATT_STACK) {
@@ -660,8 +669,7 @@ static void attention_backward(float *dq, float *dk, float *dv, uint64_t lddkv, 
       prmi_gemm(1, 0, i1, hd, cm, 1.0f, w->S, T, dos, lddo, beta, dv, lddkv);
       prmi_gemm(0, 1, cm, i1, hd, 1.0f, dos, lddo, v, ldkv, 0.0f, w->dS, T);
       for (uint64_t u = 0; u < c; u++)
-        prmi_llama_softmax_bwd(w->dS + u * m * T, w->S + u * m * T, T, m, i0 + 1, 1, i1,
-                               d->scale);
+        prmi_llama_softmax_bwd(w->dS + u * m * T, w->S + u * m * T, T, m, i0 + 1, 1, i1, d->scale);
       /* dq = dS k; dk (+)= dS^T q */
       if (c > 1) {
         prmi_gemm(0, 0, cm, hd, i1, 1.0f, w->dS, T, k, ldkv, 0.0f, w->dqs, hd);
@@ -986,7 +994,6 @@ static void rope_pooled(float *x, uint64_t ld, uint64_t n_heads, const llama_act
 
 /* What the pieces of one layer's forward or backward read. */
 typedef struct layer_job {
-  prm_ctx *ctx;
   llama_acts *g;
   const dims *d;
   const float *p;       /* parameters */
@@ -995,7 +1002,7 @@ typedef struct layer_job {
   float *xn;            /* forward: the residual stream leaving a full layer */
   float *h;             /* forward: silu(gate) up, stride ldh (NULL: over the gate half of gu) */
   uint64_t ldh;
-  float *d_o;           /* backward: d(attention output) */
+  float *d_o; /* backward: d(attention output) */
 } layer_job;
 
 /* The MLP of rows: out = x2 + (silu(gate) up) Wdown^T, m = rmsnorm(x2)
@@ -1028,8 +1035,8 @@ static void layer_in_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker)
   const uint64_t n = r1 - r0, D = d->D, QKV = d->QKV, QD = d->QD, KD = d->KD, HG = d->H + d->G;
   const float *a = A->a + r0 * D;
   float *qkv = A->qkv + r0 * QKV;
-  rmsnorm_forward(A->a + r0 * D, A->rs1 != NULL ? A->rs1 + r0 : NULL, A->x + r0 * D, p + B->ln1,
-                  n, D, d->eps);
+  rmsnorm_forward(A->a + r0 * D, A->rs1 != NULL ? A->rs1 + r0 : NULL, A->x + r0 * D, p + B->ln1, n,
+                  D, d->eps);
   if (!d->bias) {
     linear_forward(qkv, QKV, a, n, D, p + B->wq, NULL, QKV);
   } else {
@@ -1090,8 +1097,13 @@ static void layer_out_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker
 static void layer_forward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t l, float *xn,
                           float *hbuf, uint64_t ldh, uint64_t n) {
   const uint64_t N = g->pk->n_tok;
-  layer_job j = {.ctx = ctx, .g = g, .d = d, .p = ctx->model->params,
-                 .B = &LAYOUT(ctx->model)->blk[l], .A = &g->layer[l], .xn = xn, .h = hbuf,
+  layer_job j = {.g = g,
+                 .d = d,
+                 .p = ctx->model->params,
+                 .B = &LAYOUT(ctx->model)->blk[l],
+                 .A = &g->layer[l],
+                 .xn = xn,
+                 .h = hbuf,
                  .ldh = ldh};
   prmi_par_range(ctx, N, row_piece(N), layer_in_piece, &j);
   prmi_par_for(ctx, (uint32_t)(n * d->G), att_fwd_task, &j);
@@ -1110,8 +1122,8 @@ static void last_in_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) 
   const uint64_t n = r1 - r0, D = d->D, KD = d->KD;
   const float *a = Z->a + r0 * D;
   float *kv = Z->kv + r0 * 2 * KD;
-  rmsnorm_forward(Z->a + r0 * D, Z->rs1 != NULL ? Z->rs1 + r0 : NULL, Z->x + r0 * D, p + B->ln1,
-                  n, D, d->eps);
+  rmsnorm_forward(Z->a + r0 * D, Z->rs1 != NULL ? Z->rs1 + r0 : NULL, Z->x + r0 * D, p + B->ln1, n,
+                  D, d->eps);
   if (!d->bias) {
     linear_forward(kv, 2 * KD, a, n, D, p + B->wk, NULL, 2 * KD);
   } else {
@@ -1144,8 +1156,8 @@ static void pooled_in_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker
   linear_forward(q, QD, Z->ac + i0 * D, n, D, p + B->wq, d->bias ? p + B->bq : NULL, QD);
   if (d->qkn) {
     if (Z->q_raw != NULL) memcpy(Z->q_raw + i0 * QD, q, n * QD * sizeof(float));
-    head_norm_forward(q, QD, Z->q_rs != NULL ? Z->q_rs + i0 * d->H : NULL, d->H, p + B->qn, n,
-                      d->H, d);
+    head_norm_forward(q, QD, Z->q_rs != NULL ? Z->q_rs + i0 * d->H : NULL, d->H, p + B->qn, n, d->H,
+                      d);
   }
   rope_pooled(q, QD, d->H, j->g, i0, i1, d, 0);
 }
@@ -1201,11 +1213,15 @@ static void pooled_out_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worke
 }
 
 /* The last layer: keys and values of every row, the rest at the pooled row
- * r_i = off[i+1] - 1 of each sequence (compact row i). */
+ * r_i = pk->last[i] of each sequence (compact row i). */
 static void last_forward(prm_ctx *ctx, llama_acts *g, const dims *d, float *hbuf, uint64_t n) {
   const uint64_t N = g->pk->n_tok;
-  layer_job j = {.ctx = ctx, .g = g, .d = d, .p = ctx->model->params,
-                 .B = &LAYOUT(ctx->model)->blk[d->L - 1], .h = hbuf, .ldh = d->F};
+  layer_job j = {.g = g,
+                 .d = d,
+                 .p = ctx->model->params,
+                 .B = &LAYOUT(ctx->model)->blk[d->L - 1],
+                 .h = hbuf,
+                 .ldh = d->F};
   prmi_par_range(ctx, N, row_piece(N), last_in_piece, &j);
   prmi_par_range(ctx, n, row_piece(n), pooled_in_piece, &j);
   prmi_par_for(ctx, (uint32_t)(n * d->G), last_att_fwd_task, &j);
@@ -1253,8 +1269,8 @@ static int llama_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, floa
   /* pack the tokens, each shared prefix once */
   const prmi_pack *pk = g->pk;
   prmi_pack_tokens(g->pk, b);
-  embed_job ej = {.pk = pk, .e = p + LAYOUT(m)->embed, .x = L > 1 ? g->layer[0].x : g->last.x,
-                  .D = D};
+  embed_job ej = {
+      .pk = pk, .e = p + LAYOUT(m)->embed, .x = L > 1 ? g->layer[0].x : g->last.x, .D = D};
   prmi_par_range(ctx, pk->n_tok, row_piece(pk->n_tok), embed_fwd_piece, &ej);
 
   /* training: h of a full layer lives only until its down projection */
@@ -1281,13 +1297,13 @@ typedef struct mlp_job {
   const dims *d;
   const float *p;
   const llama_block *B;
-  float *dy;         /* (n, D) d(out) on entry; d(x2) on return */
-  const float *gu;   /* (n, 2F) the forward's gate | up */
-  const float *mm;   /* (n, D) its input m = rmsnorm(x2) */
-  const float *x2;   /* (n, D) */
-  const float *rs2;  /* (n) */
-  float *SG;         /* (n, 2F) scratch */
-  float *dm;         /* (n, D) receives d(m) */
+  float *dy;        /* (n, D) d(out) on entry; d(x2) on return */
+  const float *gu;  /* (n, 2F) the forward's gate | up */
+  const float *mm;  /* (n, D) its input m = rmsnorm(x2) */
+  const float *x2;  /* (n, D) */
+  const float *rs2; /* (n) */
+  float *SG;        /* (n, 2F) scratch */
+  float *dm;        /* (n, D) receives d(m) */
 } mlp_job;
 
 /* Rows: SG = [e | h], e = exp(-|gate|), h as the forward computed it. */
@@ -1324,8 +1340,8 @@ static void mlp_dm_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
   const uint64_t F = j->d->F, D = j->d->D, n = i1 - i0;
   float *dm = j->dm + i0 * D;
   prmi_gemm(0, 0, n, D, 2 * F, 1.0f, j->SG + i0 * 2 * F, 2 * F, j->p + j->B->wg, D, 0.0f, dm, D);
-  prmi_llama_rms_bwd(j->dy + i0 * D, D, 1, dm, D, j->x2 + i0 * D, D, j->p + j->B->ln2,
-                     j->rs2 + i0, 1, n, 1, D);
+  prmi_llama_rms_bwd(j->dy + i0 * D, D, 1, dm, D, j->x2 + i0 * D, D, j->p + j->B->ln2, j->rs2 + i0,
+                     1, n, 1, D);
 }
 
 /*
@@ -1368,8 +1384,8 @@ static void att_bwd_task(void *arg, uint32_t t, uint32_t worker) {
     if (p0 == 0) {
       const float *k = q + QD + kh * hd;
       float *dk = dq + QD + kh * hd;
-      attention_backward(dq, dk, dk + KD, QKV, dout, q, k, k + KD, QKV, lse, g->max_tok, &w->att,
-                         0, T, kh, d);
+      attention_backward(dq, dk, dk + KD, QKV, dout, q, k, k + KD, QKV, lse, g->max_tok, &w->att, 0,
+                         T, kh, d);
     } else {
       const uint64_t *kmap = pk->kmap + pk->kmap_off[i];
       gather_kv(w->kv, A->qkv, QKV, QD + kh * hd, KD, hd, kmap, T);
@@ -1419,8 +1435,8 @@ static void layer_qkv_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker
     prmi_gemm(0, 0, n, D, KD, 1.0f, dq + QD, QKV, p + B->wk, D, 1.0f, da, D);
     prmi_gemm(0, 0, n, D, KD, 1.0f, dq + QD + KD, QKV, p + B->wv, D, 1.0f, da, D);
   }
-  prmi_llama_rms_bwd(j->g->d_res + r0 * D, D, 1, da, D, A->x + r0 * D, D, p + B->ln1,
-                     A->rs1 + r0, 1, n, 1, D);
+  prmi_llama_rms_bwd(j->g->d_res + r0 * D, D, 1, da, D, A->x + r0 * D, D, p + B->ln1, A->rs1 + r0,
+                     1, n, 1, D);
 }
 
 /* Backward of a full layer l: g->d_res holds d(x_{l+1}) and receives d(x_l). */
@@ -1436,17 +1452,33 @@ static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t 
   mlp_backward(ctx, &mj, N);
   /* x2 = x + o Wo^T */
   float *d_o = g->d_big;
-  prmi_par_gemm(ctx, 0, 0, N, QD, D, 1.0f, g->d_res, D, p + B->wo, QD, 0.0f, d_o, QD,
-                row_piece(N), 0);
+  prmi_par_gemm(ctx, 0, 0, N, QD, D, 1.0f, g->d_res, D, p + B->wo, QD, 0.0f, d_o, QD, row_piece(N),
+                0);
   par_linear_dw(ctx, prmi_grad_slot(ctx, B->wo), g->d_res, D, A->o, QD, N, QD, D);
-  layer_job j = {.ctx = ctx, .g = g, .d = d, .p = p, .B = B, .A = A, .d_o = d_o};
+  layer_job j = {.g = g, .d = d, .p = p, .B = B, .A = A, .d_o = d_o};
   prmi_par_for(ctx, (uint32_t)(pk->n_comp * d->G), att_bwd_task, &j);
   if (d->qkn) { /* RoPE back, then the norms' weight gradients before d(q|k) changes */
     prmi_par_range(ctx, N, row_piece(N), qk_unrope_piece, &j);
-    const rms_dw_job qj = {prmi_grad_slot(ctx, B->qn), g->d_qkv, A->qk_raw, A->qk_rs, QKV,
-                           QD + KD, d->H + d->G, N, d->H, d->hd};
-    const rms_dw_job kj = {prmi_grad_slot(ctx, B->kn), g->d_qkv + QD, A->qk_raw + QD,
-                           A->qk_rs + d->H, QKV, QD + KD, d->H + d->G, N, d->G, d->hd};
+    const rms_dw_job qj = {.dw = prmi_grad_slot(ctx, B->qn),
+                           .dy = g->d_qkv,
+                           .x = A->qk_raw,
+                           .rs = A->qk_rs,
+                           .lddy = QKV,
+                           .ldx = QD + KD,
+                           .ld_rs = d->H + d->G,
+                           .rows = N,
+                           .nv = d->H,
+                           .n = d->hd};
+    const rms_dw_job kj = {.dw = prmi_grad_slot(ctx, B->kn),
+                           .dy = g->d_qkv + QD,
+                           .x = A->qk_raw + QD,
+                           .rs = A->qk_rs + d->H,
+                           .lddy = QKV,
+                           .ldx = QD + KD,
+                           .ld_rs = d->H + d->G,
+                           .rows = N,
+                           .nv = d->G,
+                           .n = d->hd};
     if (qj.dw != NULL) par_rms_dw(ctx, &qj, &kj);
   }
   /* q|k|v = a W^T + b; a = rmsnorm(x) */
@@ -1579,8 +1611,8 @@ static void last_kv_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) 
   if (!d->qkn)
     rope_rows(dkv, 2 * KD, d->G, g, r0, r1, d, 1);
   else
-    head_norm_backward(dkv, 2 * KD, Z->k_raw + r0 * KD, KD, Z->k_rs + r0 * d->G, d->G, p + B->kn,
-                       n, d->G, d);
+    head_norm_backward(dkv, 2 * KD, Z->k_raw + r0 * KD, KD, Z->k_rs + r0 * d->G, d->G, p + B->kn, n,
+                       d->G, d);
   if (!d->bias) {
     prmi_gemm(0, 0, n, D, 2 * KD, 1.0f, dkv, 2 * KD, p + B->wk, D, 0.0f, da, D);
   } else {
@@ -1616,7 +1648,7 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   par_linear_dw(ctx, prmi_grad_slot(ctx, B->wo), dz, D, Z->o, QD, n, QD, D);
   /* attention of the pooled queries: d(k|v) of every row (N, 2 KD) in
    * d_qkv, dq compact */
-  layer_job j = {.ctx = ctx, .g = g, .d = d, .p = p, .B = B, .d_o = d_o};
+  layer_job j = {.g = g, .d = d, .p = p, .B = B, .d_o = d_o};
   prmi_par_for(ctx, (uint32_t)(pk->n_comp * d->G), last_att_bwd_task, &j);
   /* d(x_{L-1}) starts as d(x2) at the pooled rows: dz is free after it,
    * and d_last takes d(a) at the pooled rows (pooled_q_piece) */
@@ -1624,10 +1656,26 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   if (d->qkn) { /* RoPE back, then the norms' weight gradients before d(q|k) changes */
     prmi_par_range(ctx, N, row_piece(N), qk_unrope_piece, &j);
     prmi_par_range(ctx, n, row_piece(n), pooled_unrope_piece, &j);
-    const rms_dw_job kj = {prmi_grad_slot(ctx, B->kn), g->d_qkv, Z->k_raw, Z->k_rs, 2 * KD, KD,
-                           d->G, N, d->G, d->hd};
-    const rms_dw_job qj = {prmi_grad_slot(ctx, B->qn), g->d_lastq, Z->q_raw, Z->q_rs, QD, QD,
-                           d->H, n, d->H, d->hd};
+    const rms_dw_job kj = {.dw = prmi_grad_slot(ctx, B->kn),
+                           .dy = g->d_qkv,
+                           .x = Z->k_raw,
+                           .rs = Z->k_rs,
+                           .lddy = 2 * KD,
+                           .ldx = KD,
+                           .ld_rs = d->G,
+                           .rows = N,
+                           .nv = d->G,
+                           .n = d->hd};
+    const rms_dw_job qj = {.dw = prmi_grad_slot(ctx, B->qn),
+                           .dy = g->d_lastq,
+                           .x = Z->q_raw,
+                           .rs = Z->q_rs,
+                           .lddy = QD,
+                           .ldx = QD,
+                           .ld_rs = d->H,
+                           .rows = n,
+                           .nv = d->H,
+                           .n = d->hd};
     if (qj.dw != NULL) par_rms_dw(ctx, &qj, &kj);
   }
   prmi_par_range(ctx, n, row_piece(n), pooled_q_piece, &j);
