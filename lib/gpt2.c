@@ -61,7 +61,8 @@ typedef struct gpt2_layout {
  * Every loop over tokens, channels or (sequence, head) pairs is cut into
  * pieces that depend only on the sizes (parallel.c): rows of the packed
  * tokens in at most ROW_PIECES pieces of at least ROW_MIN rows, weight
- * gradients in tiles of at least COL_MIN x COL_MIN, attention per
+ * gradients in strips over the whole token sum (DW_MIN), channel ranges of
+ * at least COL_MIN, attention per
  * (sequence, head) forward and per (component, head) backward. Each piece
  * writes its own outputs and sums in a fixed order, so results do not
  * depend on the number of threads.
@@ -73,6 +74,21 @@ typedef struct gpt2_layout {
 
 static uint64_t row_piece(uint64_t n) { return prmi_piece(n, ROW_MIN, ROW_PIECES); }
 static uint64_t col_piece(uint64_t n) { return prmi_piece(n, COL_MIN, COL_PIECES); }
+
+/*
+ * Weight-gradient tiles are whole rows or whole columns of dW (ic x oc):
+ * its larger dimension in at most COL_PIECES pieces of at least DW_MIN, the
+ * other undivided. Each tile is one GEMM over the whole token sum and packs
+ * both token-sized operands again, so square 64 x 64 tiles made the packing
+ * a visible share of a one-worker step (as llama.c measured); strips keep it
+ * small while still giving a few pieces to share.
+ */
+#define DW_MIN 256
+
+static void dw_tiles(uint64_t ic, uint64_t oc, uint64_t *mt, uint64_t *nt) {
+  *mt = ic >= oc ? prmi_piece(ic, DW_MIN, COL_PIECES) : 0;
+  *nt = ic >= oc ? 0 : prmi_piece(oc, DW_MIN, COL_PIECES);
+}
 
 /* ---- LayerNorm ------------------------------------------------------------------------ */
 
@@ -249,8 +265,9 @@ static void par_dense_backward(const prm_ctx *ctx, float *dx, int dx_accumulate,
     prmi_par_gemm(ctx, 0, 1, n, ic, oc, 1.0f, dy, oc, w, oc, dx_accumulate ? 1.0f : 0.0f, dx, ic,
                   row_piece(n), 0);
   if (dw != NULL) {
-    prmi_par_gemm(ctx, 1, 0, ic, oc, n, 1.0f, x, ic, dy, oc, 1.0f, dw, oc, col_piece(ic),
-                  col_piece(oc));
+    uint64_t mt, nt;
+    dw_tiles(ic, oc, &mt, &nt);
+    prmi_par_gemm(ctx, 1, 0, ic, oc, n, 1.0f, x, ic, dy, oc, 1.0f, dw, oc, mt, nt);
     par_colsum(ctx, db, dy, n, oc, oc);
   }
 }
@@ -947,8 +964,10 @@ static void last_block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
   prmi_par_gemm(ctx, 0, 1, N, C, 2 * C, 1.0f, g->d_3c + C, 3 * C, p + B->attn_w + C, 3 * C, 0.0f,
                 g->d_c, C, row_piece(N), 0);
   if (gw != NULL) {
+    uint64_t mt, nt;
+    dw_tiles(C, 2 * C, &mt, &nt);
     prmi_par_gemm(ctx, 1, 0, C, 2 * C, N, 1.0f, a->ln1, C, g->d_3c + C, 3 * C, 1.0f, gw + C,
-                  3 * C, col_piece(C), col_piece(2 * C));
+                  3 * C, mt, nt);
     par_colsum(ctx, gb + C, g->d_3c + C, N, 2 * C, 3 * C);
     prmi_gemm(1, 0, C, C, n, 1.0f, z->ln1, C, g->d_lastq, C, 1.0f, gw, 3 * C);
     for (uint64_t i = 0; i < n; i++)

@@ -45,7 +45,8 @@ static void count_task(void *arg, uint32_t t, uint32_t w) {
   if (w < j->workers) j->busy[w] = 1;
   pthread_mutex_unlock(&j->mu);
   volatile double x = 0; /* a little work, so that workers overlap */
-  for (int i = 0; i < 2000; i++) x += sqrt((double)i);
+  for (int i = 0; i < 2000; i++) x = x + sqrt((double)i);
+  if (x < 0) j->bad = 1; /* never: keeps x used */
   pthread_mutex_lock(&j->mu);
   if (w < j->workers) j->busy[w] = 0;
   pthread_mutex_unlock(&j->mu);
