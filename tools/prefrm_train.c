@@ -747,6 +747,10 @@ static json_t *opt_to_json(const config *c, const optdef *d) {
 static int opt_from_json(config *c, const optdef *d, const json_t *v) {
   void *p = (char *)c + d->off;
   switch (d->type) {
+  case T_FLAG:
+    if (!json_is_boolean(v)) return -1;
+    *(int *)p = json_is_true(v);
+    return 0;
   case T_INT:
     if (!json_is_integer(v)) return -1;
     *(int64_t *)p = json_integer_value(v);
