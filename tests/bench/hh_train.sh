@@ -44,10 +44,12 @@ OPENBLAS_NUM_THREADS=1 /usr/bin/time -v "$train" --train "${files[@]}" --split 0
   --batch "$batch" --lr "$lr" --threads "$threads" --log-every 100 --overwrite --out "$out" ${EXTRA:-} \
   2> >(tee "$log" >&2)
 grep -E 'baseline|Maximum resident' "$log" | sed 's/^\s*/hh_train: /'
-# each epoch's held-out figures
-grep -E '^epoch [0-9]+/' "$log" | sed -E 's/^(epoch [0-9]+\/[0-9]+).* heldout_loss ([0-9.]+) accuracy ([0-9.]+).*/hh_train: \1 held-out loss \2 accuracy \3/'
-/usr/bin/python3 - "$out/summary.json" <<'PY'
-import json, sys
+/usr/bin/python3 - "$out/summary.json" "$out/metrics.csv" <<'PY'
+import csv, json, sys
+for r in csv.DictReader(open(sys.argv[2])):  # each epoch's held-out figures
+    print("hh_train: epoch %s held-out loss %.4f accuracy %.4f ECE %.4f" % (
+        r["epoch"], float(r["heldout_loss"]), float(r["heldout_accuracy"]),
+        float(r["heldout_ece"])))
 s = json.load(open(sys.argv[1]))
 print("hh_train: held-out pairs %d, longer-wins baseline %.4f, best accuracy %.4f (epoch %s), "
       "pairs/s %.1f, wall %.0f s" % (s["heldout_pairs"], s["heldout_longer_wins"],
