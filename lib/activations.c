@@ -22,7 +22,7 @@
  *   gelu'(x)        = s + 2 x u' s (1 - s),  1 - s = e s,  u' = k (1 + 3 c x^2)
  * Accuracy against double (every third float; exp on [-80, 80], the rest on
  * [-20, 20]): exp <= 0.98 ulp, tanh <= 2.0 ulp, gelu <= 5.2e-7 absolute
- * (1.1 ulp), both derivatives <= 2.6e-7 absolute. docs/performance.md has
+ * (1.1 ulp), both derivatives <= 2.6e-7 absolute. docs/dev/benchmarks.md has
  * the comparison with the libm formula this replaced.
  */
 #include <math.h>

@@ -27,7 +27,7 @@ for f in "${files[@]}"; do
 done
 # lr 1e-4 (torch_ref's default) and one epoch: on this data the held-out
 # loss is lowest after one or two epochs, and later epochs overfit (see
-# docs/performance.md, "prefrm-train on real preference data")
+# docs/dev/benchmarks.md, "prefrm-train on real preference data")
 epochs=${EPOCHS:-1} threads=${THREADS:-1} batch=${BATCH:-16} lr=${LR:-1e-4}
 out=${OUT:-}
 if [[ -z $out ]]; then
