@@ -60,35 +60,12 @@ typedef struct gpt2_layout {
 /*
  * Every loop over tokens, channels or (sequence, head) pairs is cut into
  * pieces that depend only on the sizes (parallel.c): rows of the packed
- * tokens in at most ROW_PIECES pieces of at least ROW_MIN rows, weight
- * gradients in strips over the whole token sum (DW_MIN), channel ranges of
- * at least COL_MIN, attention per
+ * tokens (prmi_row_piece), weight gradients in strips over the whole token
+ * sum (prmi_dw_tiles), channel ranges (prmi_col_piece), attention per
  * (sequence, head) forward and per (component, head) backward. Each piece
  * writes its own outputs and sums in a fixed order, so results do not
  * depend on the number of threads.
  */
-#define ROW_MIN 64
-#define ROW_PIECES 16
-#define COL_MIN 64
-#define COL_PIECES 8
-
-static uint64_t row_piece(uint64_t n) { return prmi_piece(n, ROW_MIN, ROW_PIECES); }
-static uint64_t col_piece(uint64_t n) { return prmi_piece(n, COL_MIN, COL_PIECES); }
-
-/*
- * Weight-gradient tiles are whole rows or whole columns of dW (ic x oc):
- * its larger dimension in at most COL_PIECES pieces of at least DW_MIN, the
- * other undivided. Each tile is one GEMM over the whole token sum and packs
- * both token-sized operands again, so square 64 x 64 tiles made the packing
- * a visible share of a one-worker step (as llama.c measured); strips keep it
- * small while still giving a few pieces to share.
- */
-#define DW_MIN 256
-
-static void dw_tiles(uint64_t ic, uint64_t oc, uint64_t *mt, uint64_t *nt) {
-  *mt = ic >= oc ? prmi_piece(ic, DW_MIN, COL_PIECES) : 0;
-  *nt = ic >= oc ? 0 : prmi_piece(oc, DW_MIN, COL_PIECES);
-}
 
 /* ---- LayerNorm ------------------------------------------------------------------------ */
 
@@ -184,7 +161,7 @@ static void ln_dw_piece(void *arg, uint64_t j0, uint64_t j1, uint32_t worker) {
 static void par_layernorm_forward(const prm_ctx *ctx, float *out, float *stat, const float *x,
                                   const float *w, const float *b, uint64_t n, uint64_t C) {
   ln_job j = {.out = out, .stat = stat, .x = x, .w = w, .b = b, .n = n, .C = C};
-  prmi_par_range(ctx, n, row_piece(n), ln_fwd_piece, &j);
+  prmi_par_range(ctx, n, prmi_row_piece(n), ln_fwd_piece, &j);
 }
 
 /* dx += ...; dw += ...; db += ... (dw/db NULL: frozen). */
@@ -193,8 +170,8 @@ static void par_layernorm_backward(const prm_ctx *ctx, float *dx, float *dw, flo
                                    const float *stat, uint64_t n, uint64_t C) {
   ln_job j = {.dx = dx, .dw = dw, .db = db, .dy = dy, .x = x, .w = w, .cstat = stat, .n = n,
               .C = C};
-  prmi_par_range(ctx, n, row_piece(n), ln_dx_piece, &j);
-  if (dw != NULL) prmi_par_range(ctx, C, col_piece(C), ln_dw_piece, &j);
+  prmi_par_range(ctx, n, prmi_row_piece(n), ln_dx_piece, &j);
+  if (dw != NULL) prmi_par_range(ctx, C, prmi_col_piece(C), ln_dw_piece, &j);
 }
 
 /* ---- dense layers (Conv1D layout) ----------------------------------------------------- */
@@ -234,7 +211,7 @@ static void par_dense_forward(const prm_ctx *ctx, float *out, const float *x, co
                               uint64_t oc, int gelu, float *dact) {
   dense_job j = {.out = out, .dact = gelu == 1 ? dact : gelu == 2 ? out : NULL, .x = x, .w = w,
                  .b = b, .resid = resid, .ic = ic, .oc = oc, .ldo = oc, .ldw = oc};
-  prmi_par_range(ctx, n, row_piece(n), dense_fwd_piece, &j);
+  prmi_par_range(ctx, n, prmi_row_piece(n), dense_fwd_piece, &j);
 }
 
 typedef struct colsum_job {
@@ -254,7 +231,7 @@ static void colsum_piece(void *arg, uint64_t k0, uint64_t k1, uint32_t worker) {
 static void par_colsum(const prm_ctx *ctx, float *db, const float *dy, uint64_t n, uint64_t oc,
                        uint64_t ld) {
   colsum_job j = {db, dy, n, ld};
-  prmi_par_range(ctx, oc, col_piece(oc), colsum_piece, &j);
+  prmi_par_range(ctx, oc, prmi_col_piece(oc), colsum_piece, &j);
 }
 
 /* dx (+)= dy W^T (dx NULL: not needed); dW += x^T dy; db += colsum(dy) (dW NULL: frozen). */
@@ -263,10 +240,10 @@ static void par_dense_backward(const prm_ctx *ctx, float *dx, int dx_accumulate,
                                uint64_t n, uint64_t ic, uint64_t oc) {
   if (dx != NULL)
     prmi_par_gemm(ctx, 0, 1, n, ic, oc, 1.0f, dy, oc, w, oc, dx_accumulate ? 1.0f : 0.0f, dx, ic,
-                  row_piece(n), 0);
+                  prmi_row_piece(n), 0);
   if (dw != NULL) {
     uint64_t mt, nt;
-    dw_tiles(ic, oc, &mt, &nt);
+    prmi_dw_tiles(ic, oc, &mt, &nt);
     prmi_par_gemm(ctx, 1, 0, ic, oc, n, 1.0f, x, ic, dy, oc, 1.0f, dw, oc, mt, nt);
     par_colsum(ctx, db, dy, n, oc, oc);
   }
@@ -286,7 +263,7 @@ static void mul_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
 /* x[k] *= f[k], k < n */
 static void par_mul(const prm_ctx *ctx, float *x, const float *f, uint64_t n) {
   scale_job j = {x, f};
-  prmi_par_range(ctx, n, prmi_piece(n, 4096, ROW_PIECES), mul_piece, &j);
+  prmi_par_range(ctx, n, prmi_piece(n, 4096, 16), mul_piece, &j); /* elements */
 }
 
 /* ---- attention ------------------------------------------------------------------------- */
@@ -793,7 +770,7 @@ static void last_block_forward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
   /* k | v for all tokens: columns C..3C of c_attn, into qkv's k | v part */
   dense_job kv = {.out = a->qkv + C, .x = a->ln1, .w = p + B->attn_w + C, .b = p + B->attn_b + C,
                   .ic = C, .oc = 2 * C, .ldo = 3 * C, .ldw = 3 * C};
-  prmi_par_range(ctx, N, row_piece(N), dense_fwd_piece, &kv);
+  prmi_par_range(ctx, N, prmi_row_piece(N), dense_fwd_piece, &kv);
   /* q of the last tokens: columns 0..C */
   for (uint64_t i = 0; i < n; i++) {
     memcpy(z->ln1 + i * C, a->ln1 + pk->last[i] * C, C * sizeof(float));
@@ -865,7 +842,7 @@ static int gpt2_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, float
   prmi_pack_tokens(pk, b);
   embed_job ej = {.pk = pk, .wte = p + LAYOUT(m)->wte, .wpe = p + LAYOUT(m)->wpe,
                   .res = g->layer[0].res, .C = C};
-  prmi_par_range(ctx, pk->n_tok, row_piece(pk->n_tok), embed_fwd_piece, &ej);
+  prmi_par_range(ctx, pk->n_tok, prmi_row_piece(pk->n_tok), embed_fwd_piece, &ej);
 
   for (uint64_t l = 0; l + 1 < L; l++) block_forward(ctx, g, l, g->layer[l + 1].res, n);
   last_block_forward(ctx, g, n);
@@ -930,7 +907,7 @@ static void zero_piece(void *arg, uint64_t r0, uint64_t r1, uint32_t worker) {
 
 static void par_zero_rows(const prm_ctx *ctx, float *x, uint64_t rows, uint64_t width) {
   zero_job j = {x, width};
-  prmi_par_range(ctx, rows, row_piece(rows), zero_piece, &j);
+  prmi_par_range(ctx, rows, prmi_row_piece(rows), zero_piece, &j);
 }
 
 /* Backward of the last block: g->d_last holds d(out) (n, C); g->d_res
@@ -962,10 +939,10 @@ static void last_block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
   /* c_attn: k | v columns for every token, q columns for the last tokens */
   float *gw = gslot(ctx, B->attn_w), *gb = gslot(ctx, B->attn_b);
   prmi_par_gemm(ctx, 0, 1, N, C, 2 * C, 1.0f, g->d_3c + C, 3 * C, p + B->attn_w + C, 3 * C, 0.0f,
-                g->d_c, C, row_piece(N), 0);
+                g->d_c, C, prmi_row_piece(N), 0);
   if (gw != NULL) {
     uint64_t mt, nt;
-    dw_tiles(C, 2 * C, &mt, &nt);
+    prmi_dw_tiles(C, 2 * C, &mt, &nt);
     prmi_par_gemm(ctx, 1, 0, C, 2 * C, N, 1.0f, a->ln1, C, g->d_3c + C, 3 * C, 1.0f, gw + C,
                   3 * C, mt, nt);
     par_colsum(ctx, gb + C, g->d_3c + C, N, 2 * C, 3 * C);
@@ -1020,7 +997,7 @@ static void gpt2_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   float *gte = gslot(ctx, LAYOUT(m)->wte), *gpe = gslot(ctx, LAYOUT(m)->wpe);
   if (gte == NULL) return;
   embed_job ej = {.pk = g->pk, .gte = gte, .gpe = gpe, .d = g->d_res, .C = C};
-  prmi_par_range(ctx, C, col_piece(C), embed_bwd_piece, &ej);
+  prmi_par_range(ctx, C, prmi_col_piece(C), embed_bwd_piece, &ej);
 }
 
 /* ---- model ---------------------------------------------------------------------------- */

@@ -346,6 +346,18 @@ void prmi_par_for(const prm_ctx *ctx, uint32_t n_tasks, prm_task_fn fn, void *ar
 /* The range [0, n) in pieces of `piece`: fn(arg, i0, i1, worker). */
 typedef void (*prmi_range_fn)(void *arg, uint64_t i0, uint64_t i1, uint32_t worker);
 void prmi_par_range(const prm_ctx *ctx, uint64_t n, uint64_t piece, prmi_range_fn fn, void *arg);
+/*
+ * The pieces gpt2 and llama cut their work into, from sizes only: rows of
+ * packed tokens (at most 16 pieces of at least 64 rows), channel ranges (at
+ * most 8 of at least 64), and weight-gradient strips: dW (m x n) cut along
+ * its larger dimension into at most 8 pieces of at least 256, the other
+ * whole (0 in *mt or *nt: undivided). Each strip is one GEMM over the whole
+ * token sum and packs both token-long operands, so square tiles would repack
+ * them once per cut; strips keep the packing near one GEMM's.
+ */
+uint64_t prmi_row_piece(uint64_t n);
+uint64_t prmi_col_piece(uint64_t n);
+void prmi_dw_tiles(uint64_t m, uint64_t n, uint64_t *mt, uint64_t *nt);
 /* prmi_gemm in tiles of mt x nt elements of C (0: undivided), one task
  * each: every element sums the whole inner dimension in one call. */
 void prmi_par_gemm(const prm_ctx *ctx, int ta, int tb, uint64_t M, uint64_t N, uint64_t K,

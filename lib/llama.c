@@ -180,9 +180,9 @@ static inline float dot_n(const float *a, const float *b, uint64_t n) {
 /*
  * As in gpt2.c: every loop is cut into pieces that depend only on the
  * sizes of the work (parallel.c) -- rows of the packed tokens (or of the
- * pooled rows) in at most ROW_PIECES pieces of at least ROW_MIN rows,
- * weight gradients in tiles (DW_MIN below), each over the whole token sum,
- * channel ranges of at least COL_MIN for the RMSNorm weight, bias and
+ * pooled rows; prmi_row_piece), weight gradients in strips, each over the
+ * whole token sum (prmi_dw_tiles), channel ranges (prmi_col_piece) for the
+ * RMSNorm weight, bias and
  * embedding gradients (rows in order), attention per (sequence, kv head)
  * forward and per (sharing component, kv head) backward. Each
  * piece writes its own outputs and keeps every sum's order, so results do
@@ -190,24 +190,6 @@ static inline float dot_n(const float *a, const float *b, uint64_t n) {
  * (llama_worker) a task uses. Row pieces run every row-local step between
  * two steps that need all rows (a weight gradient, attention) in one go.
  */
-#define ROW_MIN 64
-#define ROW_PIECES 16
-#define COL_MIN 64
-#define COL_PIECES 8
-
-static uint64_t row_piece(uint64_t n) { return prmi_piece(n, ROW_MIN, ROW_PIECES); }
-static uint64_t col_piece(uint64_t n) { return prmi_piece(n, COL_MIN, COL_PIECES); }
-
-/*
- * Weight-gradient tiles are whole rows or whole columns of dW: its larger
- * dimension in at most COL_PIECES pieces of at least DW_MIN, the other
- * undivided. A tile is one GEMM over the whole token sum and packs both of
- * its token-long operands, so every cut of a dimension packs the other
- * operand once more: gpt2.c's col_piece x col_piece tiles made the packing
- * cost a sixth of llama's backward at one worker (bench_train: vocab 512,
- * dim 128, 4 layers, 16 pairs of 128 tokens), these keep it near one GEMM's.
- */
-#define DW_MIN 256
 
 /* ---- RMSNorm ------------------------------------------------------------------------------ */
 
@@ -340,7 +322,7 @@ static void rms_dw_task(void *arg, uint32_t t, uint32_t worker) {
 }
 
 static void par_rms_dw(const prm_ctx *ctx, const rms_dw_job *a, const rms_dw_job *b) {
-  rms_dw_pair j = {a, b, col_piece(a->n), b != NULL ? col_piece(b->n) : 1, 0};
+  rms_dw_pair j = {a, b, prmi_col_piece(a->n), b != NULL ? prmi_col_piece(b->n) : 1, 0};
   j.na = (uint32_t)((a->n + j.pa - 1) / j.pa);
   const uint32_t nb = b != NULL ? (uint32_t)((b->n + j.pb - 1) / j.pb) : 0;
   prmi_par_for(ctx, j.na + nb, rms_dw_task, &j);
@@ -406,12 +388,12 @@ static void linear_forward(float *out, uint64_t ldo, const float *x, uint64_t n,
 }
 
 /* The weight gradient of linear_forward: dW (rows, in) += dy^T x over n
- * token rows (strides ldy, ldx), in tiles (see DW_MIN; dW NULL: frozen). */
+ * token rows (strides ldy, ldx), in strips (prmi_dw_tiles; dW NULL: frozen). */
 static void par_linear_dw(const prm_ctx *ctx, float *dw, const float *dy, uint64_t ldy,
                           const float *x, uint64_t ldx, uint64_t n, uint64_t in, uint64_t rows) {
   if (dw == NULL) return;
-  const uint64_t mt = rows >= in ? prmi_piece(rows, DW_MIN, COL_PIECES) : 0;
-  const uint64_t nt = rows >= in ? 0 : prmi_piece(in, DW_MIN, COL_PIECES);
+  uint64_t mt, nt;
+  prmi_dw_tiles(rows, in, &mt, &nt);
   prmi_par_gemm(ctx, 1, 0, rows, in, n, 1.0f, dy, ldy, x, ldx, 1.0f, dw, in, mt, nt);
 }
 
@@ -434,7 +416,7 @@ static void par_colsum(const prm_ctx *ctx, float *db, const float *dy, uint64_t 
                        uint64_t ld) {
   if (db == NULL) return;
   colsum_job j = {db, dy, n, ld};
-  prmi_par_range(ctx, oc, col_piece(oc), colsum_piece, &j);
+  prmi_par_range(ctx, oc, prmi_col_piece(oc), colsum_piece, &j);
 }
 
 /* ---- SwiGLU ------------------------------------------------------------------------------- */
@@ -1105,9 +1087,9 @@ static void layer_forward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t l
                  .xn = xn,
                  .h = hbuf,
                  .ldh = ldh};
-  prmi_par_range(ctx, N, row_piece(N), layer_in_piece, &j);
+  prmi_par_range(ctx, N, prmi_row_piece(N), layer_in_piece, &j);
   prmi_par_for(ctx, (uint32_t)(n * d->G), att_fwd_task, &j);
-  prmi_par_range(ctx, N, row_piece(N), layer_out_piece, &j);
+  prmi_par_range(ctx, N, prmi_row_piece(N), layer_out_piece, &j);
 }
 
 /* Rows [r0, r1) of the last layer's per-row part: a = rmsnorm(x), k|v,
@@ -1222,10 +1204,10 @@ static void last_forward(prm_ctx *ctx, llama_acts *g, const dims *d, float *hbuf
                  .B = &LAYOUT(ctx->model)->blk[d->L - 1],
                  .h = hbuf,
                  .ldh = d->F};
-  prmi_par_range(ctx, N, row_piece(N), last_in_piece, &j);
-  prmi_par_range(ctx, n, row_piece(n), pooled_in_piece, &j);
+  prmi_par_range(ctx, N, prmi_row_piece(N), last_in_piece, &j);
+  prmi_par_range(ctx, n, prmi_row_piece(n), pooled_in_piece, &j);
   prmi_par_for(ctx, (uint32_t)(n * d->G), last_att_fwd_task, &j);
-  prmi_par_range(ctx, n, row_piece(n), pooled_out_piece, &j);
+  prmi_par_range(ctx, n, prmi_row_piece(n), pooled_out_piece, &j);
 }
 
 typedef struct embed_job {
@@ -1271,7 +1253,7 @@ static int llama_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, floa
   prmi_pack_tokens(g->pk, b);
   embed_job ej = {
       .pk = pk, .e = p + LAYOUT(m)->embed, .x = L > 1 ? g->layer[0].x : g->last.x, .D = D};
-  prmi_par_range(ctx, pk->n_tok, row_piece(pk->n_tok), embed_fwd_piece, &ej);
+  prmi_par_range(ctx, pk->n_tok, prmi_row_piece(pk->n_tok), embed_fwd_piece, &ej);
 
   /* training: h of a full layer lives only until its down projection */
   float *hbuf = ctx->inference ? NULL : g->d_big;
@@ -1353,7 +1335,7 @@ static void mlp_dm_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
  */
 static void mlp_backward(prm_ctx *ctx, const mlp_job *j, uint64_t n) {
   const dims *d = j->d;
-  const uint64_t F = d->F, D = d->D, rp = row_piece(n);
+  const uint64_t F = d->F, D = d->D, rp = prmi_row_piece(n);
   prmi_par_range(ctx, n, rp, mlp_h_piece, (void *)j);
   par_linear_dw(ctx, prmi_grad_slot(ctx, j->B->wd), j->dy, D, j->SG + F, 2 * F, n, F, D);
   prmi_par_range(ctx, n, rp, mlp_dh_piece, (void *)j);
@@ -1452,13 +1434,13 @@ static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t 
   mlp_backward(ctx, &mj, N);
   /* x2 = x + o Wo^T */
   float *d_o = g->d_big;
-  prmi_par_gemm(ctx, 0, 0, N, QD, D, 1.0f, g->d_res, D, p + B->wo, QD, 0.0f, d_o, QD, row_piece(N),
+  prmi_par_gemm(ctx, 0, 0, N, QD, D, 1.0f, g->d_res, D, p + B->wo, QD, 0.0f, d_o, QD, prmi_row_piece(N),
                 0);
   par_linear_dw(ctx, prmi_grad_slot(ctx, B->wo), g->d_res, D, A->o, QD, N, QD, D);
   layer_job j = {.g = g, .d = d, .p = p, .B = B, .A = A, .d_o = d_o};
   prmi_par_for(ctx, (uint32_t)(pk->n_comp * d->G), att_bwd_task, &j);
   if (d->qkn) { /* RoPE back, then the norms' weight gradients before d(q|k) changes */
-    prmi_par_range(ctx, N, row_piece(N), qk_unrope_piece, &j);
+    prmi_par_range(ctx, N, prmi_row_piece(N), qk_unrope_piece, &j);
     const rms_dw_job qj = {.dw = prmi_grad_slot(ctx, B->qn),
                            .dy = g->d_qkv,
                            .x = A->qk_raw,
@@ -1482,7 +1464,7 @@ static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t 
     if (qj.dw != NULL) par_rms_dw(ctx, &qj, &kj);
   }
   /* q|k|v = a W^T + b; a = rmsnorm(x) */
-  prmi_par_range(ctx, N, row_piece(N), layer_qkv_piece, &j);
+  prmi_par_range(ctx, N, prmi_row_piece(N), layer_qkv_piece, &j);
   if (!d->bias) {
     par_linear_dw(ctx, prmi_grad_slot(ctx, B->wq), g->d_qkv, QKV, A->a, D, N, D, QKV);
   } else {
@@ -1644,7 +1626,7 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   const mlp_job mj = {d, p, B, dz, Z->gu, Z->m, Z->x2, Z->rs2, g->d_big, g->d_a};
   mlp_backward(ctx, &mj, n);
   float *d_o = g->d_big; /* (n, QD) */
-  prmi_par_gemm(ctx, 0, 0, n, QD, D, 1.0f, dz, D, p + B->wo, QD, 0.0f, d_o, QD, row_piece(n), 0);
+  prmi_par_gemm(ctx, 0, 0, n, QD, D, 1.0f, dz, D, p + B->wo, QD, 0.0f, d_o, QD, prmi_row_piece(n), 0);
   par_linear_dw(ctx, prmi_grad_slot(ctx, B->wo), dz, D, Z->o, QD, n, QD, D);
   /* attention of the pooled queries: d(k|v) of every row (N, 2 KD) in
    * d_qkv, dq compact */
@@ -1652,10 +1634,10 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   prmi_par_for(ctx, (uint32_t)(pk->n_comp * d->G), last_att_bwd_task, &j);
   /* d(x_{L-1}) starts as d(x2) at the pooled rows: dz is free after it,
    * and d_last takes d(a) at the pooled rows (pooled_q_piece) */
-  prmi_par_range(ctx, N, row_piece(N), last_res_piece, &j);
+  prmi_par_range(ctx, N, prmi_row_piece(N), last_res_piece, &j);
   if (d->qkn) { /* RoPE back, then the norms' weight gradients before d(q|k) changes */
-    prmi_par_range(ctx, N, row_piece(N), qk_unrope_piece, &j);
-    prmi_par_range(ctx, n, row_piece(n), pooled_unrope_piece, &j);
+    prmi_par_range(ctx, N, prmi_row_piece(N), qk_unrope_piece, &j);
+    prmi_par_range(ctx, n, prmi_row_piece(n), pooled_unrope_piece, &j);
     const rms_dw_job kj = {.dw = prmi_grad_slot(ctx, B->kn),
                            .dy = g->d_qkv,
                            .x = Z->k_raw,
@@ -1678,8 +1660,8 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
                            .n = d->hd};
     if (qj.dw != NULL) par_rms_dw(ctx, &qj, &kj);
   }
-  prmi_par_range(ctx, n, row_piece(n), pooled_q_piece, &j);
-  prmi_par_range(ctx, N, row_piece(N), last_kv_piece, &j);
+  prmi_par_range(ctx, n, prmi_row_piece(n), pooled_q_piece, &j);
+  prmi_par_range(ctx, N, prmi_row_piece(N), last_kv_piece, &j);
   if (!d->bias) {
     par_linear_dw(ctx, prmi_grad_slot(ctx, B->wk), g->d_qkv, 2 * KD, Z->a, D, N, D, 2 * KD);
   } else {
@@ -1727,7 +1709,7 @@ static void llama_backward(prm_ctx *ctx, const float *dscores, uint64_t n) {
   float *ge = prmi_grad_slot(ctx, Ly->embed);
   if (ge == NULL) return;
   embed_job ej = {.pk = g->pk, .ge = ge, .dx = g->d_res, .D = D};
-  prmi_par_range(ctx, D, col_piece(D), embed_bwd_piece, &ej);
+  prmi_par_range(ctx, D, prmi_col_piece(D), embed_bwd_piece, &ej);
 }
 
 /* ---- models ------------------------------------------------------------------------------- */

@@ -26,6 +26,20 @@ uint64_t prmi_piece(uint64_t n, uint64_t min_piece, uint64_t max_pieces) {
   return p > 0 ? p : 1;
 }
 
+#define ROW_MIN 64
+#define ROW_PIECES 16
+#define COL_MIN 64
+#define COL_PIECES 8
+#define DW_MIN 256
+
+uint64_t prmi_row_piece(uint64_t n) { return prmi_piece(n, ROW_MIN, ROW_PIECES); }
+uint64_t prmi_col_piece(uint64_t n) { return prmi_piece(n, COL_MIN, COL_PIECES); }
+
+void prmi_dw_tiles(uint64_t m, uint64_t n, uint64_t *mt, uint64_t *nt) {
+  *mt = m >= n ? prmi_piece(m, DW_MIN, COL_PIECES) : 0;
+  *nt = m >= n ? 0 : prmi_piece(n, DW_MIN, COL_PIECES);
+}
+
 void prmi_par_for(const prm_ctx *ctx, uint32_t n_tasks, prm_task_fn fn, void *arg) {
   if (n_tasks == 0) return;
   if (ctx->parallel_for == NULL || n_tasks == 1) {
