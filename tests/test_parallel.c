@@ -246,6 +246,50 @@ static void test_llama_any_thread_count(void **state) {
   check_invariance(2);
 }
 
+/*
+ * The one-call step equals the split calls bit for bit on the token models
+ * (docs/api.md says so): forward, prm_loss_bt, backward and an AdamW step
+ * by hand against prm_train_step, both on a pool of 2, with shared
+ * prefixes.
+ */
+static void test_one_call_equals_split(void **state) {
+  (void)state;
+  for (int kind = 0; kind <= 2; kind++) {
+    prm_model *ma = token_model(kind), *mb = token_model(kind);
+    prm_pool *pa = NULL, *pb = NULL;
+    prm_ctx *ca = ctx_with(ma, 0, 2, &pa), *cb = ctx_with(mb, 0, 2, &pb);
+    prm_optimizer *oa = prmt_adamw(ma, 1e-3), *ob = prmt_adamw(mb, 1e-3);
+    batch_data *d = malloc(sizeof *d);
+    assert_non_null(d);
+    prm_batch b = make_pairs(d, 1);
+    prm_loss_stats st;
+    assert_int_equal(prm_loss_stats_init(&st, PRM_LOSS_STATS_VERSION), PRM_OK);
+    for (int step = 0; step < 2; step++) {
+      float s[ROWS], ds[ROWS];
+      double loss;
+      prmt_forward_ok(ca, &b, s);
+      assert_int_equal(prm_loss_bt(s, s + ROWS / 2, ROWS / 2, NULL, &loss, &st, ds, ds + ROWS / 2),
+                       PRM_OK);
+      assert_int_equal(prm_ctx_backward(ca, ds, ROWS), PRM_OK);
+      assert_int_equal(prm_optimizer_step(oa, ca), PRM_OK);
+      assert_int_equal(prm_train_step(cb, ob, &b, NULL, &st), PRM_OK);
+      assert_true(st.loss == loss);
+    }
+    uint64_t n;
+    const float *a = prm_model_params(ma, &n), *bb = prm_model_params(mb, &n);
+    assert_memory_equal(a, bb, n * sizeof(float));
+    free(d);
+    prm_optimizer_free(oa);
+    prm_optimizer_free(ob);
+    prm_ctx_free(ca);
+    prm_ctx_free(cb);
+    prm_pool_free(pa);
+    prm_pool_free(pb);
+    prm_model_free(ma);
+    prm_model_free(mb);
+  }
+}
+
 /* Several contexts, each with its own pool, scoring concurrently from host
  * threads, agree with one context on one thread (TSan: no race between the
  * pools' workers, the shared model and the contexts). */
@@ -340,6 +384,7 @@ int main(void) {
       cmocka_unit_test(test_gpt2_any_thread_count),
       cmocka_unit_test(test_llama_any_thread_count),
       cmocka_unit_test(test_concurrent_contexts),
+      cmocka_unit_test(test_one_call_equals_split),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
