@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "lanes.h"
 
 #define LN_EPS 1e-5f
 
@@ -69,22 +70,22 @@ typedef struct gpt2_layout {
 
 /* ---- LayerNorm ------------------------------------------------------------------------ */
 
+/*
+ * The LayerNorm and softmax row kernels are compiled for AVX-512, AVX2 and
+ * the baseline (PRMI_TARGET_CLONES) with their reductions in the fixed lanes
+ * of lanes.h: the same bits in every clone, and no single-accumulator chain.
+ */
+
 /* out = (x - mean) * rstd * w + b per row; stat[2i] = mean, stat[2i+1] = rstd. */
-static void layernorm_forward(float *out, float *stat, const float *x, const float *w,
-                              const float *b, uint64_t n, uint64_t C) {
+PRMI_TARGET_CLONES
+static void prmi_gpt2_layernorm(float *out, float *stat, const float *x, const float *w,
+                                const float *b, uint64_t n, uint64_t C) {
   for (uint64_t i = 0; i < n; i++) {
     const float *xi = x + i * C;
     float *oi = out + i * C;
-    float mean = 0.0f;
-    for (uint64_t j = 0; j < C; j++) mean += xi[j];
-    mean /= (float)C;
-    float var = 0.0f;
-    for (uint64_t j = 0; j < C; j++) {
-      float d = xi[j] - mean;
-      var += d * d;
-    }
-    var /= (float)C;
-    float rstd = 1.0f / sqrtf(var + LN_EPS);
+    const float mean = sum_n(xi, C) / (float)C;
+    const float var = sqdev_n(xi, mean, C) / (float)C;
+    const float rstd = 1.0f / sqrtf(var + LN_EPS);
     for (uint64_t j = 0; j < C; j++) oi[j] = (xi[j] - mean) * rstd * w[j] + b[j];
     if (stat != NULL) {
       stat[2 * i] = mean;
@@ -95,33 +96,40 @@ static void layernorm_forward(float *out, float *stat, const float *x, const flo
 
 /* dx += rstd (dy w - mean(dy w) - xhat mean(dy w xhat)) for n rows; x is the
  * LayerNorm input. */
-static void layernorm_backward_dx(float *dx, const float *dy, const float *x, const float *w,
-                                  const float *stat, uint64_t n, uint64_t C) {
+PRMI_TARGET_CLONES
+static void prmi_gpt2_layernorm_dx(float *dx, const float *dy, const float *x, const float *w,
+                                   const float *stat, uint64_t n, uint64_t C) {
   for (uint64_t i = 0; i < n; i++) {
     const float *dyi = dy + i * C, *xi = x + i * C;
     const float mean = stat[2 * i], rstd = stat[2 * i + 1];
-    float s1 = 0.0f, s2 = 0.0f;
-    for (uint64_t j = 0; j < C; j++) {
-      float xhat = (xi[j] - mean) * rstd;
-      float g = dyi[j] * w[j];
-      s1 += g;
-      s2 += g * xhat;
+    float a1[LANES] = {0}, a2[LANES] = {0};
+    uint64_t j = 0;
+    for (; j + LANES <= C; j += LANES)
+      for (int k = 0; k < LANES; k++) {
+        const float xhat = (xi[j + k] - mean) * rstd, g = dyi[j + k] * w[j + k];
+        a1[k] += g;
+        a2[k] += g * xhat;
+      }
+    for (int k = 0; j < C; j++, k++) {
+      const float xhat = (xi[j] - mean) * rstd, g = dyi[j] * w[j];
+      a1[k] += g;
+      a2[k] += g * xhat;
     }
-    s1 /= (float)C;
-    s2 /= (float)C;
+    const float s1 = lanes_sum(a1) / (float)C, s2 = lanes_sum(a2) / (float)C;
     float *dxi = dx + i * C;
-    for (uint64_t j = 0; j < C; j++) {
-      float xhat = (xi[j] - mean) * rstd;
+    for (j = 0; j < C; j++) {
+      const float xhat = (xi[j] - mean) * rstd;
       dxi[j] += rstd * (dyi[j] * w[j] - s1 - xhat * s2);
     }
   }
 }
 
 /* dw += sum_i dy xhat, db += sum_i dy over all n rows, for channels
- * [j0, j1) (rows in order). */
-static void layernorm_backward_dw(float *dw, float *db, const float *dy, const float *x,
-                                  const float *stat, uint64_t n, uint64_t C, uint64_t j0,
-                                  uint64_t j1) {
+ * [j0, j1) (rows in order; elementwise across channels). */
+PRMI_TARGET_CLONES
+static void prmi_gpt2_layernorm_dw(float *dw, float *db, const float *dy, const float *x,
+                                   const float *stat, uint64_t n, uint64_t C, uint64_t j0,
+                                   uint64_t j1) {
   for (uint64_t i = 0; i < n; i++) {
     const float *dyi = dy + i * C, *xi = x + i * C;
     const float mean = stat[2 * i], rstd = stat[2 * i + 1];
@@ -141,21 +149,21 @@ typedef struct ln_job {
 static void ln_fwd_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
   (void)worker;
   const ln_job *j = arg;
-  layernorm_forward(j->out + i0 * j->C, j->stat != NULL ? j->stat + 2 * i0 : NULL,
+  prmi_gpt2_layernorm(j->out + i0 * j->C, j->stat != NULL ? j->stat + 2 * i0 : NULL,
                     j->x + i0 * j->C, j->w, j->b, i1 - i0, j->C);
 }
 
 static void ln_dx_piece(void *arg, uint64_t i0, uint64_t i1, uint32_t worker) {
   (void)worker;
   const ln_job *j = arg;
-  layernorm_backward_dx(j->dx + i0 * j->C, j->dy + i0 * j->C, j->x + i0 * j->C, j->w,
+  prmi_gpt2_layernorm_dx(j->dx + i0 * j->C, j->dy + i0 * j->C, j->x + i0 * j->C, j->w,
                         j->cstat + 2 * i0, i1 - i0, j->C);
 }
 
 static void ln_dw_piece(void *arg, uint64_t j0, uint64_t j1, uint32_t worker) {
   (void)worker;
   const ln_job *j = arg;
-  layernorm_backward_dw(j->dw, j->db, j->dy, j->x, j->cstat, j->n, j->C, j0, j1);
+  prmi_gpt2_layernorm_dw(j->dw, j->db, j->dy, j->x, j->cstat, j->n, j->C, j0, j1);
 }
 
 static void par_layernorm_forward(const prm_ctx *ctx, float *out, float *stat, const float *x,
@@ -276,6 +284,49 @@ static void par_mul(const prm_ctx *ctx, float *x, const float *f, uint64_t n) {
 #define ATT_BLOCK 32
 
 /*
+ * Causal softmax of the rows i0..i1-1 of a query block (row i - i0 of S,
+ * stride T, sees columns 0..i): in place, columns i+1..i1-1 zeroed;
+ * lse[i - i0] = log sum_j exp(s_ij) unless lse is NULL.
+ */
+PRMI_TARGET_CLONES
+static void prmi_gpt2_softmax_rows(float *S, uint64_t T, uint64_t i0, uint64_t i1, float *lse) {
+  for (uint64_t i = i0; i < i1; i++) {
+    float *si = S + (i - i0) * T;
+    const float m = max_n(si, i + 1);
+    prmi_exp_shifted(si, i + 1, m);
+    const float sum = sum_n(si, i + 1);
+    const float inv = 1.0f / sum;
+    for (uint64_t j = 0; j <= i; j++) si[j] *= inv;
+    for (uint64_t j = i + 1; j < i1; j++) si[j] = 0.0f;
+    if (lse != NULL) lse[i - i0] = m + logf(sum);
+  }
+}
+
+/* dS = P (dP - rowsum(P dP)) * scale in place of dP, the same rows. */
+PRMI_TARGET_CLONES
+static void prmi_gpt2_softmax_bwd_rows(const float *P, float *dP, uint64_t T, uint64_t i0,
+                                       uint64_t i1, float scale) {
+  for (uint64_t i = i0; i < i1; i++) {
+    const float *pi = P + (i - i0) * T;
+    float *dpi = dP + (i - i0) * T;
+    const float dsum = dot_n(pi, dpi, i + 1);
+    for (uint64_t j = 0; j <= i; j++) dpi[j] = pi[j] * (dpi[j] - dsum) * scale;
+    for (uint64_t j = i + 1; j < i1; j++) dpi[j] = 0.0f;
+  }
+}
+
+/* Softmax of one full row s[0..T) in place; returns its log-sum-exp. */
+PRMI_TARGET_CLONES
+static float prmi_gpt2_softmax_vec(float *s, uint64_t T) {
+  const float mx = max_n(s, T);
+  prmi_exp_shifted(s, T, mx);
+  const float sum = sum_n(s, T);
+  const float inv = 1.0f / sum;
+  for (uint64_t x = 0; x < T; x++) s[x] *= inv;
+  return mx + logf(sum);
+}
+
+/*
  * Causal attention of one head of one sequence of T tokens, for its queries
  * at positions p0..T-1 (p0 > 0: the first p0 tokens are a shared prefix,
  * whose queries an earlier row computes). q: the first query (row stride
@@ -292,18 +343,7 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
     const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
     /* S holds this block only: row i - i0, columns 0..i1 */
     prmi_gemm(0, 1, i1 - i0, i1, hs, scale, q + (i0 - p0) * 3 * C, 3 * C, k, ldkv, 0.0f, S, T);
-    for (uint64_t i = i0; i < i1; i++) {
-      float *si = S + (i - i0) * T;
-      float m = si[0];
-      for (uint64_t j = 1; j <= i; j++) m = si[j] > m ? si[j] : m;
-      prmi_exp_shifted(si, i + 1, m);
-      float sum = 0.0f;
-      for (uint64_t j = 0; j <= i; j++) sum += si[j];
-      const float inv = 1.0f / sum;
-      for (uint64_t j = 0; j <= i; j++) si[j] *= inv;
-      for (uint64_t j = i + 1; j < i1; j++) si[j] = 0.0f;
-      if (lse != NULL) lse[i - p0] = m + logf(sum);
-    }
+    prmi_gpt2_softmax_rows(S, T, i0, i1, lse != NULL ? lse + (i0 - p0) : NULL);
     prmi_gemm(0, 0, i1 - i0, hs, i1, 1.0f, S, T, v, ldkv, 0.0f, out + (i0 - p0) * C, C);
   }
 }
@@ -337,13 +377,7 @@ static void attention_backward(float *dq, float *dk, float *dv, uint64_t lddkv,
     prmi_gemm(1, 0, i1, hs, m, 1.0f, P, T, dout + r0 * C, C, beta, dv, lddkv);
     prmi_gemm(0, 1, m, i1, hs, 1.0f, dout + r0 * C, C, v, ldkv, 0.0f, dP, T);
     /* dS = P (dP - rowsum(P dP)) * scale */
-    for (uint64_t i = i0; i < i1; i++) {
-      float *pi = P + (i - i0) * T, *dpi = dP + (i - i0) * T;
-      float dsum = 0.0f;
-      for (uint64_t j = 0; j <= i; j++) dsum += pi[j] * dpi[j];
-      for (uint64_t j = 0; j <= i; j++) dpi[j] = pi[j] * (dpi[j] - dsum) * scale;
-      for (uint64_t j = i + 1; j < i1; j++) dpi[j] = 0.0f;
-    }
+    prmi_gpt2_softmax_bwd_rows(P, dP, T, i0, i1, scale);
     /* dq = dS k; dk (+)= dS^T q */
     prmi_gemm(0, 0, m, hs, i1, 1.0f, dP, T, k, ldkv, 0.0f, dq + r0 * 3 * C, 3 * C);
     prmi_gemm(1, 0, i1, hs, m, 1.0f, dP, T, q + r0 * 3 * C, 3 * C, beta, dk, lddkv);
@@ -676,14 +710,7 @@ static void last_fwd_task(void *arg, uint32_t t, uint32_t worker) {
   }
   float *s = w->att_a;
   prmi_gemv(0, T, hs, scale, k, ldkv, z->q + i * C + h * hs, 0.0f, s);
-  float mx = s[0];
-  for (uint64_t x = 1; x < T; x++) mx = s[x] > mx ? s[x] : mx;
-  prmi_exp_shifted(s, T, mx);
-  float sum = 0.0f;
-  for (uint64_t x = 0; x < T; x++) sum += s[x];
-  const float inv = 1.0f / sum;
-  for (uint64_t x = 0; x < T; x++) s[x] *= inv;
-  z->lse[h * g->max_rows + i] = mx + logf(sum);
+  z->lse[h * g->max_rows + i] = prmi_gpt2_softmax_vec(s, T);
   prmi_gemv(1, T, hs, 1.0f, v, ldkv, s, 0.0f, z->atty + i * C + h * hs);
 }
 
@@ -715,8 +742,7 @@ static void last_bwd_task(void *arg, uint32_t t, uint32_t worker) {
     prmi_gemv(0, T, hs, scale, k, ldkv, q, 0.0f, pr);
     prmi_exp_shifted(pr, T, z->lse[h * g->max_rows + i]);
     prmi_gemv(0, T, hs, 1.0f, v, ldkv, dout, 0.0f, dp); /* dp_x = dout . v_x */
-    float dsum = 0.0f;
-    for (uint64_t x = 0; x < T; x++) dsum += pr[x] * dp[x];
+    const float dsum = dot_n(pr, dp, T);
     for (uint64_t x = 0; x < T; x++) dp[x] = pr[x] * (dp[x] - dsum) * scale; /* ds_x */
     for (uint64_t x = 0; x < T; x++) {
       float *dkx = g->d_3c + kmap[x] * 3 * C + C + h * hs, *dvx = dkx + C;
@@ -848,7 +874,7 @@ static int gpt2_forward(prm_ctx *ctx, const prm_batch *b, uint64_t stride, float
   last_block_forward(ctx, g, n);
   /* head: final LayerNorm and score at the last token of each sequence */
   const float *w = p + m->head_w;
-  layernorm_forward(g->lnf, g->lnf_stat, g->last.out, p + LAYOUT(m)->lnf_w, p + LAYOUT(m)->lnf_b,
+  prmi_gpt2_layernorm(g->lnf, g->lnf_stat, g->last.out, p + LAYOUT(m)->lnf_w, p + LAYOUT(m)->lnf_b,
                     n, C);
   for (uint64_t i = 0; i < n; i++) {
     float s = 0.0f;
