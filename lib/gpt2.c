@@ -222,26 +222,6 @@ static void par_dense_forward(const prm_ctx *ctx, float *out, const float *x, co
   prmi_par_range(ctx, n, prmi_row_piece(n), dense_fwd_piece, &j);
 }
 
-typedef struct colsum_job {
-  float *db;
-  const float *dy;
-  uint64_t n, ld;
-} colsum_job;
-
-static void colsum_piece(void *arg, uint64_t k0, uint64_t k1, uint32_t worker) {
-  (void)worker;
-  const colsum_job *j = arg;
-  for (uint64_t i = 0; i < j->n; i++)
-    for (uint64_t k = k0; k < k1; k++) j->db[k] += j->dy[i * j->ld + k];
-}
-
-/* db[k] += sum_i dy[i * ld + k] for k < oc (rows in order). */
-static void par_colsum(const prm_ctx *ctx, float *db, const float *dy, uint64_t n, uint64_t oc,
-                       uint64_t ld) {
-  colsum_job j = {db, dy, n, ld};
-  prmi_par_range(ctx, oc, prmi_col_piece(oc), colsum_piece, &j);
-}
-
 /* dx (+)= dy W^T (dx NULL: not needed); dW += x^T dy; db += colsum(dy) (dW NULL: frozen). */
 static void par_dense_backward(const prm_ctx *ctx, float *dx, int dx_accumulate, float *dw,
                                float *db, const float *dy, const float *x, const float *w,
@@ -253,7 +233,7 @@ static void par_dense_backward(const prm_ctx *ctx, float *dx, int dx_accumulate,
     uint64_t mt, nt;
     prmi_dw_tiles(ic, oc, &mt, &nt);
     prmi_par_gemm(ctx, 1, 0, ic, oc, n, 1.0f, x, ic, dy, oc, 1.0f, dw, oc, mt, nt);
-    par_colsum(ctx, db, dy, n, oc, oc);
+    prmi_par_colsum(ctx, db, dy, n, oc, oc);
   }
 }
 
@@ -971,7 +951,7 @@ static void last_block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
     prmi_dw_tiles(C, 2 * C, &mt, &nt);
     prmi_par_gemm(ctx, 1, 0, C, 2 * C, N, 1.0f, a->ln1, C, g->d_3c + C, 3 * C, 1.0f, gw + C,
                   3 * C, mt, nt);
-    par_colsum(ctx, gb + C, g->d_3c + C, N, 2 * C, 3 * C);
+    prmi_par_colsum(ctx, gb + C, g->d_3c + C, N, 2 * C, 3 * C);
     prmi_gemm(1, 0, C, C, n, 1.0f, z->ln1, C, g->d_lastq, C, 1.0f, gw, 3 * C);
     for (uint64_t i = 0; i < n; i++)
       for (uint64_t j = 0; j < C; j++) gb[j] += g->d_lastq[i * C + j];

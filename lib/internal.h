@@ -358,6 +358,10 @@ void prmi_par_range(const prm_ctx *ctx, uint64_t n, uint64_t piece, prmi_range_f
 uint64_t prmi_row_piece(uint64_t n);
 uint64_t prmi_col_piece(uint64_t n);
 void prmi_dw_tiles(uint64_t m, uint64_t n, uint64_t *mt, uint64_t *nt);
+/* Bias gradients: db[k] += sum_i dy[i * ld + k] for k < oc, rows in order,
+ * in channel pieces (db NULL: frozen, nothing to do). */
+void prmi_par_colsum(const prm_ctx *ctx, float *db, const float *dy, uint64_t n, uint64_t oc,
+                     uint64_t ld);
 /* prmi_gemm in tiles of mt x nt elements of C (0: undivided), one task
  * each: every element sums the whole inner dimension in one call. */
 void prmi_par_gemm(const prm_ctx *ctx, int ta, int tb, uint64_t M, uint64_t N, uint64_t K,

@@ -339,28 +339,6 @@ static void par_linear_dw(const prm_ctx *ctx, float *dw, const float *dy, uint64
   prmi_par_gemm(ctx, 1, 0, rows, in, n, 1.0f, dy, ldy, x, ldx, 1.0f, dw, in, mt, nt);
 }
 
-typedef struct colsum_job {
-  float *db;
-  const float *dy;
-  uint64_t n, ld;
-} colsum_job;
-
-static void colsum_piece(void *arg, uint64_t k0, uint64_t k1, uint32_t worker) {
-  (void)worker;
-  const colsum_job *j = arg;
-  for (uint64_t i = 0; i < j->n; i++)
-    for (uint64_t k = k0; k < k1; k++)
-      j->db[k] += j->dy[i * j->ld + k];
-}
-
-/* db[k] += sum_i dy[i * ld + k] for k < oc (rows in order; db NULL: none). */
-static void par_colsum(const prm_ctx *ctx, float *db, const float *dy, uint64_t n, uint64_t oc,
-                       uint64_t ld) {
-  if (db == NULL) return;
-  colsum_job j = {db, dy, n, ld};
-  prmi_par_range(ctx, oc, prmi_col_piece(oc), colsum_piece, &j);
-}
-
 /* ---- SwiGLU ------------------------------------------------------------------------------- */
 
 /*
@@ -1413,9 +1391,9 @@ static void layer_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t 
     par_linear_dw(ctx, prmi_grad_slot(ctx, B->wq), g->d_qkv, QKV, A->a, D, N, D, QD);
     par_linear_dw(ctx, prmi_grad_slot(ctx, B->wk), g->d_qkv + QD, QKV, A->a, D, N, D, KD);
     par_linear_dw(ctx, prmi_grad_slot(ctx, B->wv), g->d_qkv + QD + KD, QKV, A->a, D, N, D, KD);
-    par_colsum(ctx, prmi_grad_slot(ctx, B->bq), g->d_qkv, N, QD, QKV);
-    par_colsum(ctx, prmi_grad_slot(ctx, B->bk), g->d_qkv + QD, N, KD, QKV);
-    par_colsum(ctx, prmi_grad_slot(ctx, B->bv), g->d_qkv + QD + KD, N, KD, QKV);
+    prmi_par_colsum(ctx, prmi_grad_slot(ctx, B->bq), g->d_qkv, N, QD, QKV);
+    prmi_par_colsum(ctx, prmi_grad_slot(ctx, B->bk), g->d_qkv + QD, N, KD, QKV);
+    prmi_par_colsum(ctx, prmi_grad_slot(ctx, B->bv), g->d_qkv + QD + KD, N, KD, QKV);
   }
   par_norm_dw(ctx, prmi_grad_slot(ctx, B->ln1), g->d_a, A->x, A->rs1, N, D);
 }
@@ -1609,9 +1587,9 @@ static void last_backward(prm_ctx *ctx, llama_acts *g, const dims *d, uint64_t n
   } else {
     par_linear_dw(ctx, prmi_grad_slot(ctx, B->wk), g->d_qkv, 2 * KD, Z->a, D, N, D, KD);
     par_linear_dw(ctx, prmi_grad_slot(ctx, B->wv), g->d_qkv + KD, 2 * KD, Z->a, D, N, D, KD);
-    par_colsum(ctx, prmi_grad_slot(ctx, B->bk), g->d_qkv, N, KD, 2 * KD);
-    par_colsum(ctx, prmi_grad_slot(ctx, B->bv), g->d_qkv + KD, N, KD, 2 * KD);
-    par_colsum(ctx, prmi_grad_slot(ctx, B->bq), g->d_lastq, n, QD, QD);
+    prmi_par_colsum(ctx, prmi_grad_slot(ctx, B->bk), g->d_qkv, N, KD, 2 * KD);
+    prmi_par_colsum(ctx, prmi_grad_slot(ctx, B->bv), g->d_qkv + KD, N, KD, 2 * KD);
+    prmi_par_colsum(ctx, prmi_grad_slot(ctx, B->bq), g->d_lastq, n, QD, QD);
   }
   par_linear_dw(ctx, prmi_grad_slot(ctx, B->wq), g->d_lastq, QD, Z->ac, D, n, D, QD);
   par_norm_dw(ctx, prmi_grad_slot(ctx, B->ln1), g->d_a, Z->x, Z->rs1, N, D);

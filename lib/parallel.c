@@ -68,6 +68,26 @@ void prmi_par_range(const prm_ctx *ctx, uint64_t n, uint64_t piece, prmi_range_f
   prmi_par_for(ctx, (uint32_t)((n + piece - 1) / piece), range_task, &j);
 }
 
+typedef struct colsum_job {
+  float *db;
+  const float *dy;
+  uint64_t n, ld;
+} colsum_job;
+
+static void colsum_piece(void *arg, uint64_t k0, uint64_t k1, uint32_t worker) {
+  (void)worker;
+  const colsum_job *j = arg;
+  for (uint64_t i = 0; i < j->n; i++)
+    for (uint64_t k = k0; k < k1; k++) j->db[k] += j->dy[i * j->ld + k];
+}
+
+void prmi_par_colsum(const prm_ctx *ctx, float *db, const float *dy, uint64_t n, uint64_t oc,
+                     uint64_t ld) {
+  if (db == NULL) return;
+  colsum_job j = {db, dy, n, ld};
+  prmi_par_range(ctx, oc, prmi_col_piece(oc), colsum_piece, &j);
+}
+
 /* C = alpha op(A) op(B) + beta C in tiles of mt x nt elements of C: tile
  * (a, b) is one GEMM over the whole inner dimension, so each element of C
  * sums its K products in the order one call over the tile gives it. */
