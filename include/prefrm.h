@@ -1479,16 +1479,17 @@ PRM_API int prm_ctx_options_init(prm_ctx_options *opts, uint32_t version);
  *
  * Memory, in fp32 floats, with R = max_rows (linear/mlp: d = input_size,
  * h_l = hidden widths, w = the widest; gpt2: T = max_len, C = n_embd,
- * L = n_layer, NH = n_head, hs = C / NH; W = n_workers), linear in every
+ * L = n_layer, NH = n_head, hs = C / NH, B = 32 if T < 512 else 64 (rows
+ * of an attention block); W = n_workers), linear in every
  * size:
  * @verbatim
  * mlp inference:  2 R w                 (linear: 0)
  * mlp training:   R d + 2 R w + 2 R sum(h_l) + trainable parameters
  * gpt2 training:  R T [(L-1)(16C + 4 + NH) + 14C + 2] + R (19C + 4 + NH)
- *                 + W T (64 + 4 hs) + trainable parameters
- * gpt2 inference: R T (12C + 4 + NH) + R (13C + 4 + NH) + W T (64 + 2 hs)
+ *                 + W T (2B + 4 hs) + trainable parameters
+ * gpt2 inference: R T (12C + 4 + NH) + R (13C + 4 + NH) + W T (2B + 2 hs)
  *                                                            (L >= 2)
- *                 R T (5C + 2)       + R (13C + 4 + NH) + W T (64 + 2 hs)
+ *                 R T (5C + 2)       + R (13C + 4 + NH) + W T (2B + 2 hs)
  *                                                            (L = 1)
  * @endverbatim
  * plus 2R floats of scores (R for inference) and, for gpt2 and llama, 16

@@ -257,11 +257,28 @@ static void par_mul(const prm_ctx *ctx, float *x, const float *f, uint64_t n) {
 /* ---- attention ------------------------------------------------------------------------- */
 
 /*
- * Causal attention works in blocks of ATT_BLOCK query rows: rows [i0, i1)
+ * Causal attention works in blocks of att_block(T) query rows: rows [i0, i1)
  * only see keys [0, i1), so the blocks above the diagonal are never
  * computed (for T = 128 and blocks of 32, 10/16 of the full T x T work).
+ *
+ * The block height is a trade. Each block's GEMMs pack the i1 keys and
+ * values again (CBLAS has no pre-packed operand), a cost of about 1/height
+ * of their multiply-adds; the diagonal block computes height/2 masked
+ * columns per row, about height/T of the work. A head's GEMMs cannot take
+ * several heads at once (each head has its own keys), so a taller block is
+ * how gpt2 amortises the packing; llama also stacks the query heads that
+ * share a kv head. Measured (docs/dev/benchmarks.md, "Where the time goes
+ * (0.5)"): 32 rows are best up to T = 256, 64 rows from about 512 (HH-RLHF
+ * training at T ~ 700: attention packing from 9% to ~5% of the step).
+ * The height depends on T only, so every worker count computes the same.
  */
-#define ATT_BLOCK 32
+#define ATT_BLOCK_SHORT 32
+#define ATT_BLOCK_LONG 64
+#define ATT_LONG_FROM 512 /* sequences of this many tokens use the tall blocks */
+
+static uint64_t att_block(uint64_t T) {
+  return T >= ATT_LONG_FROM ? ATT_BLOCK_LONG : ATT_BLOCK_SHORT;
+}
 
 /*
  * Causal softmax of the rows i0..i1-1 of a query block (row i - i0 of S,
@@ -311,7 +328,7 @@ static float prmi_gpt2_softmax_vec(float *s, uint64_t T) {
  * at positions p0..T-1 (p0 > 0: the first p0 tokens are a shared prefix,
  * whose queries an earlier row computes). q: the first query (row stride
  * 3C); k, v: position 0's key and value (row stride ldkv: 3C in place, 2 hs
- * when gathered). S is (ATT_BLOCK, T) scratch, one query block at a time,
+ * when gathered). S is (att_block(T), T) scratch, one query block at a time,
  * so that it grows linearly with the sequence length. Output rows from out
  * (stride C); lse[i - p0] = log sum_j exp(s_ij) of query i (NULL: not kept).
  */
@@ -319,8 +336,9 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
                               const float *v, uint64_t ldkv, float *S, uint64_t p0, uint64_t T,
                               uint64_t C, uint64_t hs) {
   const float scale = 1.0f / sqrtf((float)hs);
-  for (uint64_t i0 = p0; i0 < T; i0 += ATT_BLOCK) {
-    const uint64_t i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+  const uint64_t B = att_block(T);
+  for (uint64_t i0 = p0; i0 < T; i0 += B) {
+    const uint64_t i1 = i0 + B < T ? i0 + B : T;
     /* S holds this block only: row i - i0, columns 0..i1 */
     prmi_gemm(0, 1, i1 - i0, i1, hs, scale, q + (i0 - p0) * 3 * C, 3 * C, k, ldkv, 0.0f, S, T);
     prmi_gpt2_softmax_rows(S, T, i0, i1, lse != NULL ? lse + (i0 - p0) : NULL);
@@ -334,16 +352,16 @@ static void attention_forward(float *out, float *lse, const float *q, const floa
  * the queries are overwritten; dk and dv (row stride lddkv) of every
  * position 0..T-1 are overwritten too: the blocks run last to first, so the
  * last one (which sees every key) initialises them and the others
- * accumulate. Needs p0 < T. P and dP are (ATT_BLOCK, T) scratch.
+ * accumulate. Needs p0 < T. P and dP are (att_block(T), T) scratch.
  */
 static void attention_backward(float *dq, float *dk, float *dv, uint64_t lddkv,
                                const float *dout, const float *q, const float *k, const float *v,
                                uint64_t ldkv, const float *lse, float *P, float *dP, uint64_t p0,
                                uint64_t T, uint64_t C, uint64_t hs) {
   const float scale = 1.0f / sqrtf((float)hs);
-  const uint64_t n_blocks = (T - p0 + ATT_BLOCK - 1) / ATT_BLOCK;
+  const uint64_t B = att_block(T), n_blocks = (T - p0 + B - 1) / B;
   for (uint64_t b = n_blocks; b-- > 0;) {
-    const uint64_t i0 = p0 + b * ATT_BLOCK, i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T;
+    const uint64_t i0 = p0 + b * B, i1 = i0 + B < T ? i0 + B : T;
     const uint64_t m = i1 - i0, r0 = i0 - p0; /* r0: the block's first query row */
     const float beta = b + 1 == n_blocks ? 0.0f : 1.0f;
     /* P = exp(q k^T scale - lse), causal */
@@ -435,7 +453,7 @@ typedef struct gpt2_last_acts {
 
 /* Scratch of one worker: attention blocks, a head's gathered k | v. */
 typedef struct gpt2_worker {
-  float *att_a, *att_b; /* (ATT_BLOCK, max_len) */
+  float *att_a, *att_b; /* (att_block(max_len), max_len) */
   float *kv;            /* (max_len, 2 hs) */
   float *dkv;           /* (max_len, 2 hs) (training) */
 } gpt2_worker;
@@ -477,9 +495,10 @@ static void gpt2_acts_free(gpt2_acts *g) {
   free(g);
 }
 
-/* Floats of one worker's scratch. */
+/* Floats of one worker's scratch (att_block grows with T: the blocks of any
+ * sequence up to max_len fit). */
 static uint64_t worker_floats(uint64_t max_len, uint64_t hs, int inference) {
-  return 2 * ATT_BLOCK * max_len + (inference ? 2 : 4) * max_len * hs;
+  return 2 * att_block(max_len) * max_len + (inference ? 2 : 4) * max_len * hs;
 }
 
 /*
@@ -581,8 +600,8 @@ static gpt2_acts *gpt2_acts_new(const prm_model *m, uint64_t max_rows, uint64_t 
     ok = s != NULL;
     if (ok) {
       g->wk[w].att_a = s;
-      g->wk[w].att_b = s + ATT_BLOCK * max_len;
-      g->wk[w].kv = s + 2 * ATT_BLOCK * max_len;
+      g->wk[w].att_b = s + att_block(max_len) * max_len;
+      g->wk[w].kv = s + 2 * att_block(max_len) * max_len;
       g->wk[w].dkv = inference ? NULL : g->wk[w].kv + 2 * max_len * hs;
     }
   }

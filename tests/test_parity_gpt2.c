@@ -2,7 +2,7 @@
  * test_parity_gpt2.c - the gpt2 architecture against the PyTorch reference
  * (../shared/reference/torch_ref.py, Hugging Face GPT2ForSequenceClassification
  * math): scores, loss, every parameter gradient, the global gradient norm and
- * one AdamW step for three configurations, and a 50-step training run whose
+ * one AdamW step for four configurations, and a 50-step training run whose
  * loss curve must follow PyTorch's.
  *
  * Per parity case (parity_tok_case_check, parityutil.c):
@@ -38,7 +38,7 @@
  * within ten steps, a missing weight decay only the norm bound).
  *
  * Skips (reason on stderr) when ../shared is absent or PRM_PYTHON cannot
- * import torch. Eight reference runs in all (four init, three grads, one
+ * import torch. Ten reference runs in all (five init, four grads, one
  * training run), about 10 s on 2 cores.
  */
 #include <setjmp.h>
@@ -161,6 +161,23 @@ static const parity_tok_case case_deep = {
     .weight_decay = 0.01,
     .max_grad_norm = 1.0};
 
+/* Long sequences: from 512 tokens on, attention runs in 64-row query blocks
+ * instead of 32 (lib/gpt2.c, att_block). Lengths 300..600 put rows on both
+ * sides of the switch in one batch, plus one of 1 and one of 600. */
+static const parity_tok_case case_long = {
+    .name = "L2_H2_long",
+    .model = &(const parity_tok_dims){.vocab = 50, .n_ctx = 600, .n_embd = 16, .n_layer = 2,
+                                      .n_head = 2},
+    .pairs = 4,
+    .max_len = 600,
+    .stride = 600,
+    .min_len = 300,
+    .edge_lengths = 1,
+    .seed = 9,
+    .lr = 1e-3,
+    .weight_decay = 0.01,
+    .max_grad_norm = 1.0};
+
 #define PARITY_TEST(name, c)                                                                       \
   { name, test_parity_case, case_setup, parity_run_teardown, (void *)&(c) }
 
@@ -169,6 +186,7 @@ int main(void) {
       PARITY_TEST("parity_gpt2_L1_H1_full", case_small),
       PARITY_TEST("parity_gpt2_L2_H3_ragged_no_decay_1d", case_ragged),
       PARITY_TEST("parity_gpt2_L3_H4_margin_label_center", case_deep),
+      PARITY_TEST("parity_gpt2_L2_H2_long_64_row_blocks", case_long),
       {"parity_gpt2_train_50_steps", test_train_curve, case_setup, parity_run_teardown, NULL},
   };
   return prmt_exit(cmocka_run_group_tests(tests, NULL, NULL), sizeof tests / sizeof tests[0]);

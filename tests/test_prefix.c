@@ -478,8 +478,50 @@ static void test_no_declaration_unchanged(void **state) {
   prm_model_free(m);
 }
 
+/*
+ * Long rows: from 512 tokens on gpt2's attention runs in 64-row query blocks
+ * (32 below), and a row that shares a prefix starts its blocks where the
+ * prefix ends, so shared and unshared rows tile the causal triangle
+ * differently. Row 1 repeats 530 of row 0's 600 tokens, row 2 100 of them,
+ * row 3 (below 512, short blocks) 450; scores and gradients must agree.
+ */
+static void test_long_rows_gpt2(void **state) {
+  (void)state;
+  enum { LT = 640, LR = 4 };
+  prm_model_options o = prmt_gpt2_options(V, LT, 16, 2, 2, 3);
+  prm_model *m = NULL;
+  assert_int_equal(prm_model_new(&m, &o), PRM_OK);
+  prmt_perturb_tensors(m, "", 12, 0.2);
+  static int32_t tokens[LR * LT];
+  int32_t len[LR] = {600, 620, 520, 480}, prow[LR] = {0, 0, 0, 0}, plen[LR] = {0, 530, 100, 450};
+  prmt_rng r = {31};
+  prmt_fill_tokens(&r, tokens, len, LR, LT, V, 0);
+  for (int i = 1; i < LR; i++)
+    memcpy(tokens + i * LT, tokens, (size_t)plen[i] * sizeof(int32_t));
+  prm_ctx *c = prmt_tok_ctx(m, LR, LT, 0);
+  const float g[LR] = {1.0f, -0.5f, 0.25f, -1.0f};
+  float s_sh[LR], s_un[LR];
+  const uint64_t np = prm_model_num_params(m);
+  float *gr_sh = malloc(np * sizeof(float)), *gr_un = malloc(np * sizeof(float));
+  assert_non_null(gr_sh);
+  assert_non_null(gr_un);
+  prm_batch bu = prmt_tok_batch(tokens, len, LR, LT), bs = bu;
+  bs.prefix_row = prow;
+  bs.prefix_len = plen;
+  prmt_score_and_grad(c, &bu, g, s_un, gr_un);
+  prmt_score_and_grad(c, &bs, g, s_sh, gr_sh);
+  assert_int_equal(prm_ctx_tokens_computed(c), 600 + 90 + 420 + 30);
+  assert_close(s_sh, s_un, LR, 2e-6, "long rows scores");
+  assert_close(gr_sh, gr_un, np, 2e-5, "long rows gradients");
+  free(gr_sh);
+  free(gr_un);
+  prm_ctx_free(c);
+  prm_model_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_long_rows_gpt2),
       cmocka_unit_test(test_split_gpt2),
       cmocka_unit_test(test_split_llama),
       cmocka_unit_test(test_one_call),
