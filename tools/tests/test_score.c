@@ -986,25 +986,16 @@ static void test_usage_and_errors(void **state) {
   run_result r;
   run_score(&r, (const char *[]){"--help", NULL}, NULL, NULL);
   assert_int_equal(r.status, 0);
-  const char *words[] = {"--model",
-                         "--tokenizer",
-                         "--max-len",
-                         "--threads",
-                         "--batch",
-                         "--chunk",
-                         "--on-bad-line",
-                         "--normalise",
-                         "--help",
-                         "--version",
-                         "\"reward\"",
-                         "\"reward_chosen\"",
-                         "\"reward_rejected\"",
-                         "\"p_chosen\"",
-                         "Exit status",
-                         "FILE:LINE",
-                         "Examples",
-                         "jansson",
-                         "sidecar"};
+  const char *words[] = {"--model",           "--tokenizer",
+                         "--max-len",         "--threads",
+                         "--batch",           "--chunk",
+                         "--on-bad-line",     "--normalise",
+                         "--no-share-prefix", "--help",
+                         "--version",         "\"reward\"",
+                         "\"reward_chosen\"", "\"reward_rejected\"",
+                         "\"p_chosen\"",      "Exit status",
+                         "FILE:LINE",         "Examples",
+                         "jansson",           "sidecar"};
   for (size_t k = 0; k < sizeof words / sizeof *words; k++)
     EXPECT_CONTAINS(r.out, words[k]);
   run_free(&r);
@@ -1020,6 +1011,151 @@ static void test_usage_and_errors(void **state) {
     EXPECT_CONTAINS(r.err, "cannot write the output");
     run_free(&r);
   }
+}
+
+/* Tokens "computed N of M" from the summary line on standard error. */
+static void tokens_of(const char *err, unsigned long long *computed, unsigned long long *declared) {
+  const char *t = strstr(err, "prefrm-score: computed ");
+  if (!t) fail_msg("no token summary in \"%s\"", err);
+  if (sscanf(t, "prefrm-score: computed %llu of %llu tokens", computed, declared) != 2)
+    fail_msg("a token summary that does not parse: \"%s\"", t);
+}
+
+/* Pairs whose responses share long prompts (and sometimes their start),
+ * runs of single responses to one prompt (5, then 3 with a blank line among
+ * them, then 7: longer than --batch 4), a prompt beyond max_len 48 in a run
+ * (cut from its start, so the common prefix depends on the response), a
+ * single after a pair with the pair's prompt (not merged). */
+static const char *const shared_lines[] = {
+    "{\"prompt\": \"Tell me something nice about tea, please.\", \"chosen\": \"Tea is warm.\", "
+    "\"rejected\": \"Tea is cold!\"}",
+    "{\"prompt\": \"Tell me something nice about tea, please.\", \"response\": \"Green tea.\"}",
+    "{\"prompt\": \"Rate the following answer:\", \"response\": \"one\"}",
+    "{\"prompt\": \"Rate the following answer:\", \"response\": \"the second one\"}",
+    "{\"prompt\": \"Rate the following answer:\", \"response\": \"3\"}",
+    "{\"prompt\": \"Rate the following answer:\", \"response\": \"a fourth, longer answer\"}",
+    "{\"id\": 5, \"prompt\": \"Rate the following answer:\", \"response\": \"five\"}",
+    "{\"prompt\": \"Another prompt\", \"response\": \"x\"}",
+    "{\"prompt\": \"Another prompt\", \"response\": \"yy\"}",
+    "{\"prompt\": \"Another prompt\", \"response\": \"zzz\"}",
+    "{\"prompt\": \"What is the capital of France?\", \"chosen\": \"Paris.\", \"rejected\": "
+    "\"Lyon.\"}",
+    "{\"prompt\": \"A prompt far longer than the forty-eight tokens of max_len, cut\", "
+    "\"response\": \"r1\"}",
+    "{\"prompt\": \"A prompt far longer than the forty-eight tokens of max_len, cut\", "
+    "\"response\": \"a longer r2\"}",
+    "{\"prompt\": \"A prompt far longer than the forty-eight tokens of max_len, cut\", "
+    "\"response\": \"r3\"}",
+    "{\"prompt\": \"A prompt far longer than the forty-eight tokens of max_len, cut\", "
+    "\"response\": \"r4!\"}",
+    "{\"prompt\": \"A prompt far longer than the forty-eight tokens of max_len, cut\", "
+    "\"response\": \"r5\"}",
+    "{\"prompt\": \"A prompt far longer than the forty-eight tokens of max_len, cut\", "
+    "\"response\": \"r6 r6\"}",
+    "{\"prompt\": \"A prompt far longer than the forty-eight tokens of max_len, cut\", "
+    "\"response\": \"r7\"}",
+    "{\"prompt\": \"Q\", \"chosen\": \"same\", \"rejected\": \"same\"}",
+    "{\"prompt\": \"Summarise: the cat sat on the mat.\", \"chosen\": \"A cat sat.\", "
+    "\"rejected\": \"A cat sat on a mat.\"}",
+};
+
+#define N_SHARED (sizeof shared_lines / sizeof *shared_lines)
+
+static void test_shared_prefixes(void **state) {
+  (void)state;
+  need_binary();
+  /* a blank line inside the run of "Another prompt" */
+  char *in = join_lines(shared_lines, N_SHARED, "\n");
+  char *at = strstr(in, "{\"prompt\": \"Another prompt\", \"response\": \"yy\"}");
+  assert_non_null(at);
+  char *with_blank = malloc(strlen(in) + 4);
+  assert_non_null(with_blank);
+  sprintf(with_blank, "%.*s  \n%s", (int)(at - in), in, at);
+  write_text("shared.jsonl", with_blank);
+  free(with_blank);
+  free(in);
+  /* the runs of singles alone */
+  in = join_lines(shared_lines + 2, 8, "\n");
+  write_text("runs.jsonl", in);
+  free(in);
+  prm_model *m = load("gpt2.safetensors");
+  char *want = expected_all(m, shared_lines, N_SHARED, GPT2_MAX_LEN);
+  prm_model_free(m);
+  const char *gpt2 = pathof("gpt2.safetensors"), *file = pathof("shared.jsonl");
+  unsigned long long computed, declared;
+  run_result r;
+
+  /* --batch 1: nothing shared, the reference bit for bit */
+  run_score(&r, (const char *[]){"--model", gpt2, "--batch", "1", file, NULL}, NULL, NULL);
+  assert_int_equal(r.status, 0);
+  expect_text(r.out, want);
+  tokens_of(r.err, &computed, &declared);
+  assert_int_equal(computed, declared);
+  run_free(&r);
+
+  /* --no-share-prefix: every row alone, each token computed */
+  const char *batches[] = {"64", "4"};
+  for (int k = 0; k < 2; k++) {
+    run_score(
+        &r,
+        (const char *[]){"--model", gpt2, "--no-share-prefix", "--batch", batches[k], file, NULL},
+        NULL, NULL);
+    assert_int_equal(r.status, 0);
+    expect_close(r.out, want);
+    tokens_of(r.err, &computed, &declared);
+    assert_int_equal(computed, declared);
+    run_free(&r);
+  }
+
+  /* shared (the default), with the default batch and with batches of 4 (the
+   * run of 7 cut into groups of 4 and 3): the same within float noise, fewer
+   * tokens computed; the same text for 1, 2 or 3 threads */
+  run_score(&r, (const char *[]){"--model", gpt2, file, NULL}, NULL, NULL);
+  assert_int_equal(r.status, 0);
+  expect_close(r.out, want);
+  tokens_of(r.err, &computed, &declared);
+  print_message("shared prefixes, --batch 64: computed %llu of %llu tokens\n", computed, declared);
+  assert_true(computed < declared);
+  unsigned long long declared64 = declared;
+  run_free(&r);
+  char *first = NULL;
+  const char *threads[] = {"1", "2", "3"};
+  for (int t = 0; t < 3; t++) {
+    run_score(&r,
+              (const char *[]){"--model", gpt2, "--batch", "4", "--chunk", "13", "--threads",
+                               threads[t], file, NULL},
+              NULL, NULL);
+    assert_int_equal(r.status, 0);
+    tokens_of(r.err, &computed, &declared);
+    assert_true(computed < declared);
+    assert_int_equal(declared, declared64);
+    if (!first) {
+      expect_close(r.out, want);
+      print_message("shared prefixes, --batch 4 --chunk 13: computed %llu of %llu tokens\n",
+                    computed, declared);
+      first = r.out;
+      r.out = NULL;
+    } else {
+      expect_text(r.out, first);
+    }
+    run_free(&r);
+  }
+  free(first);
+
+  /* singles with one prompt share it too (no pairs in this input) */
+  run_score(&r, (const char *[]){"--model", gpt2, "--batch", "3", pathof("runs.jsonl"), NULL}, NULL,
+            NULL);
+  assert_int_equal(r.status, 0);
+  tokens_of(r.err, &computed, &declared);
+  assert_true(computed < declared);
+  run_free(&r);
+
+  /* feature models print no token summary */
+  run_score(&r, (const char *[]){"--model", pathof("linear.safetensors"), file, NULL}, NULL, NULL);
+  assert_int_equal(r.status, 0);
+  assert_string_equal(r.err, "");
+  run_free(&r);
+  free(want);
 }
 
 static int sanitized(void) {
@@ -1124,6 +1260,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_gpt2_exact),
       cmocka_unit_test(test_threads_and_chunks),
+      cmocka_unit_test(test_shared_prefixes),
       cmocka_unit_test(test_feature_models),
       cmocka_unit_test(test_normalise),
       cmocka_unit_test(test_existing_fields_and_text),
