@@ -578,7 +578,6 @@ static int forward_batch(worker *W, size_t b, char *err, size_t err_size) {
     for (size_t k = 0; k < n; k++)
       if ((size_t)(ord[k] >> 32) > stride) stride = (size_t)(ord[k] >> 32);
     uint64_t declared = 0;
-    int shared = 0;
     for (size_t k = 0; k < n; k++) {
       const pft_ids *ids = &S->rows[ord[k] & 0xffffffffu].ids;
       memcpy(W->tokens + k * stride, ids->v, ids->n * sizeof *ids->v);
@@ -590,16 +589,15 @@ static int forward_batch(worker *W, size_t b, char *err, size_t err_size) {
       uint32_t len = back ? S->plen[S->bstart[b] + k] : 0;
       W->prefix_row[k] = len ? (int32_t)(k - back) : -1;
       W->prefix_len[k] = (int32_t)len;
-      shared |= len > 0;
     }
     batch.n = n;
     batch.tokens = W->tokens;
     batch.token_stride = stride;
     batch.lengths = W->lengths;
-    if (shared) { /* else nothing is declared: the batch as without sharing */
-      batch.prefix_row = W->prefix_row;
-      batch.prefix_len = W->prefix_len;
-    }
+    /* rows with prefix_len 0 share nothing: a batch without sharing (and
+     * every batch of --no-share-prefix) computes what an undeclared one does */
+    batch.prefix_row = W->prefix_row;
+    batch.prefix_len = W->prefix_len;
     int rc = prm_ctx_forward(W->ctx, &batch, W->scores, n);
     if (rc) {
       snprintf(err, err_size, "%s: %s", prm_status_string(rc), prm_ctx_errmsg(W->ctx));
