@@ -973,8 +973,7 @@ static void last_block_backward(const prm_ctx *ctx, gpt2_acts *g, uint64_t n) {
                   3 * C, mt, nt);
     prmi_par_colsum(ctx, gb + C, g->d_3c + C, N, 2 * C, 3 * C);
     prmi_gemm(1, 0, C, C, n, 1.0f, z->ln1, C, g->d_lastq, C, 1.0f, gw, 3 * C);
-    for (uint64_t i = 0; i < n; i++)
-      for (uint64_t j = 0; j < C; j++) gb[j] += g->d_lastq[i * C + j];
+    prmi_par_colsum(ctx, gb, g->d_lastq, n, C, C);
   }
   /* d(ln1) of the last tokens gets the q path too: use d_4c rows as (n, C) */
   prmi_gemm(0, 1, n, C, C, 1.0f, g->d_lastq, C, p + B->attn_w, 3 * C, 0.0f, g->d_4c, C);
